@@ -1,0 +1,154 @@
+"""Execute a plan by streaming: one output tensor at a time, into size-bounded shards, appearing atomically.
+
+Peak memory is about one output tensor (a stacked expert tensor is filled expert by expert), not the sum of the
+models. The checkpoint is written into a hidden staging folder beside the output and renamed into place at the end;
+an existing output is replaced only with `overwrite`, and only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import zlib
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import OutputError, RecipeError
+from ..plan import CompositionPlan, TensorPlan, build_plan
+from ..recipe import Recipe, load_recipe
+from ..sources import ShardWriter, TensorSlot
+from .model_card import write_model_card
+
+STAGING_PREFIX = ".mixturekit-partial-"
+
+
+def _new_router(plan: TensorPlan, recipe: Recipe) -> torch.Tensor:
+    if plan.init == "zeros":
+        return torch.zeros(plan.shape, dtype=plan.dtype)
+    generator = torch.Generator().manual_seed((recipe.seed * 1_000_003 + zlib.crc32(plan.name.encode())) % 2**63)
+    values = torch.randn(plan.shape, generator=generator, dtype=torch.float32) * recipe.router_init_std
+    return values.to(plan.dtype)
+
+
+def materialize(plan: CompositionPlan, tensor: TensorPlan) -> torch.Tensor:
+    """Read and combine the source tensors of one output tensor."""
+    readers = [plan.models[i].reader for i in tensor.models]
+    if tensor.origin == "new":
+        return _new_router(tensor, plan.recipe)
+    if tensor.origin == "copy":
+        return readers[0].get(tensor.sources[0]).to(tensor.dtype)
+    if tensor.origin == "average":
+        total = readers[0].get(tensor.sources[0]).to(torch.float32)
+        for reader in readers[1:]:
+            total += reader.get(tensor.sources[0]).to(torch.float32)
+        return (total / len(readers)).to(tensor.dtype)
+    stacked = torch.empty(tensor.shape, dtype=tensor.dtype)
+    for expert, reader in enumerate(readers):
+        pieces = [reader.get(name) for name in tensor.sources]
+        if tensor.transpose:
+            pieces = [piece.t() for piece in pieces]
+        stacked[expert] = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
+    return stacked
+
+
+def assign_shards(tensors: list[TensorPlan], shard_bytes: int) -> list[list[TensorPlan]]:
+    """Greedy, in order: a new shard starts when the next tensor would push the current one past `shard_bytes`."""
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not overwrite:
+        raise OutputError(f"output '{output}' already exists; choose another folder or pass overwrite=True (--overwrite)")
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"output '{output}' exists and is not a folder")
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create the folder '{parent}' for the output: {error}") from None
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write into '{parent}': permission denied")
+
+
+def _write_tensors(plan: CompositionPlan, staging: Path, progress: bool) -> None:
+    shards = assign_shards(plan.tensors, plan.recipe.shard_bytes)
+    count = len(shards)
+    names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    total_bytes = sum(t.nbytes for t in plan.tensors)
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="composing", disable=not progress) as bar:
+        for filename, shard in zip(names, shards):
+            slots = [TensorSlot(t.name, t.dtype, t.shape) for t in shard]
+            writer = ShardWriter(staging / filename, slots, metadata={"format": "pt"})
+            for tensor in shard:
+                writer.write(tensor.name, materialize(plan, tensor))
+                bar.update(tensor.nbytes)
+            writer.close()
+    if count > 1:
+        weight_map = {t.name: filename for filename, shard in zip(names, shards) for t in shard}
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _write_side_files(plan: CompositionPlan, staging: Path) -> None:
+    reference = plan.models[plan.reference]
+    plan.config.architectures = ["MixtureKitForCausalLM"]
+    plan.config.save_pretrained(staging)
+    generation = reference.folder / "generation_config.json"
+    if generation.is_file():
+        shutil.copyfile(generation, staging / "generation_config.json")
+    for path in reference.tokenizer_files():
+        shutil.copyfile(path, staging / path.name)
+    (staging / "mixturekit_recipe.yaml").write_text(plan.recipe.to_yaml(), encoding="utf-8")
+    write_model_card(plan, staging / "README.md")
+
+
+def _swap_into_place(staging: Path, output: Path) -> None:
+    if not output.exists():
+        staging.rename(output)
+        return
+    retired = output.parent / f"{STAGING_PREFIX}old-{uuid.uuid4().hex[:8]}"
+    output.rename(retired)
+    try:
+        staging.rename(output)
+    except OSError:
+        retired.rename(output)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def compose(
+    recipe: Recipe | dict | str | Path,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+) -> Path:
+    """Compose the recipe into a checkpoint folder and return its path."""
+    recipe = load_recipe(recipe).with_output(output)
+    if recipe.output is None:
+        raise RecipeError("no output folder: set `output` in the recipe or pass one (-o/--output)")
+    target = Path(recipe.output).expanduser().absolute()
+    _check_output(target, overwrite)
+    plan = build_plan(recipe, cache_dir=cache_dir)
+    staging = target.parent / f"{STAGING_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        _write_tensors(plan, staging, progress)
+        _write_side_files(plan, staging)
+        _swap_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,61 @@
+"""The model card (README.md) of a composed checkpoint: what it is made of, and how to load it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..plan import CompositionPlan
+from ..plan.summary import plan_summary
+
+
+def write_model_card(plan: CompositionPlan, path: Path) -> None:
+    from .. import __version__
+
+    config = plan.config
+    rows = []
+    for index, model in enumerate(plan.models):
+        role = "expert" if index in plan.expert_models else "base (shared weights)"
+        if index in plan.expert_models and model.name == getattr(plan.recipe.base, "name", None):
+            role = "base, routed as an expert"
+        hashes = "<br>".join(f"`{name}` sha256 `{digest}`" for name, digest in model.file_hashes.items())
+        rows.append(f"| {model.name} | {role} | `{model.origin}` | {hashes} |")
+    text = f"""---
+library_name: transformers
+tags:
+- mixturekit
+- mixture-of-experts
+- {config.method}
+---
+
+# Composed with MixtureKit {__version__}
+
+A `{config.method}` Mixture-of-Experts over {config.num_experts} `{config.text_config.model_type}` models,
+top-{config.num_experts_per_tok} routing. Routers are stored in this checkpoint{
+" with their initial values: train them before use (`mixturekit train`)" }.
+
+```python
+import mixturekit  # registers the architecture with transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{path.parent.name}")
+```
+
+## Sources
+
+| name | role | source | weight files |
+| --- | --- | --- | --- |
+{chr(10).join(rows)}
+
+## Plan
+
+```
+{plan_summary(plan)}
+```
+
+## Recipe
+
+```yaml
+{plan.recipe.to_yaml().rstrip()}
+```
+"""
+    path.write_text(text, encoding="utf-8")

@@ -1,0 +1,264 @@
+"""Decide, from configs and tensor headers alone, where every output tensor comes from.
+
+The composed model is built on the `meta` device (no memory, no weights): its tensor names and shapes are the
+output. Each routed module says how its stacked tensors are made of the experts' dense ones (`source_map`); every
+other tensor has the same name in the sources and is averaged (or copied from the base). Compatibility is checked
+here, before anything is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..errors import CompatibilityError, RecipeError
+from ..recipe import Recipe, load_recipe
+from ..runtime.config import MixtureKitConfig
+from ..runtime.modeling import MixtureKitForCausalLM, dense_model_class, resolve_router_layers
+from ..runtime.architecture import decoder_layers
+from ..runtime.routing import Router
+from ..runtime.stacking import StackSource
+from ..sources import LocalModel, resolve_source
+from ..sources.key_names import checkpoint_key_renamer
+
+logger = logging.getLogger(__name__)
+
+Origin = Literal["average", "copy", "stack", "new"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config keys that may differ between experts without changing what the weights compute.
+HARMLESS_CONFIG_KEYS = {
+    "_name_or_path", "name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version", "use_cache",
+    "bos_token_id", "eos_token_id", "pad_token_id", "_commit_hash", "output_attentions", "output_hidden_states",
+    "return_dict", "max_position_embeddings", "_attn_implementation_autoset", "tokenizer_class",
+}
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: its name, shape, dtype and where it comes from.
+
+    `average`: mean over `models` of tensor `sources[0]`; `copy`: tensor `sources[0]` of `models[0]`;
+    `stack`: for each model in order, `sources` concatenated on dim 0 (each transposed first if `transpose`);
+    `new`: a router initialised by `init` (no source).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    origin: Origin
+    models: tuple[int, ...] = ()
+    sources: tuple[str, ...] = ()
+    transpose: bool = False
+    init: str | None = None
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class CompositionPlan:
+    """Everything the composer needs: the models, the config to write, and the ordered tensor plans."""
+
+    recipe: Recipe
+    models: list[LocalModel]
+    expert_models: list[int]  # indices into `models`, in expert order
+    reference: int  # index of the model whose config, tokenizer and generation config are used
+    config: MixtureKitConfig
+    tensors: list[TensorPlan]
+    dtype: torch.dtype
+    ignored_source_tensors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def active_parameters(self) -> int:
+        """Parameters one token uses: shared ones, k of E experts' stacked ones, and the routers."""
+        experts, k = self.config.num_experts, self.config.num_experts_per_tok
+        return sum(t.numel * k // experts if t.origin == "stack" else t.numel for t in self.tensors)
+
+    def count(self, origin: Origin) -> int:
+        return sum(t.numel for t in self.tensors if t.origin == origin)
+
+
+def _source_dtype(model: LocalModel) -> torch.dtype:
+    for info in model.reader.tensors.values():
+        if info.dtype.is_floating_point:
+            return info.dtype
+    return torch.float32
+
+
+def _config_differences(reference: LocalModel, other: LocalModel) -> dict[str, tuple]:
+    mine, theirs = reference.config.to_dict(), other.config.to_dict()
+    keys = (set(mine) | set(theirs)) - HARMLESS_CONFIG_KEYS
+    return {k: (mine.get(k), theirs.get(k)) for k in sorted(keys) if mine.get(k) != theirs.get(k)}
+
+
+def _tokenizer_vocabulary(model: LocalModel) -> dict | None:
+    path = model.folder / "tokenizer.json"
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        vocab = data.get("model", {}).get("vocab")
+        added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+        if isinstance(vocab, list):  # unigram: [[piece, score], ...]
+            vocab = {piece[0]: i for i, piece in enumerate(vocab)}
+        return {**(vocab or {}), **added}
+    path = model.folder / "vocab.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return None
+
+
+def check_compatible(models: list[LocalModel], reference: int) -> list[str]:
+    """Raise CompatibilityError naming exactly what differs; return warnings for what is merely noted."""
+    ref = models[reference]
+    notes = []
+    for other in models:
+        if other is ref:
+            continue
+        if other.config.model_type != ref.config.model_type:
+            raise CompatibilityError(
+                f"models '{ref.name}' and '{other.name}' have different architectures: "
+                f"{ref.config.model_type} vs {other.config.model_type}; compose models of one architecture"
+            )
+        ref_vocab, other_vocab = getattr(ref.config, "vocab_size", None), getattr(other.config, "vocab_size", None)
+        if ref_vocab != other_vocab:
+            raise CompatibilityError(
+                f"models '{ref.name}' and '{other.name}' have different vocabulary sizes: {ref_vocab} vs "
+                f"{other_vocab}; experts must share one tokenizer and embedding size"
+            )
+        differences = _config_differences(ref, other)
+        if differences:
+            listed = "; ".join(f"{k}: {a!r} vs {b!r}" for k, a, b in ((k, *v) for k, v in differences.items()))
+            raise CompatibilityError(
+                f"models '{ref.name}' and '{other.name}' differ in their configs ({listed}); experts must share "
+                "the architecture they were branched from"
+            )
+        ref_tokens, other_tokens = _tokenizer_vocabulary(ref), _tokenizer_vocabulary(other)
+        if ref_tokens is not None and other_tokens is not None and ref_tokens != other_tokens:
+            differing = sorted(set(ref_tokens.items()) ^ set(other_tokens.items()), key=str)[:3]
+            raise CompatibilityError(
+                f"models '{ref.name}' and '{other.name}' have different tokenizers (e.g. token/id pairs "
+                f"{differing} are in one only); experts must share one tokenizer"
+            )
+        if ref_tokens is None or other_tokens is None:
+            notes.append(f"tokenizers of '{ref.name}' and '{other.name}' not compared: a tokenizer file is missing")
+    return notes
+
+
+def _check_tensors(models: list[LocalModel], expected: dict[str, tuple[int, ...]]) -> None:
+    for model in models:
+        for name, shape in expected.items():
+            if name not in model.reader:
+                raise CompatibilityError(
+                    f"model '{model.name}' has no tensor '{name}' (files: {[p.name for p in model.weight_files]})"
+                )
+            found = model.reader.info(name).shape
+            if found != shape:
+                raise CompatibilityError(
+                    f"model '{model.name}': tensor '{name}' has shape {list(found)}, expected {list(shape)} "
+                    "as in the other models; first differing tensor"
+                )
+
+
+def _dense_expected_tensors(dense) -> dict[str, tuple[int, ...]]:
+    tied = set(getattr(dense, "all_tied_weights_keys", {}) or {})
+    return {name: tuple(t.shape) for name, t in dense.state_dict().items() if name not in tied}
+
+
+@dataclass(frozen=True)
+class _StackRole:
+    relative: str
+    source: StackSource
+
+
+def tensor_roles(composed: MixtureKitForCausalLM) -> dict[str, tuple[torch.Tensor, str, _StackRole | None]]:
+    """Every saved tensor of a composed model with its role: `stack` (experts), `router`, or `shared`."""
+    tied = set(getattr(composed, "all_tied_weights_keys", None) or {})
+    routed = composed.routed_modules()
+    roles = {}
+    for name, tensor in composed.state_dict().items():
+        if name in tied:
+            continue
+        role, stack = "shared", None
+        owner = next(((p, m) for p, m in routed if name.startswith(p + ".")), None)
+        if owner is not None:
+            prefix, module = owner
+            relative = name[len(prefix) + 1:]
+            if relative in module.source_map:
+                role, stack = "stack", _StackRole(relative, module.source_map[relative])
+            elif isinstance(module.get_submodule(relative.rpartition(".")[0]), Router):
+                role = "router"
+        roles[name] = (tensor, role, stack)
+    return roles
+
+
+def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None) -> CompositionPlan:
+    """Resolve the sources, check them, and plan every output tensor (no weights are read)."""
+    recipe = load_recipe(recipe)
+    if recipe.method == "bts":
+        raise RecipeError("method 'bts' is not available in this version yet; use traditional or btx")
+    sources = recipe.all_sources
+    models = [resolve_source(spec, cache_dir) for spec in sources]
+    by_name = {model.name: i for i, model in enumerate(models)}
+    expert_models = [by_name[spec.name] for spec in recipe.expert_sources]
+    reference = expert_models[0]
+    notes = check_compatible(models, reference)
+    ref_model = models[reference]
+    dtype = DTYPES[recipe.dtype] if recipe.dtype != "auto" else _source_dtype(ref_model)
+    dtype_name = str(dtype).removeprefix("torch.")
+
+    text_config = copy.deepcopy(ref_model.config)
+    text_config.dtype = dtype_name
+    with torch.device("meta"):
+        dense = dense_model_class(text_config)(copy.deepcopy(text_config))
+    expected = _dense_expected_tensors(dense)
+    renamer = checkpoint_key_renamer(dense)
+    for model in models:
+        model.reader.rename(renamer)
+    _check_tensors(models, expected)
+    router_layers = None
+    if recipe.method == "btx":
+        _, blocks = decoder_layers(dense, text_config)
+        router_layers = resolve_router_layers(recipe.router_layers, blocks[0], text_config.model_type)
+    config = MixtureKitConfig(
+        text_config=text_config, method=recipe.method, expert_names=[s.name for s in recipe.expert_sources],
+        num_experts_per_tok=recipe.top_k, router_layers=router_layers,
+        router_layers_index=recipe.router_layers_index or None, alpha=recipe.alpha, dtype=dtype_name,
+    )
+    with torch.device("meta"):
+        composed = MixtureKitForCausalLM(config)
+    shared_models = (by_name[recipe.base.name],) if recipe.shared_weights == "base" else tuple(expert_models)
+    tensors = []
+    for name, (tensor, role, stack) in tensor_roles(composed).items():
+        shape = tuple(tensor.shape)
+        out_dtype = dtype if tensor.dtype.is_floating_point else tensor.dtype
+        if role == "stack":
+            prefix = name[: -len(stack.relative)].rstrip(".")
+            tensors.append(TensorPlan(name, shape, out_dtype, "stack", tuple(expert_models),
+                                      tuple(f"{prefix}.{n}" for n in stack.source.names), stack.source.transpose))
+        elif role == "router":
+            tensors.append(TensorPlan(name, shape, dtype, "new", init=recipe.router_init))
+        elif name in expected:  # otherwise a buffer the model computes itself
+            origin: Origin = "copy" if len(shared_models) == 1 else "average"
+            tensors.append(TensorPlan(name, shape, out_dtype, origin, shared_models, (name,)))
+    ignored = sorted(n for n in ref_model.reader.names() if n not in expected)
+    for note in notes:
+        logger.warning(note)
+    return CompositionPlan(recipe, models, expert_models, reference, config, tensors, dtype, ignored, notes)

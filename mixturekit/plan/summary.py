@@ -1,0 +1,86 @@
+"""Human-readable summaries of a plan or of a composed checkpoint, for `mixturekit inspect`."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+from .planner import CompositionPlan
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:,.2f}M"
+
+
+def _layer_structure(names_by_origin: dict[str, list[str]]) -> list[str]:
+    """One line per distinct block structure: which blocks, and what is routed in them."""
+    routed_by_layer: dict[int, set[str]] = {}
+    for name in names_by_origin.get("stack", []):
+        match = _LAYER.search(name)
+        if match:
+            module = name[match.end():].rsplit(".", 1)[0] if "experts." not in name else "mlp (whole FFN)"
+            routed_by_layer.setdefault(int(match.group(1)), set()).add(module.replace(".experts", ""))
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for layer, modules in sorted(routed_by_layer.items()):
+        groups.setdefault(tuple(sorted(modules)), []).append(layer)
+    return [f"  blocks {layers}: routed {', '.join(modules)}" for modules, layers in groups.items()]
+
+
+def plan_summary(plan: CompositionPlan) -> str:
+    config = plan.config
+    names_by_origin: dict[str, list[str]] = {}
+    for tensor in plan.tensors:
+        names_by_origin.setdefault(tensor.origin, []).append(tensor.name)
+    shared_how = "copied from base" if plan.recipe.shared_weights == "base" else "float32 mean over the experts"
+    lines = [
+        f"method: {config.method}   architecture: {config.text_config.model_type}   dtype: {str(plan.dtype)[6:]}",
+        f"experts ({config.num_experts}, top-{config.num_experts_per_tok}): "
+        + ", ".join(f"{plan.models[i].name} <- {plan.models[i].origin}" for i in plan.expert_models),
+        f"parameters: total {_millions(plan.total_parameters)}, active per token {_millions(plan.active_parameters)}",
+        f"  stacked experts {_millions(plan.count('stack'))} ({len(names_by_origin.get('stack', []))} tensors)",
+        f"  shared ({shared_how}) {_millions(plan.count('average') + plan.count('copy'))} "
+        f"({len(names_by_origin.get('average', [])) + len(names_by_origin.get('copy', []))} tensors)",
+        f"  new routers {_millions(plan.count('new'))} ({len(names_by_origin.get('new', []))} tensors, "
+        f"init: {plan.recipe.router_init})",
+        "structure:",
+        *_layer_structure(names_by_origin),
+    ]
+    if plan.ignored_source_tensors:
+        lines.append(f"source tensors not used: {', '.join(plan.ignored_source_tensors)}")
+    lines += [f"note: {note}" for note in plan.warnings]
+    return "\n".join(lines)
+
+
+def checkpoint_summary(folder: Path) -> str:
+    """Summarise a composed checkpoint from its config alone (the model is built on the meta device)."""
+    import torch
+
+    from ..runtime.config import MixtureKitConfig
+    from ..runtime.modeling import MixtureKitForCausalLM
+    from .planner import tensor_roles
+
+    config = MixtureKitConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        composed = MixtureKitForCausalLM(config)
+    counts: Counter[str] = Counter()
+    names_by_origin: dict[str, list[str]] = {}
+    for name, (tensor, role, _) in tensor_roles(composed).items():
+        counts[role] += tensor.numel()
+        names_by_origin.setdefault("stack" if role == "stack" else role, []).append(name)
+    experts, k = config.num_experts, config.num_experts_per_tok
+    total = sum(counts.values())
+    active = total - counts["stack"] + counts["stack"] * k // experts
+    lines = [
+        f"composed checkpoint: {folder}",
+        f"method: {config.method}   architecture: {config.text_config.model_type}",
+        f"experts ({experts}, top-{k}): {', '.join(config.expert_names)}",
+        f"parameters: total {_millions(total)}, active per token {_millions(active)}",
+        f"  stacked experts {_millions(counts['stack'])}, shared {_millions(counts['shared'])}, "
+        f"routers {_millions(counts['router'])}",
+        "structure:",
+        *_layer_structure(names_by_origin),
+    ]
+    return "\n".join(lines)

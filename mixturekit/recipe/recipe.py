@@ -1,0 +1,236 @@
+"""The typed, validated description of what to compose."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import RecipeError
+from .legacy import is_legacy_recipe, translate_legacy_recipe
+
+Method = Literal["traditional", "btx", "bts"]
+METHODS: tuple[str, ...] = ("traditional", "btx", "bts")
+DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def parse_size(value: int | str) -> int:
+    """Parse a byte size such as ``2GB``, ``500MiB`` or ``1048576``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else None
+        if not match or unit not in _SIZE_UNITS:
+            raise ValueError(f"'{value}' is not a size; write bytes as an integer or e.g. '500MB', '2GB', '1GiB'")
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size < 1:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return size
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(_Strict):
+    """One source model: a name for it and where to read it from."""
+
+    name: str = Field(description="Short name, used in the checkpoint and reports.")
+    source: str = Field(description="Local folder, .gguf file, or Hugging Face Hub id.")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    gguf_file: str | None = Field(default=None, description="GGUF file inside `source` when it is a folder.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not _NAME_PATTERN.match(name) or ".." in name:
+            raise ValueError(
+                f"'{name}' is not a valid name: use letters, digits, '_', '-' and '.', starting with a letter or "
+                "digit (names become file and tensor names, so no '/' or '..')"
+            )
+        return name
+
+    @field_validator("source")
+    @classmethod
+    def _nonempty_source(cls, source: str) -> str:
+        if not source.strip():
+            raise ValueError("source is empty: give a local folder, a .gguf file or a Hub id such as 'org/model'")
+        return source
+
+
+class Recipe(_Strict):
+    """What to build: the method, the sources, the routing and the output.
+
+    Read one with :func:`load_recipe` (YAML file, dict, or the original MixtureKit ``build_moe`` dict).
+    """
+
+    method: Method = Field(description="traditional | btx | bts")
+    experts: list[ModelSource] = Field(min_length=1, description="The models whose weights become the experts.")
+    base: ModelSource | None = Field(default=None, description="The seed model the experts were branched from.")
+    base_as_expert: bool = Field(
+        default=False, description="Route to the base as one more expert (first), besides its use for shared weights."
+    )
+    shared_weights: Literal["average", "base"] = Field(
+        default="average",
+        description="Non-expert weights: the float32 mean over the experts, or copied from `base`.",
+    )
+    num_experts_per_tok: int | None = Field(default=None, description="k of top-k; default min(2, experts).")
+    router_layers: list[str] | None = Field(
+        default=None, description="btx: the Linear layers of a block to route, e.g. mlp.gate_proj; default: the MLP's."
+    )
+    router_layers_index: list[int] | None = Field(
+        default=None, description="Blocks that get routers (0-based); default or []: every block."
+    )
+    router_init: Literal["random", "zeros"] = Field(default="random", description="Initial router weights.")
+    router_init_std: float = Field(default=0.02, gt=0, description="Std of the random router initialisation.")
+    alpha: float = Field(default=0.01, ge=0, description="Load-balancing loss coefficient.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Dtype of the written tensors; auto keeps the first expert's."
+    )
+    output: str | None = Field(default=None, description="Output folder.")
+    shard_size: int | str = Field(default="2GB", description="Largest shard file, e.g. 2GB or 500MiB.")
+    seed: int = Field(default=0, description="Seed for new weights: the same recipe gives the same bytes.")
+    # BTS (Branch-Train-Stitch) fields.
+    hub: str | None = Field(default=None, description="bts: name of the model that is the hub (default: base).")
+    stitch_freq: int | None = Field(default=None, description="bts: a stitch every this many blocks.")
+    stitch_layers_index: list[int] | None = Field(default=None, description="bts: explicit stitch blocks.")
+    stitch_dropout: float = Field(default=0.0, ge=0, lt=1, description="bts: dropout on stitch gates in training.")
+
+    @field_validator("shard_size")
+    @classmethod
+    def _valid_size(cls, value: int | str) -> int | str:
+        parse_size(value)
+        return value
+
+    @field_validator("stitch_freq")
+    @classmethod
+    def _positive_freq(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"stitch_freq must be at least 1 (a stitch every N blocks), got {value}")
+        return value
+
+    @field_validator("router_layers_index", "stitch_layers_index")
+    @classmethod
+    def _nonnegative_indices(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            bad = [i for i in value if i < 0]
+            if bad:
+                raise ValueError(f"block indices are 0-based and non-negative, got {bad}")
+            if len(set(value)) != len(value):
+                raise ValueError(f"block indices repeat: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        names = [m.name for m in self.all_sources]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique, but {duplicates} appear more than once")
+        if self.shared_weights == "base" and self.base is None:
+            raise ValueError("shared_weights: base needs a `base` model; add one or use shared_weights: average")
+        if self.base_as_expert and self.base is None:
+            raise ValueError("base_as_expert: true needs a `base` model")
+        num_experts = len(self.expert_sources)
+        if self.method != "bts":
+            if num_experts < 2:
+                raise ValueError(f"a mixture needs at least 2 experts, got {num_experts}")
+            k = self.num_experts_per_tok
+            if k is not None and not 1 <= k <= num_experts:
+                raise ValueError(
+                    f"num_experts_per_tok must be between 1 and the number of experts ({num_experts}), got {k}"
+                )
+        if self.router_layers is not None and self.method != "btx":
+            if self.router_layers:
+                raise ValueError(f"router_layers applies to method btx only, not {self.method}")
+        if self.router_layers is not None and self.method == "btx" and not self.router_layers:
+            raise ValueError("router_layers is empty: name at least one Linear of the block, e.g. mlp.up_proj")
+        if self.hub is not None and self.hub not in names:
+            raise ValueError(f"hub '{self.hub}' is not one of the models: {names}")
+        return self
+
+    @property
+    def expert_sources(self) -> list[ModelSource]:
+        """The routed experts, in order: the base first when `base_as_expert`."""
+        return ([self.base] if self.base_as_expert and self.base is not None else []) + list(self.experts)
+
+    @property
+    def all_sources(self) -> list[ModelSource]:
+        """Every model the recipe reads, the base first."""
+        return ([self.base] if self.base is not None else []) + list(self.experts)
+
+    @property
+    def top_k(self) -> int:
+        return self.num_experts_per_tok if self.num_experts_per_tok is not None else min(2, len(self.expert_sources))
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.shard_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict that :func:`load_recipe` reads back into an equal recipe."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_output(self, output: str | Path | None) -> "Recipe":
+        return self if output is None else self.model_copy(update={"output": str(output)})
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "recipe"
+        if item["type"] == "extra_forbidden":
+            parent = Recipe if len(item["loc"]) == 1 else ModelSource
+            field = str(item["loc"][-1])
+            valid = sorted(parent.model_fields)
+            lines.append(
+                f"{location}: unknown field{_did_you_mean(field, valid)}; valid fields are {', '.join(valid)}"
+            )
+        elif item["type"] == "literal_error":
+            lines.append(f"{location}: {item['msg']} (got {item['input']!r})")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{location}: {message}")
+    return "invalid recipe:\n  " + "\n  ".join(lines)
+
+
+def load_recipe(source: "Recipe | dict[str, Any] | str | Path") -> Recipe:
+    """Read a recipe from a YAML file, a dict (ours or the original MixtureKit's), or pass one through."""
+    if isinstance(source, Recipe):
+        return source
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"recipe file '{path}' does not exist (give a YAML file or a dict)")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise RecipeError(f"recipe file '{path}' is not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe file '{path}' must hold a mapping of fields, got {type(data).__name__}")
+    elif isinstance(source, dict):
+        data = source
+    else:
+        raise RecipeError(f"a recipe is a YAML path, a dict or a Recipe, not {type(source).__name__}")
+    if not all(isinstance(key, str) for key in data):
+        raise RecipeError(f"recipe keys must be strings, got {[k for k in data if not isinstance(k, str)]}")
+    if is_legacy_recipe(data):
+        data = translate_legacy_recipe(data)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(_format_validation_error(error)) from None

@@ -1,0 +1,67 @@
+"""`MixtureKitConfig`: the base model's own config (`text_config`) plus what the composition adds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+
+class MixtureKitConfig(PretrainedConfig):
+    """Configuration of a composed model.
+
+    The base architecture is kept whole as `text_config`, so `transformers` builds it with its own classes and
+    `get_text_config()` (used for caches and generation) returns it. The fields here say which modules are replaced.
+    """
+
+    model_type = "mixturekit"
+    # A plain class attribute works across transformers 5.x: attention settings propagate to `text_config`.
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(
+        self,
+        text_config: PretrainedConfig | dict[str, Any] | None = None,
+        method: str = "traditional",
+        expert_names: list[str] | None = None,
+        num_experts_per_tok: int = 2,
+        router_layers: list[str] | None = None,
+        router_layers_index: list[int] | None = None,
+        alpha: float = 0.01,
+        output_router_logits: bool = False,
+        **kwargs: Any,
+    ):
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
+        elif text_config is None:
+            text_config = AutoConfig.for_model("llama")
+        self.text_config = text_config
+        self.method = method
+        self.expert_names = list(expert_names) if expert_names is not None else ["expert_0", "expert_1"]
+        self.num_experts_per_tok = num_experts_per_tok
+        self.router_layers = list(router_layers) if router_layers is not None else None
+        self.router_layers_index = list(router_layers_index) if router_layers_index is not None else None
+        self.alpha = alpha
+        self.output_router_logits = output_router_logits
+        kwargs.setdefault("tie_word_embeddings", bool(getattr(text_config, "tie_word_embeddings", False)))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            kwargs.setdefault(key, getattr(text_config, key, None))
+        super().__init__(**kwargs)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_names)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def num_hidden_layers(self) -> int:
+        from .architecture import num_layers
+
+        return num_layers(self.text_config)

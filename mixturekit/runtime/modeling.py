@@ -1,0 +1,228 @@
+"""`MixtureKitForCausalLM`: the base architecture built by `transformers`, with routed modules swapped in.
+
+No modeling source is copied or patched. The dense model is built from `config.text_config` by its own class, then
+`traditional` replaces each chosen block's `mlp` by a `SparseMoeBlock` and `btx` replaces chosen Linears by
+`RoutedLinear`s. The dense model's children become this model's children, so tensor names are the base model's
+(`model.layers.0.mlp.experts.gate_up_proj`, ...) and its forward runs unchanged around the replaced modules.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from ..errors import RecipeError, TrainingError, UnsupportedArchitectureError
+from .architecture import LINEAR_TYPES, decoder_layers, linear_names, mlp_layout
+from .config import MixtureKitConfig
+from .moe_block import SparseMoeBlock
+from .routed_linear import RoutedLinear
+from .routing import Router, RouterLogitsRecorder, load_balancing_loss
+
+ROUTED_MODULE_TYPES = (SparseMoeBlock, RoutedLinear)
+
+
+def dense_model_class(text_config) -> type[PreTrainedModel]:
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"'{text_config.model_type}' has no causal-LM class in transformers; MixtureKit composes models that "
+            "AutoModelForCausalLM can build"
+        ) from None
+
+
+def resolve_layer_indices(requested: list[int] | None, num_blocks: int) -> list[int]:
+    """The blocks that get routers: all when `requested` is empty or None."""
+    if not requested:
+        return list(range(num_blocks))
+    out_of_range = [i for i in requested if not 0 <= i < num_blocks]
+    if out_of_range:
+        raise RecipeError(f"router_layers_index {out_of_range} out of range: the model has blocks 0..{num_blocks - 1}")
+    return sorted(requested)
+
+
+def resolve_router_layers(requested: list[str] | None, block: nn.Module, model_type: str) -> list[str]:
+    """Map `router_layers` entries (full `mlp.up_proj` or a unique suffix like `up_proj`) onto the block's Linears."""
+    valid = linear_names(block)
+    if requested is None:
+        return [name for name in valid if name.startswith("mlp.")]
+    resolved = []
+    for entry in requested:
+        if entry in valid:
+            match = entry
+        else:
+            candidates = [name for name in valid if name.endswith("." + entry)]
+            if len(candidates) != 1:
+                why = "is ambiguous" if candidates else "is not a Linear of the block"
+                raise RecipeError(
+                    f"router_layers entry '{entry}' {why} in '{model_type}'; valid names: {', '.join(valid)}"
+                )
+            match = candidates[0]
+        if match not in resolved:
+            resolved.append(match)
+    return resolved
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def convert_dense_to_moe(dense: nn.Module, config: MixtureKitConfig, recorder: RouterLogitsRecorder) -> None:
+    """Swap routed modules into a freshly built dense model, in place."""
+    text_config = config.text_config
+    layers_name, layers = decoder_layers(dense, text_config)
+    indices = resolve_layer_indices(config.router_layers_index, len(layers))
+    num_experts, top_k = config.num_experts, config.num_experts_per_tok
+    if not 1 <= top_k <= num_experts:
+        raise RecipeError(f"num_experts_per_tok must be between 1 and {num_experts}, got {top_k}")
+    if config.method == "traditional":
+        for index in indices:
+            mlp = layers[index].mlp
+            layout = mlp_layout(mlp, text_config.model_type)
+            layers[index].mlp = SparseMoeBlock(mlp, layout, num_experts, top_k, recorder)
+    elif config.method == "btx":
+        for index in indices:
+            block = layers[index]
+            for name in resolve_router_layers(config.router_layers, block, text_config.model_type):
+                linear = block.get_submodule(name)
+                if not isinstance(linear, LINEAR_TYPES):
+                    raise RecipeError(f"router_layers entry '{name}' is a {type(linear).__name__}, not a Linear")
+                _set_submodule(block, name, RoutedLinear(linear, num_experts, top_k, recorder))
+    else:
+        raise RecipeError(f"method '{config.method}' is not built by this runtime; valid: traditional, btx")
+
+
+class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
+    """A composed Mixture-of-Experts causal LM; loads with `AutoModelForCausalLM` after `import mixturekit`."""
+
+    config_class = MixtureKitConfig
+    base_model_prefix = "mixturekit"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: MixtureKitConfig):
+        super().__init__(config)
+        dense = dense_model_class(config.text_config)(config.text_config)
+        self.router_recorder = RouterLogitsRecorder()
+        convert_dense_to_moe(dense, config, self.router_recorder)
+        for name, child in dense.named_children():
+            self.add_module(name, child)
+        # The dense model shares its children with us; kept out of the module tree so tensors are not named twice.
+        object.__setattr__(self, "_dense", dense)
+        self._tied_weights_keys = dict(getattr(dense, "_tied_weights_keys", None) or {})
+        self._dense_accepts = self._accepted_arguments(type(dense).forward)
+        self.post_init()
+
+    @staticmethod
+    def _accepted_arguments(forward) -> set[str] | None:
+        parameters = inspect.signature(forward).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return None
+        return set(parameters)
+
+    @property
+    def dense_model(self) -> PreTrainedModel:
+        """The base architecture's own model object (its modules are this model's modules)."""
+        return self._dense
+
+    def routers(self) -> list[tuple[str, Router]]:
+        return [(name, module) for name, module in self.named_modules() if isinstance(module, Router)]
+
+    def routed_modules(self) -> list[tuple[str, nn.Module]]:
+        return [(name, module) for name, module in self.named_modules() if isinstance(module, ROUTED_MODULE_TYPES)]
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self._dense.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self._dense.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self._dense.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self._dense.set_output_embeddings(value)
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self._dense.prepare_inputs_for_generation(*args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, Router):
+            nn.init.normal_(module.weight, std=0.02)
+        else:
+            self._dense._init_weights(module)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_router_logits: bool | None = None,
+        **kwargs: Any,
+    ) -> MoeCausalLMOutputWithPast:
+        """The dense model's forward, plus the routers' logits and the load-balancing loss (`aux_loss`)."""
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        kwargs.pop("return_dict", None)
+        arguments = dict(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+            cache_position=cache_position, logits_to_keep=logits_to_keep, **kwargs,
+        )
+        arguments = {
+            k: v for k, v in arguments.items()
+            if v is not None and not (k == "logits_to_keep" and isinstance(v, int) and v == 0)
+            and (self._dense_accepts is None or k in self._dense_accepts)
+        }
+        with self.router_recorder.recording() as router_logits:
+            outputs = self._dense(**arguments, return_dict=True)
+        aux_loss = None
+        if router_logits and (labels is not None or output_router_logits):
+            aux_loss = self.load_balancing_loss(router_logits, attention_mask)
+        loss = outputs.loss
+        if loss is not None and aux_loss is not None and self.config.alpha > 0:
+            loss = loss + aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
+            loss=loss, aux_loss=aux_loss, logits=outputs.logits, past_key_values=outputs.past_key_values,
+            hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
+            router_logits=tuple(router_logits) if output_router_logits else None,
+        )
+
+    def load_balancing_loss(
+        self, router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`alpha * sum over routers of E * sum_i f_i P_i`, padding excluded; raises if training lost its gradient."""
+        total = None
+        for logits in router_logits:
+            mask = None
+            if attention_mask is not None and attention_mask.dim() == 2:
+                current = attention_mask[:, -(logits.shape[0] // attention_mask.shape[0]):]
+                if current.numel() == logits.shape[0]:
+                    mask = current.reshape(-1).bool()
+            term = load_balancing_loss(logits, self.config.num_experts_per_tok, mask)
+            total = term if total is None else total + term.to(total.device)
+        aux_loss = self.config.alpha * total
+        routers_train = any(router.weight.requires_grad for _, router in self.routers())
+        if self.training and torch.is_grad_enabled() and routers_train and not aux_loss.requires_grad:
+            raise TrainingError(
+                "the load-balancing loss lost its gradient: reentrant activation checkpointing runs blocks without "
+                "autograd. Enable it with gradient_checkpointing_kwargs={'use_reentrant': False}."
+            )
+        return aux_loss

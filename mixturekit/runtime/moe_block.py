@@ -1,0 +1,74 @@
+"""`traditional`: a block's whole FFN becomes a sparse MoE block (Mixtral layout, transformers v5 stacked experts)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .architecture import MlpLayout, linear_shape
+from .experts import combine, dispatch, grouped_linear
+from .routing import Router, RouterLogitsRecorder, route
+from .stacking import StackSource
+
+
+class StackedExperts(nn.Module):
+    """E copies of one FFN, stored stacked: `gate_up_proj [E, 2f, d]` (gated) or `up_proj [E, f, d]`, and
+    `down_proj [E, d, f]`, with `*_bias [E, out]` where the dense FFN has biases."""
+
+    def __init__(self, layout: MlpLayout, num_experts: int, hidden_size: int, intermediate_size: int,
+                 activation: nn.Module, up_bias: bool, down_bias: bool):
+        super().__init__()
+        self.gated = layout.kind == "gated"
+        self.up_name = "gate_up_proj" if self.gated else "up_proj"
+        up_rows = 2 * intermediate_size if self.gated else intermediate_size
+        self.register_parameter(self.up_name, nn.Parameter(torch.empty(num_experts, up_rows, hidden_size)))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.register_parameter(
+            f"{self.up_name}_bias", nn.Parameter(torch.zeros(num_experts, up_rows)) if up_bias else None
+        )
+        self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size)) if down_bias else None
+        self.act_fn = activation
+        for weight in (getattr(self, self.up_name), self.down_proj):
+            nn.init.normal_(weight, std=0.02)
+
+    def forward(self, sorted_inputs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        hidden = grouped_linear(sorted_inputs, getattr(self, self.up_name), counts, getattr(self, f"{self.up_name}_bias"))
+        if self.gated:
+            gate, up = hidden.chunk(2, dim=-1)
+            hidden = self.act_fn(gate) * up
+        else:
+            hidden = self.act_fn(hidden)
+        return grouped_linear(hidden, self.down_proj, counts, self.down_proj_bias)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router (`gate`) + stacked experts; every token goes to its top-k experts, none is dropped."""
+
+    def __init__(self, dense_mlp: nn.Module, layout: MlpLayout, num_experts: int, top_k: int,
+                 recorder: RouterLogitsRecorder | None = None):
+        super().__init__()
+        children = dict(dense_mlp.named_children())
+        down = children[layout.down]
+        hidden_size, intermediate_size = linear_shape(down)
+        up_has_bias = any(getattr(children[name], "bias", None) is not None for name in layout.up)
+        self.num_experts, self.top_k = num_experts, top_k
+        self.gate = Router(hidden_size, num_experts, recorder)
+        self.experts = StackedExperts(layout, num_experts, hidden_size, intermediate_size,
+                                      getattr(dense_mlp, layout.activation), up_has_bias, down.bias is not None)
+        up_name = self.experts.up_name
+        self.source_map: dict[str, StackSource] = {
+            f"experts.{up_name}": StackSource(tuple(f"{n}.weight" for n in layout.up), transpose=layout.conv1d),
+            "experts.down_proj": StackSource((f"{layout.down}.weight",), transpose=layout.conv1d),
+        }
+        if up_has_bias:
+            self.source_map[f"experts.{up_name}_bias"] = StackSource(tuple(f"{n}.bias" for n in layout.up))
+        if down.bias is not None:
+            self.source_map["experts.down_proj_bias"] = StackSource((f"{layout.down}.bias",))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        tokens = hidden_states.reshape(-1, shape[-1])
+        weights, indices = route(self.gate(tokens), self.top_k)
+        plan = dispatch(indices, weights, self.num_experts)
+        expert_outputs = self.experts(tokens[plan.token_index], plan.counts)
+        return combine(expert_outputs, plan).reshape(shape)

@@ -1,0 +1,42 @@
+"""`btx`: one Linear of a block becomes a routed linear with its own router and one weight per expert."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .architecture import linear_shape
+from .experts import combine, dispatch, grouped_linear
+from .routing import Router, RouterLogitsRecorder, route
+from .stacking import StackSource
+
+
+class RoutedLinear(nn.Module):
+    """`weight [E, out, in]`, `bias [E, out]` and a `router`; each token mixes its top-k experts' outputs."""
+
+    def __init__(self, dense: nn.Module, num_experts: int, top_k: int, recorder: RouterLogitsRecorder | None = None):
+        super().__init__()
+        out_features, in_features = linear_shape(dense)
+        self.in_features, self.out_features = in_features, out_features
+        self.num_experts, self.top_k = num_experts, top_k
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+        nn.init.normal_(self.weight, std=0.02)
+        self.bias = nn.Parameter(torch.zeros(num_experts, out_features)) if dense.bias is not None else None
+        self.router = Router(in_features, num_experts, recorder)
+        conv1d = isinstance(dense, Conv1D)
+        self.source_map: dict[str, StackSource] = {"weight": StackSource(("weight",), transpose=conv1d)}
+        if self.bias is not None:
+            self.source_map["bias"] = StackSource(("bias",))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        shape = inputs.shape
+        tokens = inputs.reshape(-1, shape[-1])
+        weights, indices = route(self.router(tokens), self.top_k)
+        plan = dispatch(indices, weights, self.num_experts)
+        outputs = grouped_linear(tokens[plan.token_index], self.weight, plan.counts, self.bias)
+        return combine(outputs, plan).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_experts={self.num_experts}, top_k={self.top_k}, bias={self.bias is not None}")

@@ -1,0 +1,89 @@
+"""Top-k routing in float32 and the Switch/Mixtral load-balancing loss."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RouterLogitsRecorder:
+    """Collects every router's logits during one forward pass of the model that owns it.
+
+    It records only while the model's forward is running, so the recomputation that activation checkpointing runs
+    during backward does not record a second copy.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.logits: list[torch.Tensor] = []
+
+    @contextmanager
+    def recording(self) -> Iterator[list[torch.Tensor]]:
+        self.active, self.logits = True, []
+        try:
+            yield self.logits
+        finally:
+            self.active = False
+
+    def record(self, logits: torch.Tensor) -> None:
+        if self.active:
+            self.logits.append(logits)
+
+
+class Router(nn.Module):
+    """A linear gate `[num_experts, hidden]` whose logits are always computed in float32."""
+
+    def __init__(self, hidden_size: int, num_experts: int, recorder: RouterLogitsRecorder | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+        self.num_experts = num_experts
+        # A plain attribute (not a module): several routers share one recorder.
+        object.__setattr__(self, "recorder", recorder)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden_states.float(), self.weight.float())
+        if self.recorder is not None:
+            self.recorder.record(logits)
+        return logits
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.weight.shape[1]}, num_experts={self.num_experts}"
+
+
+def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts in float32, keep the top k, renormalise their weights to sum to 1.
+
+    Returns (weights `[N, k]` float32, expert indices `[N, k]`).
+    """
+    probabilities = torch.softmax(router_logits.float(), dim=-1)
+    weights, indices = torch.topk(probabilities, top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, indices
+
+
+def load_balancing_loss(
+    router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch/Mixtral balance term of one router: ``E * sum_i f_i * P_i`` (without alpha).
+
+    ``f_i`` is the fraction of routed slots (token x k) that chose expert i, ``P_i`` the mean router probability of
+    expert i, both over the tokens where `token_mask` is true (padding excluded). It is 1 for perfectly uniform
+    routing and E when every token goes to one expert with probability 1 (k = 1; E/k for k > 1).
+    """
+    logits = router_logits.float().reshape(-1, router_logits.shape[-1])
+    num_experts = logits.shape[-1]
+    if token_mask is not None:
+        logits = logits[token_mask.reshape(-1).to(torch.bool)]
+    if logits.shape[0] == 0:
+        return router_logits.float().sum() * 0.0
+    probabilities = torch.softmax(logits, dim=-1)
+    _, chosen = torch.topk(probabilities, top_k, dim=-1)
+    slots = F.one_hot(chosen, num_experts).float().sum(dim=1)  # [N, E]: how many of a token's k slots chose i
+    fraction_routed = slots.mean(dim=0) / top_k
+    mean_probability = probabilities.mean(dim=0)
+    return num_experts * torch.sum(fraction_routed * mean_probability)

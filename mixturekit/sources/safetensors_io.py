@@ -1,0 +1,189 @@
+"""Read and write safetensors one tensor at a time, without memory-mapping whole files.
+
+The `safetensors` library maps files into memory, and every page touched stays in the process's resident set; to
+keep composition memory near one tensor (not the sum of the models) we read each tensor with `pread` and write each
+shard's header first and then its tensors one by one. The format is the documented one: 8 bytes little-endian header
+length, a JSON header of `{name: {dtype, shape, data_offsets}}` padded with spaces to 8 bytes, then the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import SourceError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+_MAX_HEADER_BYTES = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file, read from the header only."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def dtype_nbytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse one file's header: its tensors and its metadata, checking that offsets fit the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise SourceError(f"'{path}' is not a safetensors file: it is shorter than its 8-byte header length")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
+                raise SourceError(
+                    f"'{path}' has a corrupted safetensors header (declared {header_len} bytes in a {size}-byte file)"
+                )
+            header = json.loads(handle.read(header_len).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SourceError(f"'{path}' has a corrupted safetensors header: {error}") from None
+    except OSError as error:
+        raise SourceError(f"cannot read '{path}': {error}") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"'{path}' has a corrupted safetensors header: not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(f"'{path}': tensor '{name}' has a malformed header entry {entry!r}") from None
+        expected = math.prod(shape) * dtype_nbytes(dtype)
+        if end - begin != expected or data_start + end > size:
+            raise SourceError(
+                f"'{path}' is truncated or corrupted: tensor '{name}' needs bytes {begin}..{end} of the data "
+                f"section ({expected} bytes for shape {list(shape)}) but the file has {size - data_start}"
+            )
+        tensors[name] = TensorInfo(name, path, dtype, shape, data_start + begin, end - begin)
+    return tensors, metadata
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of a checkpoint made of one or more safetensors files."""
+
+    def __init__(self, files: list[Path]):
+        if not files:
+            raise SourceError("no safetensors files given")
+        self.files = list(files)
+        self.tensors: dict[str, TensorInfo] = {}
+        for path in self.files:
+            tensors, _ = read_header(path)
+            for name, info in tensors.items():
+                if name in self.tensors:
+                    raise SourceError(f"tensor '{name}' appears in both '{self.tensors[name].file}' and '{path}'")
+                self.tensors[name] = info
+
+    def rename(self, renamer) -> None:
+        """Address tensors by `renamer(stored_name)` (the model's names) instead of their stored names."""
+        renamed = {}
+        for stored, info in self.tensors.items():
+            name = renamer(stored)
+            if name in renamed:
+                raise SourceError(f"tensors '{renamed[name].name}' and '{stored}' both map to '{name}'")
+            renamed[name] = info
+        self.tensors = renamed
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh memory (no mapping of the file)."""
+        info = self.tensors[name]
+        buffer = bytearray(info.nbytes)
+        with open(info.file, "rb", buffering=0) as handle:
+            view = memoryview(buffer)
+            done = 0
+            while done < info.nbytes:
+                got = os.preadv(handle.fileno(), [view[done:]], info.start + done)
+                if got <= 0:
+                    raise SourceError(f"'{info.file}' ended while reading tensor '{name}'")
+                done += got
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """A tensor to be written: its name, dtype and shape are known before its data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_nbytes(self.dtype)
+
+
+class ShardWriter:
+    """Writes one safetensors file whose header is known up front, then its tensors in order, one at a time."""
+
+    def __init__(self, path: Path, slots: list[TensorSlot], metadata: dict[str, str] | None = None):
+        self.path = path
+        self.slots = slots
+        self._next = 0
+        header: dict[str, object] = {"__metadata__": dict(metadata or {})}
+        offset = 0
+        for slot in slots:
+            header[slot.name] = {
+                "dtype": DTYPE_CODES[slot.dtype], "shape": list(slot.shape), "data_offsets": [offset, offset + slot.nbytes]
+            }
+            offset += slot.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)
+        self._handle = open(path, "wb")
+        self._handle.write(struct.pack("<Q", len(encoded)))
+        self._handle.write(encoded)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        slot = self.slots[self._next]
+        if name != slot.name or tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
+            raise RuntimeError(
+                f"shard writer expected {slot.name} {slot.dtype} {list(slot.shape)}, "
+                f"got {name} {tensor.dtype} {list(tensor.shape)}"
+            )
+        data = tensor.detach().contiguous().cpu()
+        if data.numel():
+            self._handle.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.slots):
+            self._handle.close()
+            raise RuntimeError(f"shard {self.path.name} closed after {self._next} of {len(self.slots)} tensors")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()

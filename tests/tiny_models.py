@@ -1,0 +1,54 @@
+"""Tiny random models of every supported family, saved as Hugging Face folders, for the invariant tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+VOCAB = 96
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+# Family-specific fields, e.g. explicit head_dim where the family does not derive it, GPT-2's own names.
+ARCHITECTURES: dict[str, dict] = {
+    "llama": {},
+    "mistral": {"sliding_window": 8},
+    "qwen2": {},
+    "qwen3": {"head_dim": 8},
+    "gemma": {"head_dim": 8},
+    "gemma2": {"head_dim": 8, "sliding_window": 8},
+    "gemma3_text": {"head_dim": 8, "sliding_window": 8},
+    "phi3": {},
+    "olmo2": {},
+    "granite": {},
+    "stablelm": {},
+    "gpt_neox": {},
+    "phi": {},
+    "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_inner": 48, "n_positions": 64},
+}
+
+
+def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
+    fields = {**COMMON, **ARCHITECTURES[model_type], **overrides}
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def make_model(config: PretrainedConfig, seed: int) -> torch.nn.Module:
+    """A dense model with every weight drawn from `seed` (norm weights too, so experts really differ)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 1:
+                parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter) if "weight" in name else 0.1 * torch.randn_like(parameter))
+            else:
+                parameter.normal_(0, 0.2)
+    return model
+
+
+def save_model(model: torch.nn.Module, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    return folder
