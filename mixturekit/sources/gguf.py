@@ -27,11 +27,13 @@ def file_sha256(path: Path) -> str:
 def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """Return a folder with config, tokenizer and float32 safetensors of `gguf_path`, converting on first use."""
     try:
-        import gguf  # noqa: F401  (transformers needs it to read the file)
+        import accelerate  # noqa: F401
+        import gguf  # noqa: F401  (transformers needs both to read the file)
     except ImportError:
         raise SourceError(
-            f"'{gguf_path}' is a GGUF file; reading it needs the `gguf` package: pip install 'mixturekit[gguf]'"
+            f"'{gguf_path}' is a GGUF file; reading it needs the `gguf` and `accelerate` packages: pip install 'mixturekit[gguf]'"
         ) from None
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = (cache_dir or default_cache_dir()) / "gguf"
@@ -42,7 +44,17 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype="float32")
-        model.save_pretrained(staging)
+        # transformers marks GGUF-loaded models as quantized and refuses save_pretrained; the tensors are already
+        # dequantised, so write them (tied copies once) and a config without the quantisation entry.
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(staging)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(staging)
         AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(staging)
         del model
         try:

@@ -1,0 +1,168 @@
+"""Bad recipes and incompatible sources: each a clear error naming the problem, and nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mixturekit import (
+    CompatibilityError, OutputError, RecipeError, SourceError, UnsupportedArchitectureError, compose, load_recipe,
+)
+from tiny_models import make_model, save_model, tiny_config
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llamas")
+    return [save_model(make_model(tiny_config("llama"), seed), root / f"llama{seed}") for seed in range(2)]
+
+
+def _recipe(folders, method="traditional", **extra):
+    return {"method": method, "experts": [{"name": f"e{i}", "source": str(f)} for i, f in enumerate(folders)], **extra}
+
+
+def _compose_fails(recipe, output, error, *fragments):
+    """Compose must raise `error` whose message holds every fragment, and leave the output's parent unchanged."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    before = sorted(p.name for p in output.parent.iterdir())
+    with pytest.raises(error) as caught:
+        compose(recipe, output, progress=False)
+    for fragment in fragments:
+        assert fragment in str(caught.value), str(caught.value)
+    assert sorted(p.name for p in output.parent.iterdir()) == before
+    return str(caught.value)
+
+
+def test_unknown_method(llamas, tmp_path):
+    _compose_fails(_recipe(llamas, method="mixtral"), tmp_path / "out", RecipeError, "method", "traditional", "btx")
+
+
+@pytest.mark.parametrize("k", [0, 3, -1])
+def test_top_k_out_of_range(llamas, tmp_path, k):
+    _compose_fails(_recipe(llamas, num_experts_per_tok=k), tmp_path / "out", RecipeError,
+                   "num_experts_per_tok", "between 1 and the number of experts (2)")
+
+
+def test_unknown_router_layer_lists_the_valid_linears(llamas, tmp_path):
+    message = _compose_fails(_recipe(llamas, method="btx", router_layers=["mlp.w1"]), tmp_path / "out",
+                             RecipeError, "mlp.w1")
+    for name in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.q_proj"):
+        assert name in message
+
+
+def test_router_layer_short_names_resolve(llamas, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = compose(_recipe(llamas, method="btx", router_layers=["up_proj", "self_attn.q_proj"]), tmp_path / "o",
+                  progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.router_layers == ["mlp.up_proj", "self_attn.q_proj"]
+    assert {name.split(".", 3)[-1] for name, _ in model.routed_modules()} == {"mlp.up_proj", "self_attn.q_proj"}
+
+
+def test_router_layers_index_out_of_range(llamas, tmp_path):
+    _compose_fails(_recipe(llamas, router_layers_index=[0, 5]), tmp_path / "out", RecipeError, "[5]", "0..1")
+
+
+def test_different_architectures(llamas, tmp_path):
+    qwen = save_model(make_model(tiny_config("qwen2"), 0), tmp_path / "qwen")
+    _compose_fails(_recipe([llamas[0], qwen]), tmp_path / "out", CompatibilityError,
+                   "different architectures", "llama", "qwen2")
+
+
+def test_different_hidden_sizes(llamas, tmp_path):
+    wide = save_model(make_model(tiny_config("llama", hidden_size=48), 0), tmp_path / "wide")
+    _compose_fails(_recipe([llamas[0], wide]), tmp_path / "out", CompatibilityError, "hidden_size", "32", "48")
+
+
+def test_different_vocabularies(llamas, tmp_path):
+    other = save_model(make_model(tiny_config("llama", vocab_size=100), 0), tmp_path / "vocab")
+    _compose_fails(_recipe([llamas[0], other]), tmp_path / "out", CompatibilityError, "vocabulary sizes", "96", "100")
+
+
+def test_different_tokenizers(llamas, tmp_path):
+    import shutil
+
+    folders = []
+    for i, vocab in enumerate(({"a": 0, "b": 1}, {"a": 0, "c": 1})):
+        folder = tmp_path / f"tok{i}"
+        shutil.copytree(llamas[i], folder)
+        (folder / "tokenizer.json").write_text(json.dumps({"model": {"vocab": vocab}, "added_tokens": []}))
+        folders.append(folder)
+    _compose_fails(_recipe(folders), tmp_path / "out", CompatibilityError, "different tokenizers")
+
+
+def test_missing_tensor_is_named(llamas, tmp_path):
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(llamas[1], broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    _compose_fails(_recipe([llamas[0], broken]), tmp_path / "out", CompatibilityError,
+                   "'e1'", "model.layers.1.mlp.up_proj.weight")
+
+
+def test_missing_source_path(llamas, tmp_path):
+    _compose_fails(_recipe([llamas[0], tmp_path / "nowhere"]), tmp_path / "out", SourceError, "does not exist",
+                   "nowhere")
+
+
+def test_pickle_only_source_is_refused(llamas, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((llamas[0] / "config.json").read_text())
+    torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
+    _compose_fails(_recipe([llamas[0], folder]), tmp_path / "out", SourceError, "pickle", "pytorch_model.bin")
+
+
+def test_unsupported_family_is_named(tmp_path):
+    config = tiny_config("llama")
+    bloom = save_model(make_model(__import__("transformers").AutoConfig.for_model(
+        "bloom", vocab_size=96, hidden_size=32, n_layer=2, n_head=4), 0), tmp_path / "bloom")
+    message = _compose_fails(_recipe([bloom, bloom]), tmp_path / "out", UnsupportedArchitectureError, "bloom")
+    assert "Supported families" in message and "Llama" in message
+    del config
+
+
+def test_output_exists_is_kept_unless_overwrite(llamas, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    _compose_fails(_recipe(llamas), output, OutputError, "already exists", "overwrite")
+    assert (output / "keep.txt").read_text() == "mine"
+    compose(_recipe(llamas), output, overwrite=True, progress=False)
+    assert (output / "config.json").is_file() and not (output / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
+
+
+def test_no_output_given(llamas):
+    with pytest.raises(RecipeError, match="no output folder"):
+        compose(_recipe(llamas), progress=False)
+
+
+@pytest.mark.parametrize("recipe,fragments", [
+    ({"method": "btx", "experts": [{"name": "a", "source": "x"}, {"name": "a", "source": "y"}]}, ["unique", "'a'"]),
+    ({"method": "btx", "experts": [{"name": "a", "source": "x"}]}, ["at least 2 experts"]),
+    ({"method": "btx", "experts": []}, ["experts"]),
+    ({"method": "btx", "num_expert_per_tok": 2, "experts": [{"name": "a", "source": "x"}]},
+     ["num_expert_per_tok", "did you mean 'num_experts_per_tok'"]),
+    ({"method": "btx", "alpha": -1, "experts": [{"name": "a", "source": "x"}, {"name": "b", "source": "y"}]},
+     ["alpha", "greater than or equal to 0"]),
+    ({"method": "btx", "experts": [{"name": "../evil", "source": "x"}, {"name": "b", "source": "y"}]},
+     ["not a valid name"]),
+    ({"method": "bts", "stitch_freq": 0, "experts": [{"name": "a", "source": "x"}]}, ["stitch_freq", "at least 1"]),
+    ({"method": "traditional", "shared_weights": "base", "experts": [{"name": "a", "source": "x"},
+                                                                     {"name": "b", "source": "y"}]}, ["base"]),
+    ({"method": "btx", "shard_size": "lots", "experts": [{"name": "a", "source": "x"}, {"name": "b", "source": "y"}]},
+     ["shard_size", "2GB"]),
+])
+def test_recipe_validation(recipe, fragments):
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe)
+    for fragment in fragments:
+        assert fragment in str(caught.value), str(caught.value)

@@ -1,0 +1,92 @@
+"""The Switch/Mixtral load-balancing loss: its values at the extremes, masking, and its gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixturekit import MixtureKitConfig, MixtureKitForCausalLM, TrainingError, load_balancing_loss
+from mixturekit.runtime import route
+from tiny_models import VOCAB, tiny_config
+
+E = 4
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_uniform_routing_gives_one(top_k):
+    # Perfectly balanced: equal probabilities, and slots spread evenly over the experts.
+    logits = torch.zeros(8 * E, E)
+    assert load_balancing_loss(logits, top_k).item() == pytest.approx(1.0)
+    # Balanced but confident: each token sure of one expert, tokens cycling over experts.
+    confident = torch.full((8 * E, E), -30.0)
+    confident[torch.arange(8 * E), torch.arange(8 * E) % E] = 30.0
+    assert load_balancing_loss(confident, 1).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_collapse_gives_num_experts():
+    logits = torch.full((32, E), -30.0)
+    logits[:, 2] = 30.0
+    assert load_balancing_loss(logits, 1).item() == pytest.approx(float(E), rel=1e-6)
+
+
+def test_collapse_and_balance_differ_for_top2():
+    collapsed = torch.full((32, E), -30.0)
+    collapsed[:, 0] = 30.0
+    collapsed[:, 1] = 29.0  # every token: experts 0 then 1
+    assert load_balancing_loss(collapsed, 2).item() > load_balancing_loss(torch.zeros(32, E), 2).item() + 0.5
+
+
+def test_padding_is_masked_out():
+    logits = torch.zeros(10, E)
+    logits[5:, 3] = 50.0  # the padded half is collapsed on expert 3
+    mask = torch.tensor([True] * 5 + [False] * 5)
+    assert load_balancing_loss(logits, 1, mask).item() == pytest.approx(1.0)
+    # Unmasked: f = [.5, 0, 0, .5], P = [.125, .125, .125, .625] -> 4 * (.0625 + .3125) = 1.5
+    assert load_balancing_loss(logits, 1).item() == pytest.approx(1.5)
+
+
+def test_route_is_float32_and_renormalised():
+    logits = torch.randn(6, E, dtype=torch.bfloat16)
+    weights, indices = route(logits, 2)
+    assert weights.dtype == torch.float32 and indices.shape == (6, 2)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(6))
+
+
+def _model(method: str, alpha: float = 0.5) -> MixtureKitForCausalLM:
+    config = MixtureKitConfig(text_config=tiny_config("llama"), method=method, expert_names=list("abcd"),
+                              num_experts_per_tok=2, alpha=alpha)
+    return MixtureKitForCausalLM(config)
+
+
+@pytest.mark.parametrize("method,routers", [("traditional", 2), ("btx", 6)])
+def test_model_aux_loss_is_alpha_times_sum_over_routers(method, routers):
+    model = _model(method).eval()
+    for _, router in model.routers():
+        torch.nn.init.zeros_(router.weight)  # uniform probabilities everywhere: each router contributes 1
+    tokens = torch.randint(3, VOCAB, (2, 8))
+    output = model(input_ids=tokens, labels=tokens)
+    assert output.aux_loss.item() == pytest.approx(0.5 * routers)
+    plain = model.dense_model(input_ids=tokens, labels=tokens).loss
+    assert output.loss.item() == pytest.approx(plain.item() + 0.5 * routers, rel=1e-5)
+    assert len(model(input_ids=tokens, output_router_logits=True).router_logits) == routers
+
+
+@pytest.mark.parametrize("method", ["traditional", "btx"])
+def test_aux_loss_gradient_reaches_routers_under_checkpointing(method):
+    model = _model(method)
+    model.gradient_checkpointing_enable()
+    model.train()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    tokens = torch.randint(3, VOCAB, (2, 8))
+    model(input_ids=tokens, labels=tokens).aux_loss.backward()
+    for name, router in model.routers():
+        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0, name
+
+
+def test_reentrant_checkpointing_is_refused_rather_than_silently_dropping_the_gradient():
+    model = _model("traditional")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    tokens = torch.randint(3, VOCAB, (2, 8))
+    with pytest.raises(TrainingError, match="use_reentrant"):
+        model(input_ids=tokens, labels=tokens)
