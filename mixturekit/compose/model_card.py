@@ -30,8 +30,8 @@ tags:
 # Composed with MixtureKit {__version__}
 
 A `{config.method}` Mixture-of-Experts over {config.num_experts} `{config.text_config.model_type}` models,
-top-{config.num_experts_per_tok} routing. Routers are stored in this checkpoint{
-" with their initial values: train them before use (`mixturekit train`)" }.
+top-{config.num_experts_per_tok} routing. The routers are stored in this checkpoint with their initial values
+(`{plan.recipe.router_init}`): train them before relying on the routing.
 
 ```python
 import mixturekit  # registers the architecture with transformers

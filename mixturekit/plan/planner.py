@@ -157,8 +157,9 @@ def check_compatible(models: list[LocalModel], reference: int) -> list[str]:
                 f"models '{ref.name}' and '{other.name}' have different tokenizers (e.g. token/id pairs "
                 f"{differing} are in one only); experts must share one tokenizer"
             )
-        if ref_tokens is None or other_tokens is None:
-            notes.append(f"tokenizers of '{ref.name}' and '{other.name}' not compared: a tokenizer file is missing")
+    without_tokenizer = [m.name for m in models if _tokenizer_vocabulary(m) is None]
+    if without_tokenizer and len(models) > 1:
+        notes.append(f"tokenizers not compared for {without_tokenizer}: no tokenizer.json or vocab.json")
     return notes
 
 
