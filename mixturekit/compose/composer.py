@@ -13,6 +13,7 @@ import shutil
 import uuid
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -34,25 +35,24 @@ def _new_router(plan: TensorPlan, recipe: Recipe) -> torch.Tensor:
     return values.to(plan.dtype)
 
 
-def materialize(plan: CompositionPlan, tensor: TensorPlan) -> torch.Tensor:
-    """Read and combine the source tensors of one output tensor."""
+def materialize_parts(plan: CompositionPlan, tensor: TensorPlan) -> Iterator[torch.Tensor]:
+    """The output tensor as consecutive parts: one part, or one expert's slice at a time for stacked tensors,
+    so a stacked tensor is never whole in memory."""
     readers = [plan.models[i].reader for i in tensor.models]
     if tensor.origin == "new":
-        return _new_router(tensor, plan.recipe)
-    if tensor.origin == "copy":
-        return readers[0].get(tensor.sources[0]).to(tensor.dtype)
-    if tensor.origin == "average":
+        yield _new_router(tensor, plan.recipe)
+    elif tensor.origin == "copy":
+        yield readers[0].get(tensor.sources[0]).to(tensor.dtype)
+    elif tensor.origin == "average":
         total = readers[0].get(tensor.sources[0]).to(torch.float32)
         for reader in readers[1:]:
             total += reader.get(tensor.sources[0]).to(torch.float32)
-        return (total / len(readers)).to(tensor.dtype)
-    stacked = torch.empty(tensor.shape, dtype=tensor.dtype)
-    for expert, reader in enumerate(readers):
-        pieces = [reader.get(name) for name in tensor.sources]
-        if tensor.transpose:
-            pieces = [piece.t() for piece in pieces]
-        stacked[expert] = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
-    return stacked
+        yield total.div_(len(readers)).to(tensor.dtype)
+    else:
+        for reader in readers:
+            for name in tensor.sources:  # consecutive row blocks of this expert's slice (gate rows, then up rows)
+                piece = reader.get(name)
+                yield (piece.t() if tensor.transpose else piece).to(tensor.dtype)
 
 
 def assign_shards(tensors: list[TensorPlan], shard_bytes: int) -> list[list[TensorPlan]]:
@@ -92,7 +92,7 @@ def _write_tensors(plan: CompositionPlan, staging: Path, progress: bool) -> None
             slots = [TensorSlot(t.name, t.dtype, t.shape) for t in shard]
             writer = ShardWriter(staging / filename, slots, metadata={"format": "pt"})
             for tensor in shard:
-                writer.write(tensor.name, materialize(plan, tensor))
+                writer.write_parts(tensor.name, materialize_parts(plan, tensor))
                 bar.update(tensor.nbytes)
             writer.close()
     if count > 1:

@@ -170,14 +170,26 @@ class ShardWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         slot = self.slots[self._next]
-        if name != slot.name or tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
-            raise RuntimeError(
-                f"shard writer expected {slot.name} {slot.dtype} {list(slot.shape)}, "
-                f"got {name} {tensor.dtype} {list(tensor.shape)}"
-            )
-        data = tensor.detach().contiguous().cpu()
-        if data.numel():
-            self._handle.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        if tuple(tensor.shape) != slot.shape:
+            raise RuntimeError(f"shard writer expected {slot.name} of shape {list(slot.shape)}, got {list(tensor.shape)}")
+        self.write_parts(name, [tensor])
+
+    def write_parts(self, name: str, parts) -> None:
+        """Write the next tensor as consecutive parts (e.g. one expert's slice of a stacked tensor at a time), so
+        the whole tensor never has to be in memory."""
+        slot = self.slots[self._next]
+        if name != slot.name:
+            raise RuntimeError(f"shard writer expected {slot.name} next, got {name}")
+        written = 0
+        for part in parts:
+            if part.dtype != slot.dtype:
+                raise RuntimeError(f"shard writer expected {slot.name} as {slot.dtype}, got {part.dtype}")
+            data = part.detach().contiguous().cpu().reshape(-1)
+            if data.numel():
+                self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+            written += data.numel() * data.element_size()
+        if written != slot.nbytes:
+            raise RuntimeError(f"shard writer expected {slot.nbytes} bytes for {slot.name}, got {written}")
         self._next += 1
 
     def close(self) -> None:
