@@ -1,0 +1,215 @@
+"""The built-in demo: train three tiny domain experts on this machine, compose them, and compare perplexities.
+
+It runs offline on a CPU in a few minutes, so anyone can see what composition does to experts that really differ,
+without downloading a model. Steps, each its own function so more can be slotted in (router training goes between
+composing and evaluating):
+
+1. build the domains (`domains.py`);
+2. train a tokenizer, a seed model and one expert per domain (`tiny_experts.py`), or reuse them from `workdir`;
+3. compose the experts with `mixturekit.compose`, once per method;
+4. score every model on every domain's validation text and print a table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from ..compose import compose
+from .domains import DOMAIN_NAMES, Domain, build_domains
+from .tiny_experts import (
+    TinySettings, branch_experts, encode_documents, perplexity, save, tiny_llama, torch_threads, train,
+    train_tokenizer, validation_blocks,
+)
+
+MARKER = "demo-experts.json"
+# Bumped whenever the training code changes in a way the settings do not capture, so old caches are retrained.
+MARKER_VERSION = 1
+METHODS: tuple[str, ...] = ("btx", "traditional")
+# Untrained routers, small random weights: tokens spread over the experts, so the table shows what composing alone
+# does (with zeros, top-k ties would always pick the first experts). Router training makes them pick the right one.
+ROUTER_INIT = "random"
+TOP_K = 2
+
+FULL = TinySettings()
+QUICK = replace(
+    FULL, vocab_size=384, hidden_size=64, num_layers=2, intermediate_size=172, num_heads=2, seq_len=64, batch_size=8,
+    seed_steps=40, seed_lr=3e-3, expert_steps=40, expert_lr=3e-3, warmup_steps=4, eval_blocks=6,
+)
+FULL_CHARS, QUICK_CHARS = 240_000, 24_000
+
+
+def _domains(quick: bool, seed: int) -> dict[str, Domain]:
+    if quick:
+        return build_domains(seed, chars_per_domain=QUICK_CHARS, max_document_chars=4_000)
+    return build_domains(seed, chars_per_domain=FULL_CHARS)
+
+
+def _fingerprint(domains: dict[str, Domain]) -> int:
+    """A cheap content check: cached experts are reused only if they were trained on the same text."""
+    crc = 0
+    for name, domain in domains.items():
+        for document in [name, *domain.train, "\0", *domain.validation]:
+            crc = zlib.crc32(document.encode("utf-8", "surrogatepass"), crc)
+    return crc
+
+
+def _paths(workdir: Path) -> dict[str, Path]:
+    return {"seed": workdir / "seed", **{name: workdir / "experts" / name for name in DOMAIN_NAMES}}
+
+
+def _cached(workdir: Path, marker: dict) -> bool:
+    path = workdir / MARKER
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    folders_complete = all((folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+                           for folder in _paths(workdir).values())
+    return saved == marker and folders_complete
+
+
+def train_all(
+    workdir: Path, domains: dict[str, Domain], settings: TinySettings, progress: bool = True,
+) -> tuple[dict[str, Path], bool]:
+    """Tokenizer, seed and experts saved under `workdir`, or reused when the marker matches. Returns (paths, reused)."""
+    paths = _paths(workdir)
+    marker = {"version": MARKER_VERSION, "settings": settings.to_dict(), "data": _fingerprint(domains)}
+    if _cached(workdir, marker):
+        return paths, True
+    (workdir / MARKER).unlink(missing_ok=True)
+    torch.manual_seed(settings.seed)
+    mixed_train = [document for domain in domains.values() for document in domain.train]
+    tokenizer = train_tokenizer(mixed_train, settings.vocab_size, max_length=max(256, settings.seq_len))
+    streams = {name: encode_documents(tokenizer, domain.train) for name, domain in domains.items()}
+    # The seed sees the domains interleaved: the mixed stream alternates documents round-robin across domains.
+    seed_model = tiny_llama(settings, tokenizer)
+    seed_stream = encode_documents(tokenizer, _interleave([domain.train for domain in domains.values()]))
+    train(seed_model, seed_stream, settings.seed_steps, settings.seed_lr, settings, settings.seed, "seed", progress)
+    save(seed_model, tokenizer, paths["seed"])
+    for name, expert in branch_experts(seed_model, streams, settings, progress).items():
+        save(expert, tokenizer, paths[name])
+    (workdir / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    return paths, False
+
+
+def _interleave(groups: list[list[str]]) -> list[str]:
+    """Round-robin documents so every stretch of the seed's stream mixes domains."""
+    out, longest = [], max(len(group) for group in groups)
+    for i in range(longest):
+        out.extend(group[i] for group in groups if i < len(group))
+    return out
+
+
+def compose_all(workdir: Path, expert_paths: dict[str, Path]) -> dict[str, Path]:
+    """One composition per method, through the public `compose` API, exactly as a user would call it."""
+    outputs = {}
+    for method in METHODS:
+        recipe = {
+            "method": method,
+            "experts": [{"name": name, "source": str(expert_paths[name])} for name in DOMAIN_NAMES],
+            "num_experts_per_tok": TOP_K,
+            "router_init": ROUTER_INIT,
+        }
+        outputs[method] = compose(recipe, output=workdir / method, overwrite=True, progress=False)
+    return outputs
+
+
+def evaluation_blocks(
+    tokenizer: PreTrainedTokenizerFast, domains: dict[str, Domain], settings: TinySettings,
+) -> dict[str, torch.Tensor]:
+    """The same number of blocks per domain, so `mixed` weighs the domains equally."""
+    streams = {name: encode_documents(tokenizer, domain.validation) for name, domain in domains.items()}
+    count = min([settings.eval_blocks] + [stream.numel() // settings.seq_len for stream in streams.values()])
+    return {name: validation_blocks(stream, settings.seq_len, count) for name, stream in streams.items()}
+
+
+def load_model(folder: Path) -> PreTrainedModel:
+    """Any folder, dense or composed: `mixturekit` is imported, so the composed architecture is registered."""
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def format_table(results: dict[str, dict[str, float]], timings: dict[str, float], reused: bool) -> str:
+    """Rows are models, columns the domains and `mixed` (perplexity over all validation tokens)."""
+    columns = [*DOMAIN_NAMES, "mixed"]
+    width = max(len("model"), *(len(name) for name in results))
+    lines = [f"{'model':<{width}}  " + "  ".join(f"{column:>10}" for column in columns)]
+    lines.append("-" * len(lines[0]))
+    for model, scores in results.items():
+        lines.append(f"{model:<{width}}  " + "  ".join(f"{scores[column]:>10.2f}" for column in columns))
+    lines.append("validation perplexity, lower is better; mixed: all domains' tokens, each domain weighing the same")
+    trained = "reused from cache" if reused else "trained"
+    lines.append(
+        f"time: {sum(timings.values()):.1f} s in all (data and experts, {trained}: {timings['experts']:.1f} s; "
+        f"composing: {timings['compose']:.1f} s; evaluating: {timings['evaluate']:.1f} s)"
+    )
+    return "\n".join(lines)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' per-file progress bars (weights loading, shards writing) so the demo's own stay readable."""
+    was_disabled = hf_logging.is_progress_bar_enabled() is False
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            hf_logging.enable_progress_bar()
+
+
+def evaluate_all(
+    folders: dict[str, Path], domains: dict[str, Domain], settings: TinySettings, tokenizer_folder: Path,
+) -> dict[str, dict[str, float]]:
+    """Perplexity of every model folder on the same validation blocks; one model in memory at a time."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    blocks = evaluation_blocks(tokenizer, domains, settings)
+    return {name: perplexity(load_model(folder), blocks) for name, folder in folders.items()}
+
+
+def run_demo(workdir: Path, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
+    """Run the whole demo in `workdir`, print the perplexity table and return the numbers.
+
+    Returns ``{"perplexity": {model: {domain: ppl, ..., "mixed": ppl}}, "models", "domains", "seconds", "timings",
+    "reused_experts", "paths", "table"}``. Models are ``seed``, ``expert:<domain>`` and one per composition method.
+    `quick` shrinks data, model and steps so the whole run takes seconds (for tests); `progress` shows training bars.
+    """
+    started = time.perf_counter()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings = replace(QUICK if quick else FULL, seed=seed)
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        timings[name] = time.perf_counter() - started - sum(timings.values())
+
+    with torch_threads(), _quiet_transformers():
+        domains = _domains(quick, seed)
+        if progress:
+            steps = settings.seed_steps + len(domains) * settings.expert_steps
+            print(f"demo in {workdir}: tokenizer, seed and {len(domains)} experts ({steps} training steps, "
+                  "skipped when cached)", flush=True)
+        paths, reused = train_all(workdir, domains, settings, progress)
+        lap("experts")
+        compositions = compose_all(workdir, {name: paths[name] for name in DOMAIN_NAMES})
+        lap("compose")
+        # Router training slots in here: train each composition's routers, save it, and evaluate that folder.
+        folders = {"seed": paths["seed"], **{f"expert:{name}": paths[name] for name in DOMAIN_NAMES}, **compositions}
+        results = evaluate_all(folders, domains, settings, paths["seed"])
+        lap("evaluate")
+    seconds = time.perf_counter() - started
+    table = format_table(results, timings, reused)
+    print(table, flush=True)
+    return {
+        "perplexity": results, "models": list(results), "domains": list(DOMAIN_NAMES), "seconds": seconds,
+        "timings": timings, "reused_experts": reused, "paths": {k: str(v) for k, v in folders.items()}, "table": table,
+    }
