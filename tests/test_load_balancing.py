@@ -90,3 +90,22 @@ def test_reentrant_checkpointing_is_refused_rather_than_silently_dropping_the_gr
     tokens = torch.randint(3, VOCAB, (2, 8))
     with pytest.raises(TrainingError, match="use_reentrant"):
         model(input_ids=tokens, labels=tokens)
+
+
+def test_single_router_model_loss_is_alpha_uniform_and_alpha_e_collapsed():
+    config = MixtureKitConfig(text_config=tiny_config("llama"), method="traditional", expert_names=list("abcd"),
+                              num_experts_per_tok=1, alpha=0.25, router_layers_index=[0])
+    model = MixtureKitForCausalLM(config).eval()
+    (_, router), = model.routers()
+    tokens = torch.randint(3, VOCAB, (2, 8))
+    torch.nn.init.zeros_(router.weight)
+    assert model(input_ids=tokens, labels=tokens).aux_loss.item() == pytest.approx(0.25)
+
+    def collapsed(hidden):  # every token to expert 1 with probability ~1, recorded like the real router
+        logits = torch.full((hidden.shape[0], E), -30.0)
+        logits[:, 1] = 30.0
+        router.recorder.record(logits)
+        return logits
+
+    router.forward = collapsed
+    assert model(input_ids=tokens, labels=tokens).aux_loss.item() == pytest.approx(0.25 * E, rel=1e-6)
