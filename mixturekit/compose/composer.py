@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import OutputError, RecipeError
 from ..plan import CompositionPlan, TensorPlan, build_plan
 from ..recipe import Recipe, load_recipe
+from ..runtime.stitch import build_stitches
 from ..sources import ShardWriter, TensorSlot
 from .model_card import write_model_card
 
@@ -35,11 +36,27 @@ def _new_router(plan: TensorPlan, recipe: Recipe) -> torch.Tensor:
     return values.to(plan.dtype)
 
 
-def materialize_parts(plan: CompositionPlan, tensor: TensorPlan) -> Iterator[torch.Tensor]:
+def initial_stitch_values(plan: CompositionPlan) -> dict[str, torch.Tensor]:
+    """bts: the stitches' initial tensors, built by the runtime's own `Stitch` with the recipe's seed."""
+    config = plan.config
+    if config.method != "bts":
+        return {}
+    sizes = [c.hidden_size for c in config.expert_config_objects()]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(plan.recipe.seed)
+        stitches = build_stitches(config.stitch_layers_index, config.text_config.hidden_size, sizes)
+    return {f"stitches.{name}": value for name, value in stitches.state_dict().items()}
+
+
+def materialize_parts(
+    plan: CompositionPlan, tensor: TensorPlan, stitch_values: dict[str, torch.Tensor] | None = None
+) -> Iterator[torch.Tensor]:
     """The output tensor as consecutive parts: one part, or one expert's slice at a time for stacked tensors,
     so a stacked tensor is never whole in memory."""
     readers = [plan.models[i].reader for i in tensor.models]
-    if tensor.origin == "new":
+    if tensor.origin == "new" and tensor.init == "stitch":
+        yield (stitch_values or initial_stitch_values(plan))[tensor.name].to(tensor.dtype)
+    elif tensor.origin == "new":
         yield _new_router(tensor, plan.recipe)
     elif tensor.origin == "copy":
         yield readers[0].get(tensor.sources[0]).to(tensor.dtype)
@@ -87,12 +104,13 @@ def _write_tensors(plan: CompositionPlan, staging: Path, progress: bool) -> None
     count = len(shards)
     names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     total_bytes = sum(t.nbytes for t in plan.tensors)
+    stitch_values = initial_stitch_values(plan)
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="composing", disable=not progress) as bar:
         for filename, shard in zip(names, shards):
             slots = [TensorSlot(t.name, t.dtype, t.shape) for t in shard]
             writer = ShardWriter(staging / filename, slots, metadata={"format": "pt"})
             for tensor in shard:
-                writer.write_parts(tensor.name, materialize_parts(plan, tensor))
+                writer.write_parts(tensor.name, materialize_parts(plan, tensor, stitch_values))
                 bar.update(tensor.nbytes)
             writer.close()
     if count > 1:

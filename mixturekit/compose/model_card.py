@@ -8,6 +8,18 @@ from ..plan import CompositionPlan
 from ..plan.summary import plan_summary
 
 
+def _what_it_is(plan: CompositionPlan) -> str:
+    config = plan.config
+    if config.method == "bts":
+        return (f"A Branch-Train-Stitch (`bts`) model: the hub `{plan.models[plan.reference].name}` and "
+                f"{config.num_experts} frozen expert streams joined by {len(config.stitch_layers_index)} stitch "
+                "layers. The stitches are stored at their initial values, where the model gives exactly the hub's "
+                "logits: train them before use.")
+    return (f"A `{config.method}` Mixture-of-Experts over {config.num_experts} `{config.text_config.model_type}` "
+            f"models, top-{config.num_experts_per_tok} routing. The routers are stored in this checkpoint with "
+            f"their initial values (`{plan.recipe.router_init}`): train them before relying on the routing.")
+
+
 def write_model_card(plan: CompositionPlan, path: Path) -> None:
     from .. import __version__
 
@@ -17,6 +29,8 @@ def write_model_card(plan: CompositionPlan, path: Path) -> None:
         role = "expert" if index in plan.expert_models else "base (shared weights)"
         if index in plan.expert_models and model.name == getattr(plan.recipe.base, "name", None):
             role = "base, routed as an expert"
+        if config.method == "bts":
+            role = "hub" if index == plan.reference else "expert stream (frozen)"
         hashes = "<br>".join(f"`{name}` sha256 `{digest}`" for name, digest in model.file_hashes.items())
         rows.append(f"| {model.name} | {role} | `{model.origin}` | {hashes} |")
     text = f"""---
@@ -29,9 +43,7 @@ tags:
 
 # Composed with MixtureKit {__version__}
 
-A `{config.method}` Mixture-of-Experts over {config.num_experts} `{config.text_config.model_type}` models,
-top-{config.num_experts_per_tok} routing. The routers are stored in this checkpoint with their initial values
-(`{plan.recipe.router_init}`): train them before relying on the routing.
+{_what_it_is(plan)}
 
 ```python
 import mixturekit  # registers the architecture with transformers

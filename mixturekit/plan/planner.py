@@ -24,6 +24,7 @@ from ..runtime.modeling import MixtureKitForCausalLM, dense_model_class, resolve
 from ..runtime.architecture import decoder_layers
 from ..runtime.routing import Router
 from ..runtime.stacking import StackSource
+from ..runtime.stitch import stitch_points
 from ..sources import LocalModel, resolve_source
 from ..sources.key_names import checkpoint_key_renamer
 
@@ -125,14 +126,17 @@ def _tokenizer_vocabulary(model: LocalModel) -> dict | None:
     return None
 
 
-def check_compatible(models: list[LocalModel], reference: int) -> list[str]:
-    """Raise CompatibilityError naming exactly what differs; return warnings for what is merely noted."""
+def check_compatible(models: list[LocalModel], reference: int, same_architecture: bool = True) -> list[str]:
+    """Raise CompatibilityError naming exactly what differs; return warnings for what is merely noted.
+
+    Routed methods need one architecture and config; bts streams may differ in width and depth, but share the
+    vocabulary and tokenizer."""
     ref = models[reference]
     notes = []
     for other in models:
         if other is ref:
             continue
-        if other.config.model_type != ref.config.model_type:
+        if same_architecture and other.config.model_type != ref.config.model_type:
             raise CompatibilityError(
                 f"models '{ref.name}' and '{other.name}' have different architectures: "
                 f"{ref.config.model_type} vs {other.config.model_type}; compose models of one architecture"
@@ -143,7 +147,7 @@ def check_compatible(models: list[LocalModel], reference: int) -> list[str]:
                 f"models '{ref.name}' and '{other.name}' have different vocabulary sizes: {ref_vocab} vs "
                 f"{other_vocab}; experts must share one tokenizer and embedding size"
             )
-        differences = _config_differences(ref, other)
+        differences = _config_differences(ref, other) if same_architecture else {}
         if differences:
             listed = "; ".join(f"{k}: {a!r} vs {b!r}" for k, a, b in ((k, *v) for k, v in differences.items()))
             raise CompatibilityError(
@@ -164,6 +168,7 @@ def check_compatible(models: list[LocalModel], reference: int) -> list[str]:
 
 
 def _check_tensors(models: list[LocalModel], expected: dict[str, tuple[int, ...]]) -> None:
+    """Every model holds every expected tensor with the expected shape; the first miss or mismatch is named."""
     for model in models:
         for name, shape in expected.items():
             if name not in model.reader:
@@ -190,7 +195,8 @@ class _StackRole:
 
 
 def tensor_roles(composed: MixtureKitForCausalLM) -> dict[str, tuple[torch.Tensor, str, _StackRole | None]]:
-    """Every saved tensor of a composed model with its role: `stack` (experts), `router`, or `shared`."""
+    """Every saved tensor of a composed model with its role: `stack` (experts), `router`, `shared`, and for bts
+    `stream` (an expert stream's own weight) or `stitch`."""
     tied = set(getattr(composed, "all_tied_weights_keys", None) or {})
     routed = composed.routed_modules()
     roles = {}
@@ -198,6 +204,9 @@ def tensor_roles(composed: MixtureKitForCausalLM) -> dict[str, tuple[torch.Tenso
         if name in tied:
             continue
         role, stack = "shared", None
+        if name.startswith(("streams.", "stitches.")):
+            roles[name] = (tensor, "stream" if name.startswith("streams.") else "stitch", None)
+            continue
         owner = next(((p, m) for p, m in routed if name.startswith(p + ".")), None)
         if owner is not None:
             prefix, module = owner
@@ -213,11 +222,11 @@ def tensor_roles(composed: MixtureKitForCausalLM) -> dict[str, tuple[torch.Tenso
 def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None) -> CompositionPlan:
     """Resolve the sources, check them, and plan every output tensor (no weights are read)."""
     recipe = load_recipe(recipe)
-    if recipe.method == "bts":
-        raise RecipeError("method 'bts' is not available in this version yet; use traditional or btx")
     sources = recipe.all_sources
     models = [resolve_source(spec, cache_dir) for spec in sources]
     by_name = {model.name: i for i, model in enumerate(models)}
+    if recipe.method == "bts":
+        return _plan_streams(recipe, models, by_name)
     expert_models = [by_name[spec.name] for spec in recipe.expert_sources]
     reference = expert_models[0]
     notes = check_compatible(models, reference)
@@ -263,3 +272,59 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
     for note in notes:
         logger.warning(note)
     return CompositionPlan(recipe, models, expert_models, reference, config, tensors, dtype, ignored, notes)
+
+
+def _meta_dense(config) -> torch.nn.Module:
+    with torch.device("meta"):
+        return dense_model_class(config)(copy.deepcopy(config))
+
+
+def _plan_streams(recipe: Recipe, models: list[LocalModel], by_name: dict[str, int]) -> CompositionPlan:
+    """bts: the hub's tensors and each expert stream's base-model tensors are copied; stitches are new."""
+    hub = by_name[recipe.hub_name]
+    streams = [i for i in range(len(models)) if i != hub]
+    notes = check_compatible(models, hub, same_architecture=False)
+    dtype = DTYPES[recipe.dtype] if recipe.dtype != "auto" else _source_dtype(models[hub])
+    dtype_name = str(dtype).removeprefix("torch.")
+    configs, prefixes = [], {}
+    for index, model in enumerate(models):
+        config = copy.deepcopy(model.config)
+        config.dtype = dtype_name
+        dense = _meta_dense(config)
+        model.reader.rename(checkpoint_key_renamer(dense))
+        _check_tensors([model], _dense_expected_tensors(dense))
+        configs.append(config)
+        prefixes[index] = dense.base_model_prefix
+    _, hub_blocks = decoder_layers(_meta_dense(configs[hub]), configs[hub])
+    points = stitch_points(len(hub_blocks), recipe.stitch_freq, recipe.stitch_layers_index)
+    out_of_range = [p for p in points if p >= len(hub_blocks)]
+    if out_of_range:
+        raise RecipeError(
+            f"stitch_layers_index {out_of_range} out of range: the hub '{models[hub].name}' has blocks "
+            f"0..{len(hub_blocks) - 1}"
+        )
+    config = MixtureKitConfig(
+        text_config=configs[hub], method="bts", expert_names=[models[i].name for i in streams],
+        num_experts_per_tok=len(streams), expert_configs=[configs[i] for i in streams], stitch_layers_index=points,
+        stitch_dropout=recipe.stitch_dropout, alpha=0.0, dtype=dtype_name, hub_name=models[hub].name,
+    )
+    with torch.device("meta"):
+        composed = MixtureKitForCausalLM(config)
+    hub_expected = _dense_expected_tensors(_meta_dense(configs[hub]))
+    tensors = []
+    for name, (tensor, role, _) in tensor_roles(composed).items():
+        shape = tuple(tensor.shape)
+        out_dtype = dtype if tensor.dtype.is_floating_point else tensor.dtype
+        if role == "stitch":
+            tensors.append(TensorPlan(name, shape, dtype, "new", init="stitch"))
+        elif role == "stream":
+            stream_name, relative = name.removeprefix("streams.").split(".", 1)
+            index = by_name[stream_name]
+            source = f"{prefixes[index]}.{relative}"
+            if source in models[index].reader:
+                tensors.append(TensorPlan(name, shape, out_dtype, "copy", (index,), (source,)))
+        elif name in hub_expected:
+            tensors.append(TensorPlan(name, shape, out_dtype, "copy", (hub,), (name,)))
+    for note in notes:
+        logger.warning(note)
+    return CompositionPlan(recipe, models, streams, hub, config, tensors, dtype, [], notes)

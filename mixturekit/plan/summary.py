@@ -29,8 +29,47 @@ def _layer_structure(names_by_origin: dict[str, list[str]]) -> list[str]:
     return [f"  blocks {layers}: routed {', '.join(modules)}" for modules, layers in groups.items()]
 
 
+def _stream_lines(config, counts: Counter, origins: dict[str, str] | None = None) -> list[str]:
+    """bts: the hub, each stream's shape, where the stitches sit, and what runs per token."""
+    from ..runtime.architecture import num_layers
+    from ..runtime.stitch import matching_depths, stitch_directions
+
+    origins = origins or {}
+    text, points = config.text_config, config.stitch_layers_index
+    hub_blocks = num_layers(text)
+
+    def shape(c) -> str:
+        return f"{c.model_type}, hidden {c.hidden_size}, {num_layers(c)} blocks"
+
+    hub = origins.get("hub", f"{getattr(config, 'hub_name', 'hub')} ")
+    lines = [f"method: bts   hub: {hub}({shape(text)})",
+             f"expert streams ({config.num_experts}), frozen, every one runs on every token:"]
+    for name, stream in zip(config.expert_names, config.expert_config_objects()):
+        depths = matching_depths(points, hub_blocks, num_layers(stream))
+        where = f" <- {origins[name]}" if name in origins else ""
+        lines.append(f"  {name} ({shape(stream)}){where}; its blocks done at each stitch: {depths}")
+    directions = stitch_directions(len(points))
+    lines += [
+        "stitches after hub blocks: " + ", ".join(f"{p} ({d})" for p, d in zip(points, directions)),
+        f"parameters: total {_millions(sum(counts.values()))}, active per token {_millions(sum(counts.values()))}",
+        f"  hub {_millions(counts['shared'])}, expert streams {_millions(counts['stream'])}, "
+        f"stitches {_millions(counts['stitch'])} (trainable by default; identity at initialisation)",
+    ]
+    return lines
+
+
 def plan_summary(plan: CompositionPlan) -> str:
     config = plan.config
+    if config.method == "bts":
+        counts: Counter[str] = Counter()
+        for tensor in plan.tensors:
+            counts["stitch" if tensor.origin == "new" else "stream" if tensor.name.startswith("streams.")
+                   else "shared"] += tensor.numel
+        hub = plan.models[plan.reference]
+        origins = {"hub": f"{hub.name} <- {hub.origin} "} | {plan.models[i].name: plan.models[i].origin
+                                                             for i in plan.expert_models}
+        lines = _stream_lines(config, counts, origins) + [f"note: {note}" for note in plan.warnings]
+        return "\n".join(lines)
     names_by_origin: dict[str, list[str]] = {}
     for tensor in plan.tensors:
         names_by_origin.setdefault(tensor.origin, []).append(tensor.name)
@@ -70,6 +109,8 @@ def checkpoint_summary(folder: Path) -> str:
     for name, (tensor, role, _) in tensor_roles(composed).items():
         counts[role] += tensor.numel()
         names_by_origin.setdefault("stack" if role == "stack" else role, []).append(name)
+    if config.method == "bts":
+        return "\n".join([f"composed checkpoint: {folder}", *_stream_lines(config, counts)])
     experts, k = config.num_experts, config.num_experts_per_tok
     total = sum(counts.values())
     active = total - counts["stack"] + counts["stack"] * k // experts

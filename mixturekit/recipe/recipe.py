@@ -17,7 +17,7 @@ Method = Literal["traditional", "btx", "bts"]
 METHODS: tuple[str, ...] = ("traditional", "btx", "bts")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 def parse_size(value: int | str) -> int:
@@ -50,10 +50,10 @@ class ModelSource(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, name: str) -> str:
-        if not _NAME_PATTERN.match(name) or ".." in name:
+        if not _NAME_PATTERN.match(name):
             raise ValueError(
-                f"'{name}' is not a valid name: use letters, digits, '_', '-' and '.', starting with a letter or "
-                "digit (names become file and tensor names, so no '/' or '..')"
+                f"'{name}' is not a valid name: use letters, digits, '_' and '-', starting with a letter or digit "
+                "(names become module and tensor names, so no '.' or '/')"
             )
         return name
 
@@ -138,6 +138,8 @@ class Recipe(_Strict):
         if self.base_as_expert and self.base is None:
             raise ValueError("base_as_expert: true needs a `base` model")
         num_experts = len(self.expert_sources)
+        if self.method == "bts" and len(self.all_sources) < 2:
+            raise ValueError("bts needs a hub and at least one expert: give `base` (the hub) and `experts`, or 2+ experts")
         if self.method != "bts":
             if num_experts < 2:
                 raise ValueError(f"a mixture needs at least 2 experts, got {num_experts}")
@@ -159,6 +161,13 @@ class Recipe(_Strict):
     def expert_sources(self) -> list[ModelSource]:
         """The routed experts, in order: the base first when `base_as_expert`."""
         return ([self.base] if self.base_as_expert and self.base is not None else []) + list(self.experts)
+
+    @property
+    def hub_name(self) -> str:
+        """bts: the hub's name: `hub`, else the base, else the first expert."""
+        if self.hub is not None:
+            return self.hub
+        return self.base.name if self.base is not None else self.experts[0].name
 
     @property
     def all_sources(self) -> list[ModelSource]:

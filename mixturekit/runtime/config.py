@@ -28,6 +28,9 @@ class MixtureKitConfig(PretrainedConfig):
         router_layers_index: list[int] | None = None,
         alpha: float = 0.01,
         output_router_logits: bool = False,
+        expert_configs: list[PretrainedConfig | dict[str, Any]] | None = None,
+        stitch_layers_index: list[int] | None = None,
+        stitch_dropout: float = 0.0,
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -43,10 +46,23 @@ class MixtureKitConfig(PretrainedConfig):
         self.router_layers_index = list(router_layers_index) if router_layers_index is not None else None
         self.alpha = alpha
         self.output_router_logits = output_router_logits
+        # bts: each expert stream's own config (they may differ from the hub's in width and depth), and the hub
+        # blocks after which a stitch sits.
+        self.expert_configs = [c.to_dict() if isinstance(c, PretrainedConfig) else dict(c) for c in expert_configs or []]
+        self.stitch_layers_index = list(stitch_layers_index) if stitch_layers_index is not None else None
+        self.stitch_dropout = stitch_dropout
         kwargs.setdefault("tie_word_embeddings", bool(getattr(text_config, "tie_word_embeddings", False)))
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             kwargs.setdefault(key, getattr(text_config, key, None))
         super().__init__(**kwargs)
+
+    def expert_config_objects(self) -> list[PretrainedConfig]:
+        """The bts expert streams' configs as config objects."""
+        objects = []
+        for data in self.expert_configs:
+            data = dict(data)
+            objects.append(AutoConfig.for_model(data.pop("model_type"), **data))
+        return objects
 
     @property
     def num_experts(self) -> int:

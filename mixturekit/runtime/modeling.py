@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers import DynamicCache
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from ..errors import RecipeError, TrainingError, UnsupportedArchitectureError
 from .architecture import LINEAR_TYPES, decoder_layers, linear_names, mlp_layout
@@ -23,6 +24,8 @@ from .config import MixtureKitConfig
 from .moe_block import SparseMoeBlock
 from .routed_linear import RoutedLinear
 from .routing import Router, RouterLogitsRecorder, load_balancing_loss
+from .stitch import MERGE, Stitch, build_stitches, matching_depths, stitch_points
+from .streams import StitchedBlockList, StreamState, capture_stream, replace_output
 
 ROUTED_MODULE_TYPES = (SparseMoeBlock, RoutedLinear)
 
@@ -96,7 +99,7 @@ def convert_dense_to_moe(dense: nn.Module, config: MixtureKitConfig, recorder: R
                     raise RecipeError(f"router_layers entry '{name}' is a {type(linear).__name__}, not a Linear")
                 _set_submodule(block, name, RoutedLinear(linear, num_experts, top_k, recorder))
     else:
-        raise RecipeError(f"method '{config.method}' is not built by this runtime; valid: traditional, btx")
+        raise RecipeError(f"method '{config.method}' is not routed; valid: traditional, btx (bts builds streams)")
 
 
 class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
@@ -115,7 +118,10 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         dense = dense_model_class(config.text_config)(config.text_config)
         self.router_recorder = RouterLogitsRecorder()
-        convert_dense_to_moe(dense, config, self.router_recorder)
+        if config.method == "bts":
+            self._build_streams(dense)
+        else:
+            convert_dense_to_moe(dense, config, self.router_recorder)
         for name, child in dense.named_children():
             self.add_module(name, child)
         # The dense model shares its children with us; kept out of the module tree so tensors are not named twice.
@@ -123,6 +129,101 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         self._tied_weights_keys = dict(getattr(dense, "_tied_weights_keys", None) or {})
         self._dense_accepts = self._accepted_arguments(type(dense).forward)
         self.post_init()
+        self.apply_default_freeze()
+
+    def apply_default_freeze(self) -> None:
+        """bts: the hub and the expert streams stay frozen and the stitches train; routed methods: nothing frozen."""
+        if self.config.method == "bts":
+            self.requires_grad_(False)
+            self.stitches.requires_grad_(True)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """As `PreTrainedModel.from_pretrained`; loading creates fresh parameters, so the freeze is applied again."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.apply_default_freeze()
+        return loaded
+
+    def _build_streams(self, hub: PreTrainedModel) -> None:
+        """bts: the hub (`dense`), one frozen base model per expert (`streams.<name>`), and the `stitches`."""
+        config, text_config = self.config, self.config.text_config
+        _, hub_blocks = decoder_layers(hub, text_config)
+        hub_blocks.__class__ = StitchedBlockList
+        object.__setattr__(self, "_hub_blocks", hub_blocks)
+        points = stitch_points(len(hub_blocks), None, config.stitch_layers_index)
+        out_of_range = [p for p in points if not 0 <= p < len(hub_blocks)]
+        if out_of_range:
+            raise RecipeError(
+                f"stitch_layers_index {out_of_range} out of range: the hub has blocks 0..{len(hub_blocks) - 1}"
+            )
+        streams, sizes, self._stream_blocks, self._stream_depths = {}, [], {}, {}
+        for name, stream_config in zip(config.expert_names, config.expert_config_objects()):
+            stream_config._attn_implementation = text_config._attn_implementation
+            try:
+                stream = MODEL_MAPPING[type(stream_config)](stream_config)
+            except KeyError:
+                raise UnsupportedArchitectureError(f"'{stream_config.model_type}' has no base model class") from None
+            _, blocks = decoder_layers(stream, stream_config)
+            streams[name] = stream
+            sizes.append(stream_config.hidden_size)
+            self._stream_blocks[name] = blocks
+            self._stream_depths[name] = matching_depths(points, len(hub_blocks), len(blocks))
+        self.streams = nn.ModuleDict(streams)
+        self.stitches = build_stitches(points, text_config.hidden_size, sizes, config.stitch_dropout)
+        self._stitch_at = {point: k for k, point in enumerate(points)}
+        self.stitch_points = points
+
+    def _stream_caches(self, cache: Any) -> dict[str, Any]:
+        """Each expert stream's own KV cache, kept on the hub's cache object so generation carries it along."""
+        caches = getattr(cache, "mixturekit_stream_caches", None)
+        if caches is None:
+            caches = {name: DynamicCache(config=c) for name, c in zip(self.streams, self.config.expert_config_objects())}
+            cache.mixturekit_stream_caches = caches
+        return caches
+
+    def _forward_with_streams(self, arguments: dict[str, Any]) -> Any:
+        """Capture every stream's block inputs, then run the hub; stitches act after the hub's stitch blocks."""
+        use_cache = arguments.get("use_cache", getattr(self.config.text_config, "use_cache", True))
+        cache = arguments.get("past_key_values")
+        if use_cache and cache is None:
+            cache = arguments["past_key_values"] = DynamicCache(config=self.config.text_config)
+        caches = self._stream_caches(cache) if use_cache else {}
+        states = []
+        for name, stream in self.streams.items():
+            inputs = {k: arguments[k] for k in ("attention_mask", "position_ids", "cache_position") if k in arguments}
+            if "input_ids" in arguments:
+                inputs["input_ids"] = arguments["input_ids"]
+            else:
+                embeds = arguments["inputs_embeds"]
+                if embeds.shape[-1] != stream.config.hidden_size:
+                    raise ValueError(
+                        f"inputs_embeds have width {embeds.shape[-1]}, but expert stream '{name}' has hidden size "
+                        f"{stream.config.hidden_size}; pass input_ids so each stream embeds them itself"
+                    )
+                inputs["inputs_embeds"] = embeds
+            inputs.update(use_cache=bool(use_cache), past_key_values=caches.get(name))
+            states.append((name, capture_stream(stream, self._stream_blocks[name], inputs)))
+        self._hub_blocks.after_block = lambda index, output: self._after_hub_block(states, index, output)
+        try:
+            return self._dense(**arguments, return_dict=True)
+        finally:
+            self._hub_blocks.after_block = None
+
+    def _after_hub_block(self, states: list[tuple[str, StreamState]], index: int, output: Any) -> Any:
+        k = self._stitch_at.get(index)
+        if k is None:
+            return output
+        hub = output[0] if isinstance(output, tuple) else output
+        for name, state in states:
+            state.advance_to(self._stream_depths[name][k])
+        stitch, experts = self.stitches[k], [state.hidden for _, state in states]
+        if stitch.direction == MERGE:
+            hub = stitch.merge(hub, experts)
+        else:
+            for (_, state), updated in zip(states, stitch.broadcast(hub, experts)):
+                state.hidden = updated
+        return replace_output(output, hub)
 
     @staticmethod
     def _accepted_arguments(forward) -> set[str] | None:
@@ -154,12 +255,21 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self._dense.set_output_embeddings(value)
 
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return self._dense.prepare_inputs_for_generation(*args, **kwargs)
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, past_key_values: Any = None, attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None, **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The dense model's own preparation (its signature is what `generate` inspects, so it is spelled out)."""
+        return self._dense.prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, Router):
             nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, Stitch):
+            module.reset_parameters()
         else:
             self._dense._init_weights(module)
 
@@ -192,7 +302,10 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
             and (self._dense_accepts is None or k in self._dense_accepts)
         }
         with self.router_recorder.recording() as router_logits:
-            outputs = self._dense(**arguments, return_dict=True)
+            if self.config.method == "bts":
+                outputs = self._forward_with_streams(arguments)
+            else:
+                outputs = self._dense(**arguments, return_dict=True)
         aux_loss = None
         if router_logits and (labels is not None or output_router_logits):
             aux_loss = self.load_balancing_loss(router_logits, attention_mask)

@@ -1,0 +1,179 @@
+"""BTS: hub + frozen expert streams + stitches. Identity at initialisation, per-stream KV caches, other sizes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mixturekit import CompatibilityError, RecipeError, compose, load_recipe
+from tiny_models import VOCAB, make_model, save_model, tiny_config
+
+FAMILIES = ["llama", "qwen3", "gemma3_text", "mistral", "qwen2", "phi3", "olmo2"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def trio(request, tmp_path_factory):
+    """A hub and two experts of one family: one of the hub's shape, one wider and deeper."""
+    root = tmp_path_factory.mktemp(f"bts-{request.param}")
+    hub = make_model(tiny_config(request.param), 0)
+    same = make_model(tiny_config(request.param), 1)
+    other = make_model(tiny_config(request.param, hidden_size=48, num_hidden_layers=3), 2)
+    folders = [save_model(m, root / n) for m, n in ((hub, "hub"), (same, "same"), (other, "other"))]
+    return request.param, root, hub, folders
+
+
+def _recipe(folders, **extra):
+    hub, *experts = folders
+    return {"method": "bts", "base": {"name": "hub", "source": str(hub)},
+            "experts": [{"name": f"e{i}", "source": str(f)} for i, f in enumerate(experts)], **extra}
+
+
+def _tokens(batch=2, length=9, seed=1):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _randomise_stitches(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.stitches.named_parameters():
+            scale = 1.0 if "scale" in name else 0.3
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+@pytest.mark.parametrize("experts", ["same", "mixed"])
+def test_initial_stitches_give_exactly_the_hubs_logits(trio, experts):
+    family, root, hub, folders = trio
+    chosen = folders[:2] if experts == "same" else folders
+    out = compose(_recipe(chosen, stitch_freq=1), root / f"init-{experts}", progress=False, overwrite=True)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = _tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=tokens).logits, hub(input_ids=tokens).logits, atol=1e-5, rtol=0)
+        _randomise_stitches(model)  # and the stitches do act once trained
+        assert (model(input_ids=tokens).logits - hub(input_ids=tokens).logits).abs().max() > 1e-2
+
+
+def test_generation_with_per_stream_caches_equals_without_cache(trio):
+    family, root, hub, folders = trio
+    out = compose(_recipe(folders, stitch_layers_index=[0, 1]), root / "gen", progress=False, overwrite=True)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    _randomise_stitches(model, seed=3)
+    prompt = _tokens(batch=1, length=5, seed=4)
+    settings = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    cached = model.generate(prompt, use_cache=True, **settings)
+    assert torch.equal(cached, model.generate(prompt, use_cache=False, **settings))
+    assert cached.shape[1] == 15
+
+
+def test_save_load_restores_stitches_and_logits(trio, tmp_path, no_loading_warnings):
+    family, root, hub, folders = trio
+    out = compose(_recipe(folders), root / "saved", progress=False, overwrite=True)
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    _randomise_stitches(model, seed=5)
+    model.eval()
+    tokens = _tokens()
+    with torch.no_grad():
+        before = model(input_ids=tokens).logits
+    model.save_pretrained(tmp_path / "again")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    for (name, a), (_, b) in zip(model.stitches.named_parameters(), reloaded.stitches.named_parameters()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=tokens).logits, before, atol=0, rtol=0)
+
+
+def test_composed_twice_gives_identical_bytes(trio):
+    family, root, hub, folders = trio
+    digests = []
+    for attempt in ("a", "b"):
+        out = compose(_recipe(folders, stitch_freq=1), root / f"twice-{attempt}", progress=False, overwrite=True)
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.safetensors")})
+    assert digests[0] == digests[1] != {}
+
+
+def test_only_stitches_train_and_a_few_steps_lower_the_loss(trio):
+    family, root, hub, folders = trio
+    out = compose(_recipe(folders, stitch_freq=1), root / "train", progress=False, overwrite=True)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("stitches.") for name in trainable)
+    assert trainable == {f"stitches.{n}" for n, _ in model.stitches.named_parameters()}
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    batch = _tokens(batch=4, length=12, seed=7)
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            assert torch.equal(parameter, frozen_before[name]), name
+
+
+def test_gradient_checkpointing_gives_the_same_stitch_gradients(trio):
+    family, root, hub, folders = trio
+    out = compose(_recipe(folders, stitch_freq=1), root / "ckpt", progress=False, overwrite=True)
+    batch = _tokens(batch=2, length=8, seed=8)
+    gradients = []
+    for checkpointing in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(out)
+        _randomise_stitches(model, seed=9)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        gradients.append({n: p.grad.clone() for n, p in model.stitches.named_parameters()})
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[1][name], gradients[0][name], atol=1e-5, rtol=1e-4)
+
+
+def test_inputs_embeds(trio):
+    family, root, hub, folders = trio
+    out = compose(_recipe(folders[:2]), root / "embeds", progress=False, overwrite=True)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = _tokens()
+    embeds = model.get_input_embeddings()(tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs_embeds=embeds).logits, hub(inputs_embeds=embeds).logits,
+                                   atol=1e-5, rtol=0)
+        _randomise_stitches(model)
+        assert model(inputs_embeds=embeds).logits.isfinite().all()
+    generated = model.generate(inputs_embeds=embeds[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert generated.shape[-1] == 4
+    mixed = AutoModelForCausalLM.from_pretrained(compose(_recipe(folders), root / "embeds-mixed", progress=False,
+                                                         overwrite=True))
+    with pytest.raises(ValueError, match="pass input_ids"):
+        mixed(inputs_embeds=embeds)
+
+
+def test_inspect_shows_stitches_and_cost(trio):
+    from mixturekit import build_plan, plan_summary
+
+    family, root, hub, folders = trio
+    text = plan_summary(build_plan(_recipe(folders, stitch_layers_index=[1])))
+    assert "stitches after hub blocks: 1 (merge)" in text
+    assert "e1 (" in text and "hidden 48, 3 blocks" in text and "its blocks done at each stitch: [3]" in text
+    assert "trainable" in text
+
+
+def test_bad_bts_inputs(trio, tmp_path):
+    family, root, hub, folders = trio
+    with pytest.raises(RecipeError, match=r"stitch_layers_index \[7\] out of range.*0\.\.1"):
+        compose(_recipe(folders, stitch_layers_index=[0, 7]), tmp_path / "o", progress=False)
+    with pytest.raises(RecipeError, match="stitch_freq must be at least 1"):
+        load_recipe(_recipe(folders, stitch_freq=0))
+    other_vocab = save_model(make_model(tiny_config(family, vocab_size=100), 3), tmp_path / "vocab")
+    with pytest.raises(CompatibilityError, match="vocabulary sizes"):
+        compose(_recipe([folders[0], other_vocab]), tmp_path / "o", progress=False)
+    with pytest.raises(RecipeError, match="hub and at least one expert"):
+        load_recipe({"method": "bts", "experts": [{"name": "a", "source": str(folders[0])}]})
+    assert not (tmp_path / "o").exists()
