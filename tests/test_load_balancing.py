@@ -104,7 +104,7 @@ def test_single_router_model_loss_is_alpha_uniform_and_alpha_e_collapsed():
     def collapsed(hidden):  # every token to expert 1 with probability ~1, recorded like the real router
         logits = torch.full((hidden.shape[0], E), -30.0)
         logits[:, 1] = 30.0
-        router.recorder.record(logits)
+        router.recorder.record(router.qualified_name, logits)
         return logits
 
     router.forward = collapsed

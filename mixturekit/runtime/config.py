@@ -31,6 +31,10 @@ class MixtureKitConfig(PretrainedConfig):
         expert_configs: list[PretrainedConfig | dict[str, Any]] | None = None,
         stitch_layers_index: list[int] | None = None,
         stitch_dropout: float = 0.0,
+        router_z_loss_coef: float = 0.0,
+        alpha_mode: str = "fixed",
+        load_floor: float | None = None,
+        alpha_max: float = 1.0,
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -51,6 +55,12 @@ class MixtureKitConfig(PretrainedConfig):
         self.expert_configs = [c.to_dict() if isinstance(c, PretrainedConfig) else dict(c) for c in expert_configs or []]
         self.stitch_layers_index = list(stitch_layers_index) if stitch_layers_index is not None else None
         self.stitch_dropout = stitch_dropout
+        # Router losses beside the Switch balance term: ST-MoE z-loss, and an automatic alpha (`alpha_mode: auto`)
+        # that grows while any expert's share of slots is under `load_floor` (default half the uniform share).
+        self.router_z_loss_coef = router_z_loss_coef
+        self.alpha_mode = alpha_mode
+        self.load_floor = load_floor
+        self.alpha_max = alpha_max
         kwargs.setdefault("tie_word_embeddings", bool(getattr(text_config, "tie_word_embeddings", False)))
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             kwargs.setdefault(key, getattr(text_config, key, None))

@@ -23,7 +23,8 @@ from .architecture import LINEAR_TYPES, decoder_layers, linear_names, mlp_layout
 from .config import MixtureKitConfig
 from .moe_block import SparseMoeBlock
 from .routed_linear import RoutedLinear
-from .routing import Router, RouterLogitsRecorder, load_balancing_loss
+from .routing import Router, RouterLogitsRecorder, load_balancing_loss, router_z_loss
+from .routing_stats import RoutingStatistics
 from .stitch import MERGE, Stitch, build_stitches, matching_depths, stitch_points
 from .streams import StitchedBlockList, StreamState, capture_stream, replace_output
 
@@ -130,6 +131,10 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         self._dense_accepts = self._accepted_arguments(type(dense).forward)
         self.post_init()
         self.apply_default_freeze()
+        for name, router in self.routers():
+            object.__setattr__(router, "qualified_name", name)
+        self.routing_statistics = RoutingStatistics()
+        self.current_alpha = float(config.alpha)
 
     def apply_default_freeze(self) -> None:
         """bts: the hub and the expert streams stay frozen and the stitches train; routed methods: nothing frozen."""
@@ -310,7 +315,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         if router_logits and (labels is not None or output_router_logits):
             aux_loss = self.load_balancing_loss(router_logits, attention_mask)
         loss = outputs.loss
-        if loss is not None and aux_loss is not None and self.config.alpha > 0:
+        if loss is not None and aux_loss is not None and (self.current_alpha > 0 or self.config.router_z_loss_coef):
             loss = loss + aux_loss.to(loss.device)
         return MoeCausalLMOutputWithPast(
             loss=loss, aux_loss=aux_loss, logits=outputs.logits, past_key_values=outputs.past_key_values,
@@ -321,17 +326,31 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
     def load_balancing_loss(
         self, router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """`alpha * sum over routers of E * sum_i f_i P_i`, padding excluded; raises if training lost its gradient."""
-        total = None
-        for logits in router_logits:
+        """`alpha * sum over routers of E * sum_i f_i P_i` (+ the z-loss if set), padding excluded.
+
+        While training it also counts routing statistics and, with `alpha_mode: auto`, adapts alpha. Raises if
+        training lost the loss's gradient."""
+        config, k = self.config, self.config.num_experts_per_tok
+        balance, z_loss, lowest_load = None, None, 1.0
+        names = self.router_recorder.names or [""] * len(router_logits)
+        for name, logits in zip(names, router_logits):
             mask = None
             if attention_mask is not None and attention_mask.dim() == 2:
                 current = attention_mask[:, -(logits.shape[0] // attention_mask.shape[0]):]
                 if current.numel() == logits.shape[0]:
                     mask = current.reshape(-1).bool()
-            term = load_balancing_loss(logits, self.config.num_experts_per_tok, mask)
-            total = term if total is None else total + term.to(total.device)
-        aux_loss = self.config.alpha * total
+            term = load_balancing_loss(logits, k, mask)
+            balance = term if balance is None else balance + term.to(balance.device)
+            if config.router_z_loss_coef:
+                z = router_z_loss(logits, mask)
+                z_loss = z if z_loss is None else z_loss + z.to(z_loss.device)
+            if self.training:
+                lowest_load = min(lowest_load, self.routing_statistics.add(name, logits, k, mask).min().item())
+        if self.training and config.alpha_mode == "auto":
+            self._adapt_alpha(lowest_load)
+        aux_loss = self.current_alpha * balance
+        if z_loss is not None:
+            aux_loss = aux_loss + config.router_z_loss_coef * z_loss
         routers_train = any(router.weight.requires_grad for _, router in self.routers())
         if self.training and torch.is_grad_enabled() and routers_train and not aux_loss.requires_grad:
             raise TrainingError(
@@ -339,3 +358,13 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
                 "autograd. Enable it with gradient_checkpointing_kwargs={'use_reentrant': False}."
             )
         return aux_loss
+
+    def _adapt_alpha(self, lowest_load: float) -> None:
+        """Automatic alpha: x1.5 while some expert gets less than the floor share of slots, else decay by 0.95
+        back towards the configured alpha (a multiplicative controller; bounded by `alpha_max`)."""
+        config = self.config
+        floor = config.load_floor if config.load_floor is not None else 0.5 / config.num_experts
+        if lowest_load < floor:
+            self.current_alpha = min(config.alpha_max, max(self.current_alpha, 1e-3) * 1.5)
+        else:
+            self.current_alpha = max(config.alpha, self.current_alpha * 0.95)

@@ -20,17 +20,19 @@ class RouterLogitsRecorder:
     def __init__(self) -> None:
         self.active = False
         self.logits: list[torch.Tensor] = []
+        self.names: list[str] = []
 
     @contextmanager
     def recording(self) -> Iterator[list[torch.Tensor]]:
-        self.active, self.logits = True, []
+        self.active, self.logits, self.names = True, [], []
         try:
             yield self.logits
         finally:
             self.active = False
 
-    def record(self, logits: torch.Tensor) -> None:
+    def record(self, name: str, logits: torch.Tensor) -> None:
         if self.active:
+            self.names.append(name)
             self.logits.append(logits)
 
 
@@ -42,13 +44,14 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         nn.init.normal_(self.weight, std=0.02)
         self.num_experts = num_experts
-        # A plain attribute (not a module): several routers share one recorder.
+        # Plain attributes (not modules): several routers share one recorder; the model sets the name.
         object.__setattr__(self, "recorder", recorder)
+        object.__setattr__(self, "qualified_name", "")
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden_states.float(), self.weight.float())
         if self.recorder is not None:
-            self.recorder.record(logits)
+            self.recorder.record(self.qualified_name, logits)
         return logits
 
     def extra_repr(self) -> str:
@@ -87,3 +90,13 @@ def load_balancing_loss(
     fraction_routed = slots.mean(dim=0) / top_k
     mean_probability = probabilities.mean(dim=0)
     return num_experts * torch.sum(fraction_routed * mean_probability)
+
+
+def router_z_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss of one router: mean over tokens of logsumexp(logits)^2 (keeps logits small)."""
+    logits = router_logits.float().reshape(-1, router_logits.shape[-1])
+    if token_mask is not None:
+        logits = logits[token_mask.reshape(-1).to(torch.bool)]
+    if logits.shape[0] == 0:
+        return router_logits.float().sum() * 0.0
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()

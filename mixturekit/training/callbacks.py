@@ -1,0 +1,81 @@
+"""A `transformers` TrainerCallback that logs routing statistics and warns when an expert goes dead."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from transformers import TrainerCallback
+
+from ..runtime.modeling import MixtureKitForCausalLM
+from ..runtime.routing_stats import RouterStats
+
+logger = logging.getLogger(__name__)
+
+
+def find_composed_model(model) -> MixtureKitForCausalLM | None:
+    """The MixtureKit model inside whatever wraps it (PEFT, accelerate, DDP)."""
+    if isinstance(model, MixtureKitForCausalLM):
+        return model
+    return next((m for m in model.modules() if isinstance(m, MixtureKitForCausalLM)), None) if model else None
+
+
+class RoutingStatsCallback(TrainerCallback):
+    """Logs per-router load, normalised entropy, max-load share and dead experts to the trainer's loggers, and warns
+    once per (router, expert) whose share of routed slots stays under `dead_threshold` for `window` steps.
+
+    `dead_threshold` defaults to a tenth of the uniform share (0.1 / E).
+    """
+
+    def __init__(self, dead_threshold: float | None = None, window: int = 20, per_router: bool = False):
+        self.dead_threshold, self.window, self.per_router = dead_threshold, window, per_router
+        self.below: dict[tuple[str, int], int] = {}
+        self.warned: set[tuple[str, int]] = set()
+        self.interval: dict[str, list[float]] = {}
+        self.interval_steps = 0
+
+    def _threshold(self, model: MixtureKitForCausalLM) -> float:
+        return self.dead_threshold if self.dead_threshold is not None else 0.1 / model.config.num_experts
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        composed = find_composed_model(model)
+        if composed is None:
+            return
+        threshold = self._threshold(composed)
+        for stats in composed.routing_statistics.summary():
+            totals = self.interval.setdefault(stats.name, [0.0] * len(stats.load))
+            self.interval[stats.name] = [t + p for t, p in zip(totals, stats.load)]
+            for expert in range(len(stats.load)):
+                key = (stats.name, expert)
+                self.below[key] = self.below.get(key, 0) + 1 if expert in stats.dead_experts(threshold) else 0
+                if self.below[key] >= self.window and key not in self.warned:
+                    self.warned.add(key)
+                    message = (f"expert {expert} ({composed.config.expert_names[expert]}) of router {stats.name} has "
+                               f"had under {threshold:.3f} of the routed slots for {self.window} steps: it is dead. "
+                               "Raise alpha, use alpha_mode: auto, or re-initialise that router.")
+                    logger.warning(message)
+                    warnings.warn(message, stacklevel=2)
+        self.interval_steps += 1
+        composed.routing_statistics.reset()
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        composed = find_composed_model(model)
+        if composed is None or logs is None or not self.interval_steps:
+            return
+        threshold = self._threshold(composed)
+        entropies, max_loads, dead = [], [], 0
+        for name, totals in self.interval.items():
+            load = [t / self.interval_steps for t in totals]
+            stats = RouterStats(name, load, 0)
+            entropies.append(stats.entropy)
+            max_loads.append(stats.max_load)
+            dead += len(stats.dead_experts(threshold))
+            if self.per_router:
+                logs[f"routing/{name}/max_load"] = round(stats.max_load, 4)
+                logs[f"routing/{name}/entropy"] = round(stats.entropy, 4)
+        if entropies:
+            logs["routing/entropy_mean"] = round(sum(entropies) / len(entropies), 4)
+            logs["routing/max_load_max"] = round(max(max_loads), 4)
+            logs["routing/dead_experts"] = dead
+            logs["routing/alpha"] = composed.current_alpha
+        self.interval, self.interval_steps = {}, 0

@@ -1,0 +1,57 @@
+"""Freeze policies: which parameters of a composed model train."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import TrainingError
+
+POLICIES = ("routers", "routers+attention", "stitches", "full")
+
+
+@dataclass(frozen=True)
+class TrainableSummary:
+    policy: str
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        return (f"policy {self.policy}: {self.trainable:,} of {self.total:,} parameters train "
+                f"({100 * self.trainable / max(self.total, 1):.2f}%)")
+
+
+def parameter_roles(model: nn.Module) -> dict[str, str]:
+    """Each parameter's role in the composition: `stack` (experts), `router`, `shared`, `stream`, `stitch`."""
+    from ..plan.planner import tensor_roles
+
+    roles = {name: role for name, (_, role, _) in tensor_roles(model).items()}
+    return {name: roles.get(name, "shared") for name, _ in model.named_parameters()}
+
+
+def apply_freeze_policy(model: nn.Module, policy: str) -> TrainableSummary:
+    """Set `requires_grad` by policy and say how much trains.
+
+    `routers`: only the routers. `routers+attention`: the routers and every averaged (non-expert) weight, as in the
+    BTX paper's MoE stage (attention, norms, embeddings, head). `stitches`: only BTS stitches. `full`: everything.
+    LoRA is applied by PEFT on top of a policy (see `mixturekit.training.lora`).
+    """
+    if policy not in POLICIES:
+        raise TrainingError(f"unknown freeze policy '{policy}'; valid: {', '.join(POLICIES)} (and lora via PEFT)")
+    method = model.config.method
+    if policy in ("routers", "routers+attention") and method == "bts":
+        raise TrainingError(f"policy '{policy}' trains routers, but a bts model has none; use 'stitches' or 'full'")
+    if policy == "stitches" and method != "bts":
+        raise TrainingError(f"policy 'stitches' needs a bts model; this one is {method}: use 'routers'")
+    trains = {"routers": {"router"}, "routers+attention": {"router", "shared"}, "stitches": {"stitch"},
+              "full": {"stack", "router", "shared", "stream", "stitch"}}[policy]
+    roles = parameter_roles(model)
+    trainable = total = 0
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(roles[name] in trains)
+        total += parameter.numel()
+        trainable += parameter.numel() if parameter.requires_grad else 0
+    if trainable == 0:
+        raise TrainingError(f"policy '{policy}' leaves nothing to train in this {method} model")
+    return TrainableSummary(policy, trainable, total)

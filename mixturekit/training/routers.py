@@ -1,0 +1,64 @@
+"""Router (and stitch) training: the new parts of a composed model, on `transformers.Trainer`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PrinterCallback, Trainer, TrainingArguments
+
+from ..errors import TrainingError
+from .callbacks import RoutingStatsCallback
+from .freeze import TrainableSummary, apply_freeze_policy
+
+
+def _collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    ids = torch.tensor([example["input_ids"] for example in examples], dtype=torch.long)
+    return {"input_ids": ids, "labels": ids}
+
+
+def train_routers(
+    model: torch.nn.Module,
+    blocks: torch.Tensor | Dataset,
+    output_dir: str | Path,
+    policy: str | None = None,
+    max_steps: int = 100,
+    learning_rate: float = 1e-2,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+    callbacks: list | None = None,
+    **training_args: Any,
+) -> TrainableSummary:
+    """Train what the composition added (routers; stitches for bts) on fixed-length token blocks.
+
+    `blocks` is a `[n, length]` tensor of token ids or a `datasets.Dataset` with an `input_ids` column of equal
+    lengths. The default policy is `routers` (`stitches` for bts). Routing statistics go to the trainer's log.
+    """
+    if policy is None:
+        policy = "stitches" if model.config.method == "bts" else "routers"
+    if isinstance(blocks, torch.Tensor):
+        if blocks.dim() != 2 or blocks.shape[0] == 0:
+            raise TrainingError(f"blocks must be a non-empty [n, length] tensor of token ids, got {list(blocks.shape)}")
+        blocks = Dataset.from_dict({"input_ids": blocks.tolist()})
+    if len(blocks) == 0:
+        raise TrainingError("the training dataset is empty")
+    if "input_ids" not in blocks.column_names:
+        raise TrainingError(f"the dataset needs an `input_ids` column; it has {blocks.column_names}")
+    summary = apply_freeze_policy(model, policy)
+    arguments = TrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size, seed=seed, data_seed=seed, report_to="none", save_strategy="no",
+        logging_steps=max(1, max_steps // 5), disable_tqdm=not progress, lr_scheduler_type="cosine",
+        warmup_steps=max(1, max_steps // 10), weight_decay=0.0, use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False, **training_args,
+    )
+    trainer = Trainer(model=model, args=arguments, train_dataset=blocks, data_collator=_collate,
+                      callbacks=[RoutingStatsCallback(), *(callbacks or [])])
+    if not progress:
+        trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    model.eval()
+    return summary
