@@ -10,7 +10,7 @@ from mixturekit.demo import run_demo
 def test_quick_demo_trains_experts_that_beat_the_seed_and_composes_them(tmp_path):
     result = run_demo(tmp_path, quick=True, progress=False)
     domains = ["code", "prose", "arithmetic"]
-    models = ["seed", *(f"expert:{d}" for d in domains), "btx", "traditional"]
+    models = ["seed", *(f"expert:{d}" for d in domains), "btx", "traditional", "btx+routers", "traditional+routers"]
     table = result["perplexity"]
 
     assert result["domains"] == domains
@@ -24,8 +24,15 @@ def test_quick_demo_trains_experts_that_beat_the_seed_and_composes_them(tmp_path
         assert table[f"expert:{domain}"][domain] < 0.8 * table["seed"][domain], (domain, table)
     # Experts from one seed average into a generalist: either composition beats every single expert on mixed text.
     best_expert = min(table[f"expert:{d}"]["mixed"] for d in domains)
-    for method in ("btx", "traditional"):
+    for method in ("btx", "traditional", "btx+routers", "traditional+routers"):
         assert table[method]["mixed"] < best_expert, (method, table)
+    # Router training lowers the mixed perplexity of each composition.
+    for method in ("btx", "traditional"):
+        assert table[f"{method}+routers"]["mixed"] < table[method]["mixed"], (method, table)
+    # Where each domain's tokens go: a share per expert, summing to one.
+    for name in ("btx+routers", "traditional+routers"):
+        assert set(result["routing"][name]) == set(domains)
+        assert all(math.isclose(sum(row), 1.0, rel_tol=1e-5) for row in result["routing"][name].values())
     assert not result["reused_experts"]
 
     # A second run reuses the cached experts and gives the same numbers.

@@ -7,7 +7,8 @@ composing and evaluating):
 1. build the domains (`domains.py`);
 2. train a tokenizer, a seed model and one expert per domain (`tiny_experts.py`), or reuse them from `workdir`;
 3. compose the experts with `mixturekit.compose`, once per method;
-4. score every model on every domain's validation text and print a table.
+4. train each composition's routers on the mixed training text (`mixturekit.training.train_routers`);
+5. score every model on every domain's validation text, and show where each domain's tokens are routed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from ..compose import compose
+from ..training import train_routers
 from .domains import DOMAIN_NAMES, Domain, build_domains
 from .tiny_experts import (
     TinySettings, branch_experts, encode_documents, perplexity, save, tiny_llama, torch_threads, train,
@@ -43,7 +45,8 @@ TOP_K = 2
 FULL = TinySettings()
 QUICK = replace(
     FULL, vocab_size=384, hidden_size=64, num_layers=2, intermediate_size=172, num_heads=2, seq_len=64, batch_size=8,
-    seed_steps=40, seed_lr=3e-3, expert_steps=40, expert_lr=3e-3, warmup_steps=4, eval_blocks=6,
+    seed_steps=40, seed_lr=3e-3, expert_steps=40, expert_lr=3e-3, warmup_steps=4, eval_blocks=6, router_steps=10,
+    router_windows=16,
 )
 FULL_CHARS, QUICK_CHARS = 240_000, 24_000
 
@@ -124,6 +127,51 @@ def compose_all(workdir: Path, expert_paths: dict[str, Path]) -> dict[str, Path]
     return outputs
 
 
+def train_all_routers(
+    workdir: Path, compositions: dict[str, Path], domains: dict[str, Domain], settings: TinySettings,
+    tokenizer_folder: Path, progress: bool,
+) -> dict[str, Path]:
+    """Routers only, on windows of the mixed training text; each trained composition is saved beside the untrained."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    streams = [encode_documents(tokenizer, domain.train) for domain in domains.values()]
+    generator = torch.Generator().manual_seed(settings.seed)
+    windows = []
+    for stream in streams:  # the same number of windows per domain
+        starts = torch.randint(0, stream.numel() - settings.seq_len, (settings.router_windows,), generator=generator)
+        windows.append(stream[starts[:, None] + torch.arange(settings.seq_len)])
+    blocks = torch.cat(windows)
+    trained = {}
+    for method, folder in compositions.items():
+        model = load_model(folder)
+        train_routers(model, blocks, workdir / f"{method}-router-run", max_steps=settings.router_steps,
+                      learning_rate=settings.router_lr, batch_size=settings.batch_size, seed=settings.seed,
+                      progress=False)
+        trained[f"{method}+routers"] = workdir / f"{method}+routers"
+        model.save_pretrained(trained[f"{method}+routers"])
+        if progress:
+            print(f"trained the routers of {method} ({settings.router_steps} steps)", flush=True)
+    return trained
+
+
+@torch.inference_mode()
+def routing_by_domain(folder: Path, blocks: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """For each domain, the share of its (token, router) pairs whose top choice is each expert."""
+    model = load_model(folder)
+    shares = {}
+    for domain, domain_blocks in blocks.items():
+        logits = model(input_ids=domain_blocks, output_router_logits=True).router_logits
+        top = torch.cat([l.argmax(-1) for l in logits])
+        shares[domain] = (torch.bincount(top, minlength=model.config.num_experts).float() / top.numel()).tolist()
+    return shares
+
+
+def format_routing(name: str, shares: dict[str, list[float]]) -> str:
+    lines = [f"routing of {name}: share of each domain's tokens whose top expert is ...",
+             f"{'domain':<12}" + "".join(f"{expert:>12}" for expert in DOMAIN_NAMES)]
+    lines += [f"{domain:<12}" + "".join(f"{share:>12.1%}" for share in row) for domain, row in shares.items()]
+    return "\n".join(lines)
+
+
 def evaluation_blocks(
     tokenizer: PreTrainedTokenizerFast, domains: dict[str, Domain], settings: TinySettings,
 ) -> dict[str, torch.Tensor]:
@@ -150,7 +198,8 @@ def format_table(results: dict[str, dict[str, float]], timings: dict[str, float]
     trained = "reused from cache" if reused else "trained"
     lines.append(
         f"time: {sum(timings.values()):.1f} s in all (data and experts, {trained}: {timings['experts']:.1f} s; "
-        f"composing: {timings['compose']:.1f} s; evaluating: {timings['evaluate']:.1f} s)"
+        f"composing: {timings['compose']:.1f} s; router training: {timings['routers']:.1f} s; "
+        f"evaluating: {timings['evaluate']:.1f} s)"
     )
     return "\n".join(lines)
 
@@ -202,14 +251,20 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0, progress: bool =
         lap("experts")
         compositions = compose_all(workdir, {name: paths[name] for name in DOMAIN_NAMES})
         lap("compose")
-        # Router training slots in here: train each composition's routers, save it, and evaluate that folder.
-        folders = {"seed": paths["seed"], **{f"expert:{name}": paths[name] for name in DOMAIN_NAMES}, **compositions}
+        trained = train_all_routers(workdir, compositions, domains, settings, paths["seed"], progress)
+        lap("routers")
+        folders = {"seed": paths["seed"], **{f"expert:{name}": paths[name] for name in DOMAIN_NAMES}, **compositions,
+                   **trained}
         results = evaluate_all(folders, domains, settings, paths["seed"])
+        tokenizer = AutoTokenizer.from_pretrained(paths["seed"])
+        routing = {name: routing_by_domain(folder, evaluation_blocks(tokenizer, domains, settings))
+                   for name, folder in trained.items()}
         lap("evaluate")
     seconds = time.perf_counter() - started
     table = format_table(results, timings, reused)
+    table += "\n\n" + "\n\n".join(format_routing(name, shares) for name, shares in routing.items())
     print(table, flush=True)
     return {
         "perplexity": results, "models": list(results), "domains": list(DOMAIN_NAMES), "seconds": seconds,
-        "timings": timings, "reused_experts": reused, "paths": {k: str(v) for k, v in folders.items()}, "table": table,
+        "timings": timings, "reused_experts": reused, "routing": routing, "paths": {k: str(v) for k, v in folders.items()}, "table": table,
     }

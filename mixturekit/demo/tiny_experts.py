@@ -39,6 +39,9 @@ class TinySettings:
     expert_lr: float = 2e-3
     warmup_steps: int = 10
     eval_blocks: int = 24
+    router_steps: int = 60
+    router_lr: float = 2e-2
+    router_windows: int = 128
     seed: int = 0
 
     def to_dict(self) -> dict:
