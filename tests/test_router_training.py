@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from mixturekit import MixtureKitConfig, MixtureKitForCausalLM, TrainingError, compose
 from mixturekit.runtime.routing import router_z_loss
 from mixturekit.training import RoutingStatsCallback, train_routers
+from mixturekit.training.router_init import initialize_routers, router_inputs
 from tiny_models import VOCAB, tiny_config
 from toy_domains import domain_blocks, dominant_share, make_experts
 
@@ -26,23 +27,68 @@ def toy(tmp_path_factory):
     return root, out
 
 
-def test_router_only_training_learns_domains_and_changes_only_routers(toy):
+HELD_OUT = {"a": domain_blocks("a", 32, 16, 20), "b": domain_blocks("b", 32, 16, 21)}
+
+
+def _shares(model):
+    return {d: dominant_share(model, blocks, i) for i, (d, blocks) in enumerate(HELD_OUT.items())}
+
+
+def test_data_init_then_router_training_sends_each_domain_to_its_expert(toy):
+    """The acceptance toy: >= 90% of each domain's (token, router) pairs go to its expert after training, and router
+    training changes the routers only."""
     root, out = toy
     model = AutoModelForCausalLM.from_pretrained(out)
-    held_out = {"a": domain_blocks("a", 32, 16, 20), "b": domain_blocks("b", 32, 16, 21)}
-    before = {d: dominant_share(model, blocks, i) for i, (d, blocks) in enumerate(held_out.items())}
+    assert all(0.25 < share < 0.75 for share in _shares(model).values())  # random routers: chance
+    initialize_routers(model, None, "data", {"a": domain_blocks("a", 16, 16, 30), "b": domain_blocks("b", 16, 16, 31)})
+    initialised = _shares(model)
+    assert sum(initialised.values()) / 2 > 0.75, initialised
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     mixed = torch.cat([domain_blocks("a", 128, 16, 10), domain_blocks("b", 128, 16, 11)])
-    summary = train_routers(model, mixed, root / "run", max_steps=300, learning_rate=0.3, progress=False)
-    after = {d: dominant_share(model, blocks, i) for i, (d, blocks) in enumerate(held_out.items())}
+    summary = train_routers(model, mixed, root / "run", max_steps=100, learning_rate=2e-2, progress=False)
+    after = _shares(model)
+    assert all(share >= 0.9 for share in after.values()), after
     assert summary.trainable == sum(r.weight.numel() for _, r in model.routers())
-    # From chance (about half) to most tokens at their domain's expert; the 90% bar of the issue is not met yet
-    # on this toy (about 90-92% after 300 steps): see the closing note.
-    assert all(0.25 < before[d] < 0.75 for d in before), before
-    assert all(after[d] >= 0.85 for d in after), after
     routers = {f"{name}.weight" for name, _ in model.routers()}
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter, weights[name]) != (name in routers), name
+
+
+def test_router_training_from_random_routers_moves_towards_the_domains(toy):
+    root, out = toy
+    model = AutoModelForCausalLM.from_pretrained(out)
+    before = _shares(model)
+    mixed = torch.cat([domain_blocks("a", 128, 16, 10), domain_blocks("b", 128, 16, 11)])
+    train_routers(model, mixed, root / "run-random", max_steps=150, learning_rate=0.3, progress=False)
+    after = _shares(model)
+    assert all(after[d] > before[d] + 0.1 for d in after), (before, after)
+
+
+def test_hidden_init_points_rows_from_negative_to_positive_prompts(toy):
+    root, out = toy
+    model = AutoModelForCausalLM.from_pretrained(out)
+    positive = {"a": domain_blocks("a", 8, 16, 30), "b": domain_blocks("b", 8, 16, 31)}
+    negative = {"a": positive["b"], "b": positive["a"]}
+    initialize_routers(model, None, "hidden", positive, negative)
+    means = {n: router_inputs(model, None, positive[n]) for n in positive}
+    for name, router in model.routers():
+        torch.testing.assert_close(router.weight.norm(dim=-1), torch.ones(2))
+        direction = means["a"][name].mean(0) - means["b"][name].mean(0)
+        expected = direction / direction.norm()
+        torch.testing.assert_close(router.weight[0], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(router.weight[1], -expected, atol=1e-5, rtol=0)
+
+
+def test_router_init_refuses_missing_or_unknown_experts(toy):
+    root, out = toy
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with pytest.raises(TrainingError, match=r"none for \['b'\]"):
+        initialize_routers(model, None, "data", {"a": domain_blocks("a", 2, 8, 1)})
+    with pytest.raises(TrainingError, match="unknown experts"):
+        initialize_routers(model, None, "data", {"a": domain_blocks("a", 2, 8, 1), "b": domain_blocks("b", 2, 8, 1),
+                                                 "c": domain_blocks("a", 2, 8, 1)})
+    with pytest.raises(TrainingError, match="hidden or data"):
+        initialize_routers(model, None, "mean", {})
 
 
 def test_train_routers_refuses_bad_data(toy, tmp_path):

@@ -10,6 +10,9 @@ import torch
 from tiny_models import VOCAB, save_model, tiny_config
 
 DOMAINS = {"a": (3, 49, 1), "b": (50, VOCAB, 2)}  # token range [low, high) and step of the counting pattern
+# Wide enough that the 93 tokens' hidden states can be told apart by a linear router (with 32 dimensions they
+# cannot: more points than a linear classifier separates).
+TOY_SHAPE = dict(hidden_size=128, intermediate_size=256)
 
 
 def domain_blocks(domain: str, count: int, length: int, seed: int) -> torch.Tensor:
@@ -37,10 +40,10 @@ def make_experts(root: Path, steps: int = 150) -> dict[str, Path]:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    seed = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    seed = AutoModelForCausalLM.from_config(tiny_config("llama", **TOY_SHAPE))
     folders = {"seed": save_model(seed, root / "seed")}
     for index, domain in enumerate(DOMAINS):
-        expert = AutoModelForCausalLM.from_config(tiny_config("llama"))
+        expert = AutoModelForCausalLM.from_config(tiny_config("llama", **TOY_SHAPE))
         expert.load_state_dict(seed.state_dict())
         train_dense(expert, domain_blocks(domain, 256, 16, seed=index), steps, seed=index)
         folders[domain] = save_model(expert, root / domain)
