@@ -61,6 +61,46 @@ def inspect(target: Path = typer.Argument(..., help="Recipe YAML file, or a comp
 
 
 @app.command()
+def train(
+    config: Path = typer.Argument(..., help="Training config YAML (model, stage, data, output, ...)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUTPUT/checkpoints."),
+) -> None:
+    """Train what the composition added (routers, or stitches for bts); runs unchanged under `accelerate launch`."""
+    from .training.config import load_train_config
+    from .training.run import run_training
+
+    try:
+        path = run_training(load_train_config(config), resume=resume)
+    except MixtureKitError as error:
+        _fail(error)
+    typer.echo(f"wrote {path}")
+
+
+@app.command(name="eval")
+def evaluate_command(
+    checkpoint: Path = typer.Argument(..., help="Model folder (composed or dense)."),
+    data: list[str] = typer.Option(..., "--data", help="NAME=FILE (or a dataset name); repeat for several."),
+    block_size: int = typer.Option(256, "--block-size"),
+    max_blocks: int = typer.Option(64, "--max-blocks"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+) -> None:
+    """Perplexity per dataset and routing statistics, as a table (and JSON)."""
+    import json
+
+    from .evaluation import evaluate, format_evaluation
+
+    named = dict(item.split("=", 1) if "=" in item else (Path(item).stem, item) for item in data)
+    try:
+        results = evaluate(checkpoint, named, block_size=block_size, max_blocks=max_blocks)
+    except MixtureKitError as error:
+        _fail(error)
+    typer.echo(format_evaluation(results))
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        typer.echo(f"wrote {json_path}")
+
+
+@app.command()
 def demo(
     workdir: Path = typer.Option(Path("demo_output"), "--workdir", "-w", help="Where models and results go."),
     quick: bool = typer.Option(False, "--quick", help="A much smaller run, for smoke tests."),

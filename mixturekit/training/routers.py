@@ -30,12 +30,16 @@ def train_routers(
     seed: int = 0,
     progress: bool = True,
     callbacks: list | None = None,
+    save_steps: int | None = None,
+    resume: bool | str = False,
     **training_args: Any,
 ) -> TrainableSummary:
     """Train what the composition added (routers; stitches for bts) on fixed-length token blocks.
 
     `blocks` is a `[n, length]` tensor of token ids or a `datasets.Dataset` with an `input_ids` column of equal
     lengths. The default policy is `routers` (`stitches` for bts). Routing statistics go to the trainer's log.
+    With `save_steps`, checkpoints go to `output_dir`; `resume=True` (or a checkpoint path) continues from the last
+    one, with the same result as an uninterrupted run.
     """
     if policy is None:
         policy = "stitches" if model.config.method == "bts" else "routers"
@@ -50,7 +54,8 @@ def train_routers(
     summary = apply_freeze_policy(model, policy)
     arguments = TrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, learning_rate=learning_rate,
-        per_device_train_batch_size=batch_size, seed=seed, data_seed=seed, report_to="none", save_strategy="no",
+        per_device_train_batch_size=batch_size, seed=seed, data_seed=seed, report_to="none",
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         logging_steps=max(1, max_steps // 5), disable_tqdm=not progress, lr_scheduler_type="cosine",
         warmup_steps=max(1, max_steps // 10), weight_decay=0.0, use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False, **training_args,
@@ -59,6 +64,6 @@ def train_routers(
                       callbacks=[RoutingStatsCallback(), *(callbacks or [])])
     if not progress:
         trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume or None)
     model.eval()
     return summary

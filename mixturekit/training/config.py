@@ -1,0 +1,45 @@
+"""`mixturekit train CONFIG.yaml`: one typed config per training run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import TrainingError
+
+
+class TrainConfig(BaseModel):
+    """What to train, on what, and where to write it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Composed checkpoint folder (or Hub id).")
+    stage: Literal["router", "sft", "dpo"] = Field(default="router")
+    data: str = Field(description="Local JSON/JSONL/Parquet/CSV/text file, or a `datasets` name.")
+    text_column: str = "text"
+    block_size: int = Field(default=256, ge=8)
+    output: str
+    policy: str | None = Field(default=None, description="Freeze policy; default: routers (stitches for bts).")
+    max_steps: int = Field(default=200, ge=1)
+    learning_rate: float = Field(default=1e-2, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    save_steps: int | None = Field(default=None, ge=1, description="Checkpoint every N steps (needed to resume).")
+    seed: int = 0
+    router_init: Literal["keep", "data"] = Field(
+        default="keep", description="data: fit the routers on `router_init_data` before training."
+    )
+    router_init_data: dict[str, str] | None = Field(default=None, description="Expert name -> its domain sample file.")
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"training config '{path}' does not exist")
+    try:
+        return TrainConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    except ValidationError as error:
+        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise TrainingError(f"invalid training config '{path}': {details}") from None

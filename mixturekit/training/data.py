@@ -1,0 +1,48 @@
+"""Training and evaluation data from `datasets`: local JSON/JSONL/Parquet/CSV/text files or a dataset name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+from ..errors import TrainingError
+
+_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+def load_data(source: str | Path, split: str = "train", required_columns: tuple[str, ...] = ("text",)) -> Dataset:
+    """A `datasets.Dataset` from a local file (by its suffix) or a dataset name; checks it is non-empty and has the
+    columns the stage needs."""
+    path = Path(source)
+    try:
+        if path.exists():
+            if path.suffix not in _FORMATS:
+                raise TrainingError(f"'{path}': unknown data format; use one of {sorted(_FORMATS)} or a dataset name")
+            dataset = load_dataset(_FORMATS[path.suffix], data_files=str(path), split="train")
+        else:
+            dataset = load_dataset(str(source), split=split)
+    except TrainingError:
+        raise
+    except Exception as error:
+        raise TrainingError(f"cannot load data '{source}': {type(error).__name__}: {error}") from None
+    if len(dataset) == 0:
+        raise TrainingError(f"data '{source}' is empty")
+    missing = [c for c in required_columns if c not in dataset.column_names]
+    if missing:
+        raise TrainingError(
+            f"data '{source}' lacks the column(s) {missing} this stage needs; it has {dataset.column_names}"
+        )
+    return dataset
+
+
+def token_blocks(dataset: Dataset, tokenizer, block_size: int, text_column: str = "text") -> Dataset:
+    """Tokenize, concatenate with EOS between documents, and cut into `input_ids` blocks of `block_size` tokens."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for text in dataset[text_column]:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
+    count = len(stream) // block_size
+    if count == 0:
+        raise TrainingError(f"the data holds {len(stream)} tokens, fewer than one block of {block_size}")
+    return Dataset.from_dict({"input_ids": [stream[i * block_size:(i + 1) * block_size] for i in range(count)]})

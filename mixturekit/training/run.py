@@ -1,0 +1,36 @@
+"""Run one training config end to end: load, (initialise routers), train, save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..errors import TrainingError
+from .config import TrainConfig
+from .data import load_data, token_blocks
+from .router_init import initialize_routers
+from .routers import train_routers
+
+
+def run_training(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train as configured and save the result (model and tokenizer) to `config.output`."""
+    output = Path(config.output)
+    if config.stage != "router":
+        raise TrainingError(f"stage '{config.stage}' runs through mixturekit.training.sft/dpo; the CLI runs 'router'")
+    model = AutoModelForCausalLM.from_pretrained(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    blocks = token_blocks(load_data(config.data, required_columns=(config.text_column,)), tokenizer,
+                          config.block_size, config.text_column)
+    if config.router_init == "data" and not resume:
+        if not config.router_init_data:
+            raise TrainingError("router_init: data needs router_init_data: {expert name: sample file}")
+        samples = {name: load_data(path, required_columns=(config.text_column,))[config.text_column][:64]
+                   for name, path in config.router_init_data.items()}
+        initialize_routers(model, tokenizer, "data", samples)
+    train_routers(model, blocks, output / "checkpoints", policy=config.policy, max_steps=config.max_steps,
+                  learning_rate=config.learning_rate, batch_size=config.batch_size, seed=config.seed,
+                  progress=progress, save_steps=config.save_steps, resume=resume)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return output

@@ -1,0 +1,95 @@
+"""`mixturekit train` and `mixturekit eval` on a composed model with a real tokenizer; resuming a run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainerCallback
+from typer.testing import CliRunner
+
+from mixturekit.cli import app
+from mixturekit.demo import run_demo
+from mixturekit.training import train_routers
+from toy_domains import domain_blocks
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    result = run_demo(root, quick=True, progress=False)
+    from mixturekit.demo.run import _domains
+
+    files = {}
+    for name, domain in _domains(True, 0).items():
+        files[name] = root / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"text": t}) + "\n" for t in domain.train))
+    return root, result, files
+
+
+def test_cli_trains_routers_then_evaluates(demo, tmp_path):
+    root, result, files = demo
+    config = {"model": str(root / "btx"), "data": str(files["code"]), "output": str(tmp_path / "trained"),
+              "max_steps": 4, "block_size": 32, "batch_size": 4, "learning_rate": 0.05}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    runner = CliRunner()
+    trained = runner.invoke(app, ["train", str(tmp_path / "train.yaml")])
+    assert trained.exit_code == 0, trained.output
+    before, after = load_file(root / "btx" / "model.safetensors"), {}
+    for path in (tmp_path / "trained").glob("*.safetensors"):
+        after.update(load_file(path))
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.endswith("router.weight") for name in changed), changed
+    evaluated = runner.invoke(app, ["eval", str(tmp_path / "trained"), "--data", f"code={files['code']}",
+                                    "--data", f"prose={files['prose']}", "--block-size", "32",
+                                    "--json", str(tmp_path / "eval.json")])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "code" in evaluated.output and "prose" in evaluated.output
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert set(report) == {"code", "prose"} and all(r["perplexity"] > 1 for r in report.values())
+    loads = next(iter(report["code"]["routing"].values()))["load"]
+    assert len(loads) == 3 and sum(loads) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_cli_train_bad_data_is_a_clear_error(demo, tmp_path):
+    root, result, files = demo
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"content": "x"}) + "\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for data, message in ((bad, "lacks the column(s) ['text']"), (empty, "cannot load data")):
+        config = {"model": str(root / "btx"), "data": str(data), "output": str(tmp_path / "o")}
+        (tmp_path / "t.yaml").write_text(yaml.safe_dump(config))
+        outcome = CliRunner().invoke(app, ["train", str(tmp_path / "t.yaml")])
+        assert outcome.exit_code == 2 and message in outcome.output, outcome.output
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"model": "x", "data": "y", "output": "z", "stepz": 3}))
+    outcome = CliRunner().invoke(app, ["train", str(tmp_path / "t.yaml")])
+    assert outcome.exit_code == 2 and "stepz" in outcome.output
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(demo, tmp_path):
+    root, result, files = demo
+    blocks = domain_blocks("a", 64, 16, 3) % 300  # any token ids inside the demo vocabulary
+    settings = dict(max_steps=12, learning_rate=0.05, batch_size=4, progress=False, save_steps=6)
+    straight = AutoModelForCausalLM.from_pretrained(root / "traditional")
+    train_routers(straight, blocks, tmp_path / "straight", **settings)
+    interrupted = AutoModelForCausalLM.from_pretrained(root / "traditional")
+    train_routers(interrupted, blocks, tmp_path / "resumed", callbacks=[_StopAt(6)], **settings)
+    resumed = AutoModelForCausalLM.from_pretrained(root / "traditional")
+    train_routers(resumed, blocks, tmp_path / "resumed", resume=True, **settings)
+    stopped = {n: p for n, p in interrupted.named_parameters()}
+    for name, parameter in straight.named_parameters():
+        torch.testing.assert_close(dict(resumed.named_parameters())[name], parameter, atol=1e-6, rtol=0)
+    assert any(not torch.equal(stopped[n], p) for n, p in straight.named_parameters())  # the stop was mid-run
