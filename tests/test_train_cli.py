@@ -93,3 +93,26 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(demo, tmp_path):
     for name, parameter in straight.named_parameters():
         torch.testing.assert_close(dict(resumed.named_parameters())[name], parameter, atol=1e-6, rtol=0)
     assert any(not torch.equal(stopped[n], p) for n, p in straight.named_parameters())  # the stop was mid-run
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_cli_runs_sft_and_dpo_stages_with_lora(demo, tmp_path, stage):
+    root, result, files = demo
+    data = tmp_path / f"{stage}.jsonl"
+    if stage == "sft":
+        rows = [{"text": f"def f{i}(x):\n    return x + {i}\n"} for i in range(8)]
+    else:
+        rows = [{"prompt": f"{i} + {i} =", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1}"} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"model": str(root / "traditional"), "stage": stage, "data": str(data), "output": str(tmp_path / "out"),
+              "max_steps": 2, "batch_size": 2, "learning_rate": 1e-3}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    outcome = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml")])
+    assert outcome.exit_code == 0, outcome.output
+    adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA"
+    if stage == "dpo":
+        rows[0].pop("rejected")
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows[:1]))
+        outcome = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml")])
+        assert outcome.exit_code == 2 and "rejected" in outcome.output

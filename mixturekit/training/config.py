@@ -32,6 +32,8 @@ class TrainConfig(BaseModel):
         default="keep", description="data: fit the routers on `router_init_data` before training."
     )
     router_init_data: dict[str, str] | None = Field(default=None, description="Expert name -> its domain sample file.")
+    lora: bool = Field(default=True, description="sft/dpo: train LoRA adapters (routers and stitches in full).")
+    target_modules: list[str] | None = Field(default=None, description="sft/dpo: LoRA targets; default: attention.")
 
 
 def load_train_config(path: str | Path) -> TrainConfig:

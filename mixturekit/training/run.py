@@ -16,8 +16,19 @@ from .routers import train_routers
 def run_training(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train as configured and save the result (model and tokenizer) to `config.output`."""
     output = Path(config.output)
-    if config.stage != "router":
-        raise TrainingError(f"stage '{config.stage}' runs through mixturekit.training.sft/dpo; the CLI runs 'router'")
+    if config.stage in ("sft", "dpo"):
+        if resume:
+            raise TrainingError(f"--resume is supported for the router stage; rerun stage '{config.stage}' instead")
+        from .dpo import run_dpo
+        from .sft import run_sft
+
+        required = ("chosen", "rejected") if config.stage == "dpo" else ()
+        dataset = load_data(config.data, required_columns=required)
+        run = run_dpo if config.stage == "dpo" else run_sft
+        run(config.model, dataset, output, lora=config.lora, max_steps=config.max_steps,
+            target_modules=config.target_modules, learning_rate=config.learning_rate,
+            per_device_train_batch_size=config.batch_size, seed=config.seed, progress=progress)
+        return output
     model = AutoModelForCausalLM.from_pretrained(config.model)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     blocks = token_blocks(load_data(config.data, required_columns=(config.text_column,)), tokenizer,
