@@ -18,9 +18,14 @@ from toy_domains import domain_blocks, dominant_share, make_experts
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
-    folders = make_experts(root)
+    return root, make_experts(root)
+
+
+@pytest.fixture(scope="module")
+def toy(toy_folders):
+    root, folders = toy_folders
     out = compose({"method": "traditional", "alpha": 0.0, "experts": [
         {"name": "a", "source": str(folders["a"])}, {"name": "b", "source": str(folders["b"])}]},
         root / "composed", progress=False)
@@ -171,3 +176,31 @@ def test_dead_expert_warning_once_after_the_window():
     logs = {}
     callback.on_log(None, None, None, logs=logs, model=model)
     assert logs["routing/dead_experts"] == 3 and logs["routing/max_load_max"] == pytest.approx(1.0)
+
+
+def test_auto_alpha_keeps_an_expert_alive_where_alpha_zero_lets_it_die(toy_folders):
+    """Train on domain a only, with two a-experts and one b-expert, top-2: with alpha = 0 the first router drops
+    the b-expert (it gets under 1% of the slots); `alpha_mode: auto` keeps every expert above the floor."""
+    from tiny_models import save_model
+    from toy_domains import train_dense
+
+    root, folders = toy_folders
+    second_a = AutoModelForCausalLM.from_pretrained(folders["seed"])
+    train_dense(second_a, domain_blocks("a", 256, 16, 7), 150, seed=7)
+    save_model(second_a, root / "a2")
+    data, held_out = domain_blocks("a", 256, 16, 10), domain_blocks("a", 64, 16, 20)
+    lowest = {}
+    for mode in ("fixed", "auto"):
+        out = compose({"method": "traditional", "num_experts_per_tok": 2, "alpha": 0.0, "experts": [
+            {"name": "a", "source": str(folders["a"])}, {"name": "a2", "source": str(root / "a2")},
+            {"name": "b", "source": str(folders["b"])}]}, root / f"collapse-{mode}", progress=False)
+        model = AutoModelForCausalLM.from_pretrained(out)
+        model.config.alpha_mode = mode
+        train_routers(model, data, root / f"run-{mode}", max_steps=200, learning_rate=0.1, progress=False)
+        with torch.no_grad():
+            logits = model(input_ids=held_out, output_router_logits=True).router_logits
+        loads = [torch.bincount(torch.topk(l, 2).indices.reshape(-1), minlength=3).float() / (2 * l.shape[0])
+                 for l in logits]
+        lowest[mode] = min(load.min().item() for load in loads)
+    assert lowest["fixed"] < 0.02, lowest  # collapsed: one expert dead
+    assert lowest["auto"] > 0.5 / 3 * 0.9, lowest  # alive: near or above the floor of half the uniform share
