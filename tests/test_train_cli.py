@@ -116,3 +116,20 @@ def test_cli_runs_sft_and_dpo_stages_with_lora(demo, tmp_path, stage):
         data.write_text("".join(json.dumps(r) + "\n" for r in rows[:1]))
         outcome = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml")])
         assert outcome.exit_code == 2 and "rejected" in outcome.output
+
+
+def test_cli_sft_resumes_from_its_last_checkpoint(demo, tmp_path):
+    root, result, files = demo
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"text": f"x = {i}\n"}) + "\n" for i in range(8)))
+    config = {"model": str(root / "btx"), "stage": "sft", "data": str(data), "output": str(tmp_path / "out"),
+              "max_steps": 2, "batch_size": 2, "save_steps": 1, "learning_rate": 1e-3}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml")]).exit_code == 0
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+    config["max_steps"] = 3
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    outcome = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml"), "--resume"])
+    assert outcome.exit_code == 0, outcome.output
+    state = json.loads((tmp_path / "out" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and len([h for h in state["log_history"] if "loss" in h]) >= 1

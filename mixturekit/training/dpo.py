@@ -48,6 +48,7 @@ def run_dpo(
     progress: bool = False,
     save: bool = True,
     callbacks: list[transformers.TrainerCallback] | None = None,
+    resume: bool | str = False,
     **training_args: Any,
 ) -> ComposedDPOTrainer:
     """DPO on a composed model (a checkpoint folder or a loaded model) with TRL; returns the trainer after training.
@@ -68,5 +69,5 @@ def run_dpo(
     with quiet(not progress):
         trainer = ComposedDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
                                      processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
-    train_and_save(trainer, output_dir, progress, save)
+    train_and_save(trainer, output_dir, progress, save, resume)
     return trainer

@@ -17,8 +17,6 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
     """Train as configured and save the result (model and tokenizer) to `config.output`."""
     output = Path(config.output)
     if config.stage in ("sft", "dpo"):
-        if resume:
-            raise TrainingError(f"--resume is supported for the router stage; rerun stage '{config.stage}' instead")
         from .dpo import run_dpo
         from .sft import run_sft
 
@@ -27,7 +25,8 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
         run = run_dpo if config.stage == "dpo" else run_sft
         run(config.model, dataset, output, lora=config.lora, max_steps=config.max_steps,
             target_modules=config.target_modules, learning_rate=config.learning_rate,
-            per_device_train_batch_size=config.batch_size, seed=config.seed, progress=progress)
+            per_device_train_batch_size=config.batch_size, seed=config.seed, progress=progress, resume=resume,
+            **({"save_strategy": "steps", "save_steps": config.save_steps} if config.save_steps else {}))
         return output
     model = AutoModelForCausalLM.from_pretrained(config.model)
     tokenizer = AutoTokenizer.from_pretrained(config.model)

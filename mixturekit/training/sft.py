@@ -229,12 +229,15 @@ def trainer_arguments(
             "activation_checkpointing": gradient_checkpointing, "activation_checkpointing_kwargs": checkpoint_kwargs}
 
 
-def train_and_save(trainer: transformers.Trainer, output_dir: str | Path, progress: bool, save: bool) -> None:
-    """Train; save the adapter (or the model) and the tokenizer to `output_dir`."""
+def train_and_save(
+    trainer: transformers.Trainer, output_dir: str | Path, progress: bool, save: bool, resume: bool | str = False
+) -> None:
+    """Train (from the last checkpoint in `output_dir` with `resume`); save the adapter (or the model) and the
+    tokenizer to `output_dir`."""
     if not progress:
         trainer.remove_callback(PrinterCallback)
     with quiet(not progress):
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume or None)
         if save:
             trainer.save_model(str(output_dir))
 
@@ -253,6 +256,7 @@ def run_sft(
     progress: bool = False,
     save: bool = True,
     callbacks: list[transformers.TrainerCallback] | None = None,
+    resume: bool | str = False,
     **training_args: Any,
 ) -> ComposedSFTTrainer:
     """SFT a composed model (a checkpoint folder or a loaded model) with TRL; returns the trainer after training.
@@ -272,5 +276,5 @@ def run_sft(
     with quiet(not progress):
         trainer = ComposedSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                      peft_config=peft_config, callbacks=callbacks)
-    train_and_save(trainer, output_dir, progress, save)
+    train_and_save(trainer, output_dir, progress, save, resume)
     return trainer
