@@ -148,6 +148,7 @@ def train_all_routers(
                       progress=False)
         trained[f"{method}+routers"] = workdir / f"{method}+routers"
         model.save_pretrained(trained[f"{method}+routers"])
+        tokenizer.save_pretrained(trained[f"{method}+routers"])
         if progress:
             print(f"trained the routers of {method} ({settings.router_steps} steps)", flush=True)
     return trained

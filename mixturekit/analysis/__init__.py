@@ -1,0 +1,12 @@
+"""Analysis: capture per-token routing (and BTS stitch gates) and reduce it; every view renders from this."""
+
+from .capture import AnalysisError, RoutingTrace, capture_routing
+from .reductions import (
+    dead_experts, dominant_expert_per_token, gate_strength, layer_agreement, routing_by_label, routing_entropy,
+    utilisation,
+)
+
+__all__ = [
+    "AnalysisError", "RoutingTrace", "capture_routing", "dead_experts", "dominant_expert_per_token", "gate_strength",
+    "layer_agreement", "routing_by_label", "routing_entropy", "utilisation",
+]
