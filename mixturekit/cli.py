@@ -76,6 +76,23 @@ def train(
     typer.echo(f"wrote {path}")
 
 
+@app.command(name="export")
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="Composed checkpoint folder."),
+    to: str = typer.Option("auto", "--to", help="auto | mixtral | qwen2_moe | qwen3_moe"),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Write a native MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE) that serving engines run without custom code."""
+    from .export import export
+
+    try:
+        path = export(checkpoint, to, output, overwrite=overwrite, progress=True)
+    except MixtureKitError as error:
+        _fail(error)
+    typer.echo(f"wrote {path}")
+
+
 @app.command(name="eval")
 def evaluate_command(
     checkpoint: Path = typer.Argument(..., help="Model folder (composed or dense)."),

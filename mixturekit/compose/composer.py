@@ -13,7 +13,7 @@ import shutil
 import uuid
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -72,9 +72,9 @@ def materialize_parts(
                 yield (piece.t() if tensor.transpose else piece).to(tensor.dtype)
 
 
-def assign_shards(tensors: list[TensorPlan], shard_bytes: int) -> list[list[TensorPlan]]:
+def assign_shards(tensors: list, shard_bytes: int) -> list[list]:
     """Greedy, in order: a new shard starts when the next tensor would push the current one past `shard_bytes`."""
-    shards: list[list[TensorPlan]] = [[]]
+    shards: list[list] = [[]]
     size = 0
     for tensor in tensors:
         if shards[-1] and size + tensor.nbytes > shard_bytes:
@@ -99,24 +99,35 @@ def _check_output(output: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot write into '{parent}': permission denied")
 
 
-def _write_tensors(plan: CompositionPlan, staging: Path, progress: bool) -> None:
-    shards = assign_shards(plan.tensors, plan.recipe.shard_bytes)
+def write_sharded(
+    folder: Path, slots: list[TensorSlot], parts_of: Callable[[TensorSlot], Iterable[torch.Tensor]],
+    shard_bytes: int, progress: bool = False, desc: str = "writing",
+) -> None:
+    """Write tensors (given by `slots`, produced part by part by `parts_of`) as size-bounded safetensors shards in
+    `folder`, with an index when there is more than one; one tensor in memory at a time."""
+    shards = assign_shards(slots, shard_bytes)
     count = len(shards)
     names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-    total_bytes = sum(t.nbytes for t in plan.tensors)
-    stitch_values = initial_stitch_values(plan)
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="composing", disable=not progress) as bar:
+    total_bytes = sum(slot.nbytes for slot in slots)
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
         for filename, shard in zip(names, shards):
-            slots = [TensorSlot(t.name, t.dtype, t.shape) for t in shard]
-            writer = ShardWriter(staging / filename, slots, metadata={"format": "pt"})
-            for tensor in shard:
-                writer.write_parts(tensor.name, materialize_parts(plan, tensor, stitch_values))
-                bar.update(tensor.nbytes)
+            writer = ShardWriter(folder / filename, shard, metadata={"format": "pt"})
+            for slot in shard:
+                writer.write_parts(slot.name, parts_of(slot))
+                bar.update(slot.nbytes)
             writer.close()
     if count > 1:
-        weight_map = {t.name: filename for filename, shard in zip(names, shards) for t in shard}
+        weight_map = {slot.name: filename for filename, shard in zip(names, shards) for slot in shard}
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _write_tensors(plan: CompositionPlan, staging: Path, progress: bool) -> None:
+    stitch_values = initial_stitch_values(plan)
+    by_name = {t.name: t for t in plan.tensors}
+    slots = [TensorSlot(t.name, t.dtype, t.shape) for t in plan.tensors]
+    write_sharded(staging, slots, lambda slot: materialize_parts(plan, by_name[slot.name], stitch_values),
+                  plan.recipe.shard_bytes, progress, desc="composing")
 
 
 def _write_side_files(plan: CompositionPlan, staging: Path) -> None:

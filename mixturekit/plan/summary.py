@@ -109,8 +109,12 @@ def checkpoint_summary(folder: Path) -> str:
     for name, (tensor, role, _) in tensor_roles(composed).items():
         counts[role] += tensor.numel()
         names_by_origin.setdefault("stack" if role == "stack" else role, []).append(name)
+    from ..export.native import export_target
+
+    target, how = export_target(config)
+    export_line = f"serving export: {target} ({how})" if target else f"serving export: none: {how}"
     if config.method == "bts":
-        return "\n".join([f"composed checkpoint: {folder}", *_stream_lines(config, counts)])
+        return "\n".join([f"composed checkpoint: {folder}", *_stream_lines(config, counts), export_line])
     experts, k = config.num_experts, config.num_experts_per_tok
     total = sum(counts.values())
     active = total - counts["stack"] + counts["stack"] * k // experts
@@ -123,5 +127,6 @@ def checkpoint_summary(folder: Path) -> str:
         f"routers {_millions(counts['router'])}",
         "structure:",
         *_layer_structure(names_by_origin),
+        export_line,
     ]
     return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""Export a composed model to a native MoE architecture that serving engines run (no custom code needed).
+
+`traditional` over Llama/Mistral is Mixtral; over Qwen3 it is Qwen3-MoE; over Qwen2 it is Qwen2-MoE with its shared
+expert switched off (zero weights, so it adds exactly zero). The tensor names and the stacked layout are already
+the transformers 5 layout of those models (`mlp.gate.weight`, `mlp.experts.gate_up_proj`, `mlp.experts.down_proj`),
+so the export streams tensors across unchanged and writes the target's config. Routing matches too: softmax, top-k,
+renormalised (Mixtral always renormalises; the Qwen MoE configs get `norm_topk_prob: true`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from ..compose.composer import STAGING_PREFIX, _check_output, _swap_into_place, write_sharded
+from ..recipe import parse_size
+from ..errors import MixtureKitError
+from ..runtime.architecture import num_layers
+from ..runtime.config import MixtureKitConfig
+from ..sources.resolve import TOKENIZER_FILES, _weight_files
+from ..sources.safetensors_io import CheckpointReader, TensorSlot
+
+TARGETS = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe"}
+MAPPING_TABLE = "traditional over Llama or Mistral -> mixtral; over Qwen3 -> qwen3_moe; over Qwen2 -> qwen2_moe"
+
+
+class ExportError(MixtureKitError, ValueError):
+    """The composed model has no native equivalent in the requested architecture."""
+
+
+def _refuse_unmappable(config: MixtureKitConfig, target: str | None) -> list[int]:
+    """Raise with the reason when the composition cannot map; return the routed blocks."""
+    text = config.text_config
+    if config.method == "btx":
+        raise ExportError(
+            "a btx model has one router per projection; native MoE architectures route the whole FFN with one "
+            "router per block, so the same model cannot be written (sharing one router's decisions across gate/up/"
+            f"down would be a different model). Compose with method: traditional to export. ({MAPPING_TABLE})"
+        )
+    if config.method == "bts":
+        raise ExportError(f"a bts model (hub + expert streams + stitches) has no native MoE equivalent ({MAPPING_TABLE})")
+    expected = TARGETS.get(text.model_type)
+    if expected is None:
+        raise ExportError(f"no native MoE architecture for traditional over '{text.model_type}' ({MAPPING_TABLE})")
+    if target != expected:
+        raise ExportError(f"traditional over '{text.model_type}' exports to {expected}, not {target} ({MAPPING_TABLE})")
+    blocks = num_layers(text)
+    routed = sorted(config.router_layers_index) if config.router_layers_index else list(range(blocks))
+    if target == "mixtral" and len(routed) != blocks:
+        raise ExportError(
+            f"Mixtral routes every block, but this model routes only blocks {routed} of {blocks}; compose with "
+            "router_layers_index covering every block (Qwen MoE targets can keep dense blocks via mlp_only_layers)"
+        )
+    for flag in ("mlp_bias", "attention_bias"):
+        if getattr(text, flag, False) and target == "mixtral":
+            raise ExportError(f"the base model has {flag}: true, which Mixtral does not support")
+    return routed
+
+
+def export_target(config: MixtureKitConfig) -> tuple[str | None, str]:
+    """The native architecture a composition exports to, or None and the reason it cannot (for `inspect`)."""
+    target = TARGETS.get(config.text_config.model_type)
+    try:
+        _refuse_unmappable(config, target)
+    except ExportError as error:
+        return None, str(error).split(" (traditional over")[0]
+    return target, f"mixturekit export CHECKPOINT --to {target} -o OUT"
+
+
+def _target_config(config: MixtureKitConfig, target: str, routed: list[int]):
+    text = config.text_config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map"):
+        text.pop(key, None)
+    blocks = num_layers(config.text_config)
+    fields = dict(text, num_experts_per_tok=config.num_experts_per_tok, router_aux_loss_coef=config.alpha,
+                  output_router_logits=False)
+    if target == "mixtral":
+        fields.update(num_local_experts=config.num_experts, router_jitter_noise=0.0)
+    else:
+        fields.update(num_experts=config.num_experts, norm_topk_prob=True, decoder_sparse_step=1,
+                      moe_intermediate_size=text["intermediate_size"],
+                      mlp_only_layers=[i for i in range(blocks) if i not in routed])
+        if target == "qwen2_moe":
+            fields.update(shared_expert_intermediate_size=1)
+    exported = AutoConfig.for_model(target, **fields)
+    exported.architectures = [{"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                               "qwen2_moe": "Qwen2MoeForCausalLM"}[target]]
+    return exported
+
+
+def _zero_shared_experts(routed: list[int], hidden: int, dtype: torch.dtype) -> list[tuple[TensorSlot, torch.Tensor]]:
+    """Qwen2-MoE's shared expert, switched off: a width-1 FFN with zero weights adds exactly zero."""
+    out = []
+    for block in routed:
+        prefix = f"model.layers.{block}.mlp.shared_expert"
+        for name, shape in ((f"{prefix}.gate_proj.weight", (1, hidden)), (f"{prefix}.up_proj.weight", (1, hidden)),
+                            (f"{prefix}.down_proj.weight", (hidden, 1)), (f"{prefix}_gate.weight", (1, hidden))):
+            out.append((TensorSlot(name, dtype, shape), torch.zeros(shape, dtype=dtype)))
+    return out
+
+
+def export(
+    checkpoint: str | Path, to: str = "auto", output: str | Path | None = None, overwrite: bool = False,
+    shard_size: int | str = "2GB", progress: bool = False,
+) -> Path:
+    """Write the composed checkpoint as a native MoE checkpoint (`to`: auto, mixtral, qwen2_moe, qwen3_moe),
+    streamed one tensor at a time into size-bounded shards, appearing atomically."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise ExportError(f"'{checkpoint}' has no config.json: give a folder written by mixturekit compose")
+    if json.loads((checkpoint / "config.json").read_text()).get("model_type") != "mixturekit":
+        raise ExportError(f"'{checkpoint}' is not a MixtureKit checkpoint (its model_type is not mixturekit)")
+    config = MixtureKitConfig.from_pretrained(checkpoint)
+    if to != "auto" and to not in set(TARGETS.values()):
+        raise ExportError(f"unknown target '{to}'; valid: auto, mixtral, qwen2_moe, qwen3_moe ({MAPPING_TABLE})")
+    target = TARGETS.get(config.text_config.model_type) if to == "auto" else to
+    routed = _refuse_unmappable(config, target)
+    if output is None:
+        raise ExportError("no output folder given (-o/--output)")
+    output = Path(output).expanduser().absolute()
+    _check_output(output, overwrite)
+    reader = CheckpointReader(_weight_files(checkpoint))
+    exported_config = _target_config(config, target, routed)
+    dtype = next(info.dtype for info in reader.tensors.values() if info.dtype.is_floating_point)
+    staging = output.parent / f"{STAGING_PREFIX}{output.name}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        slots = [TensorSlot(name, info.dtype, info.shape) for name, info in reader.tensors.items()]
+        extra = dict(_zero_shared_experts(routed, exported_config.hidden_size, dtype)) if target == "qwen2_moe" else {}
+        write_sharded(staging, slots + list(extra),
+                      lambda slot: [extra[slot]] if slot in extra else [reader.get(slot.name)],
+                      parse_size(shard_size), progress, desc="exporting")
+        exported_config.save_pretrained(staging)
+        for name in (*TOKENIZER_FILES, "generation_config.json"):
+            if (checkpoint / name).is_file():
+                shutil.copyfile(checkpoint / name, staging / name)
+        (staging / "README.md").write_text(
+            f"---\nlibrary_name: transformers\ntags:\n- mixturekit\n- {target}\n---\n\n# {target} export\n\n"
+            f"Exported by MixtureKit from `{checkpoint.name}`, a `traditional` composition of "
+            f"{config.num_experts} `{config.text_config.model_type}` experts ({', '.join(config.expert_names)}), "
+            f"top-{config.num_experts_per_tok}. Loads with plain `transformers` (`{exported_config.architectures[0]}`)"
+            " and serving engines that run it; no custom code.\n", encoding="utf-8")
+        _swap_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
