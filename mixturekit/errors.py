@@ -33,3 +33,7 @@ class CheckpointError(MixtureKitError, ValueError):
 
 class TrainingError(MixtureKitError, RuntimeError):
     """A training setup would silently train the wrong thing (e.g. a loss without gradient)."""
+
+
+class RoutingNumericsError(MixtureKitError, FloatingPointError):
+    """A router saw non-finite hidden states (raised only with debug checks on, instead of routing silently)."""

@@ -223,7 +223,7 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
     """Resolve the sources, check them, and plan every output tensor (no weights are read)."""
     recipe = load_recipe(recipe)
     sources = recipe.all_sources
-    models = [resolve_source(spec, cache_dir) for spec in sources]
+    models = [resolve_source(spec, cache_dir, recipe.allow_pickle) for spec in sources]
     by_name = {model.name: i for i, model in enumerate(models)}
     if recipe.method == "bts":
         return _plan_streams(recipe, models, by_name)

@@ -97,6 +97,10 @@ class Recipe(_Strict):
     output: str | None = Field(default=None, description="Output folder.")
     shard_size: int | str = Field(default="2GB", description="Largest shard file, e.g. 2GB or 500MiB.")
     seed: int = Field(default=0, description="Seed for new weights: the same recipe gives the same bytes.")
+    allow_pickle: bool = Field(
+        default=False,
+        description="Read pickle (.bin/.pt) sources, with torch.load(weights_only=True), converted once to safetensors.",
+    )
     # BTS (Branch-Train-Stitch) fields.
     hub: str | None = Field(default=None, description="bts: name of the model that is the hub (default: base).")
     stitch_freq: int | None = Field(default=None, description="bts: a stitch every this many blocks.")

@@ -6,12 +6,12 @@ from .config import MixtureKitConfig
 from .modeling import MixtureKitForCausalLM, convert_dense_to_moe
 from .moe_block import SparseMoeBlock
 from .routed_linear import RoutedLinear
-from .routing import Router, load_balancing_loss, route
+from .routing import Router, load_balancing_loss, route, set_debug_checks
 
 AutoConfig.register(MixtureKitConfig.model_type, MixtureKitConfig, exist_ok=True)
 AutoModelForCausalLM.register(MixtureKitConfig, MixtureKitForCausalLM, exist_ok=True)
 
 __all__ = [
     "MixtureKitConfig", "MixtureKitForCausalLM", "Router", "RoutedLinear", "SparseMoeBlock",
-    "convert_dense_to_moe", "load_balancing_loss", "route",
+    "convert_dense_to_moe", "load_balancing_loss", "route", "set_debug_checks",
 ]

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+_DEBUG_CHECKS = os.environ.get("MIXTUREKIT_DEBUG", "") not in ("", "0")
+
+
+def set_debug_checks(enabled: bool) -> None:
+    """Check every router's input for NaN/inf and raise instead of routing silently (also: MIXTUREKIT_DEBUG=1).
+    Off by default: the check costs a device synchronisation per router."""
+    global _DEBUG_CHECKS
+    _DEBUG_CHECKS = enabled
 
 
 class RouterLogitsRecorder:
@@ -49,6 +60,14 @@ class Router(nn.Module):
         object.__setattr__(self, "qualified_name", "")
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if _DEBUG_CHECKS and not torch.isfinite(hidden_states).all():
+            from ..errors import RoutingNumericsError
+
+            bad = (~torch.isfinite(hidden_states)).any(-1).nonzero().flatten()[:5].tolist()
+            raise RoutingNumericsError(
+                f"router {self.qualified_name or '(unnamed)'} got non-finite hidden states (NaN or inf) at token "
+                f"rows {bad}: an earlier layer overflowed or the input is corrupt; try float32 or bfloat16 over float16"
+            )
         logits = F.linear(hidden_states.float(), self.weight.float())
         if self.recorder is not None:
             self.recorder.record(self.qualified_name, logits)

@@ -1,4 +1,5 @@
-"""Dequantise a GGUF file once into a safetensors folder kept in a cache, keyed by the file's content."""
+"""Convert sources once into safetensors folders kept in a cache, keyed by content: GGUF files (dequantised) and,
+when the recipe allows it, pickle checkpoints (read with `weights_only=True`, which refuses arbitrary objects)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,40 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
         raise
     except Exception as error:
         raise SourceError(f"cannot convert GGUF file '{gguf_path}': {type(error).__name__}: {error}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def convert_pickle(folder: Path, files: list[Path], cache_dir: Path | None = None) -> Path:
+    """A safetensors copy of a pickle-only model folder (config and tokenizer files copied alongside)."""
+    import torch
+    from safetensors.torch import save_file
+
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(file_sha256(path).encode())
+    root = (cache_dir or default_cache_dir()) / "pickle"
+    target = root / f"{folder.name}-{digest.hexdigest()[:16]}"
+    if (target / "model.safetensors").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
+    try:
+        tensors: dict = {}
+        for path in files:
+            try:
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise SourceError(f"'{path}' cannot be read with weights_only=True ({error}); it is refused") from None
+            if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+                raise SourceError(f"'{path}' is not a state dict of tensors; it is refused")
+            tensors.update({k: v.contiguous().clone() for k, v in loaded.items()})
+        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        for item in folder.iterdir():
+            if item.is_file() and item.suffix not in (".bin", ".pt", ".pth", ".ckpt"):
+                shutil.copyfile(item, staging / item.name)
+        staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

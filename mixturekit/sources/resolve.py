@@ -14,7 +14,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from ..errors import SourceError
 from ..recipe import ModelSource
-from .gguf import convert_gguf
+from .gguf import convert_gguf, convert_pickle
 from .safetensors_io import CheckpointReader
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
@@ -152,18 +152,23 @@ def _hub_folder(spec: ModelSource) -> Path:
         ) from None
 
 
-def resolve_source(spec: ModelSource, cache_dir: Path | None = None) -> LocalModel:
-    """Find the model on disk (converting GGUF once, into a cache) and read its config; no weights are read."""
+def resolve_source(spec: ModelSource, cache_dir: Path | None = None, allow_pickle: bool = False) -> LocalModel:
+    """Find the model on disk (converting GGUF, or pickle with `allow_pickle`, once into a cache) and read its
+    config; no weights are read."""
     folder, origin, converted_from = _local_folder(spec, cache_dir)
     files = _weight_files(folder)
     if not files:
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-        if pickles:
+        pickles = sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles and allow_pickle:
+            folder, converted_from = convert_pickle(folder, pickles, cache_dir), str(folder)
+            files = _weight_files(folder)
+        elif pickles:
             raise SourceError(
-                f"model '{spec.name}': '{folder}' has only pickle weights {pickles}, which can run code when "
-                "loaded; MixtureKit reads safetensors. Convert once with transformers: "
-                "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)"
+                f"model '{spec.name}': '{folder}' has only pickle weights {[p.name for p in pickles]}, which can "
+                "run code when loaded; MixtureKit reads safetensors. Convert them, or set `allow_pickle: true` in "
+                "the recipe to read them with torch.load(weights_only=True)"
             )
-        raise SourceError(f"model '{spec.name}': '{folder}' has no *.safetensors weight files")
+        else:
+            raise SourceError(f"model '{spec.name}': '{folder}' has no *.safetensors weight files")
     config = _load_config(folder, spec.name)
     return LocalModel(spec.name, folder, files, config, origin, spec.revision, converted_from)
