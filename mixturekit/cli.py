@@ -118,6 +118,83 @@ def evaluate_command(
 
 
 @app.command()
+def report(
+    checkpoint: Path = typer.Argument(..., help="Composed checkpoint folder (with its tokenizer)."),
+    text: Optional[list[str]] = typer.Option(None, "--text", help="A text to analyse; repeat for several."),
+    file: Optional[list[Path]] = typer.Option(None, "--file", exists=True, dir_okay=False,
+                                              help="A UTF-8 text file to analyse; repeat for several."),
+    label: Optional[list[str]] = typer.Option(None, "--label",
+                                              help="One label (domain) per text: --text values first, then --file."),
+    max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Tokens analysed per text; longer texts are cut."),
+    output: Path = typer.Option(..., "--output", "-o", help="HTML file to write."),
+    png_dir: Optional[Path] = typer.Option(None, "--png-dir", help="Also write PNG figures into this folder."),
+) -> None:
+    """Write a self-contained HTML report (and PNGs) of how the model routes the tokens of some texts."""
+    from .analysis import capture_routing
+    from .views import write_report
+    from .views.app import load_composed
+
+    sources = [f"--text {i + 1}" for i in range(len(text or []))] + [f"--file {f}" for f in file or []]
+    try:
+        texts = list(text or []) + [f.read_text(encoding="utf-8") for f in file or []]
+        if not texts:
+            raise MixtureKitError("give at least one --text TEXT or --file FILE to analyse")
+        empty = [source for source, content in zip(sources, texts) if not content.strip()]
+        if empty:
+            raise MixtureKitError(f"nothing to analyse in {', '.join(empty)}: every text must be non-empty")
+        model, tokenizer = load_composed(checkpoint)
+        trace = capture_routing(model, tokenizer, texts, label or None, max_tokens=max_tokens)
+        paths = [write_report(trace, output, title=f"Routing of {checkpoint.resolve().name}")]
+        if png_dir is not None:
+            paths += _report_pngs(trace, png_dir)
+    except UnicodeDecodeError as error:
+        _fail(MixtureKitError(f"a --file is not UTF-8 text: {error}"))
+    except (MixtureKitError, OSError) as error:
+        _fail(error)
+    for source, cut in zip(sources, trace.truncated):
+        if cut:
+            typer.echo(f"note: {source} was truncated to its first {max_tokens} tokens (see --max-tokens)")
+    for path in paths:
+        typer.echo(f"wrote {path}")
+
+
+def _report_pngs(trace, folder: Path) -> list[Path]:
+    """The PNG figures that apply to this trace: routing figures for routed models, gate strengths for bts."""
+    from .views import plots
+
+    if trace.routes.empty:
+        return [plots.plot_gate_strength(trace, folder / "gate_strength.png")]
+    paths = [plots.plot_utilisation_heatmap(trace, folder / "utilisation.png")]
+    if any(label is not None for label in trace.labels):
+        paths.append(plots.plot_routing_by_label(trace, folder / "routing_by_label.png"))
+    return paths + [plots.plot_token_strip(trace, folder / f"token_strip_{i + 1}.png", text_index=i)
+                    for i in range(len(trace.texts))]
+
+
+@app.command(name="app")
+def app_command(
+    checkpoint: Path = typer.Argument(..., help="Composed checkpoint folder (with its tokenizer)."),
+    port: int = typer.Option(7860, "--port", help="Port to listen on (0: any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (the default: this machine only)."),
+    generate: int = typer.Option(0, "--generate", help="Default number of new tokens to generate before analysing."),
+) -> None:
+    """Serve a local page that shows how the model routes each token of a prompt you type (Ctrl-C stops it)."""
+    from .views.app import serve
+
+    try:
+        server = serve(checkpoint, host=host, port=port, generate_tokens=generate)
+    except (MixtureKitError, OSError) as error:
+        _fail(error)
+    try:
+        typer.echo(f"serving {checkpoint} at {server.url} (Ctrl-C to stop)")
+        server.wait()
+    except KeyboardInterrupt:
+        typer.echo("stopping")
+    finally:
+        server.close()
+
+
+@app.command()
 def demo(
     workdir: Path = typer.Option(Path("demo_output"), "--workdir", "-w", help="Where models and results go."),
     quick: bool = typer.Option(False, "--quick", help="A much smaller run, for smoke tests."),
