@@ -34,6 +34,11 @@ def test_quick_demo_trains_experts_that_beat_the_seed_and_composes_them(tmp_path
         assert set(result["routing"][name]) == set(domains)
         assert all(math.isclose(sum(row), 1.0, rel_tol=1e-5) for row in result["routing"][name].values())
     assert not result["reused_experts"]
+    # The routing report and plot are written and named in the output.
+    from pathlib import Path
+
+    assert Path(result["report"]).read_text().count('class="tok"') > 10 and result["report"] in result["table"]
+    assert Path(result["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # A second run reuses the cached experts and gives the same numbers.
     again = run_demo(tmp_path, quick=True, progress=False)

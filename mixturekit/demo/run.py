@@ -8,7 +8,8 @@ composing and evaluating):
 2. train a tokenizer, a seed model and one expert per domain (`tiny_experts.py`), or reuse them from `workdir`;
 3. compose the experts with `mixturekit.compose`, once per method;
 4. train each composition's routers on the mixed training text (`mixturekit.training.train_routers`);
-5. score every model on every domain's validation text, and show where each domain's tokens are routed.
+5. score every model on every domain's validation text, and show where each domain's tokens are routed;
+6. write the routing report (HTML) and a PNG of the router-trained btx model.
 """
 
 from __future__ import annotations
@@ -173,6 +174,23 @@ def format_routing(name: str, shares: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
+def write_routing_report(
+    workdir: Path, folder: Path, tokenizer_folder: Path, domains: dict[str, Domain],
+) -> tuple[Path, Path]:
+    """The HTML report and the per-domain PNG of one composition, on the start of each domain's validation text."""
+    from ..analysis import capture_routing
+    from ..views import write_report
+    from ..views.plots import plot_routing_by_label
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    texts = {name: domain.validation[0][:400] for name, domain in domains.items()}
+    trace = capture_routing(load_model(folder), tokenizer, list(texts.values()), list(texts), max_tokens=128)
+    report = write_report(trace, workdir / "routing-report.html", title=f"Routing of the demo's {folder.name} model")
+    png = workdir / "routing-by-domain.png"
+    plot_routing_by_label(trace, png)
+    return report, png
+
+
 def evaluation_blocks(
     tokenizer: PreTrainedTokenizerFast, domains: dict[str, Domain], settings: TinySettings,
 ) -> dict[str, torch.Tensor]:
@@ -262,10 +280,12 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0, progress: bool =
                    for name, folder in trained.items()}
         lap("evaluate")
     seconds = time.perf_counter() - started
+    report, png = write_routing_report(workdir, trained["btx+routers"], paths["seed"], domains)
     table = format_table(results, timings, reused)
     table += "\n\n" + "\n\n".join(format_routing(name, shares) for name, shares in routing.items())
+    table += f"\n\nrouting report: {report}\nrouting plot: {png}"
     print(table, flush=True)
     return {
         "perplexity": results, "models": list(results), "domains": list(DOMAIN_NAMES), "seconds": seconds,
-        "timings": timings, "reused_experts": reused, "routing": routing, "paths": {k: str(v) for k, v in folders.items()}, "table": table,
+        "timings": timings, "reused_experts": reused, "routing": routing, "report": str(report), "png": str(png), "paths": {k: str(v) for k, v in folders.items()}, "table": table,
     }
