@@ -86,18 +86,46 @@ def assign_shards(tensors: list, shard_bytes: int) -> list[list]:
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an output that exists (unless `overwrite`), is a file, or lies under a file or a read-only folder.
+    Nothing is created here: missing parents are made only once the plan has been checked."""
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"output '{output}' exists and is not a folder; remove it or choose another output folder")
     if output.exists() and not overwrite:
         raise OutputError(f"output '{output}' already exists; choose another folder or pass overwrite=True (--overwrite)")
-    if output.exists() and not output.is_dir():
-        raise OutputError(f"output '{output}' exists and is not a folder")
-    parent = output.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"cannot create the folder '{parent}' for the output: {error}") from None
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write into '{parent}': permission denied")
+    ancestor = output.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot create '{output}': '{ancestor}' is a file, not a folder; choose another output folder")
+    if not os.access(ancestor, os.W_OK):
+        raise OutputError(f"cannot write into '{ancestor}': permission denied; choose a writable output folder")
 
+
+def new_staging_folder(output: Path) -> Path:
+    """A fresh hidden folder beside `output` (its parents made now), named with our PID so that a later run can
+    tell an abandoned one (its process gone) from one in use, and remove it."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"cannot create the folder '{output.parent}': {error}; choose another output folder") from None
+    _remove_abandoned_staging(output)
+    staging = output.parent / f"{STAGING_PREFIX}{output.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    return staging
+
+
+def _remove_abandoned_staging(output: Path) -> None:
+    """Staging folders of composes that were killed (their process is gone) are removed before a new one starts."""
+    for leftover in output.parent.glob(f"{STAGING_PREFIX}{output.name}-*"):
+        pid = leftover.name.removeprefix(f"{STAGING_PREFIX}{output.name}-").split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except PermissionError:
+            pass
 
 def write_sharded(
     folder: Path, slots: list[TensorSlot], parts_of: Callable[[TensorSlot], Iterable[torch.Tensor]],
@@ -171,12 +199,18 @@ def compose(
     target = Path(recipe.output).expanduser().absolute()
     _check_output(target, overwrite)
     plan = build_plan(recipe, cache_dir=cache_dir)
-    staging = target.parent / f"{STAGING_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    staging = new_staging_folder(target)
     try:
         _write_tensors(plan, staging, progress)
         _write_side_files(plan, staging)
         _swap_into_place(staging, target)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        size = sum(t.nbytes for t in plan.tensors) / 1e9
+        raise OutputError(
+            f"writing the composed checkpoint '{target}' failed: {error}; nothing was written: free some space (it "
+            f"needs about {size:.2f} GB) or choose another output folder"
+        ) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 
-from ..compose.composer import STAGING_PREFIX, _check_output, _swap_into_place, write_sharded
+from ..compose.composer import _check_output, _swap_into_place, new_staging_folder, write_sharded
 from ..recipe import parse_size
 from ..errors import MixtureKitError
 from ..runtime.architecture import num_layers
@@ -127,8 +126,7 @@ def export(
     reader = CheckpointReader(_weight_files(checkpoint))
     exported_config = _target_config(config, target, routed)
     dtype = next(info.dtype for info in reader.tensors.values() if info.dtype.is_floating_point)
-    staging = output.parent / f"{STAGING_PREFIX}{output.name}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    staging = new_staging_folder(output)
     try:
         slots = [TensorSlot(name, info.dtype, info.shape) for name, info in reader.tensors.items()]
         extra = dict(_zero_shared_experts(routed, exported_config.hidden_size, dtype)) if target == "qwen2_moe" else {}

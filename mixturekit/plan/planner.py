@@ -173,7 +173,8 @@ def _check_tensors(models: list[LocalModel], expected: dict[str, tuple[int, ...]
         for name, shape in expected.items():
             if name not in model.reader:
                 raise CompatibilityError(
-                    f"model '{model.name}' has no tensor '{name}' (files: {[p.name for p in model.weight_files]})"
+                    f"model '{model.name}' has no tensor '{name}' (files: {[p.name for p in model.weight_files]}); "
+                    "give a complete checkpoint of the experts' architecture (e.g. re-save it with save_pretrained)"
                 )
             found = model.reader.info(name).shape
             if found != shape:

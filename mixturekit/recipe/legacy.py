@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 from typing import Any
 
 from ..errors import RecipeError
@@ -12,6 +14,8 @@ LEGACY_KEYS = {
 }
 # Our own fields that may stand beside the legacy ones (e.g. to pick an output folder).
 PASSTHROUGH_KEYS = {"output", "dtype", "shard_size", "seed", "router_init", "router_init_std", "stitch_dropout"}
+# `model_type` names the output folder under models_merge/: one folder name, never a path out of it.
+_MODEL_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def is_legacy_recipe(data: dict[str, Any]) -> bool:
@@ -30,10 +34,19 @@ def translate_legacy_recipe(data: dict[str, Any]) -> dict[str, Any]:
     ``model_type`` named the output (written to ``models_merge/<model_type>``); ``router_layers_index: []`` meant
     every block; ``router_layers`` applied to btx only.
     """
+    if "moe_method" not in data and "method" in data:
+        raise RecipeError(
+            "`experts` use the original-MixtureKit keys expert_name/model_id but the method is given as `method`: "
+            "write each expert as {name: ..., source: ...}, or use `moe_method` with {expert_name, model_id}"
+        )
     unknown = sorted(set(data) - LEGACY_KEYS - PASSTHROUGH_KEYS)
     if unknown:
+        valid = sorted(LEGACY_KEYS | PASSTHROUGH_KEYS)
+        hints = [f"'{key}' (did you mean '{close[0]}'?)" if (close := difflib.get_close_matches(key, valid, n=1))
+                 else f"'{key}'" for key in unknown]
         raise RecipeError(
-            f"unknown keys {unknown} in an original-MixtureKit config; its keys are {sorted(LEGACY_KEYS)}"
+            f"unknown keys {', '.join(hints)} in an original-MixtureKit config; its keys are {sorted(LEGACY_KEYS)}"
+            f" (and {sorted(PASSTHROUGH_KEYS)} from MixtureKit recipes)"
         )
     if "moe_method" not in data:
         raise RecipeError("an original-MixtureKit config needs `moe_method` (traditional, btx or bts)")
@@ -43,9 +56,11 @@ def translate_legacy_recipe(data: dict[str, Any]) -> dict[str, Any]:
         raise RecipeError("`experts` must be a non-empty list of {expert_name, model_id}")
     translated_experts = []
     for position, expert in enumerate(experts):
-        if not isinstance(expert, dict) or set(expert) - {"expert_name", "model_id"} or "model_id" not in expert:
+        if (not isinstance(expert, dict) or set(expert) - {"expert_name", "model_id"} or "model_id" not in expert
+                or not all(isinstance(value, str) for value in expert.values())):
             raise RecipeError(
-                f"experts[{position}] must be {{expert_name: ..., model_id: ...}}, got {expert!r}"
+                f"experts[{position}] must be {{expert_name: <name>, model_id: <path or Hub id>}} with string "
+                f"values, got {expert!r}"
             )
         translated_experts.append(
             {"name": str(expert.get("expert_name", f"expert_{position}")), "source": str(expert["model_id"])}
@@ -60,8 +75,15 @@ def translate_legacy_recipe(data: dict[str, Any]) -> dict[str, Any]:
         recipe["router_layers"] = data["router_layers"]
     if method == "bts":
         recipe["hub"] = translated_experts[0]["name"]
-    if data.get("model_type") and "output" not in data:
-        recipe["output"] = f"models_merge/{data['model_type']}"
+    model_type = data.get("model_type")
+    if "output" not in data and model_type and (
+            not isinstance(model_type, str) or not _MODEL_TYPE.match(model_type) or ".." in model_type):
+        raise RecipeError(
+            f"model_type {model_type!r} names the output folder models_merge/<model_type>: use one folder name of "
+            "letters, digits, '_', '-' and '.' (no '/' or '..'), or give `output`"
+        )
+    if model_type and "output" not in data:
+        recipe["output"] = f"models_merge/{model_type}"
     for key in PASSTHROUGH_KEYS & set(data):
         recipe[key] = data[key]
     return recipe

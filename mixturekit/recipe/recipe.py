@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import math
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +20,11 @@ METHODS: tuple[str, ...] = ("traditional", "btx", "bts")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# Numeric fields: YAML reads `yes`/`true` as a bool, which pydantic would silently take as 1.
+_NUMERIC_FIELDS = (
+    "num_experts_per_tok", "router_layers_index", "router_init_std", "alpha", "shard_size", "seed", "stitch_freq",
+    "stitch_layers_index", "stitch_dropout",
+)
 
 
 def parse_size(value: int | str) -> int:
@@ -27,9 +34,10 @@ def parse_size(value: int | str) -> int:
     else:
         match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
         unit = match.group(2).lower() if match else None
-        if not match or unit not in _SIZE_UNITS:
+        number = float(match.group(1)) * _SIZE_UNITS[unit] if match and unit in _SIZE_UNITS else math.nan
+        if not math.isfinite(number):  # not a size, or too many digits for a float (int(inf) would overflow)
             raise ValueError(f"'{value}' is not a size; write bytes as an integer or e.g. '500MB', '2GB', '1GiB'")
-        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+        size = int(number)
     if size < 1:
         raise ValueError(f"size must be positive, got {value!r}")
     return size
@@ -89,8 +97,8 @@ class Recipe(_Strict):
         default=None, description="Blocks that get routers (0-based); default or []: every block."
     )
     router_init: Literal["random", "zeros"] = Field(default="random", description="Initial router weights.")
-    router_init_std: float = Field(default=0.02, gt=0, description="Std of the random router initialisation.")
-    alpha: float = Field(default=0.01, ge=0, description="Load-balancing loss coefficient.")
+    router_init_std: float = Field(default=0.02, gt=0, allow_inf_nan=False, description="Std of the random router initialisation.")
+    alpha: float = Field(default=0.01, ge=0, allow_inf_nan=False, description="Load-balancing loss coefficient.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Dtype of the written tensors; auto keeps the first expert's."
     )
@@ -106,6 +114,13 @@ class Recipe(_Strict):
     stitch_freq: int | None = Field(default=None, description="bts: a stitch every this many blocks.")
     stitch_layers_index: list[int] | None = Field(default=None, description="bts: explicit stitch blocks.")
     stitch_dropout: float = Field(default=0.0, ge=0, lt=1, description="bts: dropout on stitch gates in training.")
+
+    @field_validator(*_NUMERIC_FIELDS, mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (isinstance(value, list) and any(isinstance(v, bool) for v in value)):
+            raise ValueError(f"expected a number, got the boolean {value!r} (in YAML, yes/no/on/off are booleans)")
+        return value
 
     @field_validator("shard_size")
     @classmethod
@@ -197,6 +212,10 @@ class Recipe(_Strict):
         return self if output is None else self.model_copy(update={"output": str(output)})
 
 
+_SHOW = reprlib.Repr()  # a bounded repr of bad values for messages (keyword arguments need Python 3.12)
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict = 3, 60, 60, 6, 6
+
+
 def _did_you_mean(word: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -214,9 +233,11 @@ def _format_validation_error(error: ValidationError) -> str:
                 f"{location}: unknown field{_did_you_mean(field, valid)}; valid fields are {', '.join(valid)}"
             )
         elif item["type"] == "literal_error":
-            lines.append(f"{location}: {item['msg']} (got {item['input']!r})")
+            lines.append(f"{location}: {item['msg']} (got {_SHOW.repr(item['input'])})")
         else:
             message = item["msg"].removeprefix("Value error, ")
+            if item["loc"] and item["type"] not in ("value_error", "missing"):  # a type or range error: show the value
+                message += f" (got {_SHOW.repr(item['input'])})"
             lines.append(f"{location}: {message}")
     return "invalid recipe:\n  " + "\n  ".join(lines)
 
@@ -227,12 +248,32 @@ def load_recipe(source: "Recipe | dict[str, Any] | str | Path") -> Recipe:
         return source
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file():
-            raise RecipeError(f"recipe file '{path}' does not exist (give a YAML file or a dict)")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            kind = "folder" if path.is_dir() else "file" if path.is_file() else None
+            text = path.read_text(encoding="utf-8") if kind == "file" else ""
+        except OSError as error:  # a name too long for the file system, a file that cannot be read...
+            raise RecipeError(
+                f"cannot read recipe file '{path}' ({error}); give a readable YAML file or a dict"
+            ) from None
+        except UnicodeDecodeError as error:
+            raise RecipeError(f"recipe file '{path}' is not UTF-8 text ({error}); save it as UTF-8 YAML") from None
+        if kind != "file":
+            what = "is a folder" if kind == "folder" else "does not exist"
+            raise RecipeError(f"recipe file '{path}' {what} (give a YAML file or a dict)")
+        try:
+            data = yaml.safe_load(text)
         except yaml.YAMLError as error:
-            raise RecipeError(f"recipe file '{path}' is not valid YAML: {error}") from None
+            raise RecipeError(
+                f"recipe file '{path}' is not valid YAML; fix the syntax at the line and column shown: {error}"
+            ) from None
+        except (ValueError, TypeError) as error:  # PyYAML cannot build a typed value: `2020-99-99`, `!!float abc`
+            raise RecipeError(
+                f"recipe file '{path}' holds a value YAML cannot read ({error}); quote it to make it a string"
+            ) from None
+        except RecursionError:
+            raise RecipeError(
+                f"recipe file '{path}' is nested too deeply; a recipe is a flat mapping of fields"
+            ) from None
         if not isinstance(data, dict):
             raise RecipeError(f"recipe file '{path}' must hold a mapping of fields, got {type(data).__name__}")
     elif isinstance(source, dict):

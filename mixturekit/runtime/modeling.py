@@ -9,6 +9,7 @@ No modeling source is copied or patched. The dense model is built from `config.t
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers import DynamicCache
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
-from ..errors import RecipeError, TrainingError, UnsupportedArchitectureError
+from ..errors import CheckpointError, RecipeError, TrainingError, UnsupportedArchitectureError
 from .architecture import LINEAR_TYPES, decoder_layers, linear_names, mlp_layout
 from .config import MixtureKitConfig
 from .moe_block import SparseMoeBlock
@@ -71,6 +72,34 @@ def resolve_router_layers(requested: list[str] | None, block: nn.Module, model_t
         if match not in resolved:
             resolved.append(match)
     return resolved
+
+
+def check_checkpoint(folder: Path) -> None:
+    """Compare a composed checkpoint's tensor headers with what its config builds; raise naming the first problems."""
+    from ..sources.resolve import _weight_files
+    from ..sources.safetensors_io import CheckpointReader
+
+    config = MixtureKitConfig.from_pretrained(folder)
+    files = _weight_files(folder)
+    if not files:
+        return
+    stored = CheckpointReader(files).tensors
+    with torch.device("meta"):
+        expected_model = MixtureKitForCausalLM(config)
+    tied = set(getattr(expected_model, "all_tied_weights_keys", None) or {})
+    expected = {n: tuple(t.shape) for n, t in expected_model.state_dict().items() if n not in tied}
+    problems = [f"tensor '{n}' has shape {list(stored[n].shape)}, the config needs {list(shape)}"
+                for n, shape in expected.items() if n in stored and stored[n].shape != shape]
+    missing = [n for n in expected if n not in stored and not n.endswith(".inv_freq")]
+    needed_by_model = {n for n, _ in expected_model.named_parameters()}
+    problems += [f"tensor '{n}' is missing" for n in missing if n in needed_by_model]
+    if problems:
+        raise CheckpointError(
+            f"checkpoint '{folder}' does not match its config (expert_names lists {config.num_experts} experts: "
+            f"{', '.join(config.expert_names)}): {'; '.join(problems[:3])}"
+            f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}; recompose it with mixturekit "
+            "compose, or restore the config.json it was written with"
+        )
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -144,7 +173,12 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
-        """As `PreTrainedModel.from_pretrained`; loading creates fresh parameters, so the freeze is applied again."""
+        """As `PreTrainedModel.from_pretrained`, after checking a local checkpoint's tensors against its config (so a
+        mismatch is named, and a missing router is an error instead of a random one); loading creates fresh
+        parameters, so the freeze is applied again."""
+        source = Path(str(args[0] if args else kwargs.get("pretrained_model_name_or_path", "")))
+        if (source / "config.json").is_file():
+            check_checkpoint(source)
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.apply_default_freeze()

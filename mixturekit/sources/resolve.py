@@ -85,7 +85,9 @@ def _load_config(folder: Path, name: str) -> PretrainedConfig:
     try:
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
-        raise SourceError(f"model '{name}': '{config_path}' is not valid JSON: {error}") from None
+        raise SourceError(
+            f"model '{name}': '{config_path}' is not valid JSON: {error}; fix or re-download config.json"
+        ) from None
     if "auto_map" in raw:
         raise SourceError(
             f"model '{name}' needs custom code (its config has `auto_map`); MixtureKit never sets "
@@ -169,6 +171,9 @@ def resolve_source(spec: ModelSource, cache_dir: Path | None = None, allow_pickl
                 "the recipe to read them with torch.load(weights_only=True)"
             )
         else:
-            raise SourceError(f"model '{spec.name}': '{folder}' has no *.safetensors weight files")
+            raise SourceError(
+                f"model '{spec.name}': '{folder}' has no *.safetensors weight files; re-save it with "
+                "save_pretrained (safetensors), or give a .gguf file or a Hub id"
+            )
     config = _load_config(folder, spec.name)
     return LocalModel(spec.name, folder, files, config, origin, spec.revision, converted_from)

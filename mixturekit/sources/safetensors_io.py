@@ -26,6 +26,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER_BYTES = 100 * 2**20
+# What to do about a damaged file, appended to every message that reports one.
+_DAMAGED_FIX = "re-download the model, or re-save it with save_pretrained from an intact copy"
 
 
 @dataclass(frozen=True)
@@ -51,19 +53,22 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         with open(path, "rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
-                raise SourceError(f"'{path}' is not a safetensors file: it is shorter than its 8-byte header length")
+                raise SourceError(
+                    f"'{path}' is not a safetensors file: it is shorter than its 8-byte header length; {_DAMAGED_FIX}"
+                )
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
                 raise SourceError(
-                    f"'{path}' has a corrupted safetensors header (declared {header_len} bytes in a {size}-byte file)"
+                    f"'{path}' has a corrupted safetensors header (declared {header_len} bytes in a {size}-byte "
+                    f"file); {_DAMAGED_FIX}"
                 )
             header = json.loads(handle.read(header_len).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SourceError(f"'{path}' has a corrupted safetensors header: {error}") from None
+        raise SourceError(f"'{path}' has a corrupted safetensors header ({error}); {_DAMAGED_FIX}") from None
     except OSError as error:
         raise SourceError(f"cannot read '{path}': {error}") from None
     if not isinstance(header, dict):
-        raise SourceError(f"'{path}' has a corrupted safetensors header: not a JSON object")
+        raise SourceError(f"'{path}' has a corrupted safetensors header (not a JSON object); {_DAMAGED_FIX}")
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + header_len
     tensors = {}
@@ -72,13 +77,18 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             dtype = SAFETENSORS_DTYPES[entry["dtype"]]
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
+            if begin < 0 or any(d < 0 for d in shape):
+                raise ValueError("negative offset or dimension")
         except (KeyError, TypeError, ValueError):
-            raise SourceError(f"'{path}': tensor '{name}' has a malformed header entry {entry!r}") from None
+            raise SourceError(
+                f"'{path}': tensor '{name}' has a malformed header entry {entry!r}; {_DAMAGED_FIX}"
+            ) from None
         expected = math.prod(shape) * dtype_nbytes(dtype)
         if end - begin != expected or data_start + end > size:
             raise SourceError(
                 f"'{path}' is truncated or corrupted: tensor '{name}' needs bytes {begin}..{end} of the data "
-                f"section ({expected} bytes for shape {list(shape)}) but the file has {size - data_start}"
+                f"section ({expected} bytes for shape {list(shape)}) but the file has {size - data_start}; "
+                f"{_DAMAGED_FIX}"
             )
         tensors[name] = TensorInfo(name, path, dtype, shape, data_start + begin, end - begin)
     return tensors, metadata
@@ -128,7 +138,7 @@ class CheckpointReader:
             while done < info.nbytes:
                 got = os.preadv(handle.fileno(), [view[done:]], info.start + done)
                 if got <= 0:
-                    raise SourceError(f"'{info.file}' ended while reading tensor '{name}'")
+                    raise SourceError(f"'{info.file}' ended while reading tensor '{name}'; {_DAMAGED_FIX}")
                 done += got
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
