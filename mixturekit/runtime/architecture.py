@@ -102,3 +102,17 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, Conv1D):
         return module.nf, module.weight.shape[0]
     return module.out_features, module.in_features
+
+
+def resolve_names(requested: list[str], valid: list[str], refuse) -> list[str]:
+    """Full block-relative names for `requested` entries: a full name (`mlp.up_proj`) or a unique suffix
+    (`up_proj`), without repeats. `refuse(entry, candidates)` builds the caller's error for an unknown or ambiguous
+    entry (candidates: the names it could mean, none when unknown)."""
+    resolved = []
+    for entry in requested:
+        candidates = [entry] if entry in valid else [name for name in valid if name.endswith("." + entry)]
+        if len(candidates) != 1:
+            raise refuse(entry, candidates)
+        if candidates[0] not in resolved:
+            resolved.append(candidates[0])
+    return resolved

@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from ..errors import CheckpointError, RecipeError, TrainingError, UnsupportedArchitectureError
-from .architecture import LINEAR_TYPES, decoder_layers, linear_names, mlp_layout
+from .architecture import LINEAR_TYPES, decoder_layers, linear_names, mlp_layout, resolve_names
 from .config import MixtureKitConfig
 from .moe_block import SparseMoeBlock
 from .routed_linear import RoutedLinear
@@ -57,21 +57,12 @@ def resolve_router_layers(requested: list[str] | None, block: nn.Module, model_t
     valid = linear_names(block)
     if requested is None:
         return [name for name in valid if name.startswith("mlp.")]
-    resolved = []
-    for entry in requested:
-        if entry in valid:
-            match = entry
-        else:
-            candidates = [name for name in valid if name.endswith("." + entry)]
-            if len(candidates) != 1:
-                why = "is ambiguous" if candidates else "is not a Linear of the block"
-                raise RecipeError(
-                    f"router_layers entry '{entry}' {why} in '{model_type}'; valid names: {', '.join(valid)}"
-                )
-            match = candidates[0]
-        if match not in resolved:
-            resolved.append(match)
-    return resolved
+
+    def refuse(entry: str, candidates: list[str]) -> RecipeError:
+        why = "is ambiguous" if candidates else "is not a Linear of the block"
+        return RecipeError(f"router_layers entry '{entry}' {why} in '{model_type}'; valid names: {', '.join(valid)}")
+
+    return resolve_names(requested, valid, refuse)
 
 
 def check_checkpoint(folder: Path) -> None:

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from ..errors import SourceError
 
@@ -25,6 +26,27 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _convert_once(kind: str, name: str, cache_dir: Path | None, write: Callable[[Path], None]) -> Path:
+    """`cache/<kind>/<name>`, made by `write(staging)` on first use into a temporary folder renamed at the end, so a
+    crash never leaves a half conversion and two processes converting at once both end with a complete one."""
+    root = (cache_dir or default_cache_dir()) / kind
+    target = root / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
+    try:
+        write(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process converted the same source meanwhile
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """Return a folder with config, tokenizer and float32 safetensors of `gguf_path`, converting on first use."""
     try:
@@ -32,18 +54,13 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
         import gguf  # noqa: F401  (transformers needs both to read the file)
     except ImportError:
         raise SourceError(
-            f"'{gguf_path}' is a GGUF file; reading it needs the `gguf` and `accelerate` packages: pip install 'mixturekit[gguf]'"
+            f"'{gguf_path}' is a GGUF file; reading it needs the `gguf` and `accelerate` packages: "
+            "pip install 'mixturekit[gguf]'"
         ) from None
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root = (cache_dir or default_cache_dir()) / "gguf"
-    target = root / f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}"
-    if (target / "config.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
-    try:
+    def write(staging: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype="float32")
         # transformers marks GGUF-loaded models as quantized and refuses save_pretrained; the tensors are already
         # dequantised, so write them (tied copies once) and a config without the quantisation entry.
@@ -57,19 +74,13 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
         if model.generation_config is not None:
             model.generation_config.save_pretrained(staging)
         AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(staging)
-        del model
-        try:
-            staging.rename(target)
-        except OSError:  # another process converted the same file meanwhile
-            if not (target / "config.json").is_file():
-                raise
+
+    try:
+        return _convert_once("gguf", f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}", cache_dir, write)
     except SourceError:
         raise
     except Exception as error:
         raise SourceError(f"cannot convert GGUF file '{gguf_path}': {type(error).__name__}: {error}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def convert_pickle(folder: Path, files: list[Path], cache_dir: Path | None = None) -> Path:
@@ -77,16 +88,7 @@ def convert_pickle(folder: Path, files: list[Path], cache_dir: Path | None = Non
     import torch
     from safetensors.torch import save_file
 
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(file_sha256(path).encode())
-    root = (cache_dir or default_cache_dir()) / "pickle"
-    target = root / f"{folder.name}-{digest.hexdigest()[:16]}"
-    if (target / "model.safetensors").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))
-    try:
+    def write(staging: Path) -> None:
         tensors: dict = {}
         for path in files:
             try:
@@ -100,7 +102,8 @@ def convert_pickle(folder: Path, files: list[Path], cache_dir: Path | None = Non
         for item in folder.iterdir():
             if item.is_file() and item.suffix not in (".bin", ".pt", ".pth", ".ckpt"):
                 shutil.copyfile(item, staging / item.name)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(file_sha256(path).encode())
+    return _convert_once("pickle", f"{folder.name}-{digest.hexdigest()[:16]}", cache_dir, write)

@@ -31,7 +31,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from ..errors import TrainingError
-from ..runtime.architecture import LINEAR_TYPES, decoder_layers
+
+from ..runtime.architecture import LINEAR_TYPES, decoder_layers, resolve_names
 from ..runtime.modeling import MixtureKitForCausalLM
 from ..runtime.moe_block import SparseMoeBlock
 from ..runtime.routed_linear import RoutedLinear
@@ -75,22 +76,14 @@ def _kind(per_block: dict[int, tuple[str, list[str]]]) -> set[str]:
 
 def _resolve(requested: list[str], valid: list[str]) -> list[str]:
     """Full block-relative names for `requested` entries (a full name or a unique suffix such as `q_proj`)."""
-    resolved = []
-    for entry in requested:
-        if entry in valid:
-            match = entry
-        else:
-            candidates = [name for name in valid if name.endswith("." + entry)]
-            if len(candidates) != 1:
-                why = f"is ambiguous ({', '.join(candidates)})" if candidates else "does not exist in the model"
-                raise TrainingError(
-                    f"LoRA target module '{entry}' {why}; valid names (relative to a decoder block): "
-                    f"{', '.join(valid)}"
-                )
-            match = candidates[0]
-        if match not in resolved:
-            resolved.append(match)
-    return resolved
+
+    def refuse(entry: str, candidates: list[str]) -> TrainingError:
+        why = f"is ambiguous ({', '.join(candidates)})" if candidates else "does not exist in the model"
+        return TrainingError(
+            f"LoRA target module '{entry}' {why}; valid names (relative to a decoder block): {', '.join(valid)}"
+        )
+
+    return resolve_names(requested, valid, refuse)
 
 
 def _module_regex(layers_name: str, linears: list[tuple[str, list[int]]], num_blocks: int) -> str:
