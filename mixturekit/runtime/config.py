@@ -35,6 +35,7 @@ class MixtureKitConfig(PretrainedConfig):
         alpha_mode: str = "fixed",
         load_floor: float | None = None,
         alpha_max: float = 1.0,
+        experts_backend: str = "auto",
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -61,6 +62,8 @@ class MixtureKitConfig(PretrainedConfig):
         self.alpha_mode = alpha_mode
         self.load_floor = load_floor
         self.alpha_max = alpha_max
+        # How stacked experts multiply: auto (grouped_mm where it applies, else the loop), loop, or grouped_mm.
+        self.experts_backend = experts_backend
         kwargs.setdefault("tie_word_embeddings", bool(getattr(text_config, "tie_word_embeddings", False)))
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             kwargs.setdefault(key, getattr(text_config, key, None))

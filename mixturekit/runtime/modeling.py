@@ -153,8 +153,20 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         self.apply_default_freeze()
         for name, router in self.routers():
             object.__setattr__(router, "qualified_name", name)
+        self.set_experts_backend(config.experts_backend)
         self.routing_statistics = RoutingStatistics()
         self.current_alpha = float(config.alpha)
+
+    def set_experts_backend(self, backend: str) -> None:
+        """Choose how stacked experts multiply (auto, loop, grouped_mm) for every routed module."""
+        from .experts import BACKENDS
+
+        if backend not in BACKENDS:
+            raise RecipeError(f"experts_backend must be one of {BACKENDS}, got '{backend}'")
+        self.config.experts_backend = backend
+        for module in self.modules():
+            if isinstance(module, ROUTED_MODULE_TYPES):
+                (module.experts if isinstance(module, SparseMoeBlock) else module).backend = backend
 
     def apply_default_freeze(self) -> None:
         """bts: the hub and the expert streams stay frozen and the stitches train; routed methods: nothing frozen."""

@@ -31,14 +31,17 @@ class StackedExperts(nn.Module):
         for weight in (getattr(self, self.up_name), self.down_proj):
             nn.init.normal_(weight, std=0.02)
 
+    backend = "auto"
+
     def forward(self, sorted_inputs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        hidden = grouped_linear(sorted_inputs, getattr(self, self.up_name), counts, getattr(self, f"{self.up_name}_bias"))
+        hidden = grouped_linear(sorted_inputs, getattr(self, self.up_name), counts, getattr(self, f"{self.up_name}_bias"),
+                                self.backend)
         if self.gated:
             gate, up = hidden.chunk(2, dim=-1)
             hidden = self.act_fn(gate) * up
         else:
             hidden = self.act_fn(hidden)
-        return grouped_linear(hidden, self.down_proj, counts, self.down_proj_bias)
+        return grouped_linear(hidden, self.down_proj, counts, self.down_proj_bias, self.backend)
 
 
 class SparseMoeBlock(nn.Module):

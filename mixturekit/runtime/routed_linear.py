@@ -29,12 +29,14 @@ class RoutedLinear(nn.Module):
         if self.bias is not None:
             self.source_map["bias"] = StackSource(("bias",))
 
+    backend = "auto"
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         shape = inputs.shape
         tokens = inputs.reshape(-1, shape[-1])
         weights, indices = route(self.router(tokens), self.top_k)
         plan = dispatch(indices, weights, self.num_experts)
-        outputs = grouped_linear(tokens[plan.token_index], self.weight, plan.counts, self.bias)
+        outputs = grouped_linear(tokens[plan.token_index], self.weight, plan.counts, self.bias, self.backend)
         return combine(outputs, plan).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
