@@ -235,12 +235,8 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def evaluate_all(
-    folders: dict[str, Path], domains: dict[str, Domain], settings: TinySettings, tokenizer_folder: Path,
-) -> dict[str, dict[str, float]]:
+def evaluate_all(folders: dict[str, Path], blocks: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
     """Perplexity of every model folder on the same validation blocks; one model in memory at a time."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    blocks = evaluation_blocks(tokenizer, domains, settings)
     return {name: perplexity(load_model(folder), blocks) for name, folder in folders.items()}
 
 
@@ -274,10 +270,9 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0, progress: bool =
         lap("routers")
         folders = {"seed": paths["seed"], **{f"expert:{name}": paths[name] for name in DOMAIN_NAMES}, **compositions,
                    **trained}
-        results = evaluate_all(folders, domains, settings, paths["seed"])
-        tokenizer = AutoTokenizer.from_pretrained(paths["seed"])
-        routing = {name: routing_by_domain(folder, evaluation_blocks(tokenizer, domains, settings))
-                   for name, folder in trained.items()}
+        blocks = evaluation_blocks(AutoTokenizer.from_pretrained(paths["seed"]), domains, settings)
+        results = evaluate_all(folders, blocks)
+        routing = {name: routing_by_domain(folder, blocks) for name, folder in trained.items()}
         lap("evaluate")
     seconds = time.perf_counter() - started
     report, png = write_routing_report(workdir, trained["btx+routers"], paths["seed"], domains)

@@ -133,6 +133,7 @@ def check_compatible(models: list[LocalModel], reference: int, same_architecture
     vocabulary and tokenizer."""
     ref = models[reference]
     notes = []
+    vocabularies = {id(m): _tokenizer_vocabulary(m) for m in models}
     for other in models:
         if other is ref:
             continue
@@ -154,14 +155,14 @@ def check_compatible(models: list[LocalModel], reference: int, same_architecture
                 f"models '{ref.name}' and '{other.name}' differ in their configs ({listed}); experts must share "
                 "the architecture they were branched from"
             )
-        ref_tokens, other_tokens = _tokenizer_vocabulary(ref), _tokenizer_vocabulary(other)
+        ref_tokens, other_tokens = vocabularies[id(ref)], vocabularies[id(other)]
         if ref_tokens is not None and other_tokens is not None and ref_tokens != other_tokens:
             differing = sorted(set(ref_tokens.items()) ^ set(other_tokens.items()), key=str)[:3]
             raise CompatibilityError(
                 f"models '{ref.name}' and '{other.name}' have different tokenizers (e.g. token/id pairs "
                 f"{differing} are in one only); experts must share one tokenizer"
             )
-    without_tokenizer = [m.name for m in models if _tokenizer_vocabulary(m) is None]
+    without_tokenizer = [m.name for m in models if vocabularies[id(m)] is None]
     if without_tokenizer and len(models) > 1:
         notes.append(f"tokenizers not compared for {without_tokenizer}: no tokenizer.json or vocab.json")
     return notes
@@ -237,8 +238,7 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
 
     text_config = copy.deepcopy(ref_model.config)
     text_config.dtype = dtype_name
-    with torch.device("meta"):
-        dense = dense_model_class(text_config)(copy.deepcopy(text_config))
+    dense = _meta_dense(text_config)
     expected = _dense_expected_tensors(dense)
     renamer = checkpoint_key_renamer(dense)
     for model in models:
@@ -287,16 +287,17 @@ def _plan_streams(recipe: Recipe, models: list[LocalModel], by_name: dict[str, i
     notes = check_compatible(models, hub, same_architecture=False)
     dtype = DTYPES[recipe.dtype] if recipe.dtype != "auto" else _source_dtype(models[hub])
     dtype_name = str(dtype).removeprefix("torch.")
-    configs, prefixes = [], {}
+    configs, prefixes, denses, expected = [], {}, {}, {}
     for index, model in enumerate(models):
         config = copy.deepcopy(model.config)
         config.dtype = dtype_name
-        dense = _meta_dense(config)
+        denses[index] = dense = _meta_dense(config)
+        expected[index] = _dense_expected_tensors(dense)
         model.reader.rename(checkpoint_key_renamer(dense))
-        _check_tensors([model], _dense_expected_tensors(dense))
+        _check_tensors([model], expected[index])
         configs.append(config)
         prefixes[index] = dense.base_model_prefix
-    _, hub_blocks = decoder_layers(_meta_dense(configs[hub]), configs[hub])
+    _, hub_blocks = decoder_layers(denses[hub], configs[hub])
     points = stitch_points(len(hub_blocks), recipe.stitch_freq, recipe.stitch_layers_index)
     out_of_range = [p for p in points if p >= len(hub_blocks)]
     if out_of_range:
@@ -311,7 +312,7 @@ def _plan_streams(recipe: Recipe, models: list[LocalModel], by_name: dict[str, i
     )
     with torch.device("meta"):
         composed = MixtureKitForCausalLM(config)
-    hub_expected = _dense_expected_tensors(_meta_dense(configs[hub]))
+    hub_expected = expected[hub]
     tensors = []
     for name, (tensor, role, _) in tensor_roles(composed).items():
         shape = tuple(tensor.shape)
