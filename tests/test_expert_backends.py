@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mixturekit import MixtureKitConfig, MixtureKitForCausalLM
-from mixturekit.runtime.experts import grouped_linear, resolve_backend
+from mixturekit.runtime.experts import combine, dispatch, grouped_linear, resolve_backend
 from tiny_models import VOCAB, tiny_config
 
 ROUTINGS = {
@@ -23,7 +23,7 @@ def test_grouped_mm_matches_the_loop(routing, rows, with_bias):
     experts, d_in, d_out = 4, 32, 48
     generator = torch.Generator().manual_seed(rows)
     assignment = ROUTINGS[routing](rows, experts).sort().values
-    counts = torch.bincount(assignment, minlength=experts).tolist()
+    counts = torch.bincount(assignment, minlength=experts)  # a device tensor, as dispatch gives it
     inputs = torch.randn(rows, d_in, generator=generator, requires_grad=True)
     weight = torch.randn(experts, d_out, d_in, generator=generator, requires_grad=True)
     bias = torch.randn(experts, d_out, generator=generator, requires_grad=True) if with_bias else None
@@ -73,3 +73,29 @@ def test_whole_models_agree_across_backends(method):
     torch.testing.assert_close(outputs["grouped_mm"][0], outputs["loop"][0], atol=1e-5, rtol=0)
     for name, gradient in outputs["loop"][1].items():
         torch.testing.assert_close(outputs["grouped_mm"][1][name], gradient, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens,top_k", [(1, 1), (1, 2), (23, 2), (40, 3)])
+def test_dispatch_is_a_stable_sort_and_combine_a_weighted_sum(tokens, top_k):
+    """Counting-sort dispatch equals a stable argsort; combine equals the per-slot weighted sum, gradients too."""
+    experts, width = 5, 8
+    generator = torch.Generator().manual_seed(tokens)
+    logits = torch.randn(tokens, experts, generator=generator)
+    logits[:, 0] += 5 * (tokens > 20)  # skewed: most slots to one expert, some experts empty for small inputs
+    weights, indices = torch.softmax(logits, -1).topk(top_k, dim=-1)
+    weights.requires_grad_(True)
+    plan = dispatch(indices, weights, experts)
+    expected_order = torch.argsort(indices.reshape(-1), stable=True)
+    assert torch.equal(plan.order, expected_order)
+    assert torch.equal(plan.order[plan.position], torch.arange(tokens * top_k))
+    assert plan.counts.tolist() == torch.bincount(indices.reshape(-1), minlength=experts).tolist()
+    outputs = torch.randn(tokens * top_k, width, generator=generator, requires_grad=True)
+    mixed = combine(outputs, plan)
+    reference = torch.zeros(tokens, width).index_add(
+        0, plan.token_index, outputs * weights.reshape(-1)[plan.order].unsqueeze(-1))
+    torch.testing.assert_close(mixed, reference, atol=1e-6, rtol=1e-6)
+    upstream = torch.randn(tokens, width, generator=generator)
+    got = torch.autograd.grad((mixed * upstream).sum(), (outputs, weights))
+    want = torch.autograd.grad((reference * upstream).sum(), (outputs, weights))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .architecture import MlpLayout, linear_shape
-from .experts import combine, dispatch, grouped_linear
+from .experts import combine, dispatch, grouped_linear, resolve_backend
 from .routing import Router, RouterLogitsRecorder, route
 from .stacking import StackSource
 
@@ -33,7 +33,9 @@ class StackedExperts(nn.Module):
 
     backend = "auto"
 
-    def forward(self, sorted_inputs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(self, sorted_inputs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if resolve_backend(self.backend, sorted_inputs, getattr(self, self.up_name)) == "loop":
+            counts = counts.tolist()  # one read-back for both projections
         hidden = grouped_linear(sorted_inputs, getattr(self, self.up_name), counts, getattr(self, f"{self.up_name}_bias"),
                                 self.backend)
         if self.gated:

@@ -82,10 +82,10 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
 
     Returns (weights `[N, k]` float32, expert indices `[N, k]`).
     """
-    probabilities = torch.softmax(router_logits.float(), dim=-1)
-    weights, indices = torch.topk(probabilities, top_k, dim=-1)
-    weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, indices
+    # The top k of the softmax are the top k logits, and their renormalised probabilities are the softmax of those
+    # k logits alone: two kernels instead of four, which matters when decoding one token at a time.
+    top_logits, indices = torch.topk(router_logits.float(), top_k, dim=-1)
+    return torch.softmax(top_logits, dim=-1), indices
 
 
 def load_balancing_loss(

@@ -1,0 +1,237 @@
+"""End-to-end benchmark: a whole composed model against its dense base, forward, training and generation.
+
+    python bench/end_to_end.py [--json out.json]                 # GPU, bf16, the issue's Llama shape
+    python bench/end_to_end.py --quick --device cpu              # CPU, fp32, a tiny Llama (a smoke run)
+
+The model is a Llama with d2048, f8192, 4 layers and vocab 49152 (random weights). Rows:
+
+* forward and forward+backward (loss and all gradients) of `btx` (E=4, k=2, gate/up/down routed) and `traditional`
+  (E=4, k=2) against the dense model, at 8x1024 and 1x32 tokens; the FLOP ideal for btx is printed beside it;
+* training tokens/s (AdamW step included): router-only and full, against the dense model of equal active
+  parameters (FFN width k x f) and the dense expert itself;
+* greedy generation tokens/s at batch 1 and 32 (32-token prompt, 128 new tokens, KV cache).
+
+Before timing, a composition whose every expert is a copy of the dense weights must give the dense logits: float32
+relative error <= 1e-4, and in bf16 within twice the dense model's own bf16 rounding error; otherwise nothing is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import environment, relative_error, synchronize, time_ms  # noqa: E402
+
+from mixturekit import MixtureKitConfig, MixtureKitForCausalLM  # noqa: E402
+
+FULL = dict(d=2048, f=8192, layers=4, vocab=49152, heads=32, kv_heads=8, shapes=[(8, 1024), (1, 32)],
+            train_shape=(8, 1024), prompt=32, new_tokens=128, gen_batches=[1, 32])
+QUICK = dict(d=64, f=128, layers=2, vocab=512, heads=4, kv_heads=2, shapes=[(2, 32), (1, 8)],
+             train_shape=(2, 32), prompt=8, new_tokens=8, gen_batches=[1, 4])
+EXPERTS, TOP_K = 4, 2
+
+
+def llama_config(spec: dict, intermediate: int | None = None):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=spec["d"], intermediate_size=intermediate or spec["f"],
+                       num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                       num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"], tie_word_embeddings=False,
+                       max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def dense_model(spec: dict, device, dtype, intermediate: int | None = None):
+    from transformers import LlamaForCausalLM
+
+    with torch.device(device):
+        return LlamaForCausalLM(llama_config(spec, intermediate)).to(dtype)
+
+
+def composed_model(spec: dict, method: str, device, dtype, dense=None):
+    config = MixtureKitConfig(text_config=llama_config(spec), method=method,
+                              expert_names=[f"e{i}" for i in range(EXPERTS)], num_experts_per_tok=TOP_K,
+                              router_layers=["gate_proj", "up_proj", "down_proj"] if method == "btx" else None)
+    with torch.device(device):
+        model = MixtureKitForCausalLM(config).to(dtype)
+    if dense is not None:
+        copy_dense_into(model, dense)
+    return model
+
+
+@torch.no_grad()
+def copy_dense_into(model: MixtureKitForCausalLM, dense) -> None:
+    """Every expert a copy of the dense weights; the shared weights the dense ones."""
+    state = dense.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name in state:
+            tensor.copy_(state[name])
+    for prefix, module in model.named_modules():
+        for param_name, stack in getattr(module, "source_map", {}).items():
+            target = model.get_parameter(f"{prefix}.{param_name}")
+            source = torch.cat([state[f"{prefix}.{n}"] for n in stack.names], 0)
+            target.copy_(source.unsqueeze(0).expand_as(target))
+
+
+def correctness(spec: dict, device, dtype) -> dict[str, float]:
+    """float32: a composition of identical experts must give the dense logits (<= 1e-4). In `dtype`, its error against
+    the float32 dense model must be within twice the dense model's own rounding error in that dtype."""
+    torch.manual_seed(0)
+    dense = dense_model(spec, device, torch.float32).eval()
+    ids = torch.randint(3, spec["vocab"], (2, 64), device=device)
+    errors = {}
+    with torch.no_grad():
+        expected = dense(input_ids=ids).logits
+        errors["dense rounding"] = relative_error(copy.deepcopy(dense).to(dtype)(input_ids=ids).logits, expected)
+        for method in ("traditional", "btx"):
+            model = composed_model(spec, method, device, torch.float32, dense).eval()
+            errors[f"{method} fp32"] = relative_error(model(input_ids=ids).logits, expected)
+            errors[f"{method} rounding"] = relative_error(model.to(dtype)(input_ids=ids).logits, expected)
+            del model
+    return errors
+
+
+def correct(errors: dict[str, float]) -> bool:
+    limit = 2 * errors["dense rounding"] + 1e-3
+    return all(errors[f"{m} fp32"] <= 1e-4 and errors[f"{m} rounding"] <= limit for m in ("traditional", "btx"))
+
+
+def _loss_backward(model, ids) -> None:
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+def forward_rows(spec: dict, device, dtype) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    models = {"dense": dense_model(spec, device, dtype), "btx": composed_model(spec, "btx", device, dtype),
+              "traditional": composed_model(spec, "traditional", device, dtype)}
+    for model in models.values():
+        model.train()
+        model.requires_grad_(True)
+    for batch, length in spec["shapes"]:
+        ids = torch.randint(3, spec["vocab"], (batch, length), device=device)
+        row = dict(batch=batch, length=length)
+        for name, model in models.items():
+            def forward(model=model):
+                with torch.no_grad():
+                    model(input_ids=ids)
+
+            def both(model=model):
+                _loss_backward(model, ids)
+                model.zero_grad(set_to_none=True)
+
+            row[f"{name}_fwd_ms"], row[f"{name}_fwdbwd_ms"] = time_ms(forward, device), time_ms(both, device)
+        for name in ("btx", "traditional"):
+            for mode in ("fwd", "fwdbwd"):
+                row[f"{name}_{mode}_ratio"] = row[f"{name}_{mode}_ms"] / row[f"dense_{mode}_ms"]
+        rows.append(row)
+        print(f"{batch}x{length}: " + "  ".join(
+            f"{n} fwd {row[f'{n}_fwd_ratio']:.2f}x fwd+bwd {row[f'{n}_fwdbwd_ratio']:.2f}x"
+            for n in ("btx", "traditional")) + f"  (dense fwd {row['dense_fwd_ms']:.2f} ms, fwd+bwd "
+            f"{row['dense_fwdbwd_ms']:.2f} ms)", flush=True)
+    return rows
+
+
+def flop_ideal(spec: dict) -> float:
+    """btx / dense FLOPs per token (matmuls only): k copies of the FFN, attention and LM head once."""
+    d, f, kv = spec["d"], spec["f"], spec["d"] * spec["kv_heads"] // spec["heads"]
+    attention, ffn, head = 2 * d * d + 2 * d * kv, 3 * d * f, d * spec["vocab"]
+    dense = spec["layers"] * (attention + ffn) + head
+    return (spec["layers"] * (attention + TOP_K * ffn) + head) / dense
+
+
+def training_rows(spec: dict, device, dtype) -> list[dict]:
+    batch, length = spec["train_shape"]
+    ids = torch.randint(3, spec["vocab"], (batch, length), device=device)
+    cases = [("dense expert, full", lambda: dense_model(spec, device, dtype), None),
+             (f"dense equal active (f={TOP_K * spec['f']}), full",
+              lambda: dense_model(spec, device, dtype, TOP_K * spec["f"]), None),
+             ("btx, routers only", lambda: composed_model(spec, "btx", device, dtype), "routers"),
+             ("btx, full", lambda: composed_model(spec, "btx", device, dtype), None),
+             ("traditional, routers only", lambda: composed_model(spec, "traditional", device, dtype), "routers"),
+             ("traditional, full", lambda: composed_model(spec, "traditional", device, dtype), None)]
+    rows = []
+    for label, build, only in cases:
+        torch.manual_seed(0)
+        model = build().train()
+        model.requires_grad_(only is None)
+        if only == "routers":
+            for _, router in model.routers():
+                router.requires_grad_(True)
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=device.type == "cuda")
+
+        def step(model=model, optimizer=optimizer):
+            _loss_backward(model, ids)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        ms = time_ms(step, device)
+        rows.append(dict(case=label, step_ms=ms, tokens_per_s=batch * length / (ms * 1e-3),
+                         trainable=sum(p.numel() for p in parameters)))
+        print(f"train {label}: {batch * length / (ms * 1e-3):,.0f} tokens/s ({ms:.1f} ms/step)", flush=True)
+        del model, optimizer, parameters
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def generation_rows(spec: dict, device, dtype) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    models = {"dense": dense_model(spec, device, dtype).eval(),
+              "btx": composed_model(spec, "btx", device, dtype).eval(),
+              "traditional": composed_model(spec, "traditional", device, dtype).eval()}
+    settings = dict(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"], do_sample=False,
+                    pad_token_id=0)
+    for batch in spec["gen_batches"]:
+        prompt = torch.randint(3, spec["vocab"], (batch, spec["prompt"]), device=device)
+        row = dict(batch=batch)
+        for name, model in models.items():
+            model.generate(prompt, **settings)  # warm-up
+            synchronize(device)
+            start = time.perf_counter()
+            model.generate(prompt, **settings)
+            synchronize(device)
+            row[f"{name}_tokens_per_s"] = batch * spec["new_tokens"] / (time.perf_counter() - start)
+        rows.append(row)
+        print(f"generate batch {batch}: " + "  ".join(f"{n} {row[f'{n}_tokens_per_s']:,.0f} tok/s" for n in models),
+              flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    spec = QUICK if args.quick else FULL
+    results = {"environment": environment(device), "command": " ".join(sys.argv), "spec": spec,
+               "flop_ideal_btx": flop_ideal(spec)}
+    print(results["environment"], flush=True)
+    results["correctness"] = errors = correctness(spec, device, dtype)
+    print("relative error against the float32 dense model (identical experts): "
+          + ", ".join(f"{n} {e:.1e}" for n, e in errors.items()), flush=True)
+    if not correct(errors):
+        print("WRONG: composed models do not reproduce the dense model; nothing timed")
+        raise SystemExit(1)
+    print(f"FLOP ideal btx / dense: {results['flop_ideal_btx']:.2f}x", flush=True)
+    results["forward"] = forward_rows(spec, device, dtype)
+    results["training"] = training_rows(spec, device, dtype)
+    results["generation"] = generation_rows(spec, device, dtype)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
