@@ -22,6 +22,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
 			|| echo "could not install chromium: the browser tests will be skipped"; \
 	fi
+	# German text for examples/btx_smollm2 (its smoke test): Debian's fortunes-de, installed likewise when missing.
+	@if [ ! -d /usr/share/games/fortunes/de ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes-de) \
+			|| echo "could not install fortunes-de: the SmolLM2 example's smoke test will be skipped"; \
+	fi
 	touch $@
 
 install: $(VENV)/.installed
