@@ -52,8 +52,9 @@ def llama_config(fields: dict):
                        bos_token_id=1, eos_token_id=2)
 
 
-def make_source(folder: Path, fields: dict, seed: int) -> Path:
-    """A Hugging Face folder (config.json + model.safetensors) of random weights from `seed`; reused if present.
+def make_source(folder: Path, fields: dict, seed: int, dtype: str = "float32") -> Path:
+    """A Hugging Face folder (config.json + model.safetensors) of random weights from `seed`, stored as `dtype`
+    (a torch dtype name); reused if present.
 
     The tensor names and shapes come from a `LlamaForCausalLM` built on the meta device (no memory); the weights are
     drawn one tensor at a time, so making a source costs about the size of the model once, not a model instance.
@@ -62,7 +63,7 @@ def make_source(folder: Path, fields: dict, seed: int) -> Path:
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
-    stamp = {"fields": fields, "seed": seed}
+    stamp = {"fields": fields, "seed": seed, **({"dtype": dtype} if dtype != "float32" else {})}
     marker = folder / "bench_source.json"
     if marker.is_file() and json.loads(marker.read_text()) == stamp and (folder / "model.safetensors").is_file():
         return folder
@@ -78,14 +79,17 @@ def make_source(folder: Path, fields: dict, seed: int) -> Path:
             tensors[name] = 1.0 + 0.1 * torch.randn(shape, generator=generator)
         else:
             tensors[name] = 0.02 * torch.randn(shape, generator=generator)
+        tensors[name] = tensors[name].to(getattr(torch, dtype))
+    if dtype != "float32":
+        config.dtype = dtype
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(folder)
     marker.write_text(json.dumps(stamp))
     return folder
 
 
-def make_sources(workdir: Path, fields: dict, count: int, tag: str) -> list[Path]:
-    return [make_source(workdir / f"source-{tag}-{i}", fields, seed=1000 + i) for i in range(count)]
+def make_sources(workdir: Path, fields: dict, count: int, tag: str, dtype: str = "float32") -> list[Path]:
+    return [make_source(workdir / f"source-{tag}-{i}", fields, seed=1000 + i, dtype=dtype) for i in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
