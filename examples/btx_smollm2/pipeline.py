@@ -33,8 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from mixturekit import MixtureKitForCausalLM, compose  # noqa: E402
-from mixturekit.runtime.moe_block import StackedExperts  # noqa: E402
-from mixturekit.runtime.routed_linear import RoutedLinear  # noqa: E402
+from mixturekit.training.freeze import apply_freeze_policy  # noqa: E402
 
 ROUTER_NAMES = ("router", "gate.weight", "stitches")  # parameters that get the higher learning rate
 
@@ -69,23 +68,6 @@ class Data:
                 start = int(torch.randint(0, stream.numel() - self.seq_len, (1,), generator=generator))
                 rows.append(stream[start:start + self.seq_len])
             yield step, steps, torch.stack(rows)
-
-
-def set_trainable(model: MixtureKitForCausalLM, policy: str) -> None:
-    """`full`; `routers+attention` (everything but the experts' FFN weights: routers, attention, norms, embeddings);
-    `stitches` (bts default). The same roles as `mixturekit.training.freeze`, without importing the TRL stack."""
-    model.requires_grad_(policy == "full")
-    if policy == "stitches":
-        model.apply_default_freeze()
-    elif policy == "routers+attention":
-        model.requires_grad_(True)
-        for module in model.modules():
-            if isinstance(module, StackedExperts):
-                module.requires_grad_(False)
-            elif isinstance(module, RoutedLinear):
-                module.weight.requires_grad_(False)
-                if module.bias is not None:
-                    module.bias.requires_grad_(False)
 
 
 def trainable_groups(model: torch.nn.Module, lr: float, router_lr: float) -> list[dict]:
@@ -318,7 +300,7 @@ def main() -> None:
         model = MixtureKitForCausalLM.from_pretrained(composed[label], dtype=torch.float32).to(device)
         if label in ("traditional", "btx", "bts"):
             results[f"{label} (as composed)"] = perplexities(model, data, args.batch_size)
-        set_trainable(model, policy)
+        apply_freeze_policy(model, policy)
         curves[label] = train(model, data, domains, tokens, args, args.lr, args.router_lr, args.seed + 20, label)
         results[label] = perplexities(model, data, args.batch_size)
         if model.config.method != "bts":

@@ -1,15 +1,28 @@
-"""Training: freeze policies, router/stitch training on transformers' Trainer, routing statistics while training."""
+"""Training: freeze policies, router/stitch training on transformers' Trainer, routing statistics while training.
 
-from .callbacks import RoutingStatsCallback, find_composed_model
-from .dpo import ComposedDPOTrainer, run_dpo
-from .freeze import POLICIES, TrainableSummary, apply_freeze_policy, parameter_roles
-from .lora import apply_lora, load_lora, lora_config_for
-from .router_init import initialize_routers
-from .routers import train_routers
-from .sft import ComposedSFTTrainer, run_sft
+The names load on first use: importing `mixturekit.training.freeze` (or this package) does not pull in TRL, PEFT
+or `datasets`, which a GPU image may lack and a freeze policy does not need.
+"""
 
-__all__ = [
-    "POLICIES", "ComposedDPOTrainer", "ComposedSFTTrainer", "RoutingStatsCallback", "TrainableSummary",
-    "apply_freeze_policy", "apply_lora", "find_composed_model", "initialize_routers", "load_lora",
-    "lora_config_for", "parameter_roles", "run_dpo", "run_sft", "train_routers",
-]
+from importlib import import_module
+from typing import Any
+
+_WHERE = {
+    "RoutingStatsCallback": "callbacks", "find_composed_model": "callbacks",
+    "ComposedDPOTrainer": "dpo", "run_dpo": "dpo",
+    "POLICIES": "freeze", "TrainableSummary": "freeze", "apply_freeze_policy": "freeze", "parameter_roles": "freeze",
+    "apply_lora": "lora", "load_lora": "lora", "lora_config_for": "lora",
+    "initialize_routers": "router_init",
+    "train_routers": "routers",
+    "ComposedSFTTrainer": "sft", "run_sft": "sft",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
