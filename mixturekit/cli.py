@@ -67,13 +67,15 @@ def train(
 ) -> None:
     """Train what the composition added (routers, or stitches for bts); runs unchanged under `accelerate launch`."""
     from .training.config import load_train_config
+    from .runtime.data_parallel import is_main_process
     from .training.run import run_training
 
     try:
         path = run_training(load_train_config(config), resume=resume)
     except MixtureKitError as error:
         _fail(error)
-    typer.echo(f"wrote {path}")
+    if is_main_process():
+        typer.echo(f"wrote {path}")
 
 
 @app.command(name="export")

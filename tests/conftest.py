@@ -1,3 +1,4 @@
+import json
 import logging
 import sys
 from pathlib import Path
@@ -26,3 +27,18 @@ def no_loading_warnings(caplog):
     bad = [r.getMessage() for r in caplog.records
            if any(w in r.getMessage().lower() for w in ("missing", "unexpected", "newly initialized", "not used"))]
     assert not bad, bad
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The quick demo's composed models (with a real tokenizer) and its domains as JSONL `text` files."""
+    from mixturekit.demo import run_demo
+    from mixturekit.demo.run import _domains
+
+    root = tmp_path_factory.mktemp("demo")
+    result = run_demo(root, quick=True, progress=False)
+    files = {}
+    for name, domain in _domains(True, 0).items():
+        files[name] = root / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"text": t}) + "\n" for t in domain.train))
+    return root, result, files

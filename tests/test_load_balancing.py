@@ -7,6 +7,7 @@ import torch
 
 from mixturekit import MixtureKitConfig, MixtureKitForCausalLM, TrainingError, load_balancing_loss
 from mixturekit.runtime import route
+from mixturekit.runtime.routing import balance_from_sums, router_sums
 from tiny_models import VOCAB, tiny_config
 
 E = 4
@@ -109,3 +110,35 @@ def test_single_router_model_loss_is_alpha_uniform_and_alpha_e_collapsed():
 
     router.forward = collapsed
     assert model(input_ids=tokens, labels=tokens).aux_loss.item() == pytest.approx(0.25 * E, rel=1e-6)
+
+
+def test_balance_split_over_ranks_sums_to_the_global_batch_loss_and_gradient():
+    """What each data-parallel rank computes (its own probabilities, the counts summed over ranks) adds up to the
+    loss of the whole batch on one process, value and gradient; the rank-local loss does not."""
+    logits = torch.randn(24, E) * 2
+    logits[:12, 0] += 3  # the first rank's tokens prefer expert 0, so local and global balance differ
+    whole = logits.clone().requires_grad_(True)
+    load_balancing_loss(whole, 2).backward()
+    parts = logits.clone().requires_grad_(True)
+    sums = [router_sums(half, 2) for half in parts.split(12)]
+    slots, tokens = sum(s.slots for s in sums), sum(s.tokens for s in sums)
+    shares = [balance_from_sums(s.probability_sum, slots, tokens, 2) for s in sums]
+    sum(shares).backward()
+    assert sum(shares).item() == pytest.approx(load_balancing_loss(logits, 2).item(), rel=1e-6)
+    torch.testing.assert_close(parts.grad, whole.grad)
+    local = sum(load_balancing_loss(half, 2) for half in logits.split(12)) / 2
+    assert abs(local.item() - load_balancing_loss(logits, 2).item()) > 0.05
+
+
+def test_aux_loss_is_weighted_by_the_share_of_label_tokens_the_trainer_counts():
+    """`transformers.Trainer` passes `num_items_in_batch` (label tokens over all accumulated micro-batches) and
+    sums the losses instead of averaging them: a micro-batch holding half the items adds half its aux loss."""
+    model = _model("btx").train()
+    tokens = torch.randint(3, VOCAB, (2, 8))
+    torch.manual_seed(1)
+    alone = model(input_ids=tokens, labels=tokens)
+    items = tokens[:, 1:].numel()
+    torch.manual_seed(1)
+    half = model(input_ids=tokens, labels=tokens, num_items_in_batch=torch.tensor(2 * items))
+    assert half.aux_loss.item() == pytest.approx(alone.aux_loss.item(), rel=1e-6)
+    assert half.loss.item() == pytest.approx(alone.loss.item() / 2, rel=1e-5)

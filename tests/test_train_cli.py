@@ -12,22 +12,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from typer.testing import CliRunner
 
 from mixturekit.cli import app
-from mixturekit.demo import run_demo
 from mixturekit.training import train_routers
 from toy_domains import domain_blocks
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    result = run_demo(root, quick=True, progress=False)
-    from mixturekit.demo.run import _domains
-
-    files = {}
-    for name, domain in _domains(True, 0).items():
-        files[name] = root / f"{name}.jsonl"
-        files[name].write_text("".join(json.dumps({"text": t}) + "\n" for t in domain.train))
-    return root, result, files
 
 
 def test_cli_trains_routers_then_evaluates(demo, tmp_path):

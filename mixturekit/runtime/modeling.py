@@ -24,7 +24,8 @@ from .architecture import LINEAR_TYPES, decoder_layers, linear_names, mlp_layout
 from .config import MixtureKitConfig
 from .moe_block import SparseMoeBlock
 from .routed_linear import RoutedLinear
-from .routing import Router, RouterLogitsRecorder, load_balancing_loss, router_z_loss
+from .data_parallel import data_parallel_world_size, sum_over_ranks
+from .routing import Router, RouterLogitsRecorder, balance_from_sums, router_sums
 from .routing_stats import RoutingStatistics
 from .stitch import MERGE, Stitch, build_stitches, matching_depths, stitch_points
 from .streams import StitchedBlockList, StreamState, capture_stream, replace_output
@@ -348,12 +349,12 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
                 outputs = self._forward_with_streams(arguments)
             else:
                 outputs = self._dense(**arguments, return_dict=True)
-        aux_loss = None
+        aux_loss, loss_weight = None, 1.0
         if router_logits and (labels is not None or output_router_logits):
-            aux_loss = self.load_balancing_loss(router_logits, attention_mask)
+            aux_loss, loss_weight = self._aux_loss_and_weight(router_logits, attention_mask, labels, kwargs)
         loss = outputs.loss
         if loss is not None and aux_loss is not None and (self.current_alpha > 0 or self.config.router_z_loss_coef):
-            loss = loss + aux_loss.to(loss.device)
+            loss = loss + loss_weight * aux_loss.to(loss.device)
         return MoeCausalLMOutputWithPast(
             loss=loss, aux_loss=aux_loss, logits=outputs.logits, past_key_values=outputs.past_key_values,
             hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
@@ -365,36 +366,87 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         """`alpha * sum over routers of E * sum_i f_i P_i` (+ the z-loss if set), padding excluded.
 
-        While training it also counts routing statistics and, with `alpha_mode: auto`, adapts alpha. Raises if
-        training lost the loss's gradient."""
+        In a training step it also counts routing statistics and, with `alpha_mode: auto`, adapts alpha. Raises if
+        training lost the loss's gradient. In a data-parallel training step the counts are summed over the ranks
+        first: each rank returns its share of the global batch's loss times the number of ranks, so that the mean
+        over ranks (what DDP, FSDP and ZeRO average gradients to) is the loss of the global batch.
+        """
+        return self._aux_loss_and_weight(router_logits, attention_mask)[0]
+
+    def _aux_loss_and_weight(
+        self, router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None, loss_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, float | torch.Tensor]:
+        """The aux loss (see `load_balancing_loss`) and the weight to add it to the LM loss with.
+
+        The weight is 1, except where `transformers.Trainer` passes `num_items_in_batch`: it then multiplies the loss
+        by the number of ranks and sums it over gradient-accumulation steps instead of averaging, as it does for the
+        token-summed LM loss. The weight, this micro-batch's share of the step's label tokens divided by the number of
+        ranks, undoes both, so the aux loss counts once per step at any rank count and accumulation.
+        """
         config, k = self.config, self.config.num_experts_per_tok
-        balance, z_loss, lowest_load = None, None, 1.0
         names = self.router_recorder.names or [""] * len(router_logits)
-        for name, logits in zip(names, router_logits):
-            mask = None
-            if attention_mask is not None and attention_mask.dim() == 2:
-                current = attention_mask[:, -(logits.shape[0] // attention_mask.shape[0]):]
-                if current.numel() == logits.shape[0]:
-                    mask = current.reshape(-1).bool()
-            term = load_balancing_loss(logits, k, mask)
+        sums = [router_sums(logits, k, self._token_mask(attention_mask, logits)) for logits in router_logits]
+        counts = torch.stack([torch.cat([s.slots, s.tokens.reshape(1)]).to(sums[0].slots.device) for s in sums])
+        num_items = (loss_kwargs or {}).get("num_items_in_batch")
+        label_items = self._label_items(labels, loss_kwargs) if num_items is not None else None
+        ranks = 1
+        # A training step (not the no-grad forwards of a DPO reference or of generation): counted, and summed over
+        # the ranks, which all run it.
+        training_step = self.training and torch.is_grad_enabled()
+        if training_step:
+            # One collective for every router (and the label count): all ranks run the same training forwards.
+            ranks = data_parallel_world_size()
+            if label_items is not None:
+                counts = torch.cat([counts, label_items.to(counts).expand(1, counts.shape[1])])
+            counts = sum_over_ranks(counts)
+            if label_items is not None:
+                counts, label_items = counts[:-1], counts[-1, 0]
+        balance, z_loss = None, None
+        for router_sum, row in zip(sums, counts):
+            tokens = row[-1].to(router_sum.probability_sum.device)
+            term = balance_from_sums(router_sum.probability_sum, row[:-1].to(tokens.device), tokens, k)
             balance = term if balance is None else balance + term.to(balance.device)
             if config.router_z_loss_coef:
-                z = router_z_loss(logits, mask)
+                z = router_sum.logsumexp_squared_sum / tokens.clamp(min=1)
                 z_loss = z if z_loss is None else z_loss + z.to(z_loss.device)
-            if self.training:
-                lowest_load = min(lowest_load, self.routing_statistics.add(name, logits, k, mask).min().item())
-        if self.training and config.alpha_mode == "auto":
-            self._adapt_alpha(lowest_load)
+        if training_step:
+            for name, row in zip(names, counts):
+                self.routing_statistics.add_counts(name, row[:-1])
+            if config.alpha_mode == "auto":
+                slots = counts[:, :-1]
+                self._adapt_alpha((slots / slots.sum(dim=-1, keepdim=True).clamp(min=1)).min().item())
         aux_loss = self.current_alpha * balance
         if z_loss is not None:
             aux_loss = aux_loss + config.router_z_loss_coef * z_loss
+        aux_loss = aux_loss * ranks
         routers_train = any(router.weight.requires_grad for _, router in self.routers())
-        if self.training and torch.is_grad_enabled() and routers_train and not aux_loss.requires_grad:
+        if training_step and routers_train and not aux_loss.requires_grad:
             raise TrainingError(
                 "the load-balancing loss lost its gradient: reentrant activation checkpointing runs blocks without "
                 "autograd. Enable it with gradient_checkpointing_kwargs={'use_reentrant': False}."
             )
-        return aux_loss
+        weight = 1.0
+        if num_items is not None and label_items is not None:
+            total = torch.as_tensor(num_items, device=aux_loss.device, dtype=torch.float32).clamp(min=1)
+            weight = label_items.to(aux_loss.device, torch.float32) / total / ranks
+        return aux_loss, weight
+
+    @staticmethod
+    def _token_mask(attention_mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask's entries for the tokens this forward routed (the last ones, when decoding)."""
+        if attention_mask is None or attention_mask.dim() != 2:
+            return None
+        current = attention_mask[:, -(logits.shape[0] // attention_mask.shape[0]):]
+        return current.reshape(-1).bool() if current.numel() == logits.shape[0] else None
+
+    @staticmethod
+    def _label_items(labels: torch.Tensor | None, loss_kwargs: dict[str, Any] | None) -> torch.Tensor | None:
+        """This micro-batch's label tokens, counted as `transformers.Trainer` counts `num_items_in_batch`."""
+        shift_labels = (loss_kwargs or {}).get("shift_labels")
+        if shift_labels is not None:
+            return shift_labels.ne(-100).sum().float()
+        return labels[..., 1:].ne(-100).sum().float() if labels is not None else None
 
     def _adapt_alpha(self, lowest_load: float) -> None:
         """Automatic alpha: x1.5 while some expert gets less than the floor share of slots, else decay by 0.95

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,42 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return torch.softmax(top_logits, dim=-1), indices
 
 
+class RouterSums(NamedTuple):
+    """One router's sums over the tokens this process saw: what the balance and z losses are made of.
+
+    Means are taken only after the counts are summed over the data-parallel ranks (`data_parallel.sum_over_ranks`),
+    so that a run on several ranks optimises the balance of the global batch, as one process would.
+    """
+
+    probability_sum: torch.Tensor  # [E] sum over tokens of the router probabilities (carries gradient)
+    slots: torch.Tensor  # [E] how many routed slots (token x k) chose each expert, float, no gradient
+    tokens: torch.Tensor  # scalar float: how many tokens were counted (padding excluded)
+    logsumexp_squared_sum: torch.Tensor  # scalar: sum over tokens of logsumexp(logits)^2 (the z-loss numerator)
+
+
+def router_sums(router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None) -> RouterSums:
+    """The sums of one router's logits over the tokens where `token_mask` is true."""
+    logits = router_logits.float().reshape(-1, router_logits.shape[-1])
+    if token_mask is not None:
+        logits = logits[token_mask.reshape(-1).to(torch.bool)]
+    probabilities = torch.softmax(logits, dim=-1)
+    with torch.no_grad():
+        chosen = torch.topk(logits, top_k, dim=-1).indices.reshape(-1)
+        slots = torch.bincount(chosen, minlength=logits.shape[-1]).float()
+        tokens = torch.tensor(float(logits.shape[0]), device=logits.device)
+    return RouterSums(probabilities.sum(dim=0), slots, tokens, torch.logsumexp(logits, dim=-1).pow(2).sum())
+
+
+def balance_from_sums(
+    probability_sum: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    """``E * sum_i f_i * P_i`` from sums: `slots` and `tokens` over the batch the balance is wanted for, and
+    `probability_sum` over the tokens whose gradient this process owns (the same tokens on one process)."""
+    fraction_routed = slots / (tokens.clamp(min=1) * top_k)
+    mean_probability = probability_sum / tokens.clamp(min=1)
+    return slots.shape[-1] * torch.sum(fraction_routed * mean_probability)
+
+
 def load_balancing_loss(
     router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -97,18 +133,8 @@ def load_balancing_loss(
     expert i, both over the tokens where `token_mask` is true (padding excluded). It is 1 for perfectly uniform
     routing and E when every token goes to one expert with probability 1 (k = 1; E/k for k > 1).
     """
-    logits = router_logits.float().reshape(-1, router_logits.shape[-1])
-    num_experts = logits.shape[-1]
-    if token_mask is not None:
-        logits = logits[token_mask.reshape(-1).to(torch.bool)]
-    if logits.shape[0] == 0:
-        return router_logits.float().sum() * 0.0
-    probabilities = torch.softmax(logits, dim=-1)
-    _, chosen = torch.topk(probabilities, top_k, dim=-1)
-    slots = F.one_hot(chosen, num_experts).float().sum(dim=1)  # [N, E]: how many of a token's k slots chose i
-    fraction_routed = slots.mean(dim=0) / top_k
-    mean_probability = probabilities.mean(dim=0)
-    return num_experts * torch.sum(fraction_routed * mean_probability)
+    sums = router_sums(router_logits, top_k, token_mask)
+    return balance_from_sums(sums.probability_sum, sums.slots, sums.tokens, top_k)
 
 
 def router_z_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:

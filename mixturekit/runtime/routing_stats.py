@@ -43,9 +43,16 @@ class RoutingStatistics:
             if mask is not None:
                 logits = logits[mask.reshape(-1).bool()]
             chosen = torch.topk(logits, top_k, dim=-1).indices.reshape(-1)
-            counts = torch.bincount(chosen, minlength=logits.shape[-1]).float().cpu()
-        self.counts[name] = self.counts.get(name, torch.zeros_like(counts)) + counts
-        return counts / counts.sum().clamp(min=1)
+            counts = torch.bincount(chosen, minlength=logits.shape[-1]).float()
+        self.add_counts(name, counts)
+        return (counts / counts.sum().clamp(min=1)).cpu()
+
+    def add_counts(self, name: str, counts: torch.Tensor) -> None:
+        """Add slot counts per expert already taken (by the training forward, summed over ranks). They stay on
+        their device until `summary`, so counting costs no synchronisation."""
+        counts = counts.detach().float()
+        previous = self.counts.get(name)
+        self.counts[name] = counts.clone() if previous is None else previous + counts.to(previous.device)
 
     def reset(self) -> None:
         self.counts = {}
@@ -53,6 +60,7 @@ class RoutingStatistics:
     def summary(self) -> list[RouterStats]:
         out = []
         for name, counts in self.counts.items():
+            counts = counts.cpu()
             total = counts.sum().item()
             out.append(RouterStats(name, (counts / max(total, 1)).tolist(), int(total)))
         return out

@@ -24,6 +24,9 @@ class RoutingStatsCallback(TrainerCallback):
     """Logs per-router load, normalised entropy, max-load share and dead experts to the trainer's loggers, and warns
     once per (router, expert) whose share of routed slots stays under `dead_threshold` for `window` steps.
 
+    Under data-parallel training the model sums its routing counts over the ranks, so every rank sees (and logs)
+    the loads of the global batch, not of its own slice.
+
     `dead_threshold` defaults to a tenth of the uniform share (0.1 / E).
     """
 
@@ -50,6 +53,8 @@ class RoutingStatsCallback(TrainerCallback):
                 self.below[key] = self.below.get(key, 0) + 1 if expert in stats.dead_experts(threshold) else 0
                 if self.below[key] >= self.window and key not in self.warned:
                     self.warned.add(key)
+                    if state is not None and not state.is_world_process_zero:
+                        continue  # the loads are global (summed over ranks by the model): one warning is enough
                     message = (f"expert {expert} ({composed.config.expert_names[expert]}) of router {stats.name} has "
                                f"had under {threshold:.3f} of the routed slots for {self.window} steps: it is dead. "
                                "Raise alpha, use alpha_mode: auto, or re-initialise that router.")
@@ -78,4 +83,17 @@ class RoutingStatsCallback(TrainerCallback):
             logs["routing/max_load_max"] = round(max(max_loads), 4)
             logs["routing/dead_experts"] = dead
             logs["routing/alpha"] = composed.current_alpha
+        # The trainer stored its copy of this step's logs before calling back: complete it, so that
+        # trainer_state.json (and whatever reads the history) has the routing statistics too.
+        history = state.log_history if state is not None else []
+        if history and history[-1].get("step") == state.global_step:
+            history[-1].update({key: value for key, value in logs.items() if key.startswith("routing/")})
         self.interval, self.interval_steps = {}, 0
+
+
+def add_routing_statistics(trainer, callback: RoutingStatsCallback | None = None) -> RoutingStatsCallback:
+    """Put a `RoutingStatsCallback` first among the trainer's callbacks: the reporting integrations (TensorBoard,
+    W&B, ...) and the printer run after it, so they receive the routing statistics it adds to each log."""
+    callback = callback or RoutingStatsCallback()
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback

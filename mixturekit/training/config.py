@@ -25,7 +25,9 @@ class TrainConfig(BaseModel):
     policy: str | None = Field(default=None, description="Freeze policy; default: routers (stitches for bts).")
     max_steps: int = Field(default=200, ge=1)
     learning_rate: float = Field(default=1e-2, gt=0)
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="Per process: under `accelerate launch` the global batch "
+                            "is batch_size x processes x gradient_accumulation_steps.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
     save_steps: int | None = Field(default=None, ge=1, description="Checkpoint every N steps (needed to resume).")
     seed: int = 0
     router_init: Literal["keep", "data"] = Field(

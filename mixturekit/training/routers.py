@@ -10,7 +10,7 @@ from datasets import Dataset
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from ..errors import TrainingError
-from .callbacks import RoutingStatsCallback
+from .callbacks import add_routing_statistics
 from .freeze import TrainableSummary, apply_freeze_policy
 
 
@@ -32,6 +32,8 @@ def train_routers(
     callbacks: list | None = None,
     save_steps: int | None = None,
     resume: bool | str = False,
+    save_to: str | Path | None = None,
+    tokenizer: Any = None,
     **training_args: Any,
 ) -> TrainableSummary:
     """Train what the composition added (routers; stitches for bts) on fixed-length token blocks.
@@ -39,7 +41,9 @@ def train_routers(
     `blocks` is a `[n, length]` tensor of token ids or a `datasets.Dataset` with an `input_ids` column of equal
     lengths. The default policy is `routers` (`stitches` for bts). Routing statistics go to the trainer's log.
     With `save_steps`, checkpoints go to `output_dir`; `resume=True` (or a checkpoint path) continues from the last
-    one, with the same result as an uninterrupted run.
+    one, with the same result as an uninterrupted run. With `save_to`, the trained model (and `tokenizer`) is saved
+    there by the trainer, which under `accelerate launch` gathers FSDP/ZeRO-3 shards and writes from one process.
+    `batch_size` is per process: the global batch is `batch_size x processes x gradient_accumulation_steps`.
     """
     if policy is None:
         policy = "stitches" if model.config.method == "bts" else "routers"
@@ -57,13 +61,16 @@ def train_routers(
         per_device_train_batch_size=batch_size, seed=seed, data_seed=seed, report_to="none",
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         logging_steps=max(1, max_steps // 5), disable_tqdm=not progress, lr_scheduler_type="cosine",
-        warmup_steps=max(1, max_steps // 10), weight_decay=0.0, use_cpu=not torch.cuda.is_available(),
+        warmup_steps=max(1, max_steps // 10), weight_decay=0.0, use_cpu=not torch.accelerator.is_available(),
         remove_unused_columns=False, **training_args,
     )
     trainer = Trainer(model=model, args=arguments, train_dataset=blocks, data_collator=_collate,
-                      callbacks=[RoutingStatsCallback(), *(callbacks or [])])
+                      processing_class=tokenizer, callbacks=callbacks)
+    add_routing_statistics(trainer)
     if not progress:
         trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=resume or None)
+    if save_to is not None:
+        trainer.save_model(str(save_to))
     model.eval()
     return summary

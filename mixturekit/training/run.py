@@ -14,7 +14,11 @@ from .routers import train_routers
 
 
 def run_training(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train as configured and save the result (model and tokenizer) to `config.output`."""
+    """Train as configured and save the result (model and tokenizer) to `config.output`.
+
+    Runs unchanged under `accelerate launch` (DDP, FSDP2, DeepSpeed ZeRO-3): `batch_size` is per process, and the
+    trainer writes the output from the main process only.
+    """
     output = Path(config.output)
     if config.stage in ("sft", "dpo"):
         from .dpo import run_dpo
@@ -26,6 +30,7 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
         run(config.model, dataset, output, lora=config.lora, max_steps=config.max_steps,
             target_modules=config.target_modules, learning_rate=config.learning_rate,
             per_device_train_batch_size=config.batch_size, seed=config.seed, progress=progress, resume=resume,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
             **({"save_strategy": "steps", "save_steps": config.save_steps} if config.save_steps else {}))
         return output
     model = AutoModelForCausalLM.from_pretrained(config.model)
@@ -40,7 +45,6 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
         initialize_routers(model, tokenizer, "data", samples)
     train_routers(model, blocks, output / "checkpoints", policy=config.policy, max_steps=config.max_steps,
                   learning_rate=config.learning_rate, batch_size=config.batch_size, seed=config.seed,
-                  progress=progress, save_steps=config.save_steps, resume=resume)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+                  progress=progress, save_steps=config.save_steps, resume=resume, save_to=output, tokenizer=tokenizer,
+                  gradient_accumulation_steps=config.gradient_accumulation_steps)
     return output

@@ -30,6 +30,7 @@ from trl.data_utils import is_conversational
 from trl.trainer.utils import FusedCausalLMOutput
 
 from ..errors import TrainingError
+from .callbacks import add_routing_statistics
 from .lora import composed_model, lora_config_for, share_router_recorder
 
 SFT_FORMATS = (("text",), ("messages",), ("prompt", "completion"), ("input_ids",))
@@ -97,6 +98,8 @@ def adapt_trainer(trainer: transformers.Trainer) -> None:
     # Our aux_loss already carries alpha; bts has no routers and no aux loss.
     trainer.aux_loss_enabled = bool(composed.routers())
     trainer.router_aux_loss_coef = 1.0
+    if composed.routers():
+        add_routing_statistics(trainer)
 
 
 class ComposedSFTTrainer(SFTTrainer):
@@ -224,6 +227,8 @@ def trainer_arguments(
         report_to="none", disable_tqdm=not progress, save_strategy="no", logging_steps=max(1, max_steps // 10),
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Without an accelerator the trainer must be told, or under `accelerate launch` each CPU process trains alone.
+        use_cpu=not torch.accelerator.is_available(),
     )
     return {**defaults, **training_args, "output_dir": str(output_dir), "max_steps": max_steps,
             "activation_checkpointing": gradient_checkpointing, "activation_checkpointing_kwargs": checkpoint_kwargs}
