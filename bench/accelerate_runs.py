@@ -257,6 +257,8 @@ def main() -> None:
             continue
         # `batch_size` is per process: the global batch stays 8 at any number of GPUs.
         config = {**tasks[task], "batch_size": max(1, 8 // gpus)}
+        if task.startswith("lora") and distributed == "zero3":  # TRL forces reentrant checkpointing there
+            config["gradient_checkpointing"] = False
         runs.append(launch(f"{task}:{distributed or 'plain'}:{precision}", config, args.workdir, distributed,
                            precision, gpus))
         (args.out / "accelerate_runs.json").write_text(json.dumps(runs, indent=1))

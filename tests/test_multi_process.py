@@ -127,3 +127,22 @@ def test_lora_sft_on_two_processes_equals_one_process(demo, tmp_path):
     for name in one:
         difference = (two[name] - one[name]).norm() / one[name].norm()
         assert difference < 1e-3, (name, difference.item())
+
+
+def test_lora_under_zero3_with_checkpointing_is_refused_before_training(demo):
+    """TRL forces reentrant checkpointing for PEFT under ZeRO-3, which would drop the balance loss's gradient."""
+    from types import SimpleNamespace
+
+    from mixturekit import TrainingError
+    from mixturekit.training.sft import check_checkpointing_under_zero3
+
+    root, _, _ = demo
+    model = AutoModelForCausalLM.from_pretrained(root / "btx")
+
+    def arguments(stage, checkpointing):
+        return SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage), activation_checkpointing=checkpointing)
+
+    with pytest.raises(TrainingError, match="gradient_checkpointing: false"):
+        check_checkpointing_under_zero3(arguments(3, True), model, lora=True)
+    for stage, checkpointing, lora in ((3, False, True), (2, True, True), (3, True, False)):
+        check_checkpointing_under_zero3(arguments(stage, checkpointing), model, lora=lora)

@@ -36,6 +36,8 @@ class TrainConfig(BaseModel):
     router_init_data: dict[str, str] | None = Field(default=None, description="Expert name -> its domain sample file.")
     lora: bool = Field(default=True, description="sft/dpo: train LoRA adapters (routers and stitches in full).")
     target_modules: list[str] | None = Field(default=None, description="sft/dpo: LoRA targets; default: attention.")
+    gradient_checkpointing: bool = Field(default=True, description="sft/dpo: recompute activations in backward "
+                                         "(less memory); off for LoRA under DeepSpeed ZeRO-3.")
 
 
 def load_train_config(path: str | Path) -> TrainConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,9 @@ def train_routers(
     if "input_ids" not in blocks.column_names:
         raise TrainingError(f"the dataset needs an `input_ids` column; it has {blocks.column_names}")
     summary = apply_freeze_policy(model, policy)
+    # The precision `accelerate launch --mixed_precision` (or its config) asked for; DeepSpeed checks they agree.
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    training_args = {"bf16": precision == "bf16", "fp16": precision == "fp16", **training_args}
     arguments = TrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, learning_rate=learning_rate,
         per_device_train_batch_size=batch_size, seed=seed, data_seed=seed, report_to="none",

@@ -31,6 +31,7 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
             target_modules=config.target_modules, learning_rate=config.learning_rate,
             per_device_train_batch_size=config.batch_size, seed=config.seed, progress=progress, resume=resume,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
+            gradient_checkpointing=config.gradient_checkpointing,
             **({"save_strategy": "steps", "save_steps": config.save_steps} if config.save_steps else {}))
         return output
     model = AutoModelForCausalLM.from_pretrained(config.model)

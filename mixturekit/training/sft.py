@@ -230,8 +230,25 @@ def trainer_arguments(
         # Without an accelerator the trainer must be told, or under `accelerate launch` each CPU process trains alone.
         use_cpu=not torch.accelerator.is_available(),
     )
+    # transformers renamed gradient_checkpointing to activation_checkpointing after 5.17; use whichever it has.
+    name = ("activation_checkpointing" if "activation_checkpointing" in transformers.TrainingArguments.__dataclass_fields__
+            else "gradient_checkpointing")
     return {**defaults, **training_args, "output_dir": str(output_dir), "max_steps": max_steps,
-            "activation_checkpointing": gradient_checkpointing, "activation_checkpointing_kwargs": checkpoint_kwargs}
+            name: gradient_checkpointing, f"{name}_kwargs": checkpoint_kwargs}
+
+
+def check_checkpointing_under_zero3(args: transformers.TrainingArguments, model: nn.Module, lora: bool) -> None:
+    """TRL forces reentrant activation checkpointing on PEFT models under DeepSpeed ZeRO-3 (trl#2514), which would
+    drop the load-balancing loss's gradient; say so before anything is loaded onto the GPUs."""
+    plugin = getattr(args, "deepspeed_plugin", None)
+    checkpointing = getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False)
+    if (lora or isinstance(model, PeftModel)) and plugin is not None and plugin.zero_stage == 3 and checkpointing \
+            and composed_model(model).routers():
+        raise TrainingError(
+            "LoRA under DeepSpeed ZeRO-3 with activation checkpointing: TRL forces reentrant checkpointing there, which "
+            "drops the load-balancing loss's gradient. Set `gradient_checkpointing: false` in the training config "
+            "(gradient_checkpointing=False in Python), or use FSDP2 (examples/accelerate/fsdp2.yaml)"
+        )
 
 
 def train_and_save(
@@ -278,6 +295,7 @@ def run_sft(
     model, peft_config = prepare_model(model_or_path, lora, lora_config, target_modules, training_args.get("seed", 42))
     tokenizer = load_tokenizer(model, tokenizer, first)
     args = SFTConfig(**trainer_arguments(output_dir, max_steps, gradient_checkpointing, progress, training_args))
+    check_checkpointing_under_zero3(args, model, peft_config is not None)
     with quiet(not progress):
         trainer = ComposedSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                      peft_config=peft_config, callbacks=callbacks)
