@@ -49,10 +49,6 @@ class StackedExperts(nn.Module):
 class SparseMoeBlock(nn.Module):
     """Router (`gate`) + stacked experts; every token goes to its top-k experts, none is dropped."""
 
-    # DeepSpeed ZeRO-3 gathers a leaf module's parameters at once instead of hooking its submodules: which experts a
-    # step uses depends on the data, and per-submodule prefetching would trace a different order every step.
-    _z3_leaf = True
-
     def __init__(self, dense_mlp: nn.Module, layout: MlpLayout, num_experts: int, top_k: int,
                  recorder: RouterLogitsRecorder | None = None):
         super().__init__()

@@ -15,10 +15,6 @@ from .stacking import StackSource
 class RoutedLinear(nn.Module):
     """`weight [E, out, in]`, `bias [E, out]` and a `router`; each token mixes its top-k experts' outputs."""
 
-    # DeepSpeed ZeRO-3 gathers a leaf module's parameters at once instead of hooking its submodules: which experts a
-    # step uses depends on the data, and per-submodule prefetching would trace a different order every step.
-    _z3_leaf = True
-
     def __init__(self, dense: nn.Module, num_experts: int, top_k: int, recorder: RouterLogitsRecorder | None = None):
         super().__init__()
         out_features, in_features = linear_shape(dense)
