@@ -67,7 +67,7 @@ def train(
 ) -> None:
     """Train what the composition added (routers, or stitches for bts); runs unchanged under `accelerate launch`."""
     from .training.config import load_train_config
-    from .runtime.data_parallel import is_main_process
+    from .runtime.data_parallel import end_process_group, is_main_process
     from .training.run import run_training
 
     try:
@@ -76,6 +76,7 @@ def train(
         _fail(error)
     if is_main_process():
         typer.echo(f"wrote {path}")
+    end_process_group()
 
 
 @app.command(name="export")

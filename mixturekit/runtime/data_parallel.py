@@ -31,3 +31,17 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
 def is_main_process() -> bool:
     """Rank 0, or the only process: the one that prints and writes what all ranks share."""
     return data_parallel_world_size() == 1 or dist.get_rank() == 0
+
+
+def wait_for_all_ranks() -> None:
+    """Block until every rank gets here (a no-op on one process): e.g. until rank 0 has written the output."""
+    if data_parallel_world_size() > 1:
+        dist.barrier()
+
+
+def end_process_group() -> None:
+    """Leave `torch.distributed` cleanly at the end of a command: a rank that exits with the group still open can be
+    aborted by its communication threads, and the launcher then kills the others, possibly mid-write."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -7,6 +7,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import TrainingError
+from ..runtime.data_parallel import wait_for_all_ranks
 from .config import TrainConfig
 from .data import load_data, token_blocks
 from .router_init import initialize_routers
@@ -33,6 +34,7 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             gradient_checkpointing=config.gradient_checkpointing,
             **({"save_strategy": "steps", "save_steps": config.save_steps} if config.save_steps else {}))
+        wait_for_all_ranks()  # rank 0 writes; no rank returns before the output is whole
         return output
     model = AutoModelForCausalLM.from_pretrained(config.model)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -48,4 +50,5 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
                   learning_rate=config.learning_rate, batch_size=config.batch_size, seed=config.seed,
                   progress=progress, save_steps=config.save_steps, resume=resume, save_to=output, tokenizer=tokenizer,
                   gradient_accumulation_steps=config.gradient_accumulation_steps)
+    wait_for_all_ranks()
     return output
