@@ -123,8 +123,10 @@ def launch(name: str, config: dict, workdir: Path, distributed: str | None, prec
     return result
 
 
-def logits_of(folder: Path, base_model: Path | None, batch: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    """Logits (float32, one process) of a saved output: a full model, or a LoRA adapter on `base_model`."""
+def logits_of(folder: Path, base_model: Path | None, batch: torch.Tensor,
+              round_to_bf16: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """Logits (float32, one process) of a saved output: a full model, or a LoRA adapter on `base_model`; with
+    `round_to_bf16`, every weight rounded to bfloat16 first (what a 16-bit save of the same weights would hold)."""
     import mixturekit  # noqa: F401
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -143,10 +145,19 @@ def logits_of(folder: Path, base_model: Path | None, batch: torch.Tensor) -> tup
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     finally:
         hf_logging.get_logger("transformers").removeHandler(handler)
+    if round_to_bf16:
+        model = model.to(torch.bfloat16).float()
     model = model.to(DEVICE).eval()
     with torch.no_grad():
         logits = model(input_ids=batch.to(DEVICE)).logits.float().cpu()
     return logits, [m for m in messages if any(w in m.lower() for w in ("missing", "unexpected", "newly initialized"))]
+
+
+def _stored_dtype(path: Path) -> str:
+    """The dtype of the first tensor in a safetensors file, from its header."""
+    with path.open("rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    return next(value["dtype"] for key, value in header.items() if key != "__metadata__")
 
 
 class _Collect(logging.Handler):
@@ -180,6 +191,12 @@ def compare(runs: list[dict], batch: torch.Tensor, base_models: dict[str, Path])
         run["logits_rel_diff_vs_plain"] = float(difference.norm() / reference["logits"].norm())
         run["top1_agreement_vs_plain"] = float((run["logits"].argmax(-1) == reference["logits"].argmax(-1))
                                                .float().mean())
+        saved = next(Path(run["output"]).glob("*.safetensors"), None)
+        full_model = not (Path(run["output"]) / "adapter_config.json").exists()
+        if full_model and saved is not None and _stored_dtype(saved) == "BF16":
+            # The output holds bf16 weights: compare with the plain output's weights rounded the same way too.
+            rounded, _ = logits_of(Path(reference["output"]), None, batch, round_to_bf16=True)
+            run["logits_rel_diff_vs_plain_rounded_bf16"] = float((run["logits"] - rounded).norm() / rounded.norm())
     for run in runs:
         run.pop("logits", None)
 
@@ -187,12 +204,13 @@ def compare(runs: list[dict], batch: torch.Tensor, base_models: dict[str, Path])
 def markdown(runs: list[dict], gpus: int, device: str) -> str:
     lines = [f"{gpus} x {device}; torch {torch.__version__}", "",
              "| run | launch | precision | processes | first loss | last loss | max loss diff vs plain | "
-             "reloaded logits rel. diff vs plain | top-1 agreement | samples/s | samples/s per GPU |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "reloaded logits rel. diff vs plain | same, plain rounded to bf16 | top-1 agreement | samples/s | "
+             "samples/s per GPU |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         if "loss" not in run:
             lines.append(f"| {run['name']} | {run['distributed']} | {run['precision']} | {run['processes']} | "
-                         "failed | | | | | | |")
+                         "failed | | | | | | | |")
             continue
         def number(key, spec=".4f"):
             value = run.get(key)
@@ -200,7 +218,8 @@ def markdown(runs: list[dict], gpus: int, device: str) -> str:
         per_gpu = (run["samples_per_second"] or 0) / run["processes"]
         lines.append(f"| {run['name']} | {run['distributed']} | {run['precision']} | {run['processes']} | "
                      f"{run['loss'][0]:.4f} | {run['loss'][-1]:.4f} | {number('loss_max_abs_diff_vs_plain')} | "
-                     f"{number('logits_rel_diff_vs_plain', '.2e')} | {number('top1_agreement_vs_plain', '.3f')} | "
+                     f"{number('logits_rel_diff_vs_plain', '.2e')} | "
+                     f"{number('logits_rel_diff_vs_plain_rounded_bf16', '.2e')} | {number('top1_agreement_vs_plain', '.3f')} | "
                      f"{number('samples_per_second', '.1f')} | {per_gpu:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -214,6 +233,7 @@ def main() -> None:
     parser.add_argument("--expert-steps", type=int, default=40)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--only", default="", help="comma-separated launches to run: plain,fsdp2,zero3")
+    parser.add_argument("--tasks", default="", help="comma-separated: routers-btx,routers-traditional,lora-sft-btx")
     parser.add_argument("--documents", type=int, default=200, help="512-token documents per domain to train on")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -245,15 +265,16 @@ def main() -> None:
         "lora-sft-btx": {**common, "model": str(composed["btx"]), "stage": "sft", "batch_size": 8,
                          "learning_rate": 2e-4, "save_steps": args.steps},
     }
-    plan = [("routers-btx", None, "no"), ("routers-btx", "fsdp2", "no"),
+    plan = [("routers-btx", None, "no"), ("routers-btx", "fsdp2", "no"), ("routers-btx", "zero3", "no"),
             ("routers-btx", None, "bf16"), ("routers-btx", "fsdp2", "bf16"), ("routers-btx", "zero3", "bf16"),
             ("routers-traditional", None, "bf16"), ("routers-traditional", "fsdp2", "bf16"),
             ("routers-traditional", "zero3", "bf16"),
             ("lora-sft-btx", None, "bf16"), ("lora-sft-btx", "fsdp2", "bf16"), ("lora-sft-btx", "zero3", "bf16")]
     only = set(filter(None, args.only.split(",")))
+    tasks_wanted = set(filter(None, args.tasks.split(",")))
     runs = []
     for task, distributed, precision in plan:
-        if only and (distributed or "plain") not in only:
+        if only and (distributed or "plain") not in only or tasks_wanted and task not in tasks_wanted:
             continue
         # `batch_size` is per process: the global batch stays 8 at any number of GPUs.
         config = {**tasks[task], "batch_size": max(1, 8 // gpus)}
