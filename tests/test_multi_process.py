@@ -56,7 +56,8 @@ def assert_same_history(single: list[dict], multi: list[dict], keys: tuple[str, 
     assert len(single) == len(multi) and len(single) >= 3, (single, multi)
     for step_single, step_multi in zip(single, multi):
         for key in keys:
-            assert step_multi[key] == pytest.approx(step_single[key], rel=2e-5, abs=1e-6), (key, step_single, step_multi)
+            expected = pytest.approx(step_single[key], rel=2e-5, abs=1e-6)
+            assert step_multi[key] == expected, (key, step_single, step_multi)
 
 
 def trained_tensors(folder: Path, filename: str) -> dict[str, torch.Tensor]:
@@ -97,7 +98,8 @@ def test_router_training_on_two_processes_equals_one_process(balanced_btx, tmp_p
         routers = [name for name in start if name.endswith("router.weight")]
         assert routers and all(not torch.equal(one[name], start[name]) for name in routers)
         for name in start:
-            torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=lambda message, name=name: f"{name}: {message}")
+            torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6,
+                                       msg=lambda message, name=name: f"{name}: {message}")
 
     # The output written by rank 0 loads on one process and computes what the single-process output computes.
     models = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "out").eval() for run in ("1x8", "2x4")]
@@ -129,20 +131,39 @@ def test_lora_sft_on_two_processes_equals_one_process(demo, tmp_path):
         assert difference < 1e-3, (name, difference.item())
 
 
-def test_lora_under_zero3_with_checkpointing_is_refused_before_training(demo):
-    """TRL forces reentrant checkpointing for PEFT under ZeRO-3, which would drop the balance loss's gradient."""
+def test_checkpointing_made_reentrant_by_the_trainer_is_refused_before_training(demo):
+    """TRL makes checkpointing reentrant for PEFT under ZeRO-3, which would drop the balance loss's gradient."""
     from types import SimpleNamespace
 
     from mixturekit import TrainingError
-    from mixturekit.training.sft import check_checkpointing_under_zero3
+    from mixturekit.training.sft import check_checkpointing_keeps_balance_gradient
 
     root, _, _ = demo
     model = AutoModelForCausalLM.from_pretrained(root / "btx")
 
-    def arguments(stage, checkpointing):
-        return SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage), activation_checkpointing=checkpointing)
+    def arguments(checkpointing, reentrant):
+        return SimpleNamespace(activation_checkpointing=checkpointing,
+                               activation_checkpointing_kwargs={"use_reentrant": reentrant})
 
     with pytest.raises(TrainingError, match="gradient_checkpointing: false"):
-        check_checkpointing_under_zero3(arguments(3, True), model, lora=True)
-    for stage, checkpointing, lora in ((3, False, True), (2, True, True), (3, True, False)):
-        check_checkpointing_under_zero3(arguments(stage, checkpointing), model, lora=lora)
+        check_checkpointing_keeps_balance_gradient(arguments(True, True), model)
+    for checkpointing, reentrant in ((False, True), (True, False)):
+        check_checkpointing_keeps_balance_gradient(arguments(checkpointing, reentrant), model)
+
+
+def test_trl_trainers_check_their_checkpointing_when_built(demo, tmp_path):
+    """The check runs inside the composed TRL trainers, after TRL's own `__init__` had its say."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    from mixturekit import TrainingError
+    from mixturekit.training.sft import ComposedSFTTrainer
+
+    root, _, _ = demo
+    model = AutoModelForCausalLM.from_pretrained(root / "btx")
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True,
+                     activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(TrainingError, match="gradient_checkpointing: false"):
+        ComposedSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"text": "one two three"}] * 2),
+                           processing_class=AutoTokenizer.from_pretrained(root / "btx"))

@@ -19,8 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from trl import DPOConfig, DPOTrainer
 
 from .sft import (
-    adapt_trainer, check_checkpointing_under_zero3, check_dataset, load_tokenizer, prepare_model, quiet,
-    train_and_save, trainer_arguments,
+    adapt_trainer, check_dataset, load_tokenizer, prepare_model, quiet, train_and_save, trainer_arguments,
 )
 
 DPO_FORMATS = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
@@ -67,7 +66,6 @@ def run_dpo(
         # policy is also the right reference for a model changed in memory.
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     args = DPOConfig(**trainer_arguments(output_dir, max_steps, gradient_checkpointing, progress, training_args))
-    check_checkpointing_under_zero3(args, model, peft_config is not None)
     with quiet(not progress):
         trainer = ComposedDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
                                      processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)

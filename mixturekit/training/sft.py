@@ -91,6 +91,7 @@ def adapt_trainer(trainer: transformers.Trainer) -> None:
                 f"from TRL 1.16, which mixturekit.training was written against"
             )
     composed = composed_model(trainer.model)
+    check_checkpointing_keeps_balance_gradient(trainer.args, composed)
     share_router_recorder(composed)  # PEFT's copies of the routers must record into the model's recorder
     route_fused_head_through_forward(composed)
     if getattr(trainer, "ref_model", None) is not None:
@@ -100,6 +101,21 @@ def adapt_trainer(trainer: transformers.Trainer) -> None:
     trainer.router_aux_loss_coef = 1.0
     if composed.routers():
         add_routing_statistics(trainer)
+
+
+def check_checkpointing_keeps_balance_gradient(args: transformers.TrainingArguments, composed: nn.Module) -> None:
+    """Refuse, before training, checkpointing that the trainer made reentrant after `trainer_arguments` set it
+    non-reentrant: TRL does so for PEFT models under DeepSpeed ZeRO-3 (trl#2514), and reentrant checkpointing drops
+    the load-balancing loss's gradient (the model would stop at the first step, without saying why it happened)."""
+    checkpointing = getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False)
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None)
+    kwargs = kwargs or getattr(args, "gradient_checkpointing_kwargs", None) or {}
+    if checkpointing and kwargs.get("use_reentrant") and composed.routers():
+        raise TrainingError(
+            "the trainer switched activation checkpointing to reentrant (TRL does so for LoRA under DeepSpeed ZeRO-3), "
+            "which drops the load-balancing loss's gradient. Set `gradient_checkpointing: false` in the training "
+            "config (gradient_checkpointing=False in Python), or use FSDP2 (examples/accelerate/fsdp2.yaml)"
+        )
 
 
 class ComposedSFTTrainer(SFTTrainer):
@@ -231,24 +247,10 @@ def trainer_arguments(
         use_cpu=not torch.accelerator.is_available(),
     )
     # transformers renamed gradient_checkpointing to activation_checkpointing after 5.17; use whichever it has.
-    name = ("activation_checkpointing" if "activation_checkpointing" in transformers.TrainingArguments.__dataclass_fields__
-            else "gradient_checkpointing")
+    fields = transformers.TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return {**defaults, **training_args, "output_dir": str(output_dir), "max_steps": max_steps,
             name: gradient_checkpointing, f"{name}_kwargs": checkpoint_kwargs}
-
-
-def check_checkpointing_under_zero3(args: transformers.TrainingArguments, model: nn.Module, lora: bool) -> None:
-    """TRL forces reentrant activation checkpointing on PEFT models under DeepSpeed ZeRO-3 (trl#2514), which would
-    drop the load-balancing loss's gradient; say so before anything is loaded onto the GPUs."""
-    plugin = getattr(args, "deepspeed_plugin", None)
-    checkpointing = getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False)
-    if (lora or isinstance(model, PeftModel)) and plugin is not None and plugin.zero_stage == 3 and checkpointing \
-            and composed_model(model).routers():
-        raise TrainingError(
-            "LoRA under DeepSpeed ZeRO-3 with activation checkpointing: TRL forces reentrant checkpointing there, which "
-            "drops the load-balancing loss's gradient. Set `gradient_checkpointing: false` in the training config "
-            "(gradient_checkpointing=False in Python), or use FSDP2 (examples/accelerate/fsdp2.yaml)"
-        )
 
 
 def train_and_save(
@@ -295,7 +297,6 @@ def run_sft(
     model, peft_config = prepare_model(model_or_path, lora, lora_config, target_modules, training_args.get("seed", 42))
     tokenizer = load_tokenizer(model, tokenizer, first)
     args = SFTConfig(**trainer_arguments(output_dir, max_steps, gradient_checkpointing, progress, training_args))
-    check_checkpointing_under_zero3(args, model, peft_config is not None)
     with quiet(not progress):
         trainer = ComposedSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                      peft_config=peft_config, callbacks=callbacks)
