@@ -101,17 +101,25 @@ class RouterSums(NamedTuple):
     logsumexp_squared_sum: torch.Tensor  # scalar: sum over tokens of logsumexp(logits)^2 (the z-loss numerator)
 
 
-def router_sums(router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None) -> RouterSums:
-    """The sums of one router's logits over the tokens where `token_mask` is true."""
+def routed_tokens(router_logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A router's logits as float32 `[tokens, E]`, only the tokens where `token_mask` is true (padding excluded)."""
     logits = router_logits.float().reshape(-1, router_logits.shape[-1])
-    if token_mask is not None:
-        logits = logits[token_mask.reshape(-1).to(torch.bool)]
-    probabilities = torch.softmax(logits, dim=-1)
+    return logits if token_mask is None else logits[token_mask.reshape(-1).to(torch.bool)]
+
+
+def slot_counts(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """How many routed slots (token x k) chose each expert, as float `[E]`, from `[tokens, E]` logits."""
     with torch.no_grad():
         chosen = torch.topk(logits, top_k, dim=-1).indices.reshape(-1)
-        slots = torch.bincount(chosen, minlength=logits.shape[-1]).float()
-        tokens = torch.tensor(float(logits.shape[0]), device=logits.device)
-    return RouterSums(probabilities.sum(dim=0), slots, tokens, torch.logsumexp(logits, dim=-1).pow(2).sum())
+        return torch.bincount(chosen, minlength=logits.shape[-1]).float()
+
+
+def router_sums(router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None) -> RouterSums:
+    """The sums of one router's logits over the tokens where `token_mask` is true."""
+    logits = routed_tokens(router_logits, token_mask)
+    tokens = torch.tensor(float(logits.shape[0]), device=logits.device)
+    return RouterSums(torch.softmax(logits, dim=-1).sum(dim=0), slot_counts(logits, top_k), tokens,
+                      torch.logsumexp(logits, dim=-1).pow(2).sum())
 
 
 def balance_from_sums(
@@ -139,9 +147,5 @@ def load_balancing_loss(
 
 def router_z_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss of one router: mean over tokens of logsumexp(logits)^2 (keeps logits small)."""
-    logits = router_logits.float().reshape(-1, router_logits.shape[-1])
-    if token_mask is not None:
-        logits = logits[token_mask.reshape(-1).to(torch.bool)]
-    if logits.shape[0] == 0:
-        return router_logits.float().sum() * 0.0
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+    logits = routed_tokens(router_logits, token_mask)
+    return torch.logsumexp(logits, dim=-1).pow(2).sum() / max(logits.shape[0], 1)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .routing import routed_tokens, slot_counts
+
 
 @dataclass(frozen=True)
 class RouterStats:
@@ -36,16 +38,9 @@ class RoutingStatistics:
     def __init__(self) -> None:
         self.counts: dict[str, torch.Tensor] = {}
 
-    def add(self, name: str, router_logits: torch.Tensor, top_k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Count this step's choices of one router; return its per-expert load for this step."""
-        with torch.no_grad():
-            logits = router_logits.reshape(-1, router_logits.shape[-1])
-            if mask is not None:
-                logits = logits[mask.reshape(-1).bool()]
-            chosen = torch.topk(logits, top_k, dim=-1).indices.reshape(-1)
-            counts = torch.bincount(chosen, minlength=logits.shape[-1]).float()
-        self.add_counts(name, counts)
-        return (counts / counts.sum().clamp(min=1)).cpu()
+    def add(self, name: str, router_logits: torch.Tensor, top_k: int, mask: torch.Tensor | None = None) -> None:
+        """Count this step's choices of one router (the tokens where `mask` is true)."""
+        self.add_counts(name, slot_counts(routed_tokens(router_logits, mask), top_k))
 
     def add_counts(self, name: str, counts: torch.Tensor) -> None:
         """Add slot counts per expert already taken (by the training forward, summed over ranks). They stay on
