@@ -22,20 +22,29 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
     """
     output = Path(config.output)
     if config.stage in ("sft", "dpo"):
-        from .dpo import run_dpo
-        from .sft import run_sft
+        _run_trl_stage(config, output, resume, progress)
+    else:
+        _run_router_stage(config, output, resume, progress)
+    wait_for_all_ranks()  # rank 0 writes; no rank returns before the output is whole
+    return output
 
-        required = ("chosen", "rejected") if config.stage == "dpo" else ()
-        dataset = load_data(config.data, required_columns=required)
-        run = run_dpo if config.stage == "dpo" else run_sft
-        run(config.model, dataset, output, lora=config.lora, max_steps=config.max_steps,
-            target_modules=config.target_modules, learning_rate=config.learning_rate,
-            per_device_train_batch_size=config.batch_size, seed=config.seed, progress=progress, resume=resume,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            gradient_checkpointing=config.gradient_checkpointing,
-            **({"save_strategy": "steps", "save_steps": config.save_steps} if config.save_steps else {}))
-        wait_for_all_ranks()  # rank 0 writes; no rank returns before the output is whole
-        return output
+
+def _run_trl_stage(config: TrainConfig, output: Path, resume: bool, progress: bool) -> None:
+    from .dpo import run_dpo
+    from .sft import run_sft
+
+    required = ("chosen", "rejected") if config.stage == "dpo" else ()
+    dataset = load_data(config.data, required_columns=required)
+    run = run_dpo if config.stage == "dpo" else run_sft
+    run(config.model, dataset, output, lora=config.lora, max_steps=config.max_steps,
+        target_modules=config.target_modules, learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.batch_size, seed=config.seed, progress=progress, resume=resume,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_checkpointing=config.gradient_checkpointing,
+        **({"save_strategy": "steps", "save_steps": config.save_steps} if config.save_steps else {}))
+
+
+def _run_router_stage(config: TrainConfig, output: Path, resume: bool, progress: bool) -> None:
     model = AutoModelForCausalLM.from_pretrained(config.model)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     blocks = token_blocks(load_data(config.data, required_columns=(config.text_column,)), tokenizer,
@@ -50,5 +59,3 @@ def run_training(config: TrainConfig, resume: bool = False, progress: bool = Tru
                   learning_rate=config.learning_rate, batch_size=config.batch_size, seed=config.seed,
                   progress=progress, save_steps=config.save_steps, resume=resume, save_to=output, tokenizer=tokenizer,
                   gradient_accumulation_steps=config.gradient_accumulation_steps)
-    wait_for_all_ranks()
-    return output
