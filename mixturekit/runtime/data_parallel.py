@@ -40,8 +40,7 @@ def wait_for_all_ranks() -> None:
 
 
 def end_process_group() -> None:
-    """Leave `torch.distributed` cleanly at the end of a command: a rank that exits with the group still open can be
-    aborted by its communication threads, and the launcher then kills the others, possibly mid-write."""
+    """Leave `torch.distributed` cleanly at the end of a command (after `wait_for_all_ranks`): a rank that exits with
+    the group still open can be aborted by its communication threads, and the launcher then kills the others."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
