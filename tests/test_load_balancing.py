@@ -8,7 +8,7 @@ import torch
 from mixturekit import MixtureKitConfig, MixtureKitForCausalLM, TrainingError, load_balancing_loss
 from mixturekit.runtime import route
 from mixturekit.runtime.routing import balance_from_sums, router_sums
-from tiny_models import VOCAB, tiny_config
+from tiny_models import VOCAB, enable_activation_checkpointing, tiny_config
 
 E = 4
 
@@ -75,7 +75,7 @@ def test_model_aux_loss_is_alpha_times_sum_over_routers(method, routers):
 @pytest.mark.parametrize("method", ["traditional", "btx"])
 def test_aux_loss_gradient_reaches_routers_under_checkpointing(method):
     model = _model(method)
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
     model.train()
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     tokens = torch.randint(3, VOCAB, (2, 8))
@@ -86,7 +86,7 @@ def test_aux_loss_gradient_reaches_routers_under_checkpointing(method):
 
 def test_reentrant_checkpointing_is_refused_rather_than_silently_dropping_the_gradient():
     model = _model("traditional")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    enable_activation_checkpointing(model, use_reentrant=True)
     model.train()
     tokens = torch.randint(3, VOCAB, (2, 8))
     with pytest.raises(TrainingError, match="use_reentrant"):

@@ -136,14 +136,14 @@ def test_checkpointing_made_reentrant_by_the_trainer_is_refused_before_training(
     from types import SimpleNamespace
 
     from mixturekit import TrainingError
-    from mixturekit.training.sft import check_checkpointing_keeps_balance_gradient
+    from mixturekit.training.sft import CHECKPOINTING_ARGUMENT, check_checkpointing_keeps_balance_gradient
 
     root, _, _ = demo
     model = AutoModelForCausalLM.from_pretrained(root / "btx")
 
     def arguments(checkpointing, reentrant):
-        return SimpleNamespace(activation_checkpointing=checkpointing,
-                               activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        return SimpleNamespace(**{CHECKPOINTING_ARGUMENT: checkpointing,
+                                  f"{CHECKPOINTING_ARGUMENT}_kwargs": {"use_reentrant": reentrant}})
 
     with pytest.raises(TrainingError, match="gradient_checkpointing: false"):
         check_checkpointing_keeps_balance_gradient(arguments(True, True), model)
@@ -158,12 +158,12 @@ def test_trl_trainers_check_their_checkpointing_when_built(demo, tmp_path):
     from trl import SFTConfig
 
     from mixturekit import TrainingError
-    from mixturekit.training.sft import ComposedSFTTrainer
+    from mixturekit.training.sft import CHECKPOINTING_ARGUMENT, ComposedSFTTrainer
 
     root, _, _ = demo
     model = AutoModelForCausalLM.from_pretrained(root / "btx")
     args = SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True,
-                     activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
+                     **{CHECKPOINTING_ARGUMENT: True, f"{CHECKPOINTING_ARGUMENT}_kwargs": {"use_reentrant": True}})
     with pytest.raises(TrainingError, match="gradient_checkpointing: false"):
         ComposedSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"text": "one two three"}] * 2),
                            processing_class=AutoTokenizer.from_pretrained(root / "btx"))

@@ -52,3 +52,22 @@ def make_model(config: PretrainedConfig, seed: int) -> torch.nn.Module:
 def save_model(model: torch.nn.Module, folder: Path) -> Path:
     model.save_pretrained(folder)
     return folder
+
+
+def padded_prompts(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts, left-padded with token 0 so that row i has i pad tokens (row 0 none), and their attention mask."""
+    tokens = torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(tokens)
+    for row in range(batch):
+        pads = min(row, length - 1)
+        tokens[row, :pads], mask[row, :pads] = 0, 0
+    return tokens, mask
+
+
+def enable_activation_checkpointing(model: torch.nn.Module, **checkpoint_kwargs) -> None:
+    """transformers 5.24 renamed `gradient_checkpointing_enable` (now deprecated); call whichever is installed."""
+    kwargs = checkpoint_kwargs or None
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

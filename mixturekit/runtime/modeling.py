@@ -21,6 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 
 from ..errors import CheckpointError, RecipeError, TrainingError, UnsupportedArchitectureError
 from .architecture import LINEAR_TYPES, decoder_layers, linear_names, mlp_layout, resolve_names
+from .cache_argument import CACHE_ARGUMENT, output_cache, pop_cache
 from .config import MixtureKitConfig
 from .moe_block import SparseMoeBlock
 from .routed_linear import RoutedLinear
@@ -228,9 +229,9 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
     def _forward_with_streams(self, arguments: dict[str, Any]) -> Any:
         """Capture every stream's block inputs, then run the hub; stitches act after the hub's stitch blocks."""
         use_cache = arguments.get("use_cache", getattr(self.config.text_config, "use_cache", True))
-        cache = arguments.get("past_key_values")
+        cache = arguments.get(CACHE_ARGUMENT)
         if use_cache and cache is None:
-            cache = arguments["past_key_values"] = DynamicCache(config=self.config.text_config)
+            cache = arguments[CACHE_ARGUMENT] = DynamicCache(config=self.config.text_config)
         caches = self._stream_caches(cache) if use_cache else {}
         states = []
         for name, stream in self.streams.items():
@@ -245,7 +246,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
                         f"{stream.config.hidden_size}; pass input_ids so each stream embeds them itself"
                     )
                 inputs["inputs_embeds"] = embeds
-            inputs.update(use_cache=bool(use_cache), past_key_values=caches.get(name))
+            inputs.update({"use_cache": bool(use_cache), CACHE_ARGUMENT: caches.get(name)})
             states.append((name, capture_stream(stream, self._stream_blocks[name], inputs)))
         self._hub_blocks.after_block = lambda index, output: self._after_hub_block(states, index, output)
         try:
@@ -299,14 +300,11 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         self._dense.set_output_embeddings(value)
 
     def prepare_inputs_for_generation(
-        self, input_ids: torch.LongTensor, past_key_values: Any = None, attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None, **kwargs: Any,
+        self, input_ids: torch.LongTensor, inputs_embeds: torch.FloatTensor | None = None, **kwargs: Any
     ) -> dict[str, Any]:
-        """The dense model's own preparation (its signature is what `generate` inspects, so it is spelled out)."""
-        return self._dense.prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
+        """The dense model's own preparation, given what `generate` passes under the installed release's names
+        (`generate` reads `inputs_embeds` and `kwargs` from this signature)."""
+        return self._dense.prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, Router):
@@ -321,23 +319,26 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Any = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_router_logits: bool | None = None,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast:
-        """The dense model's forward, plus the routers' logits and the load-balancing loss (`aux_loss`)."""
+        """The dense model's forward, plus the routers' logits and the load-balancing loss (`aux_loss`).
+
+        The KV cache comes in `kwargs` as `cache` or `past_key_values` (see `cache_argument`); other keyword arguments
+        go to the dense model's forward where it accepts them.
+        """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         kwargs.pop("return_dict", None)
+        cache = pop_cache(kwargs)
         arguments = dict(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-            cache_position=cache_position, logits_to_keep=logits_to_keep, **kwargs,
+            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
+            **{CACHE_ARGUMENT: cache}, **kwargs,
         )
         arguments = {
             k: v for k, v in arguments.items()
@@ -356,7 +357,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         if loss is not None and aux_loss is not None and (self.current_alpha > 0 or self.config.router_z_loss_coef):
             loss = loss + loss_weight * aux_loss.to(loss.device)
         return MoeCausalLMOutputWithPast(
-            loss=loss, aux_loss=aux_loss, logits=outputs.logits, past_key_values=outputs.past_key_values,
+            loss=loss, aux_loss=aux_loss, logits=outputs.logits, **{CACHE_ARGUMENT: output_cache(outputs)},
             hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
             router_logits=tuple(router_logits) if output_router_logits else None,
         )
@@ -424,7 +425,8 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         if training_step and routers_train and not aux_loss.requires_grad:
             raise TrainingError(
                 "the load-balancing loss lost its gradient: reentrant activation checkpointing runs blocks without "
-                "autograd. Enable it with gradient_checkpointing_kwargs={'use_reentrant': False}."
+                "autograd. Enable it with {'use_reentrant': False} as the checkpointing kwargs "
+                "(activation_checkpointing_kwargs from transformers 5.24, gradient_checkpointing_kwargs before)."
             )
         weight = 1.0
         if num_items is not None and label_items is not None:

@@ -37,6 +37,7 @@ from ..runtime.modeling import MixtureKitForCausalLM
 from ..runtime.moe_block import SparseMoeBlock
 from ..runtime.routed_linear import RoutedLinear
 from ..runtime.routing import Router
+from .upstream_warnings import upstream_checkpointing_renames_silenced
 
 EXPERTS = "mlp.experts"  # the target name of a traditional block's stacked experts
 Targets = dict[str, dict[int, tuple[str, list[str]]]]  # block-relative name -> block index -> (kind, adapted names)
@@ -198,7 +199,8 @@ def share_router_recorder(model: nn.Module) -> None:
 
 def apply_lora(model: nn.Module, config: LoraConfig | None = None, **config_kwargs: Any) -> PeftModel:
     """`get_peft_model` with `lora_config_for(model, **config_kwargs)` by default, routers kept on the aux loss."""
-    peft_model = get_peft_model(model, config or lora_config_for(model, **config_kwargs))
+    with upstream_checkpointing_renames_silenced():
+        peft_model = get_peft_model(model, config or lora_config_for(model, **config_kwargs))
     share_router_recorder(peft_model)
     return peft_model
 
@@ -206,6 +208,7 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, **config_kwar
 def load_lora(model: nn.Module, adapter: str | Path, is_trainable: bool = False) -> PeftModel:
     """`PeftModel.from_pretrained` on a composed model, routers kept on the aux loss."""
     composed_model(model)
-    peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)
+    with upstream_checkpointing_renames_silenced():
+        peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)
     share_router_recorder(peft_model)
     return peft_model

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,7 +31,12 @@ from trl.trainer.utils import FusedCausalLMOutput
 from ..errors import TrainingError
 from .callbacks import add_routing_statistics
 from .lora import composed_model, lora_config_for, share_router_recorder
+from .upstream_warnings import upstream_checkpointing_renames_silenced
 
+# transformers renamed `gradient_checkpointing` (now deprecated) to `activation_checkpointing` after 5.17; the
+# training arguments use whichever the installed release has (with `_kwargs` for its settings).
+CHECKPOINTING_ARGUMENT = ("activation_checkpointing" if "activation_checkpointing" in
+                          transformers.TrainingArguments.__dataclass_fields__ else "gradient_checkpointing")
 SFT_FORMATS = (("text",), ("messages",), ("prompt", "completion"), ("input_ids",))
 
 
@@ -107,9 +111,8 @@ def check_checkpointing_keeps_balance_gradient(args: transformers.TrainingArgume
     """Refuse, before training, checkpointing that the trainer made reentrant after `trainer_arguments` set it
     non-reentrant: TRL does so for PEFT models under DeepSpeed ZeRO-3 (trl#2514), and reentrant checkpointing drops
     the load-balancing loss's gradient (the model would stop at the first step, without saying why it happened)."""
-    checkpointing = getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False)
-    kwargs = getattr(args, "activation_checkpointing_kwargs", None)
-    kwargs = kwargs or getattr(args, "gradient_checkpointing_kwargs", None) or {}
+    checkpointing = getattr(args, CHECKPOINTING_ARGUMENT, False)
+    kwargs = getattr(args, f"{CHECKPOINTING_ARGUMENT}_kwargs", None) or {}
     if checkpointing and kwargs.get("use_reentrant") and composed.routers():
         raise TrainingError(
             "the trainer switched activation checkpointing to reentrant (TRL does so for LoRA under DeepSpeed ZeRO-3), "
@@ -128,13 +131,12 @@ class ComposedSFTTrainer(SFTTrainer):
 
 @contextlib.contextmanager
 def quiet(enabled: bool = True) -> Iterator[None]:
-    """Silence the datasets / transformers progress bars while TRL prepares data (restored afterwards), and the
-    `gradient_checkpointing*` deprecation warnings that TRL's and PEFT's own calls raise under transformers 5."""
-    if not enabled:
-        yield
-        return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+    """Silence the datasets / transformers progress bars while TRL prepares data (restored afterwards); PEFT's and
+    TRL's calls of renamed transformers APIs are silenced either way (see `upstream_warnings`)."""
+    with upstream_checkpointing_renames_silenced():
+        if not enabled:
+            yield
+            return
         with _no_progress_bars():
             yield
 
@@ -246,9 +248,7 @@ def trainer_arguments(
         # Without an accelerator the trainer must be told, or under `accelerate launch` each CPU process trains alone.
         use_cpu=not torch.accelerator.is_available(),
     )
-    # transformers renamed gradient_checkpointing to activation_checkpointing after 5.17; use whichever it has.
-    fields = transformers.TrainingArguments.__dataclass_fields__
-    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    name = CHECKPOINTING_ARGUMENT
     return {**defaults, **training_args, "output_dir": str(output_dir), "max_steps": max_steps,
             name: gradient_checkpointing, f"{name}_kwargs": checkpoint_kwargs}
 
