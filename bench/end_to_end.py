@@ -1,15 +1,19 @@
 """End-to-end benchmark: a whole composed model against its dense base, forward, training and generation.
 
-    python bench/end_to_end.py [--json out.json]                 # GPU, bf16, the issue's Llama shape
-    python bench/end_to_end.py --quick --device cpu              # CPU, fp32, a tiny Llama (a smoke run)
+    python bench/end_to_end.py [--shapes issue e8 e16 wide] [--compile] [--json out.json]   # GPU, bf16
+    python bench/end_to_end.py --quick --device cpu                                       # CPU, fp32, a smoke run
+    python bench/end_to_end.py --package-root /path/to/other/checkout ...                 # time another version
 
-The model is a Llama with d2048, f8192, 4 layers and vocab 49152 (random weights). Rows:
+Shapes (Llama, 4 layers, vocab 49152, random weights, composed top-2; btx routes gate/up/down): `issue` d2048/f8192
+with 16 heads / 4 KV heads and E=4 (the Speed issue's table), `e8` and `e16` the same with 8 and 16 experts, `wide`
+d4096/f14336 (32 heads / 8 KV heads) with E=4. Rows, each against the dense model in the same run:
 
-* forward and forward+backward (loss and all gradients) of `btx` (E=4, k=2, gate/up/down routed) and `traditional`
-  (E=4, k=2) against the dense model, at 8x1024 and 1x32 tokens; the FLOP ideal for btx is printed beside it;
+* forward and forward+backward (loss and all gradients) of `btx` and `traditional` at 8x1024 and 1x32 tokens, the
+  peak memory of forward+backward at 8x1024, and (with `--compile`) `torch.compile(model)` forward+backward;
 * training tokens/s (AdamW step included): router-only and full, against the dense model of equal active
   parameters (FFN width k x f) and the dense expert itself;
-* greedy generation tokens/s at batch 1 and 32 (32-token prompt, 128 new tokens, KV cache).
+* greedy `generate()` tokens/s at batch 1 and 32 (32-token prompt, 128 new tokens, default dynamic cache), and at
+  batch 1 with `cache_implementation="static"`.
 
 Before timing, a composition whose every expert is a copy of the dense weights must give the dense logits: float32
 relative error <= 1e-4, and in bf16 within twice the dense model's own bf16 rounding error; otherwise nothing is timed.
@@ -26,17 +30,31 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+def _package_root() -> Path:
+    """The checkout whose `mixturekit` is timed: this one, or `--package-root` (read before the import)."""
+    if "--package-root" in sys.argv:
+        return Path(sys.argv[sys.argv.index("--package-root") + 1]).resolve()
+    return Path(__file__).resolve().parents[1]
+
+
+sys.path.insert(0, str(_package_root()))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 from timing import environment, relative_error, synchronize, time_ms  # noqa: E402
 
 from mixturekit import MixtureKitConfig, MixtureKitForCausalLM  # noqa: E402
 
-FULL = dict(d=2048, f=8192, layers=4, vocab=49152, heads=32, kv_heads=8, shapes=[(8, 1024), (1, 32)],
-            train_shape=(8, 1024), prompt=32, new_tokens=128, gen_batches=[1, 32])
-QUICK = dict(d=64, f=128, layers=2, vocab=512, heads=4, kv_heads=2, shapes=[(2, 32), (1, 8)],
-             train_shape=(2, 32), prompt=8, new_tokens=8, gen_batches=[1, 4])
-EXPERTS, TOP_K = 4, 2
+COMMON = dict(layers=4, vocab=49152, shapes=[(8, 1024), (1, 32)], train_shape=(8, 1024), prompt=32, new_tokens=128,
+              gen_batches=[1, 32], top_k=2)
+SHAPES = {
+    "issue": dict(COMMON, d=2048, f=8192, heads=16, kv_heads=4, experts=4),
+    "e8": dict(COMMON, d=2048, f=8192, heads=16, kv_heads=4, experts=8),
+    "e16": dict(COMMON, d=2048, f=8192, heads=16, kv_heads=4, experts=16),
+    "wide": dict(COMMON, d=4096, f=14336, heads=32, kv_heads=8, experts=4),
+}
+FULL = SHAPES["issue"]
+QUICK = dict(d=64, f=128, layers=2, vocab=512, heads=4, kv_heads=2, shapes=[(2, 32), (1, 8)], train_shape=(2, 32),
+             prompt=8, new_tokens=8, gen_batches=[1, 4], experts=4, top_k=2)
 
 
 def llama_config(spec: dict, intermediate: int | None = None):
@@ -57,7 +75,7 @@ def dense_model(spec: dict, device, dtype, intermediate: int | None = None):
 
 def composed_model(spec: dict, method: str, device, dtype, dense=None):
     config = MixtureKitConfig(text_config=llama_config(spec), method=method,
-                              expert_names=[f"e{i}" for i in range(EXPERTS)], num_experts_per_tok=TOP_K,
+                              expert_names=[f"e{i}" for i in range(spec["experts"])], num_experts_per_tok=spec["top_k"],
                               router_layers=["gate_proj", "up_proj", "down_proj"] if method == "btx" else None)
     with torch.device(device):
         model = MixtureKitForCausalLM(config).to(dtype)
@@ -107,7 +125,18 @@ def _loss_backward(model, ids) -> None:
     model(input_ids=ids, labels=ids).loss.backward()
 
 
-def forward_rows(spec: dict, device, dtype) -> list[dict]:
+def peak_memory_mb(fn, device) -> float | None:
+    """Peak allocated device memory while `fn` runs (weights included), in MB; None on CPU."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 1e6
+
+
+def forward_rows(spec: dict, device, dtype, compile_models: bool = False) -> list[dict]:
     rows = []
     torch.manual_seed(0)
     models = {"dense": dense_model(spec, device, dtype), "btx": composed_model(spec, "btx", device, dtype),
@@ -128,12 +157,24 @@ def forward_rows(spec: dict, device, dtype) -> list[dict]:
                 model.zero_grad(set_to_none=True)
 
             row[f"{name}_fwd_ms"], row[f"{name}_fwdbwd_ms"] = time_ms(forward, device), time_ms(both, device)
+            if (batch, length) == spec["train_shape"]:
+                row[f"{name}_fwdbwd_peak_mb"] = peak_memory_mb(both, device)
+                if compile_models:
+                    compiled = torch.compile(model)
+                    row[f"{name}_compiled_fwdbwd_ms"] = time_ms(lambda: both(compiled), device)
+                    del compiled
         for name in ("btx", "traditional"):
-            for mode in ("fwd", "fwdbwd"):
-                row[f"{name}_{mode}_ratio"] = row[f"{name}_{mode}_ms"] / row[f"dense_{mode}_ms"]
+            for mode in ("fwd", "fwdbwd", "fwdbwd_peak_mb", "compiled_fwdbwd_ms"):
+                key = f"{name}_{mode}" if mode.endswith(("_mb", "_ms")) else f"{name}_{mode}_ms"
+                if row.get(key) is not None:
+                    row[f"{name}_{mode.removesuffix('_ms').removesuffix('_mb')}_ratio"] = row[key] / row[
+                        key.replace(name, "dense", 1)]
         rows.append(row)
         print(f"{batch}x{length}: " + "  ".join(
             f"{n} fwd {row[f'{n}_fwd_ratio']:.2f}x fwd+bwd {row[f'{n}_fwdbwd_ratio']:.2f}x"
+            + (f" peak mem {row[f'{n}_fwdbwd_peak_ratio']:.2f}x" if f"{n}_fwdbwd_peak_ratio" in row else "")
+            + (f" compiled fwd+bwd {row[f'{n}_compiled_fwdbwd_ratio']:.2f}x"
+               if f"{n}_compiled_fwdbwd_ratio" in row else "")
             for n in ("btx", "traditional")) + f"  (dense fwd {row['dense_fwd_ms']:.2f} ms, fwd+bwd "
             f"{row['dense_fwdbwd_ms']:.2f} ms)", flush=True)
     return rows
@@ -144,15 +185,15 @@ def flop_ideal(spec: dict) -> float:
     d, f, kv = spec["d"], spec["f"], spec["d"] * spec["kv_heads"] // spec["heads"]
     attention, ffn, head = 2 * d * d + 2 * d * kv, 3 * d * f, d * spec["vocab"]
     dense = spec["layers"] * (attention + ffn) + head
-    return (spec["layers"] * (attention + TOP_K * ffn) + head) / dense
+    return (spec["layers"] * (attention + spec["top_k"] * ffn) + head) / dense
 
 
 def training_rows(spec: dict, device, dtype) -> list[dict]:
     batch, length = spec["train_shape"]
     ids = torch.randint(3, spec["vocab"], (batch, length), device=device)
     cases = [("dense expert, full", lambda: dense_model(spec, device, dtype), None),
-             (f"dense equal active (f={TOP_K * spec['f']}), full",
-              lambda: dense_model(spec, device, dtype, TOP_K * spec["f"]), None),
+             (f"dense equal active (f={spec['top_k'] * spec['f']}), full",
+              lambda: dense_model(spec, device, dtype, spec["top_k"] * spec["f"]), None),
              ("btx, routers only", lambda: composed_model(spec, "btx", device, dtype), "routers"),
              ("btx, full", lambda: composed_model(spec, "btx", device, dtype), None),
              ("traditional, routers only", lambda: composed_model(spec, "traditional", device, dtype), "routers"),
@@ -184,6 +225,7 @@ def training_rows(spec: dict, device, dtype) -> list[dict]:
 
 
 def generation_rows(spec: dict, device, dtype) -> list[dict]:
+    """Tokens/s of greedy `generate()` as a user calls it (dynamic cache), and with a static cache at batch 1."""
     rows = []
     torch.manual_seed(0)
     models = {"dense": dense_model(spec, device, dtype).eval(),
@@ -191,34 +233,31 @@ def generation_rows(spec: dict, device, dtype) -> list[dict]:
               "traditional": composed_model(spec, "traditional", device, dtype).eval()}
     settings = dict(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"], do_sample=False,
                     pad_token_id=0)
-    for batch in spec["gen_batches"]:
+    cases = [(batch, {}) for batch in spec["gen_batches"]] + [(1, {"cache_implementation": "static"})]
+    for batch, extra in cases:
         prompt = torch.randint(3, spec["vocab"], (batch, spec["prompt"]), device=device)
-        row = dict(batch=batch)
+        row = dict(batch=batch, **extra)
         for name, model in models.items():
-            model.generate(prompt, **settings)  # warm-up
+            for _ in range(2 if extra else 1):  # warm-up (a static cache compiles the decoding step first)
+                model.generate(prompt, **settings, **extra)
             synchronize(device)
             start = time.perf_counter()
-            model.generate(prompt, **settings)
+            model.generate(prompt, **settings, **extra)
             synchronize(device)
             row[f"{name}_tokens_per_s"] = batch * spec["new_tokens"] / (time.perf_counter() - start)
+        for name in ("btx", "traditional"):
+            row[f"{name}_ratio"] = row[f"{name}_tokens_per_s"] / row["dense_tokens_per_s"]
         rows.append(row)
-        print(f"generate batch {batch}: " + "  ".join(f"{n} {row[f'{n}_tokens_per_s']:,.0f} tok/s" for n in models),
-              flush=True)
+        print(f"generate batch {batch}{' ' + str(extra) if extra else ''}: "
+              + "  ".join(f"{n} {row[f'{n}_tokens_per_s']:,.0f} tok/s" for n in models)
+              + "  (" + ", ".join(f"{n} {row[f'{n}_ratio']:.2f}x" for n in ("btx", "traditional")) + ")", flush=True)
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    spec = QUICK if args.quick else FULL
-    results = {"environment": environment(device), "command": " ".join(sys.argv), "spec": spec,
-               "flop_ideal_btx": flop_ideal(spec)}
-    print(results["environment"], flush=True)
+def run_shape(name: str, spec: dict, device, dtype, compile_models: bool,
+              rows: tuple[str, ...] = ("forward", "training", "generation")) -> dict:
+    results = {"shape": name, "spec": spec, "flop_ideal_btx": flop_ideal(spec)}
+    print(f"\n=== shape {name}: d{spec['d']} f{spec['f']} E{spec['experts']} k{spec['top_k']}", flush=True)
     results["correctness"] = errors = correctness(spec, device, dtype)
     print("relative error against the float32 dense model (identical experts): "
           + ", ".join(f"{n} {e:.1e}" for n, e in errors.items()), flush=True)
@@ -226,11 +265,45 @@ def main() -> None:
         print("WRONG: composed models do not reproduce the dense model; nothing timed")
         raise SystemExit(1)
     print(f"FLOP ideal btx / dense: {results['flop_ideal_btx']:.2f}x", flush=True)
-    results["forward"] = forward_rows(spec, device, dtype)
-    results["training"] = training_rows(spec, device, dtype)
-    results["generation"] = generation_rows(spec, device, dtype)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+    if "forward" in rows:
+        results["forward"] = forward_rows(spec, device, dtype, compile_models)
+    if "training" in rows:
+        results["training"] = training_rows(spec, device, dtype)
+    if "generation" in rows:
+        results["generation"] = generation_rows(spec, device, dtype)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--shapes", nargs="+", default=["issue"], choices=sorted(SHAPES))
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) forward+backward")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--package-root", type=Path, help="time the mixturekit of another checkout")
+    parser.add_argument("--rows", nargs="+", default=["forward", "training", "generation"],
+                        choices=["forward", "training", "generation"])
+    parser.add_argument("--few-token-limit-mib", type=float,
+                        help="bytes of gathered expert weights up to which a decoding step skips the sort")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from mixturekit.runtime import experts
+
+    if args.few_token_limit_mib is not None:
+        experts.FEW_TOKEN_COPY_LIMIT_BYTES = int(args.few_token_limit_mib * 2**20)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    import mixturekit
+
+    results = {"environment": environment(device), "command": " ".join(sys.argv),
+               "few_token_copy_limit_bytes": experts.FEW_TOKEN_COPY_LIMIT_BYTES,
+               "package": str(Path(mixturekit.__file__).parent), "shapes": []}
+    print(results["environment"], "| mixturekit from", results["package"], flush=True)
+    shapes = {"quick": QUICK} if args.quick else {name: SHAPES[name] for name in args.shapes}
+    for name, spec in shapes.items():
+        results["shapes"].append(run_shape(name, spec, device, dtype, args.compile, tuple(args.rows)))
+        if args.json:  # written after every shape, so a run stopped at its time limit keeps what it measured
+            args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -46,24 +46,24 @@ def main() -> None:
         weights, indices = route(block.gate(tokens), args.top_k)
         plan = dispatch(indices, weights, args.experts)
         sorted_inputs = tokens[plan.token_index]
-        hidden = grouped_linear(sorted_inputs, experts.gate_up_proj, plan.counts, backend="grouped_mm")
+        hidden = grouped_linear(sorted_inputs, experts.gate_up_proj, plan.groups, backend="grouped_mm")
         gate, up = hidden.chunk(2, dim=-1)
         activated = F.silu(gate) * up
-        outputs = grouped_linear(activated, experts.down_proj, plan.counts, backend="grouped_mm")
+        outputs = grouped_linear(activated, experts.down_proj, plan.groups, backend="grouped_mm")
         contiguous_up = experts.gate_up_proj.detach().transpose(-2, -1).contiguous()
-        offsets = plan.counts.cumsum(0).to(torch.int32)
+        offsets = plan.groups.ends
         pieces = {
             "dense ffn fwd": lambda: dense(tokens),
             "router + route": lambda: route(block.gate(tokens), args.top_k),
             "dispatch": lambda: dispatch(indices, weights, args.experts),
             "gather tokens": lambda: tokens[plan.token_index],
-            "grouped_mm up (transposed view)": lambda: grouped_linear(sorted_inputs, experts.gate_up_proj, plan.counts,
+            "grouped_mm up (transposed view)": lambda: grouped_linear(sorted_inputs, experts.gate_up_proj, plan.groups,
                                                                       backend="grouped_mm"),
             "grouped_mm up (contiguous [E,in,out])": lambda: F.grouped_mm(sorted_inputs, contiguous_up, offs=offsets),
-            "loop up": lambda: grouped_linear(sorted_inputs, experts.gate_up_proj, plan.counts, backend="loop"),
+            "loop up": lambda: grouped_linear(sorted_inputs, experts.gate_up_proj, plan.groups, backend="loop"),
             "activation": lambda: F.silu(gate) * up,
-            "grouped_mm down": lambda: grouped_linear(activated, experts.down_proj, plan.counts, backend="grouped_mm"),
-            "combine (index_add)": lambda: combine(outputs, plan),
+            "grouped_mm down": lambda: grouped_linear(activated, experts.down_proj, plan.groups, backend="grouped_mm"),
+            "combine (gather + bmm)": lambda: combine(outputs, plan),
             "block fwd": lambda: block(tokens),
         }
         with torch.no_grad():

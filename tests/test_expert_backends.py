@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from mixturekit import MixtureKitConfig, MixtureKitForCausalLM
-from mixturekit.runtime.experts import combine, dispatch, grouped_linear, resolve_backend
+from mixturekit.runtime.experts import combine, dispatch, gather_slots, grouped_linear, resolve_backend
+from mixturekit.runtime import experts as experts_module, moe_block, routed_linear
+from mixturekit.runtime.gated_activation import gated_activation
 from tiny_models import VOCAB, tiny_config
 
 ROUTINGS = {
@@ -99,3 +101,55 @@ def test_dispatch_is_a_stable_sort_and_combine_a_weighted_sum(tokens, top_k):
     want = torch.autograd.grad((reference * upstream).sum(), (outputs, weights))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tokens,top_k", [(1, 1), (1, 2), (23, 2), (40, 3)])
+def test_gathered_slots_have_the_gradient_of_plain_indexing(tokens, top_k):
+    """`gather_slots` (summed, atomic-free backward) equals `tokens[token_index]` and its scatter-add gradient."""
+    generator = torch.Generator().manual_seed(tokens)
+    indices = torch.randn(tokens, 6, generator=generator).topk(top_k, dim=-1).indices
+    plan = dispatch(indices, torch.ones(tokens, top_k), 6)
+    hidden = torch.randn(tokens, 16, dtype=torch.float64, generator=generator, requires_grad=True)
+    upstream = torch.randn(tokens * top_k, 16, dtype=torch.float64, generator=generator)
+    gathered = gather_slots(hidden, plan)
+    assert torch.equal(gathered, hidden[plan.token_index])
+    got = torch.autograd.grad((gathered * upstream).sum(), hidden)[0]
+    want = torch.autograd.grad((hidden[plan.token_index] * upstream).sum(), hidden)[0]
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("activation", [torch.nn.SiLU(), torch.nn.GELU(approximate="tanh")])
+def test_gated_activation_on_cpu_is_the_reference(activation):
+    hidden = torch.randn(5, 12)
+    gate, up = hidden[:, :6], hidden[:, 6:]
+    torch.testing.assert_close(gated_activation(hidden, activation), activation(gate) * up, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["traditional", "btx"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt_neox"])  # gated without biases; ungated with biases
+def test_few_token_inference_skips_the_sort_and_gives_the_sorted_result(method, model_type, monkeypatch):
+    config = MixtureKitConfig(text_config=tiny_config(model_type), method=method, expert_names=list("abcd"),
+                              num_experts_per_tok=2)
+    model = MixtureKitForCausalLM(config).eval()
+    with torch.no_grad():
+        for _, parameter in model.named_parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))  # biases and experts non-zero and different
+    tokens = torch.randint(3, VOCAB, (1, 1))
+    with torch.no_grad():
+        few = model(input_ids=tokens).logits
+    sorted_calls = []
+    for module in (moe_block, routed_linear):
+        monkeypatch.setattr(module, "few_tokens_at_inference", lambda *a: sorted_calls.append(1) and False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=tokens).logits, few, atol=1e-5, rtol=1e-5)
+    assert sorted_calls, "the sorted path did not run"
+
+
+def test_few_token_path_is_for_inference_only():
+    few_tokens = experts_module.few_tokens_at_inference
+    weight = torch.randn(4, 8, 8, requires_grad=True)
+    assert not few_tokens(1, 2, 4, weight)  # a gradient is wanted
+    assert few_tokens(1, 2, 4, weight.detach())
+    with torch.no_grad():
+        assert few_tokens(2, 2, 4, weight)
+        assert not few_tokens(3, 2, 4, weight)  # more slots than experts: the sort is cheaper than the copies

@@ -6,7 +6,11 @@ import torch
 from torch import nn
 
 from .architecture import MlpLayout, linear_shape
-from .experts import combine, dispatch, grouped_linear, resolve_backend
+from .experts import (
+    Groups, chosen_experts_linear, combine, dispatch, few_tokens_at_inference, gather_slots, grouped_linear, mix_slots,
+    slot_inputs,
+)
+from .gated_activation import gated_activation
 from .routing import Router, RouterLogitsRecorder, route
 from .stacking import StackSource
 
@@ -33,17 +37,19 @@ class StackedExperts(nn.Module):
 
     backend = "auto"
 
-    def forward(self, sorted_inputs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if resolve_backend(self.backend, sorted_inputs, getattr(self, self.up_name)) == "loop":
-            counts = counts.tolist()  # one read-back for both projections
-        hidden = grouped_linear(sorted_inputs, getattr(self, self.up_name), counts, getattr(self, f"{self.up_name}_bias"),
-                                self.backend)
-        if self.gated:
-            gate, up = hidden.chunk(2, dim=-1)
-            hidden = self.act_fn(gate) * up
-        else:
-            hidden = self.act_fn(hidden)
-        return grouped_linear(hidden, self.down_proj, counts, self.down_proj_bias, self.backend)
+    def activate(self, hidden: torch.Tensor) -> torch.Tensor:
+        return gated_activation(hidden, self.act_fn) if self.gated else self.act_fn(hidden)
+
+    def forward(self, sorted_inputs: torch.Tensor, groups: Groups) -> torch.Tensor:
+        up = getattr(self, self.up_name)
+        hidden = grouped_linear(sorted_inputs, up, groups, getattr(self, f"{self.up_name}_bias"), self.backend)
+        return grouped_linear(self.activate(hidden), self.down_proj, groups, self.down_proj_bias, self.backend)
+
+    def forward_chosen(self, slot_inputs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Each slot through its own expert by gathered weights (few tokens at inference; no sort)."""
+        up = getattr(self, self.up_name)
+        hidden = chosen_experts_linear(slot_inputs, up, getattr(self, f"{self.up_name}_bias"), experts)
+        return chosen_experts_linear(self.activate(hidden), self.down_proj, self.down_proj_bias, experts)
 
 
 class SparseMoeBlock(nn.Module):
@@ -74,6 +80,9 @@ class SparseMoeBlock(nn.Module):
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])
         weights, indices = route(self.gate(tokens), self.top_k)
+        experts = self.experts
+        if few_tokens_at_inference(tokens.shape[0], self.top_k, self.num_experts, *experts.parameters()):
+            outputs = experts.forward_chosen(slot_inputs(tokens, self.top_k), indices.reshape(-1))
+            return mix_slots(outputs, weights).reshape(shape)
         plan = dispatch(indices, weights, self.num_experts)
-        expert_outputs = self.experts(tokens[plan.token_index], plan.counts)
-        return combine(expert_outputs, plan).reshape(shape)
+        return combine(experts(gather_slots(tokens, plan), plan.groups), plan).reshape(shape)

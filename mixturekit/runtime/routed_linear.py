@@ -7,7 +7,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .architecture import linear_shape
-from .experts import combine, dispatch, grouped_linear
+from .experts import (
+    chosen_experts_linear, combine, dispatch, few_tokens_at_inference, gather_slots, grouped_linear, mix_slots, slot_inputs,
+)
 from .routing import Router, RouterLogitsRecorder, route
 from .stacking import StackSource
 
@@ -35,9 +37,14 @@ class RoutedLinear(nn.Module):
         shape = inputs.shape
         tokens = inputs.reshape(-1, shape[-1])
         weights, indices = route(self.router(tokens), self.top_k)
-        plan = dispatch(indices, weights, self.num_experts)
-        outputs = grouped_linear(tokens[plan.token_index], self.weight, plan.counts, self.bias, self.backend)
-        return combine(outputs, plan).reshape(*shape[:-1], self.out_features)
+        if few_tokens_at_inference(tokens.shape[0], self.top_k, self.num_experts, self.weight, self.bias):
+            outputs = chosen_experts_linear(slot_inputs(tokens, self.top_k), self.weight, self.bias, indices.reshape(-1))
+            mixed = mix_slots(outputs, weights)
+        else:
+            plan = dispatch(indices, weights, self.num_experts)
+            mixed = combine(grouped_linear(gather_slots(tokens, plan), self.weight, plan.groups, self.bias,
+                                           self.backend), plan)
+        return mixed.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -47,6 +47,38 @@ class RouterLogitsRecorder:
             self.logits.append(logits)
 
 
+class _Float32Logits(torch.autograd.Function):
+    """`hidden @ weight.T` in float32 from 16-bit `hidden` and `weight` of one dtype (CUDA): the product accumulates
+    and is returned in float32, as the float32 product of the upcast operands is, without writing a float32 copy of
+    `hidden` (as wide as the FFN for a routed down projection), and by a matrix kernel rather than a float32
+    matrix-vector one for the few expert columns. The input gradient is computed in float32 as autograd would; the
+    weight gradient, stored in the weight's 16-bit dtype, is the product of the logit gradient rounded to it."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(hidden, weight)
+        return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor):
+        hidden, weight = ctx.saved_tensors
+        hidden_gradient = weight_gradient = None
+        if ctx.needs_input_grad[0]:
+            hidden_gradient = torch.mm(gradient, weight.float()).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            weight_gradient = torch.mm(gradient.t().to(hidden.dtype), hidden, out_dtype=torch.float32).to(weight.dtype)
+        return hidden_gradient, weight_gradient
+
+
+def float32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits `[..., E]` in float32 for any input dtype."""
+    if (hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype
+            and not torch.compiler.is_compiling()):
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return _Float32Logits.apply(flat, weight).view(*hidden.shape[:-1], weight.shape[0])
+    return F.linear(hidden.float(), weight.float())
+
+
 class Router(nn.Module):
     """A linear gate `[num_experts, hidden]` whose logits are always computed in float32."""
 
@@ -68,7 +100,7 @@ class Router(nn.Module):
                 f"router {self.qualified_name or '(unnamed)'} got non-finite hidden states (NaN or inf) at token "
                 f"rows {bad}: an earlier layer overflowed or the input is corrupt; try float32 or bfloat16 over float16"
             )
-        logits = F.linear(hidden_states.float(), self.weight.float())
+        logits = float32_logits(hidden_states, self.weight)
         if self.recorder is not None:
             self.recorder.record(self.qualified_name, logits)
         return logits

@@ -1,0 +1,95 @@
+"""`combine` as one Triton kernel each way on CUDA: unsort the expert outputs and mix each token's k rows.
+
+The reference (`experts.combine`) permutes the sorted expert outputs back into slot order (a copy of `[N*k, out]`),
+multiplies them by the routing weights (another) and sums over k (a third read); autograd then keeps the permuted
+copy for backward and runs three more passes. Here the forward reads each expert row once where it lies (by the
+inverse permutation) and accumulates the weighted sum in float32; the backward writes each expert row's gradient
+(its token's output gradient times its weight) and that slot's weight gradient (the dot product of the two rows) in
+one pass. Rows are read and written whole, never added into by two programs: no atomics, deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_BLOCK = 1024
+
+
+@functools.cache
+def _triton_kernels():
+    """The Triton kernels, compiled on first use; None where Triton is not installed."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def combine_forward(rows, position, weights, out, width, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        for start in range(0, width, BLOCK):
+            columns = start + tl.arange(0, BLOCK)
+            inside = columns < width
+            total = tl.zeros([BLOCK], dtype=tl.float32)
+            for choice in tl.static_range(TOP_K):
+                row = tl.load(position + token * TOP_K + choice).to(tl.int64)
+                weight = tl.load(weights + token * TOP_K + choice)
+                total += weight * tl.load(rows + row * width + columns, mask=inside, other=0.0).to(tl.float32)
+            tl.store(out + token * width + columns, total.to(out.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def combine_backward(rows, order, weights, gradient, rows_gradient, weights_gradient, width,
+                         TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        slot = tl.load(order + row).to(tl.int64)
+        token = slot // TOP_K
+        weight = tl.load(weights + slot)
+        dot = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, width, BLOCK):
+            columns = start + tl.arange(0, BLOCK)
+            inside = columns < width
+            upstream = tl.load(gradient + token * width + columns, mask=inside, other=0.0).to(tl.float32)
+            expert_row = tl.load(rows + row * width + columns, mask=inside, other=0.0).to(tl.float32)
+            tl.store(rows_gradient + row * width + columns, (weight * upstream).to(rows_gradient.dtype.element_ty),
+                     mask=inside)
+            dot += upstream * expert_row
+        tl.store(weights_gradient + slot, tl.sum(dot, axis=0))
+
+    return combine_forward, combine_backward
+
+
+class _FusedCombine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, position: torch.Tensor, order: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        forward_kernel, _ = _triton_kernels()
+        num_tokens, top_k = weights.shape
+        width = rows.shape[1]
+        out = rows.new_empty(num_tokens, width)
+        if num_tokens:
+            forward_kernel[(num_tokens,)](rows, position, weights, out, width, TOP_K=top_k, BLOCK=_BLOCK)
+        ctx.save_for_backward(rows, order, weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor):
+        _, backward_kernel = _triton_kernels()
+        rows, order, weights = ctx.saved_tensors
+        rows_gradient = torch.empty_like(rows)
+        weights_gradient = torch.empty_like(weights)
+        if rows.shape[0]:
+            backward_kernel[(rows.shape[0],)](rows, order, weights, gradient.contiguous(), rows_gradient,
+                                              weights_gradient, rows.shape[1], TOP_K=weights.shape[1], BLOCK=_BLOCK)
+        return rows_gradient, None, None, weights_gradient
+
+
+def can_fuse_combine(rows: torch.Tensor) -> bool:
+    return rows.is_cuda and not torch.compiler.is_compiling() and _triton_kernels() is not None
+
+
+def fused_combine(rows: torch.Tensor, position: torch.Tensor, order: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+    """`out[t] = sum_j weights[t, j] * rows[position[t*k + j]]` (CUDA, Triton; `weights` float32 `[N, k]`)."""
+    return _FusedCombine.apply(rows.contiguous(), position, order, weights.float().contiguous())
