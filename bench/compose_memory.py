@@ -120,9 +120,11 @@ def child(job: dict) -> dict:
     return result
 
 
-def run_in_subprocess(job: dict, python: str = sys.executable) -> dict:
-    """Run `child(job)` in a new interpreter and return what it reported (the last line of its stdout, JSON)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+def run_in_subprocess(job: dict, python: str = sys.executable, package_root: Path | None = None) -> dict:
+    """Run `child(job)` in a new interpreter and return what it reported (the last line of its stdout, JSON);
+    `package_root` is the checkout whose `mixturekit` it imports (this one by default)."""
+    root = str(package_root or REPO)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
            "TQDM_DISABLE": "1"}
     done = subprocess.run([python, str(Path(__file__).resolve()), "--child", json.dumps(job)],
                           capture_output=True, text=True, env=env, cwd=str(REPO))

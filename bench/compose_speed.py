@@ -118,9 +118,11 @@ def weight_files(sources: list[Path]) -> list[Path]:
     return [p for s in sources for p in sorted(s.glob("*.safetensors"))]
 
 
-def run_compose(method: str, sources: list[Path], output: Path, shard_size: str) -> dict:
+def run_compose(method: str, sources: list[Path], output: Path, shard_size: str,
+                package_root: Path | None = None) -> dict:
     """Compose in a fresh process; keep the output's shard sizes, then delete the output."""
-    result = cm.run_in_subprocess({"recipe": cm.recipe_for(method, sources, shard_size), "output": str(output)})
+    result = cm.run_in_subprocess({"recipe": cm.recipe_for(method, sources, shard_size), "output": str(output)},
+                                  package_root=package_root)
     folder = Path(result["output"])
     result["shard_sizes"] = [p.stat().st_size for p in sorted(folder.glob("*.safetensors"))]
     result["output_bytes"] = cm.folder_bytes(folder)
@@ -137,14 +139,22 @@ def settle(files: list[Path], cache: str, seconds: float) -> None:
 
 
 def measure_cell(method: str, sources: list[Path], workdir: Path, tag: str, shard_size: str, cache: str,
-                 settle_s: float) -> dict:
+                 settle_s: float, baseline: Path | None = None) -> dict:
+    """Compose, then the floor, each from the same page-cache state; with `baseline`, that checkout's compose too
+    (between them), so the two versions are compared back to back."""
     inputs = weight_files(sources)
     settle(inputs, cache, settle_s)
     composed = run_compose(method, sources, workdir / f"out-{tag}-{method}-{len(sources)}", shard_size)
+    cell = {"method": method, "experts": len(sources), "input_bytes": sum(p.stat().st_size for p in inputs),
+            "compose": composed}
+    if baseline is not None:
+        settle(inputs, cache, settle_s)
+        cell["baseline"] = run_compose(method, sources, workdir / f"base-{tag}-{method}-{len(sources)}", shard_size,
+                                       package_root=baseline)
     settle(inputs, cache, settle_s)
-    floor = run_floor(inputs, composed["shard_sizes"], workdir / f"floor-{tag}-{method}-{len(sources)}")
-    return {"method": method, "experts": len(sources), "input_bytes": sum(p.stat().st_size for p in inputs),
-            "compose": composed, "floor": floor, "ratio": composed["wall_s"] / floor["wall_s"]}
+    cell["floor"] = floor = run_floor(inputs, composed["shard_sizes"], workdir / f"floor-{tag}-{method}-{len(sources)}")
+    cell["ratio"] = composed["wall_s"] / floor["wall_s"]
+    return cell
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                         "output was deleted (default 5; 0 with --quick)")
     parser.add_argument("--repeats", type=int, default=1, help="compose/floor pairs per cell; the table shows medians")
     parser.add_argument("--json", type=Path, help="also write every raw measurement here")
+    parser.add_argument("--baseline", type=Path, help="a checkout (or a folder holding a `mixturekit` package) whose "
+                        "compose is timed beside this one's in every cell")
     parser.add_argument("--floor-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.floor_child is not None:
@@ -217,10 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for repeat in range(args.repeats):  # repeats outermost: a slow spell of the machine is spread over the cells
         for method, n in cells:
-            cell = measure_cell(method, sources[:n], args.workdir, tag, args.shard_size, args.cache, settle_s)
+            cell = measure_cell(method, sources[:n], args.workdir, tag, args.shard_size, args.cache, settle_s,
+                                args.baseline)
             runs.append({"repeat": repeat, **cell})
-            print(f"  [{repeat + 1}/{args.repeats}] {method} x{n}: compose {cell['compose']['wall_s']:.2f} s, "
-                  f"floor {cell['floor']['wall_s']:.2f} s", flush=True)
+            base = (f", baseline {cell['baseline']['wall_s']:.2f} s ({cm._mb(cell['baseline']['peak_rss'])} MB)"
+                    if "baseline" in cell else "")
+            print(f"  [{repeat + 1}/{args.repeats}] {method} x{n}: compose {cell['compose']['wall_s']:.2f} s "
+                  f"({cm._mb(cell['compose']['peak_rss'])} MB){base}, floor {cell['floor']['wall_s']:.2f} s",
+                  flush=True)
 
     def median(values: list[float]) -> float:
         ordered = sorted(values)
@@ -238,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         entry = {"method": method, "experts": n, "compose_s": compose_s, "floor_s": floor_s,
                  "ratio": compose_s / floor_s, "pair_ratios": pairs, "peak_rss": peak,
                  "rss_vs_first": peak / reference[method]}
+        if args.baseline is not None:
+            entry["baseline_s"] = median([r["baseline"]["wall_s"] for r in mine])
+            entry["baseline_peak_rss"] = median([r["baseline"]["peak_rss"] for r in mine])
         summary.append(entry)
         rows.append([method, str(n), cm._mb(mine[0]["input_bytes"]), cm._mb(mine[0]["compose"]["output_bytes"]),
                      _s(compose_s), _s(median([r["floor"]["read_s"] for r in mine])),
@@ -248,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"medians of {args.repeats} run(s) per cell; 'pair ratios' is the min-max of compose/floor over the "
           f"back-to-back pairs; MB = 10^6 bytes")
     print(table(rows, header))
+    if args.baseline is not None:
+        print(f"\nbaseline: {args.baseline}")
+        print(table([[e["method"], str(e["experts"]), _s(e["baseline_s"]), _s(e["compose_s"]),
+                      f"{e['baseline_s'] / e['compose_s']:.2f}", cm._mb(e["baseline_peak_rss"]), cm._mb(e["peak_rss"])]
+                     for e in summary],
+                    ["method", "experts", "baseline s", "compose s", "baseline / compose", "baseline peak RSS MB",
+                     "peak RSS MB"]))
     for entry in summary:
         if not (math.isfinite(entry["ratio"]) and entry["ratio"] > 0):
             print(f"warning: non-finite ratio in {entry['method']} x{entry['experts']}", file=sys.stderr)

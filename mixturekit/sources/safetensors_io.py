@@ -129,20 +129,20 @@ class CheckpointReader:
         return self.tensors[name]
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh memory (no mapping of the file)."""
+        """Read one tensor into fresh memory (no mapping of the file), uninitialised before the read fills it."""
         info = self.tensors[name]
-        buffer = bytearray(info.nbytes)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
         with open(info.file, "rb", buffering=0) as handle:
-            view = memoryview(buffer)
+            view = memoryview(raw.numpy())
             done = 0
             while done < info.nbytes:
                 got = os.preadv(handle.fileno(), [view[done:]], info.start + done)
                 if got <= 0:
                     raise SourceError(f"'{info.file}' ended while reading tensor '{name}'; {_DAMAGED_FIX}")
                 done += got
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+        return raw.view(info.dtype).reshape(info.shape)
 
 
 @dataclass(frozen=True)
