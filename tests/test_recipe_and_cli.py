@@ -96,3 +96,12 @@ def test_sharded_output_loads(tmp_path, experts):
     assert all(os.path.getsize(out / s) < 40_000 + 20_000 for s in shards)  # a shard holds at most one oversize tensor
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model(input_ids=torch.randint(3, VOCAB, (1, 4))).logits.isfinite().all()
+
+
+def test_python_dash_m_runs_the_same_command_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "mixturekit", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Usage: mixturekit" in done.stdout and all(c in done.stdout for c in ("compose", "inspect", "export"))

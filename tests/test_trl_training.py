@@ -223,3 +223,17 @@ def test_bad_inputs_give_clear_errors(composed, tmp_path):
     with pytest.raises(TrainingError, match="use_reentrant"):
         run_sft(path, [{"messages": CHATS[0]}], tmp_path / "f", max_steps=1,
                 gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
+def test_plain_trl_sft_trainer_says_which_trainer_to_use_instead_of_training_without_the_balance_loss(composed, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    from mixturekit.training.upstream_warnings import upstream_checkpointing_renames_silenced
+
+    with upstream_checkpointing_renames_silenced():
+        trainer = SFTTrainer(model=_load(composed["btx"]).train(), train_dataset=Dataset.from_list(
+            [{"messages": chat} for chat in CHATS]), args=SFTConfig(output_dir=str(tmp_path), max_steps=1,
+                                                                   report_to="none", use_cpu=True, **QUIET))
+        with pytest.raises(AttributeError, match="ComposedSFTTrainer"):
+            trainer.train()
+    assert not hasattr(_load(composed["btx"])(input_ids=_ids()), "last_hidden_state")  # probes still read "absent"

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..errors import OutputError, RecipeError
 from ..plan import CompositionPlan, TensorPlan, build_plan
 from ..recipe import Recipe, load_recipe
+from ..runtime.loader_files import AUTO_MAP
 from ..runtime.stitch import build_stitches
 from ..sources import ShardWriter, TensorSlot
 from .model_card import write_model_card
@@ -186,7 +187,9 @@ def _hash_sources_in_background(plan: CompositionPlan) -> threading.Thread:
 def _write_side_files(plan: CompositionPlan, staging: Path) -> None:
     reference = plan.models[plan.reference]
     plan.config.architectures = ["MixtureKitForCausalLM"]
-    plan.config.save_pretrained(staging)
+    if plan.recipe.auto_map:
+        plan.config.auto_map = dict(AUTO_MAP)
+    plan.config.save_pretrained(staging)  # with auto_map, also the loader files it names
     generation = reference.folder / "generation_config.json"
     if generation.is_file():
         shutil.copyfile(generation, staging / "generation_config.json")

@@ -105,6 +105,10 @@ class Recipe(_Strict):
     output: str | None = Field(default=None, description="Output folder.")
     shard_size: int | str = Field(default="2GB", description="Largest shard file, e.g. 2GB or 500MiB.")
     seed: int = Field(default=0, description="Seed for new weights: the same recipe gives the same bytes.")
+    auto_map: bool = Field(
+        default=True, description="Write an auto_map and two loader files that import the installed mixturekit, so "
+        "tools that take only a path load the checkpoint with trust_remote_code=True."
+    )
     allow_pickle: bool = Field(
         default=False,
         description="Read pickle (.bin/.pt) sources, with torch.load(weights_only=True), converted once to safetensors.",

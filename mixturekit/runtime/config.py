@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
+
+from .loader_files import AUTO_MAP, write_loader_files
 
 
 class MixtureKitConfig(PretrainedConfig):
@@ -94,3 +97,15 @@ class MixtureKitConfig(PretrainedConfig):
         from .architecture import num_layers
 
         return num_layers(self.text_config)
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """As `PretrainedConfig.save_pretrained`; a config whose `auto_map` is ours also writes the two loader files
+        it names (`loader_files`), so a re-saved checkpoint loads with `trust_remote_code=True` as a composed one."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if getattr(self, "auto_map", None) == AUTO_MAP:
+            write_loader_files(save_directory)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoConfig") -> None:
+        """Not registered: transformers would then copy this module into every saved checkpoint and point its
+        `auto_map` at it. The loader files import the installed package instead."""

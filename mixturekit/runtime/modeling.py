@@ -34,6 +34,24 @@ from .streams import StitchedBlockList, StreamState, capture_stream, replace_out
 ROUTED_MODULE_TYPES = (SparseMoeBlock, RoutedLinear)
 
 
+class ComposedCausalLMOutput(MoeCausalLMOutputWithPast):
+    """The causal-LM output, which also says why it has no `last_hidden_state` when TRL's fused LM head asks.
+
+    TRL 1.16's trainers patch the model with a fused LM head that runs `model.base_model` for hidden states and adds
+    Mixtral's balance loss from config fields. A composed model's base model is the model itself (bts stitches and
+    the routers' own balance loss run only inside its forward), so that path would train without the balance loss.
+    """
+
+    @property
+    def last_hidden_state(self):
+        # An AttributeError, so that `hasattr` and `getattr(..., default)` probes still read "absent".
+        raise AttributeError(
+            "TRL's fused LM head asked a composed model for `last_hidden_state`: plain trl.SFTTrainer / DPOTrainer "
+            "would train it without its load-balancing loss. Use mixturekit.training's ComposedSFTTrainer / "
+            "ComposedDPOTrainer (same arguments), or run_sft / run_dpo, or `mixturekit train` with stage sft or dpo"
+        )
+
+
 def dense_model_class(text_config) -> type[PreTrainedModel]:
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
@@ -158,6 +176,10 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         self.set_experts_backend(config.experts_backend)
         self.routing_statistics = RoutingStatistics()
         self.current_alpha = float(config.alpha)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoModelForCausalLM") -> None:
+        """Not registered, as `MixtureKitConfig.register_for_auto_class` says why."""
 
     def set_experts_backend(self, backend: str) -> None:
         """Choose how stacked experts multiply (auto, loop, grouped_mm) for every routed module."""
@@ -325,7 +347,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_router_logits: bool | None = None,
         **kwargs: Any,
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> ComposedCausalLMOutput:
         """The dense model's forward, plus the routers' logits and the load-balancing loss (`aux_loss`).
 
         The KV cache comes in `kwargs` as `cache` or `past_key_values` (see `cache_argument`); other keyword arguments
@@ -356,7 +378,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         loss = outputs.loss
         if loss is not None and aux_loss is not None and (self.current_alpha > 0 or self.config.router_z_loss_coef):
             loss = loss + loss_weight * aux_loss.to(loss.device)
-        return MoeCausalLMOutputWithPast(
+        return ComposedCausalLMOutput(
             loss=loss, aux_loss=aux_loss, logits=outputs.logits, **{CACHE_ARGUMENT: output_cache(outputs)},
             hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
             router_logits=tuple(router_logits) if output_router_logits else None,
