@@ -68,7 +68,10 @@ def test_cli_inspect_compose_inspect(tmp_path, experts):
     assert "top-1" in planned.output and not (tmp_path / "out").exists()
     composed = runner.invoke(app, ["compose", str(recipe_path), "-o", str(tmp_path / "out")])
     assert composed.exit_code == 0, composed.output
-    assert (tmp_path / "out" / "README.md").read_text().count("sha256") == 3
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.count("sha256") == 3
+    assert 'from_pretrained("out")' in card and ".mixturekit-partial" not in card  # the output, not the staging folder
+    assert "pip install mixturekit" in card and "trust_remote_code=True" in card
     inspected = runner.invoke(app, ["inspect", str(tmp_path / "out")])
     assert inspected.exit_code == 0 and "experts (3, top-1): e0, e1, e2" in inspected.output
     again = runner.invoke(app, ["compose", str(recipe_path), "-o", str(tmp_path / "out")])

@@ -184,7 +184,7 @@ def _hash_sources_in_background(plan: CompositionPlan) -> threading.Thread:
     return thread
 
 
-def _write_side_files(plan: CompositionPlan, staging: Path) -> None:
+def _write_side_files(plan: CompositionPlan, staging: Path, model_name: str) -> None:
     reference = plan.models[plan.reference]
     plan.config.architectures = ["MixtureKitForCausalLM"]
     if plan.recipe.auto_map:
@@ -196,7 +196,7 @@ def _write_side_files(plan: CompositionPlan, staging: Path) -> None:
     for path in reference.tokenizer_files():
         shutil.copyfile(path, staging / path.name)
     (staging / "mixturekit_recipe.yaml").write_text(plan.recipe.to_yaml(), encoding="utf-8")
-    write_model_card(plan, staging / "README.md")
+    write_model_card(plan, staging / "README.md", model_name)
 
 
 def _swap_into_place(staging: Path, output: Path) -> None:
@@ -232,7 +232,7 @@ def compose(
         hashing = _hash_sources_in_background(plan)
         _write_tensors(plan, staging, progress)
         hashing.join()
-        _write_side_files(plan, staging)
+        _write_side_files(plan, staging, target.name)
         _swap_into_place(staging, target)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)

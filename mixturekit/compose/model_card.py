@@ -20,7 +20,7 @@ def _what_it_is(plan: CompositionPlan) -> str:
             f"their initial values (`{plan.recipe.router_init}`): train them before relying on the routing.")
 
 
-def write_model_card(plan: CompositionPlan, path: Path) -> None:
+def write_model_card(plan: CompositionPlan, path: Path, model_name: str) -> None:
     from .. import __version__
 
     config = plan.config
@@ -33,6 +33,8 @@ def write_model_card(plan: CompositionPlan, path: Path) -> None:
             role = "hub" if index == plan.reference else "expert stream (frozen)"
         hashes = "<br>".join(f"`{name}` sha256 `{digest}`" for name, digest in model.file_hashes.items())
         rows.append(f"| {model.name} | {role} | `{model.origin}` | {hashes} |")
+    by_path = ("\nTools that take only a path load it with `trust_remote_code=True` when `mixturekit` is installed: the "
+               "checkpoint's `auto_map` files only import it.\n" if plan.recipe.auto_map else "")
     text = f"""---
 library_name: transformers
 tags:
@@ -46,11 +48,13 @@ tags:
 {_what_it_is(plan)}
 
 ```python
+# pip install mixturekit
 import mixturekit  # registers the architecture with transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{path.parent.name}")
+model = AutoModelForCausalLM.from_pretrained("{model_name}")
 ```
+{by_path}
 
 ## Sources
 
