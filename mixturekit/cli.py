@@ -63,7 +63,9 @@ def inspect(target: Path = typer.Argument(..., help="Recipe YAML file, or a comp
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="Training config YAML (model, stage, data, output, ...)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUTPUT/checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder (same config; "
+                                "max_steps and save_steps may change) from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
     """Train what the composition added (routers, or stitches for bts); runs unchanged under `accelerate launch`."""
     from .training.config import load_train_config
@@ -71,7 +73,7 @@ def train(
     from .training.run import run_training
 
     try:
-        path = run_training(load_train_config(config), resume=resume)
+        path = run_training(load_train_config(config), resume=resume, overwrite=overwrite)
     except MixtureKitError as error:
         _fail(error)
     if is_main_process():

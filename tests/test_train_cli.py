@@ -100,6 +100,8 @@ def test_cli_runs_sft_and_dpo_stages_with_lora(demo, tmp_path, stage):
     if stage == "dpo":
         rows[0].pop("rejected")
         data.write_text("".join(json.dumps(r) + "\n" for r in rows[:1]))
+        config["output"] = str(tmp_path / "out-2")
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
         outcome = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml")])
         assert outcome.exit_code == 2 and "rejected" in outcome.output
 
@@ -119,3 +121,32 @@ def test_cli_sft_resumes_from_its_last_checkpoint(demo, tmp_path):
     assert outcome.exit_code == 0, outcome.output
     state = json.loads((tmp_path / "out" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and len([h for h in state["log_history"] if "loss" in h]) >= 1
+
+
+def test_train_refuses_another_runs_output_and_resumes_only_the_same_run(demo, tmp_path):
+    root, result, files = demo
+    config = {"model": str(root / "btx"), "data": str(files["code"]), "output": str(tmp_path / "run"),
+              "max_steps": 2, "block_size": 32, "batch_size": 4, "save_steps": 1}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(config))
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", str(tmp_path / "t.yaml")]).exit_code == 0
+    first = {p.relative_to(tmp_path): p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
+
+    again = runner.invoke(app, ["train", str(tmp_path / "t.yaml")])
+    assert again.exit_code == 2 and "already holds a run" in again.output and "--overwrite" in again.output
+    assert first == {p.relative_to(tmp_path): p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
+
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump({**config, "learning_rate": 0.5}))
+    other = runner.invoke(app, ["train", str(tmp_path / "other.yaml"), "--resume"])
+    assert other.exit_code == 2 and "learning_rate: 0.01 in the run, 0.5 now" in other.output, other.output
+
+    fresh = tmp_path / "never-trained"
+    fresh.mkdir()
+    (tmp_path / "fresh.yaml").write_text(yaml.safe_dump({**config, "output": str(fresh)}))
+    orphan = runner.invoke(app, ["train", str(tmp_path / "fresh.yaml"), "--resume"])
+    assert orphan.exit_code == 2 and "holds no run" in orphan.output
+
+    (tmp_path / "run" / "checkpoints" / "stale-marker").write_text("from the old run")
+    replaced = runner.invoke(app, ["train", str(tmp_path / "t.yaml"), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert not (tmp_path / "run" / "checkpoints" / "stale-marker").exists()
