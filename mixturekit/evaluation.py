@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .errors import SourceError
 from .runtime.modeling import MixtureKitForCausalLM
 from .runtime.routing_stats import RoutingStatistics
-from .training.data import load_data, token_blocks
+from .sources.paths import looks_like_local_path
+from .training.data import check_data_source, load_data, token_blocks
 
 
 @torch.inference_mode()
@@ -22,6 +24,11 @@ def evaluate(
 ) -> dict[str, dict[str, Any]]:
     """For each named dataset: token-level perplexity (from the logits, so a composed model's auxiliary loss does
     not count) and, for composed models, each router's load, normalised entropy and dead experts."""
+    if looks_like_local_path(model_path) and not Path(model_path).expanduser().is_dir():
+        raise SourceError(f"checkpoint folder '{model_path}' does not exist (looked for "
+                          f"'{Path(model_path).expanduser().absolute()}'); check the path")
+    for source in data.values():  # before the model loads: a misspelled file fails in a second, not a minute
+        check_data_source(source)
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     composed = isinstance(model, MixtureKitForCausalLM) and model.config.method != "bts"

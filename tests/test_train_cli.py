@@ -150,3 +150,21 @@ def test_train_refuses_another_runs_output_and_resumes_only_the_same_run(demo, t
     replaced = runner.invoke(app, ["train", str(tmp_path / "t.yaml"), "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert not (tmp_path / "run" / "checkpoints" / "stale-marker").exists()
+
+
+def test_a_misspelled_local_path_is_an_error_at_once_naming_it(demo, tmp_path):
+    import time
+
+    root, result, files = demo
+    runner = CliRunner()
+    start = time.perf_counter()
+    missing_data = runner.invoke(app, ["eval", str(root / "btx"), "--data", "code=data/mixd.jsonl"])
+    missing_model = runner.invoke(app, ["eval", str(tmp_path / "composd"), "--data", f"code={files['code']}"])
+    config = {"model": str(root / "btx"), "data": "./data/mixd.jsonl", "output": str(tmp_path / "o")}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(config))
+    missing_train_data = runner.invoke(app, ["train", str(tmp_path / "t.yaml")])
+    assert time.perf_counter() - start < 20  # no Hub retries
+    assert missing_data.exit_code == 2 and "data file 'data/mixd.jsonl' does not exist" in missing_data.output
+    assert missing_model.exit_code == 2 and "composd' does not exist" in missing_model.output
+    assert missing_train_data.exit_code == 2 and "'./data/mixd.jsonl' does not exist" in missing_train_data.output
+    assert not (tmp_path / "o").exists()

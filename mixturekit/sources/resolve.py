@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -15,9 +14,9 @@ from transformers import AutoConfig, PretrainedConfig
 from ..errors import SourceError
 from ..recipe import ModelSource
 from .gguf import convert_gguf, convert_pickle
+from .paths import looks_like_local_path
 from .safetensors_io import CheckpointReader
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -122,8 +121,7 @@ def _local_folder(spec: ModelSource, cache_dir: Path | None) -> tuple[Path, str,
         return path, f"local:{path.resolve()}", None
     if path.exists():
         raise SourceError(f"model '{spec.name}': '{path}' is neither a folder nor a .gguf file")
-    looks_like_path = spec.source.startswith(("/", ".", "~")) or spec.source.endswith(".gguf") or spec.source.count("/") > 1
-    if looks_like_path or not _HUB_ID.match(spec.source):
+    if looks_like_local_path(spec.source, (".gguf",)):
         raise SourceError(
             f"model '{spec.name}': source path '{spec.source}' does not exist (a source is a local folder, "
             "a .gguf file, or a Hub id such as 'HuggingFaceTB/SmolLM2-135M')"

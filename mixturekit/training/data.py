@@ -7,14 +7,26 @@ from pathlib import Path
 from datasets import Dataset, load_dataset
 
 from ..errors import TrainingError
+from ..sources.paths import looks_like_local_path
 
 _FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+def check_data_source(source: str | Path) -> Path:
+    """The source as a path; an error at once, naming it, when it can only be a local file and does not exist."""
+    path = Path(source).expanduser()
+    if not path.exists() and looks_like_local_path(source, tuple(_FORMATS)):
+        raise TrainingError(
+            f"data file '{source}' does not exist (looked for '{path.absolute()}'); check the path, or give a "
+            "dataset name such as 'owner/name'"
+        )
+    return path
 
 
 def load_data(source: str | Path, split: str = "train", required_columns: tuple[str, ...] = ("text",)) -> Dataset:
     """A `datasets.Dataset` from a local file (by its suffix) or a dataset name; checks it is non-empty and has the
     columns the stage needs."""
-    path = Path(source)
+    path = check_data_source(source)
     try:
         if path.exists():
             if path.suffix not in _FORMATS:
