@@ -168,3 +168,13 @@ def test_a_misspelled_local_path_is_an_error_at_once_naming_it(demo, tmp_path):
     assert missing_model.exit_code == 2 and "composd' does not exist" in missing_model.output
     assert missing_train_data.exit_code == 2 and "'./data/mixd.jsonl' does not exist" in missing_train_data.output
     assert not (tmp_path / "o").exists()
+
+
+def test_plain_text_in_a_jsonl_file_names_the_line_and_the_format(tmp_path):
+    from mixturekit import TrainingError
+    from mixturekit.training.data import load_data
+
+    data = tmp_path / "notes.jsonl"
+    data.write_text('{"text": "fine"}\nthis line is plain text\n')
+    with pytest.raises(TrainingError, match=r"line 2 is not JSON .*\{\"text\": \"...\"\}.*\.txt file"):
+        load_data(data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
@@ -37,6 +38,13 @@ def load_data(source: str | Path, split: str = "train", required_columns: tuple[
     except TrainingError:
         raise
     except Exception as error:
+        bad_line = _first_line_that_is_not_json(path) if path.suffix == ".jsonl" and path.is_file() else None
+        if bad_line is not None:
+            number, reason = bad_line
+            raise TrainingError(
+                f"'{path}' line {number} is not JSON ({reason}): a .jsonl file holds one JSON object per line, such "
+                f"as {{\"{required_columns[0] if required_columns else 'text'}\": \"...\"}}; plain text goes in a .txt file"
+            ) from None
         raise TrainingError(f"cannot load data '{source}': {type(error).__name__}: {error}") from None
     if len(dataset) == 0:
         raise TrainingError(f"data '{source}' is empty")
@@ -46,6 +54,21 @@ def load_data(source: str | Path, split: str = "train", required_columns: tuple[
             f"data '{source}' lacks the column(s) {missing} this stage needs; it has {dataset.column_names}"
         )
     return dataset
+
+
+def _first_line_that_is_not_json(path: Path) -> tuple[int, str] | None:
+    """The first line of a JSON Lines file that is not a JSON object (number from 1, and why), if any."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                return number, error.msg
+            if not isinstance(value, dict):
+                return number, f"a {type(value).__name__}, not an object"
+    return None
 
 
 def token_blocks(dataset: Dataset, tokenizer, block_size: int, text_column: str = "text") -> Dataset:
