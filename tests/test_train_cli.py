@@ -178,3 +178,16 @@ def test_plain_text_in_a_jsonl_file_names_the_line_and_the_format(tmp_path):
     data.write_text('{"text": "fine"}\nthis line is plain text\n')
     with pytest.raises(TrainingError, match=r"line 2 is not JSON .*\{\"text\": \"...\"\}.*\.txt file"):
         load_data(data)
+
+
+def test_config_typos_get_a_did_you_mean(tmp_path):
+    from mixturekit import RecipeError, TrainingError, load_recipe
+    from mixturekit.training.config import load_train_config
+
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"model": "m", "data": "d.jsonl", "output": "o", "stage": "routers"}))
+    with pytest.raises(TrainingError, match=r"stage: .*'routers'.*did you mean 'router'"):
+        load_train_config(tmp_path / "t.yaml")
+    with pytest.raises(RecipeError, match=r"experts: needs at least 1 item\(s\), got \[\]"):
+        load_recipe({"method": "btx", "experts": []})
+    with pytest.raises(RecipeError, match=r"method: .*'trad'.*did you mean 'traditional'"):
+        load_recipe({"method": "trad", "experts": [{"name": "a", "source": "x"}]})

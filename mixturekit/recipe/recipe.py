@@ -7,7 +7,7 @@ import math
 import re
 import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -221,29 +221,42 @@ _SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict = 
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    """The valid choice `word` most likely meant: the one it abbreviates, else the closest spelling."""
+    close = [c for c in choices if len(word) >= 3 and c.startswith(word)][:1]
+    close = close or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _format_validation_error(error: ValidationError) -> str:
+def explain_validation_error(error: ValidationError, what: str = "recipe",
+                             fields_of: Callable[[tuple], list[str]] | None = None) -> str:
+    """pydantic's errors as one line each, naming the field, with a "did you mean" for unknown fields and for
+    values outside a fixed set. `fields_of(location)` lists the valid fields beside an unknown one."""
     lines = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "recipe"
+        location = ".".join(str(part) for part in item["loc"]) or what
         if item["type"] == "extra_forbidden":
-            parent = Recipe if len(item["loc"]) == 1 else ModelSource
+            valid = fields_of(item["loc"]) if fields_of else []
             field = str(item["loc"][-1])
-            valid = sorted(parent.model_fields)
             lines.append(
                 f"{location}: unknown field{_did_you_mean(field, valid)}; valid fields are {', '.join(valid)}"
             )
         elif item["type"] == "literal_error":
-            lines.append(f"{location}: {item['msg']} (got {_SHOW.repr(item['input'])})")
+            choices = re.findall(r"'([^']*)'", str(item.get("ctx", {}).get("expected", "")))
+            hint = _did_you_mean(str(item["input"]), choices) if isinstance(item["input"], str) else ""
+            lines.append(f"{location}: {item['msg']} (got {_SHOW.repr(item['input'])}){hint}")
+        elif item["type"] == "too_short":
+            lines.append(f"{location}: needs at least {item['ctx']['min_length']} item(s), got "
+                         f"{_SHOW.repr(item['input'])}")
         else:
             message = item["msg"].removeprefix("Value error, ")
             if item["loc"] and item["type"] not in ("value_error", "missing"):  # a type or range error: show the value
                 message += f" (got {_SHOW.repr(item['input'])})"
             lines.append(f"{location}: {message}")
-    return "invalid recipe:\n  " + "\n  ".join(lines)
+    return f"invalid {what}:\n  " + "\n  ".join(lines)
+
+
+def _recipe_fields(location: tuple) -> list[str]:
+    return sorted((Recipe if len(location) == 1 else ModelSource).model_fields)
 
 
 def load_recipe(source: "Recipe | dict[str, Any] | str | Path") -> Recipe:
@@ -291,4 +304,4 @@ def load_recipe(source: "Recipe | dict[str, Any] | str | Path") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
-        raise RecipeError(_format_validation_error(error)) from None
+        raise RecipeError(explain_validation_error(error, "recipe", _recipe_fields)) from None

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import TrainingError
+from ..recipe.recipe import explain_validation_error
 
 
 class TrainConfig(BaseModel):
@@ -47,5 +48,5 @@ def load_train_config(path: str | Path) -> TrainConfig:
     try:
         return TrainConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     except ValidationError as error:
-        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise TrainingError(f"invalid training config '{path}': {details}") from None
+        message = explain_validation_error(error, f"training config '{path}'", lambda _: sorted(TrainConfig.model_fields))
+        raise TrainingError(message) from None
