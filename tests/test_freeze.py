@@ -58,3 +58,14 @@ def test_policies_that_cannot_apply_are_refused():
         apply_freeze_policy(_model("btx"), "stitches")
     with pytest.raises(TrainingError, match="unknown freeze policy 'routerz'"):
         apply_freeze_policy(_model("btx"), "routerz")
+
+
+def test_the_summary_says_what_trains_by_role(capsys):
+    model = _model("btx")
+    summary = apply_freeze_policy(model, "routers")
+    roles = {role: (count, trains) for role, count, trains in summary.by_role}
+    routers = sum(router.weight.numel() for _, router in model.routers())
+    assert roles["router"] == (routers, True) and summary.trainable == routers
+    assert roles["stack"][1] is False and roles["shared"][1] is False
+    assert sum(count for count, _ in roles.values()) == summary.total == sum(p.numel() for p in model.parameters())
+    assert f"router {routers:,} trains" in str(summary) and "stack" in str(summary)

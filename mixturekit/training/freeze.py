@@ -16,10 +16,12 @@ class TrainableSummary:
     policy: str
     trainable: int
     total: int
+    by_role: tuple[tuple[str, int, bool], ...] = ()  # (role, parameters, trains)
 
     def __str__(self) -> str:
+        roles = "; ".join(f"{role} {count:,} {'trains' if trains else 'frozen'}" for role, count, trains in self.by_role)
         return (f"policy {self.policy}: {self.trainable:,} of {self.total:,} parameters train "
-                f"({100 * self.trainable / max(self.total, 1):.2f}%)")
+                f"({100 * self.trainable / max(self.total, 1):.2f}%)" + (f" ({roles})" if roles else ""))
 
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:
@@ -48,10 +50,12 @@ def apply_freeze_policy(model: nn.Module, policy: str) -> TrainableSummary:
               "full": {"stack", "router", "shared", "stream", "stitch"}}[policy]
     roles = parameter_roles(model)
     trainable = total = 0
+    counts: dict[str, int] = {}
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(roles[name] in trains)
         total += parameter.numel()
         trainable += parameter.numel() if parameter.requires_grad else 0
+        counts[roles[name]] = counts.get(roles[name], 0) + parameter.numel()
     if trainable == 0:
         raise TrainingError(f"policy '{policy}' leaves nothing to train in this {method} model")
-    return TrainableSummary(policy, trainable, total)
+    return TrainableSummary(policy, trainable, total, tuple((r, n, r in trains) for r, n in sorted(counts.items())))

@@ -11,6 +11,7 @@ from datasets import Dataset
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from ..errors import TrainingError
+from ..runtime.data_parallel import is_main_process
 from .callbacks import add_routing_statistics
 from .freeze import TrainableSummary, apply_freeze_policy
 
@@ -57,6 +58,8 @@ def train_routers(
     if "input_ids" not in blocks.column_names:
         raise TrainingError(f"the dataset needs an `input_ids` column; it has {blocks.column_names}")
     summary = apply_freeze_policy(model, policy)
+    if progress and is_main_process():
+        print(summary, flush=True)  # what trains, once, before the first step
     # The precision `accelerate launch --mixed_precision` (or its config) asked for; DeepSpeed checks they agree.
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     training_args = {"bf16": precision == "bf16", "fp16": precision == "fp16", **training_args}
