@@ -101,3 +101,13 @@ def test_bad_inputs(demo, tmp_path):
         capture_routing(model, tokenizer, TEXTS, ["code"])
     trace = capture_routing(model, tokenizer, ["word " * 400], max_tokens=32)
     assert trace.truncated == [True] and trace.routes["position"].max() == 31
+
+
+def test_capture_never_runs_past_the_models_positions(demo):
+    root, tokenizer, _ = demo
+    model = AutoModelForCausalLM.from_pretrained(root / "btx")
+    positions = model.config.text_config.max_position_embeddings
+    long_text = " ".join(["def add(a, b): return a + b"] * positions)
+    trace = capture_routing(model, tokenizer, [long_text], max_tokens=10 * positions)
+    assert trace.truncated == [True] and trace.max_tokens == positions
+    assert len(trace.routes) == positions * len(model.routers())

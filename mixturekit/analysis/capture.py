@@ -57,7 +57,8 @@ def capture_routing(
     model: MixtureKitForCausalLM, tokenizer, texts: list[str], labels: list[str | None] | None = None,
     max_tokens: int = 512,
 ) -> RoutingTrace:
-    """Run `model` on each text (no gradient, one text at a time, at most `max_tokens` tokens each)."""
+    """Run `model` on each text (no gradient, one text at a time, at most `max_tokens` tokens each, and never more
+    than the model's `max_position_embeddings`)."""
     if not isinstance(model, MixtureKitForCausalLM):
         raise AnalysisError(
             f"{type(model).__name__} is not a composed model: routing analysis needs a checkpoint written by "
@@ -69,6 +70,9 @@ def capture_routing(
     if len(labels) != len(texts):
         raise AnalysisError(f"{len(labels)} labels for {len(texts)} texts: give one label per text, or none")
     config = model.config
+    positions = getattr(config.text_config, "max_position_embeddings", None)
+    if positions:
+        max_tokens = min(max_tokens, positions)
     names = list(config.expert_names)
     stitches = list(getattr(model, "stitches", []))
     for stitch in stitches:
