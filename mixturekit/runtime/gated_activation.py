@@ -58,7 +58,7 @@ def _triton_kernels():
         tl.store(hidden_gradient + row * 2 * half + columns, gate_gradient.to(element), mask=inside)
         tl.store(hidden_gradient + row * 2 * half + half + columns, up_gradient.to(element), mask=inside)
 
-    return triton, silu_mul_forward, silu_mul_backward
+    return silu_mul_forward, silu_mul_backward
 
 
 _BLOCK = 1024
@@ -71,7 +71,7 @@ def _grid(rows: int, half: int) -> tuple[int, int]:
 class _FusedSiluMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor) -> torch.Tensor:
-        _, forward_kernel, _ = _triton_kernels()
+        forward_kernel, _ = _triton_kernels()
         rows, half = hidden.shape[0], hidden.shape[1] // 2
         out = hidden.new_empty(rows, half)
         if rows:
@@ -81,7 +81,7 @@ class _FusedSiluMul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gradient: torch.Tensor):
-        _, _, backward_kernel = _triton_kernels()
+        _, backward_kernel = _triton_kernels()
         (hidden,) = ctx.saved_tensors
         gradient = gradient.contiguous()
         hidden_gradient = torch.empty_like(hidden)
