@@ -136,6 +136,10 @@ def peak_memory_mb(fn, device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 1e6
 
 
+# Each measured row field (per model) and the name of its ratio to the dense model's.
+RATIOS = {"fwd_ms": "fwd", "fwdbwd_ms": "fwdbwd", "fwdbwd_peak_mb": "fwdbwd_peak", "compiled_fwdbwd_ms": "compiled_fwdbwd"}
+
+
 def forward_rows(spec: dict, device, dtype, compile_models: bool = False) -> list[dict]:
     rows = []
     torch.manual_seed(0)
@@ -164,11 +168,9 @@ def forward_rows(spec: dict, device, dtype, compile_models: bool = False) -> lis
                     row[f"{name}_compiled_fwdbwd_ms"] = time_ms(lambda: both(compiled), device)
                     del compiled
         for name in ("btx", "traditional"):
-            for mode in ("fwd", "fwdbwd", "fwdbwd_peak_mb", "compiled_fwdbwd_ms"):
-                key = f"{name}_{mode}" if mode.endswith(("_mb", "_ms")) else f"{name}_{mode}_ms"
-                if row.get(key) is not None:
-                    row[f"{name}_{mode.removesuffix('_ms').removesuffix('_mb')}_ratio"] = row[key] / row[
-                        key.replace(name, "dense", 1)]
+            for measure, ratio in RATIOS.items():
+                if row.get(f"{name}_{measure}") is not None:
+                    row[f"{name}_{ratio}_ratio"] = row[f"{name}_{measure}"] / row[f"dense_{measure}"]
         rows.append(row)
         print(f"{batch}x{length}: " + "  ".join(
             f"{n} fwd {row[f'{n}_fwd_ratio']:.2f}x fwd+bwd {row[f'{n}_fwdbwd_ratio']:.2f}x"
