@@ -191,3 +191,37 @@ def test_config_typos_get_a_did_you_mean(tmp_path):
         load_recipe({"method": "btx", "experts": []})
     with pytest.raises(RecipeError, match=r"method: .*'trad'.*did you mean 'traditional'"):
         load_recipe({"method": "trad", "experts": [{"name": "a", "source": "x"}]})
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_full_policy_with_checkpointing_trains_every_weight_and_keeps_its_log(demo, tmp_path, checkpointing):
+    """`policy: full` is a full fine-tune on token blocks; `gradient_checkpointing` reaches the router stage (for models
+    that need it), gives the same training, and the output keeps the run's log history with its throughput."""
+    root, _, files = demo
+    config = {"model": str(root / "traditional"), "data": str(files["code"]), "output": str(tmp_path / "out"),
+              "max_steps": 4, "block_size": 32, "batch_size": 4, "learning_rate": 1e-3, "policy": "full",
+              "gradient_checkpointing": checkpointing}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    seen = {}
+
+    class SeeCheckpointing(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen["checkpointing"] = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+    from mixturekit.training import routers
+
+    original = routers.Trainer
+    routers.Trainer = lambda *a, callbacks=None, **k: original(*a, callbacks=[SeeCheckpointing()], **k)
+    try:
+        trained = CliRunner().invoke(app, ["train", str(tmp_path / "train.yaml")])
+    finally:
+        routers.Trainer = original
+    assert trained.exit_code == 0, trained.output
+    assert seen["checkpointing"] is checkpointing
+    before, after = load_file(root / "traditional" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert all(not torch.equal(before[name], after[name]) for name in before)
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    logged = [entry for entry in history if "loss" in entry]
+    assert logged
+    for entry in logged:  # 4 blocks of 32 tokens a step
+        assert entry["throughput/tokens_per_second"] * entry["throughput/seconds_per_step"] == pytest.approx(128, rel=0.01)

@@ -1,9 +1,11 @@
-"""A `transformers` TrainerCallback that logs routing statistics and warns when an expert goes dead."""
+"""`transformers` TrainerCallbacks: routing statistics (with a warning when an expert goes dead), and throughput."""
 
 from __future__ import annotations
 
 import logging
+import time
 import warnings
+from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -83,12 +85,40 @@ class RoutingStatsCallback(TrainerCallback):
             logs["routing/max_load_max"] = round(max(max_loads), 4)
             logs["routing/dead_experts"] = dead
             logs["routing/alpha"] = composed.current_alpha
-        # The trainer stored its copy of this step's logs before calling back: complete it, so that
-        # trainer_state.json (and whatever reads the history) has the routing statistics too.
-        history = state.log_history if state is not None else []
-        if history and history[-1].get("step") == state.global_step:
-            history[-1].update({key: value for key, value in logs.items() if key.startswith("routing/")})
+        complete_history(state, logs, "routing/")
         self.interval, self.interval_steps = {}, 0
+
+
+def complete_history(state, logs: dict, prefix: str) -> None:
+    """The trainer stored its copy of a step's logs before calling back: add what a callback logged under `prefix`,
+    so that trainer_state.json (and whatever reads the history) has it too."""
+    history = state.log_history if state is not None else []
+    if history and history[-1].get("step") == state.global_step:
+        history[-1].update({key: value for key, value in logs.items() if key.startswith(prefix)})
+
+
+class ThroughputCallback(TrainerCallback):
+    """Logs `throughput/tokens_per_second` (of the global batch, all processes together) and
+    `throughput/seconds_per_step` over each logging interval, for runs whose steps hold a known number of tokens
+    (fixed-length blocks). Scaling over processes is read from it; the first interval includes the warm-up."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.mark: tuple[float, int] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.mark = (time.perf_counter(), state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.mark is None or logs is None or "loss" not in logs:
+            return
+        now, (then, step) = time.perf_counter(), self.mark
+        steps = state.global_step - step
+        if steps > 0 and now > then:
+            logs["throughput/tokens_per_second"] = round(steps * self.tokens_per_step / (now - then), 1)
+            logs["throughput/seconds_per_step"] = round((now - then) / steps, 4)
+            complete_history(state, logs, "throughput/")
+        self.mark = (now, state.global_step)
 
 
 def add_routing_statistics(trainer, callback: RoutingStatsCallback | None = None) -> RoutingStatsCallback:
@@ -97,3 +127,11 @@ def add_routing_statistics(trainer, callback: RoutingStatsCallback | None = None
     callback = callback or RoutingStatsCallback()
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
+
+
+def save_model_and_log(trainer, folder) -> None:
+    """Save the trained model (gathered from every process, written by the main one) and, beside it, the run's log
+    history as `trainer_state.json`, so that the losses and statistics of a run without checkpoints are kept too."""
+    trainer.save_model(str(folder))
+    if trainer.is_world_process_zero():
+        trainer.state.save_to_json(str(Path(folder) / "trainer_state.json"))

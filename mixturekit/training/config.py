@@ -37,8 +37,17 @@ class TrainConfig(BaseModel):
     router_init_data: dict[str, str] | None = Field(default=None, description="Expert name -> its domain sample file.")
     lora: bool = Field(default=True, description="sft/dpo: train LoRA adapters (routers and stitches in full).")
     target_modules: list[str] | None = Field(default=None, description="sft/dpo: LoRA targets; default: attention.")
-    gradient_checkpointing: bool = Field(default=True, description="sft/dpo: recompute activations in backward "
-                                         "(less memory); off for LoRA under DeepSpeed ZeRO-3.")
+    gradient_checkpointing: bool | None = Field(
+        default=None, description="Recompute activations in backward (less memory, about a third more compute). "
+        "Default: on for sft/dpo, off for router (turn it on for `policy: full` of a large model); off for LoRA "
+        "under DeepSpeed ZeRO-3.")
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether this run recomputes activations: as set, else the stage's default."""
+        if self.gradient_checkpointing is not None:
+            return self.gradient_checkpointing
+        return self.stage in ("sft", "dpo")
 
 
 def load_train_config(path: str | Path) -> TrainConfig:

@@ -12,7 +12,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from ..errors import TrainingError
 from ..runtime.data_parallel import is_main_process
-from .callbacks import add_routing_statistics
+from .callbacks import ThroughputCallback, add_routing_statistics, save_model_and_log
 from .freeze import TrainableSummary, apply_freeze_policy
 
 
@@ -74,10 +74,14 @@ def train_routers(
     trainer = Trainer(model=model, args=arguments, train_dataset=blocks, data_collator=_collate,
                       processing_class=tokenizer, callbacks=callbacks)
     add_routing_statistics(trainer)
+    block_length = len(blocks[0]["input_ids"])
+    # First among the callbacks, like the routing statistics: the printer and the reporters then see what it adds.
+    trainer.callback_handler.callbacks.insert(0, ThroughputCallback(
+        batch_size * block_length * arguments.world_size * arguments.gradient_accumulation_steps))
     if not progress:
         trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=resume or None)
     if save_to is not None:
-        trainer.save_model(str(save_to))
+        save_model_and_log(trainer, save_to)
     model.eval()
     return summary

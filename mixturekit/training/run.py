@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import TrainingError
 from ..runtime.data_parallel import wait_for_all_ranks
+from .checkpointing import checkpointing_arguments
 from .config import TrainConfig
 from .data import load_data, token_blocks
 from .output_guard import begin_run, check_output
@@ -47,7 +48,7 @@ def _run_trl_stage(config: TrainConfig, output: Path, resume: bool, progress: bo
         target_modules=config.target_modules, learning_rate=config.learning_rate,
         per_device_train_batch_size=config.batch_size, seed=config.seed, progress=progress, resume=resume,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing=config.checkpointing,
         **({"save_strategy": "steps", "save_steps": config.save_steps} if config.save_steps else {}))
 
 
@@ -66,4 +67,5 @@ def _run_router_stage(config: TrainConfig, output: Path, resume: bool, progress:
     train_routers(model, blocks, output / "checkpoints", policy=config.policy, max_steps=config.max_steps,
                   learning_rate=config.learning_rate, batch_size=config.batch_size, seed=config.seed,
                   progress=progress, save_steps=config.save_steps, resume=resume, save_to=output, tokenizer=tokenizer,
-                  gradient_accumulation_steps=config.gradient_accumulation_steps)
+                  gradient_accumulation_steps=config.gradient_accumulation_steps,
+                  **checkpointing_arguments(config.checkpointing))

@@ -29,14 +29,11 @@ from trl.data_utils import is_conversational
 from trl.trainer.utils import FusedCausalLMOutput
 
 from ..errors import TrainingError
-from .callbacks import add_routing_statistics
+from .callbacks import add_routing_statistics, save_model_and_log
+from .checkpointing import CHECKPOINTING_ARGUMENT, checkpointing_arguments
 from .lora import composed_model, lora_config_for, share_router_recorder
 from .upstream_warnings import upstream_checkpointing_renames_silenced
 
-# transformers renamed `gradient_checkpointing` (now deprecated) to `activation_checkpointing` after 5.17; the
-# training arguments use whichever the installed release has (with `_kwargs` for its settings).
-CHECKPOINTING_ARGUMENT = ("activation_checkpointing" if "activation_checkpointing" in
-                          transformers.TrainingArguments.__dataclass_fields__ else "gradient_checkpointing")
 SFT_FORMATS = (("text",), ("messages",), ("prompt", "completion"), ("input_ids",))
 
 
@@ -248,9 +245,8 @@ def trainer_arguments(
         # Without an accelerator the trainer must be told, or under `accelerate launch` each CPU process trains alone.
         use_cpu=not torch.accelerator.is_available(),
     )
-    name = CHECKPOINTING_ARGUMENT
     return {**defaults, **training_args, "output_dir": str(output_dir), "max_steps": max_steps,
-            name: gradient_checkpointing, f"{name}_kwargs": checkpoint_kwargs}
+            **checkpointing_arguments(gradient_checkpointing, **checkpoint_kwargs)}
 
 
 def train_and_save(
@@ -263,7 +259,7 @@ def train_and_save(
     with quiet(not progress):
         trainer.train(resume_from_checkpoint=resume or None)
         if save:
-            trainer.save_model(str(output_dir))
+            save_model_and_log(trainer, output_dir)
 
 
 def run_sft(
