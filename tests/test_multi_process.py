@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +20,9 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from processes import free_port
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch was built without distributed")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(config: dict, folder: Path, processes: int) -> list[dict]:
@@ -136,7 +131,8 @@ def test_checkpointing_made_reentrant_by_the_trainer_is_refused_before_training(
     from types import SimpleNamespace
 
     from mixturekit import TrainingError
-    from mixturekit.training.sft import CHECKPOINTING_ARGUMENT, check_checkpointing_keeps_balance_gradient
+    from mixturekit.training.checkpointing import CHECKPOINTING_ARGUMENT
+    from mixturekit.training.sft import check_checkpointing_keeps_balance_gradient
 
     root, _, _ = demo
     model = AutoModelForCausalLM.from_pretrained(root / "btx")
@@ -158,7 +154,8 @@ def test_trl_trainers_check_their_checkpointing_when_built(demo, tmp_path):
     from trl import SFTConfig
 
     from mixturekit import TrainingError
-    from mixturekit.training.sft import CHECKPOINTING_ARGUMENT, ComposedSFTTrainer
+    from mixturekit.training.checkpointing import CHECKPOINTING_ARGUMENT
+    from mixturekit.training.sft import ComposedSFTTrainer
 
     root, _, _ = demo
     model = AutoModelForCausalLM.from_pretrained(root / "btx")
@@ -167,3 +164,18 @@ def test_trl_trainers_check_their_checkpointing_when_built(demo, tmp_path):
     with pytest.raises(TrainingError, match="gradient_checkpointing: false"):
         ComposedSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"text": "one two three"}] * 2),
                            processing_class=AutoTokenizer.from_pretrained(root / "btx"))
+
+
+@pytest.mark.parametrize("method", ["btx", "traditional"])
+def test_models_print_while_zero3_holds_their_parameters(demo, method):
+    """DeepSpeed ZeRO-3 leaves each parameter an empty placeholder between gathers, and PEFT prints every module
+    (`repr`) when TRL's DPO disables the adapter for the reference pass: nothing may read a shape from a weight."""
+    root, _, _ = demo
+    model = AutoModelForCausalLM.from_pretrained(root / method)
+    def ours(text: str) -> list[str]:  # transformers' own norms print their weight's shape, which does change
+        return [line for line in text.splitlines() if "num_experts=" in line]
+
+    expected = ours(repr(model))
+    for parameter in model.parameters():
+        parameter.data = torch.empty(0, dtype=parameter.dtype)
+    assert expected and ours(repr(model)) == expected

@@ -86,7 +86,7 @@ class Router(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         nn.init.normal_(self.weight, std=0.02)
-        self.num_experts = num_experts
+        self.num_experts, self.hidden_size = num_experts, hidden_size  # the weight's own shape is [0] under ZeRO-3
         # Plain attributes (not modules): several routers share one recorder; the model sets the name.
         object.__setattr__(self, "recorder", recorder)
         object.__setattr__(self, "qualified_name", "")
@@ -106,7 +106,7 @@ class Router(nn.Module):
         return logits
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.weight.shape[1]}, num_experts={self.num_experts}"
+        return f"hidden_size={self.hidden_size}, num_experts={self.num_experts}"
 
 
 def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
