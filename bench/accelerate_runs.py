@@ -1,15 +1,18 @@
-"""`mixturekit train` under `accelerate launch` on a GPU: plain, FSDP2 and DeepSpeed ZeRO-3, same configs, same batch.
+"""`mixturekit train` under `accelerate launch`: FSDP2 and DeepSpeed ZeRO-3 on every GPU there is, against one process
+with the same global batch (the Several issue, run 1).
 
     python bench/accelerate_runs.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --data DIR --workdir /tmp/acc --out OUT
 
 SmolLM2-135M (from its GGUF) is branched into three experts by a short fine-tune on each domain of `--data` (the
-token arrays `examples/btx_smollm2/prepare.py` writes), then composed (btx and traditional, with the seed as a fourth
-expert). Router training and LoRA SFT then run through `mixturekit train` with the example accelerate configs
-unchanged (`examples/accelerate/fsdp2.yaml`, `deepspeed_zero3.yaml`), with `--num_processes` set to the GPUs there
-are. Written to OUT: `accelerate_runs.json` (loss curves, throughput, checks) and `accelerate_runs.md` (the tables).
+token arrays `examples/btx_smollm2/prepare.py` writes), then composed: btx and traditional (the seed as a fourth
+expert) and bts (the seed as hub). Router training (btx in fp32 and bf16, traditional), LoRA SFT (btx), LoRA DPO
+(traditional) and stitch training (bts) run through `mixturekit train` with the example accelerate configs unchanged
+(`examples/accelerate/fsdp2.yaml`, `deepspeed_zero3.yaml`) on all GPUs with `batch_size` 8 / GPUs, and on one
+process with `batch_size` 8. The runs are compared, not timed, so several share the GPUs at once (`--parallel`).
+Written to OUT: `accelerate_runs.json` (loss curves, checks) and `accelerate_runs.md` (the table).
 
-What is compared: every run's loss curve against the plain run of the same precision; the checkpoint each run saved,
-loaded on one process, against the plain run's (logits on held-out text), and that it holds every tensor.
+What is compared: every run's loss curve against the one-process run of the same task and precision; the output each
+run saved, loaded on one process, against that run's (logits on held-out text), and that it holds every tensor.
 """
 
 from __future__ import annotations
@@ -17,28 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from launching import launch_train, log  # noqa: E402
+
 from mixturekit import compose  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of the plain launches only
-CONFIGS = {"fsdp2": ROOT / "examples/accelerate/fsdp2.yaml", "zero3": ROOT / "examples/accelerate/deepspeed_zero3.yaml"}
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def branch_experts(seed: Path, data: dict[str, np.ndarray], workdir: Path, steps: int) -> dict[str, Path]:
@@ -83,43 +79,22 @@ def write_text_data(data: dict[str, np.ndarray], tokenizer_folder: Path, path: P
     return path
 
 
-def launch(name: str, config: dict, workdir: Path, distributed: str | None, precision: str, gpus: int) -> dict:
-    """One `mixturekit train` under `accelerate launch`; its log history and throughput."""
+def launch(name: str, config: dict, workdir: Path, distributed: str | None, precision: str, processes: int,
+           port: int, gpus: str | None) -> dict:
+    """One `mixturekit train` under `accelerate launch`; its loss curve and throughput (reused when done earlier)."""
     folder = workdir / "runs" / name.replace(":", "-")
     if (folder / "result.json").exists():  # done by an earlier call on this machine
         return json.loads((folder / "result.json").read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.yaml").write_text(yaml.safe_dump({**config, "output": str(folder / "out")}))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes",
-               str(gpus), "--mixed_precision", precision, "--dynamo_backend", "no"]
-    if distributed:
-        command += ["--config_file", str(CONFIGS[distributed])]
-    elif gpus > 1:
-        command += ["--multi_gpu"]
-    command += ["-m", "mixturekit.cli", "train", str(folder / "train.yaml")]
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cuda"})
-    (folder / "log.txt").write_text(done.stdout + done.stderr)
-    result = {"name": name, "distributed": distributed or "plain", "precision": precision, "processes": gpus,
-              "returncode": done.returncode, "wall_s": round(time.perf_counter() - started, 1)}
-    if done.returncode != 0:
-        result["error"] = (done.stdout + done.stderr)[-4000:]
+    result = {"name": name, **launch_train(config, folder, processes, precision, distributed, port=port, gpus=gpus,
+                                           timeout_s=400)}
+    if result["returncode"] != 0:
         log(f"{name}: FAILED\n{result['error'][-1500:]}")
         return result
-    states = sorted((folder / "out").rglob("trainer_state.json"), key=lambda p: p.stat().st_mtime)
-    history = json.loads(states[-1].read_text())["log_history"] if states else []
-    result["loss"] = [entry["loss"] for entry in history if "loss" in entry]
-    result["routing_entropy"] = [entry.get("routing/entropy_mean") for entry in history if "loss" in entry]
-    # The trainer prints its run summary after the last checkpoint, so it is read from the log.
-    summary = re.findall(r"'train_runtime': '?([0-9.]+)'?, 'train_samples_per_second': '?([0-9.]+)", done.stdout)
-    if summary:
-        result["train_runtime_s"], result["samples_per_second"] = (float(x) for x in summary[-1])
-    else:
-        result["samples_per_second"] = None
-    result["output"] = str(folder / "out")
+    history = result.pop("history")
+    result["loss"] = [entry["loss"] for entry in history]
+    result["routing_entropy"] = [entry.get("routing/entropy_mean") for entry in history]
     (folder / "result.json").write_text(json.dumps(result))
-    log(f"{name}: {result['wall_s']} s, loss {result['loss'][:1]} -> {result['loss'][-1:]}, "
-        f"{result['samples_per_second']} samples/s")
+    log(f"{name}: {result['wall_s']} s, loss {result['loss'][:1]} -> {result['loss'][-1:]}")
     return result
 
 
@@ -203,25 +178,50 @@ def compare(runs: list[dict], batch: torch.Tensor, base_models: dict[str, Path])
 
 def markdown(runs: list[dict], gpus: int, device: str) -> str:
     lines = [f"{gpus} x {device}; torch {torch.__version__}", "",
-             "| run | launch | precision | processes | first loss | last loss | max loss diff vs plain | "
-             "reloaded logits rel. diff vs plain | same, plain rounded to bf16 | top-1 agreement | samples/s | "
-             "samples/s per GPU |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| run | launch | precision | processes | first loss | last loss | max loss diff vs 1 process | "
+             "reloaded logits rel. diff vs 1 process | same, 1-process weights rounded to bf16 | top-1 agreement |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
+        task = run["name"].split(":")[0]
         if "loss" not in run:
-            lines.append(f"| {run['name']} | {run['distributed']} | {run['precision']} | {run['processes']} | "
-                         "failed | | | | | | | |")
+            lines.append(f"| {task} | {run['distributed']} | {run['precision']} | {run['processes']} | failed | | | | | |")
             continue
+
         def number(key, spec=".4f"):
             value = run.get(key)
             return "" if value is None else format(value, spec)
-        per_gpu = (run["samples_per_second"] or 0) / run["processes"]
-        lines.append(f"| {run['name']} | {run['distributed']} | {run['precision']} | {run['processes']} | "
+        lines.append(f"| {task} | {run['distributed']} | {run['precision']} | {run['processes']} | "
                      f"{run['loss'][0]:.4f} | {run['loss'][-1]:.4f} | {number('loss_max_abs_diff_vs_plain')} | "
                      f"{number('logits_rel_diff_vs_plain', '.2e')} | "
-                     f"{number('logits_rel_diff_vs_plain_rounded_bf16', '.2e')} | {number('top1_agreement_vs_plain', '.3f')} | "
-                     f"{number('samples_per_second', '.1f')} | {per_gpu:.1f} |")
+                     f"{number('logits_rel_diff_vs_plain_rounded_bf16', '.2e')} | "
+                     f"{number('top1_agreement_vs_plain', '.3f')} |")
     return "\n".join(lines) + "\n"
+
+
+def write_preference_data(data: dict[str, np.ndarray], tokenizer_folder: Path, path: Path, pairs: int) -> Path:
+    """DPO pairs from the domains: a 64-token prompt, its true 64-token continuation (chosen) and the continuation of
+    another domain's text (rejected)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    domains = list(data.values())
+    rows = []
+    for index in range(pairs):
+        own, other = domains[index % len(domains)], domains[(index + 1) % len(domains)]
+        start = (index // len(domains)) * 128
+        rows.append({"prompt": tokenizer.decode(own[start:start + 64].tolist()),
+                     "chosen": tokenizer.decode(own[start + 64:start + 128].tolist()),
+                     "rejected": tokenizer.decode(other[start + 64:start + 128].tolist())})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def run_all(jobs: list[tuple], parallel: int) -> list[dict]:
+    """Launch the jobs `parallel` at a time (these runs are compared, not timed, so they may share the GPUs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(lambda job: launch(*job), jobs))
 
 
 def main() -> None:
@@ -231,10 +231,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--expert-steps", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--only", default="", help="comma-separated launches to run: plain,fsdp2,zero3")
-    parser.add_argument("--tasks", default="", help="comma-separated: routers-btx,routers-traditional,lora-sft-btx")
+    parser.add_argument("--tasks", default="", help="comma-separated, from: " + ", ".join(TASKS))
     parser.add_argument("--documents", type=int, default=200, help="512-token documents per domain to train on")
+    parser.add_argument("--parallel", type=int, default=4, help="launches at a time")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     gpus = max(1, torch.cuda.device_count())
@@ -245,50 +246,66 @@ def main() -> None:
     domains = json.loads((args.data / "data.json").read_text())["domains"]
     train = {d: arrays[f"{d}_train"] for d in domains}
     experts = branch_experts(seed, train, args.workdir, args.expert_steps)
-    members = [{"name": n, "source": str(p)} for n, p in experts.items()] + [{"name": "seed", "source": str(seed)}]
+    members = [{"name": n, "source": str(p)} for n, p in experts.items()]
+    recipes = {"btx": {"method": "btx", "experts": members + [{"name": "seed", "source": str(seed)}],
+                       "num_experts_per_tok": 2, "alpha": 0.01},
+               "traditional": {"method": "traditional", "experts": members + [{"name": "seed", "source": str(seed)}],
+                               "num_experts_per_tok": 2, "alpha": 0.01},
+               "bts": {"method": "bts", "base": {"name": "seed", "source": str(seed)}, "experts": members}}
     composed = {}
-    for method in ("btx", "traditional"):
-        composed[method] = compose({"method": method, "experts": members, "num_experts_per_tok": 2, "alpha": 0.01,
-                                    "router_init": "random", "dtype": "float32", "seed": 0},
-                                   output=args.workdir / "composed" / method, overwrite=True, progress=False)
-    log("composed btx and traditional")
+    for method, recipe in recipes.items():
+        composed[method] = args.workdir / "composed" / method
+        if not (composed[method] / "config.json").exists():
+            compose({**recipe, "router_init": "random", "dtype": "float32", "seed": 0}, output=composed[method],
+                    overwrite=True, progress=False)
+    log("composed btx, traditional and bts")
     text = write_text_data(train, seed, args.workdir / "train.jsonl", documents=args.documents)
+    preferences = write_preference_data(train, seed, args.workdir / "preferences.jsonl", pairs=256)
     validation = {d: arrays[f"{d}_validation"] for d in domains}
     batch = torch.from_numpy(np.stack([v[:256].astype(np.int64) for v in validation.values()]))
 
     common = {"data": str(text), "block_size": 512, "max_steps": args.steps, "seed": 0}
     tasks = {
-        "routers-btx": {**common, "model": str(composed["btx"]), "stage": "router", "batch_size": 8,
-                        "learning_rate": 1e-3, "save_steps": args.steps},
-        "routers-traditional": {**common, "model": str(composed["traditional"]), "stage": "router", "batch_size": 8,
-                                "learning_rate": 1e-3, "save_steps": args.steps},
-        "lora-sft-btx": {**common, "model": str(composed["btx"]), "stage": "sft", "batch_size": 8,
-                         "learning_rate": 2e-4, "save_steps": args.steps},
+        "routers-btx": {**common, "model": str(composed["btx"]), "stage": "router", "learning_rate": 1e-3},
+        "routers-traditional": {**common, "model": str(composed["traditional"]), "stage": "router",
+                                "learning_rate": 1e-3},
+        "lora-sft-btx": {**common, "model": str(composed["btx"]), "stage": "sft", "learning_rate": 2e-4},
+        "lora-dpo-traditional": {**common, "model": str(composed["traditional"]), "stage": "dpo",
+                                 "data": str(preferences), "learning_rate": 5e-5},
+        "stitches-bts": {**common, "model": str(composed["bts"]), "stage": "router", "learning_rate": 1e-3},
     }
-    plan = [("routers-btx", None, "no"), ("routers-btx", "fsdp2", "no"), ("routers-btx", "zero3", "no"),
-            ("routers-btx", None, "bf16"), ("routers-btx", "fsdp2", "bf16"), ("routers-btx", "zero3", "bf16"),
-            ("routers-traditional", None, "bf16"), ("routers-traditional", "fsdp2", "bf16"),
-            ("routers-traditional", "zero3", "bf16"),
-            ("lora-sft-btx", None, "bf16"), ("lora-sft-btx", "fsdp2", "bf16"), ("lora-sft-btx", "zero3", "bf16")]
+    base_models = {"lora-sft-btx": composed["btx"], "lora-dpo-traditional": composed["traditional"]}
     only = set(filter(None, args.only.split(",")))
     tasks_wanted = set(filter(None, args.tasks.split(",")))
-    runs = []
-    for task, distributed, precision in plan:
-        if only and (distributed or "plain") not in only or tasks_wanted and task not in tasks_wanted:
+    jobs = []
+    port = 29800
+    for task, precision in PLAN:
+        if tasks_wanted and task not in tasks_wanted:
             continue
-        # `batch_size` is per process: the global batch stays 8 at any number of GPUs.
-        config = {**tasks[task], "batch_size": max(1, 8 // gpus)}
-        if task.startswith("lora") and distributed == "zero3":  # TRL forces reentrant checkpointing there
-            config["gradient_checkpointing"] = False
-        runs.append(launch(f"{task}:{distributed or 'plain'}:{precision}", config, args.workdir, distributed,
-                           precision, gpus))
-        (args.out / "accelerate_runs.json").write_text(json.dumps(runs, indent=1))
-    compare(runs, batch, {"lora-sft-btx": composed["btx"]})
+        # The reference is one process with the whole batch of 8; the sharded runs split it over the GPUs.
+        for distributed, processes in ((None, 1), ("fsdp2", gpus), ("zero3", gpus)):
+            if only and (distributed or "plain") not in only:
+                continue
+            config = {**tasks[task], "batch_size": 8 // processes}
+            if task.startswith("lora") and distributed == "zero3":  # TRL forces reentrant checkpointing there
+                config["gradient_checkpointing"] = False
+            device = str(len(jobs) % gpus) if processes == 1 and DEVICE == "cuda" else None
+            jobs.append((f"{task}:{distributed or 'plain'}:{precision}:{processes}", config, args.workdir,
+                         distributed, precision, processes, port, device))
+            port += 1
+    runs = run_all(jobs, args.parallel)
+    (args.out / "accelerate_runs.json").write_text(json.dumps(runs, indent=1))
+    compare(runs, batch, base_models)
     device = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
     (args.out / "accelerate_runs.json").write_text(json.dumps({"gpus": gpus, "device": device, "runs": runs},
                                                               indent=1))
     (args.out / "accelerate_runs.md").write_text(markdown(runs, gpus, device))
     print(markdown(runs, gpus, device))
+
+
+TASKS = ("routers-btx", "routers-traditional", "lora-sft-btx", "lora-dpo-traditional", "stitches-bts")
+PLAN = [("routers-btx", "no"), ("routers-btx", "bf16"), ("routers-traditional", "bf16"), ("lora-sft-btx", "bf16"),
+        ("lora-dpo-traditional", "bf16"), ("stitches-bts", "bf16")]
 
 
 if __name__ == "__main__":

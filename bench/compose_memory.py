@@ -48,13 +48,15 @@ QUICK = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_at
 def llama_config(fields: dict):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**fields, max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0,
-                       bos_token_id=1, eos_token_id=2)
+    return LlamaConfig(**{"max_position_embeddings": 256, "tie_word_embeddings": False, "pad_token_id": 0,
+                          "bos_token_id": 1, "eos_token_id": 2, **fields})
 
 
-def make_source(folder: Path, fields: dict, seed: int, dtype: str = "float32") -> Path:
+def make_source(folder: Path, fields: dict, seed: int, dtype: str = "float32", device: str = "cpu",
+                tokenizer: Path | None = None) -> Path:
     """A Hugging Face folder (config.json + model.safetensors) of random weights from `seed`, stored as `dtype`
-    (a torch dtype name); reused if present.
+    (a torch dtype name); reused if present. `device` draws them there (a GPU draws an 8B model in seconds);
+    `tokenizer` is a folder whose files are copied in.
 
     The tensor names and shapes come from a `LlamaForCausalLM` built on the meta device (no memory); the weights are
     drawn one tensor at a time, so making a source costs about the size of the model once, not a model instance.
@@ -72,18 +74,20 @@ def make_source(folder: Path, fields: dict, seed: int, dtype: str = "float32") -
     config = llama_config(fields)
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     tensors = {}
     for name, shape in shapes.items():
         if len(shape) == 1:  # norms: around 1, and different per expert too
-            tensors[name] = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+            tensors[name] = 1.0 + 0.1 * torch.randn(shape, generator=generator, device=device)
         else:
-            tensors[name] = 0.02 * torch.randn(shape, generator=generator)
-        tensors[name] = tensors[name].to(getattr(torch, dtype))
+            tensors[name] = 0.02 * torch.randn(shape, generator=generator, device=device)
+        tensors[name] = tensors[name].to(getattr(torch, dtype)).cpu()
     if dtype != "float32":
         config.dtype = dtype
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(folder)
+    for path in (tokenizer.iterdir() if tokenizer else ()):
+        shutil.copy(path, folder / path.name)
     marker.write_text(json.dumps(stamp))
     return folder
 
