@@ -4,12 +4,13 @@
 #   bash bench/several_gpus.sh bigger       carry .whl .carry/tokenizer .carry/btx_smollm2/smollm2.gguf.part0
 #   bash bench/several_gpus.sh equivalence  carry .whl .carry/btx_smollm2/smollm2.gguf.part1 data.npz data.json
 #   bash bench/several_gpus.sh scaling      carry .whl .carry/tokenizer
-# `bigger` also stashes the first half of the SmolLM2 GGUF for `equivalence`; `scaling` ends with the bigger run's
+# `bigger` (or `stash` alone) stashes the first half of the SmolLM2 GGUF for `equivalence`
+# (EQUIVALENCE_FLAGS="--tasks lora-dpo-traditional --only plain,zero3" re-runs one task); `scaling` ends with the bigger run's
 # one-GPU attempt (it reuses the composed 13B checkpoint when the machine is the same). .whl holds, for Python 3.12:
 # pydantic (+ pydantic_core, annotated_types, typing_inspection), datasets, dill, multiprocess, trl, peft, gguf, hjson
 # and deepspeed built with DS_BUILD_OPS=0 (README of the device tool says how).
 set -uo pipefail
-MODE=${1:?bigger, equivalence or scaling}
+MODE=${1:?bigger, equivalence, scaling or stash}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # keep NVLink multicast off
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda TOKENIZERS_PARALLELISM=false
@@ -21,6 +22,9 @@ python3 -c 'import torch, transformers, accelerate, peft, trl; print("torch", to
 transformers.__version__, "accelerate", accelerate.__version__, "peft", peft.__version__, "trl", trl.__version__)'
 df -h /root | tail -1
 case "$MODE" in
+  stash)  # only the first GGUF half, for an `equivalence` call alone (carry .carry/btx_smollm2/smollm2.gguf.part0)
+    mkdir -p "$STASH" && cp .carry/btx_smollm2/smollm2.gguf.part0 "$STASH/" && ls -la "$STASH"
+    ;;
   bigger)
     mkdir -p "$STASH" && cp .carry/btx_smollm2/smollm2.gguf.part0 "$STASH/"
     python3 bench/several_bigger.py --workdir /root/bigger --out "$OUT" --tokenizer .carry/tokenizer \
