@@ -87,12 +87,14 @@ def export_command(
     to: str = typer.Option("auto", "--to", help="auto | mixtral | qwen2_moe | qwen3_moe"),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    layout: str = typer.Option("per-expert", "--layout", help="per-expert (the Hub checkpoints' layout: llama.cpp's "
+                               "converter, vLLM, SGLang, TGI) | packed (transformers 5's own)"),
 ) -> None:
     """Write a native MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE) that serving engines run without custom code."""
     from .export import export
 
     try:
-        path = export(checkpoint, to, output, overwrite=overwrite, progress=True)
+        path = export(checkpoint, to, output, overwrite=overwrite, progress=True, layout=layout)
     except MixtureKitError as error:
         _fail(error)
     typer.echo(f"wrote {path}")

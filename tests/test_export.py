@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -40,14 +41,22 @@ def _composed(root, family, method="traditional", **extra):
     return compose(recipe, root / f"{family}-{method}", progress=False)
 
 
+@pytest.mark.parametrize("layout", ["per-expert", "packed"])
 @pytest.mark.parametrize("family,target,cls", [
     ("llama", "mixtral", "MixtralForCausalLM"), ("mistral", "mixtral", "MixtralForCausalLM"),
     ("qwen3", "qwen3_moe", "Qwen3MoeForCausalLM"), ("qwen2", "qwen2_moe", "Qwen2MoeForCausalLM"),
 ])
-def test_export_matches_the_composed_model(tmp_path, family, target, cls):
+def test_export_matches_the_composed_model(tmp_path, family, target, cls, layout):
     composed_folder = _composed(tmp_path, family)
-    exported = export(composed_folder, "auto", tmp_path / "exported", shard_size="20KB")
+    exported = export(composed_folder, "auto", tmp_path / "exported", shard_size="20KB", layout=layout)
     assert len(list(exported.glob("*.safetensors"))) > 1  # streamed into shards with an index
+    names = set(json.loads((exported / "model.safetensors.index.json").read_text())["weight_map"])
+    experts = "block_sparse_moe.experts" if target == "mixtral" else "mlp.experts"
+    per_expert = {f"model.layers.0.{experts}.{e}.{p}.weight" for e in range(3)
+                  for p in (("w1", "w3", "w2") if target == "mixtral" else ("gate_proj", "up_proj", "down_proj"))}
+    packed = {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"}
+    assert (per_expert if layout == "per-expert" else packed) <= names
+    assert not (packed if layout == "per-expert" else per_expert) & names
     composed = AutoModelForCausalLM.from_pretrained(composed_folder).eval()
     tokens = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     result = _run_plain(exported, tokens, tmp_path)

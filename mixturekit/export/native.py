@@ -23,6 +23,7 @@ from ..runtime.architecture import num_layers
 from ..runtime.config import MixtureKitConfig
 from ..sources.resolve import TOKENIZER_FILES, _weight_files
 from ..sources.safetensors_io import CheckpointReader, TensorSlot
+from .expert_layout import LAYOUTS, Piece, per_expert_pieces, piece_reader
 
 TARGETS = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe"}
 MAPPING_TABLE = "traditional over Llama or Mistral -> mixtral; over Qwen3 -> qwen3_moe; over Qwen2 -> qwen2_moe"
@@ -105,10 +106,12 @@ def _zero_shared_experts(routed: list[int], hidden: int, dtype: torch.dtype) -> 
 
 def export(
     checkpoint: str | Path, to: str = "auto", output: str | Path | None = None, overwrite: bool = False,
-    shard_size: int | str = "2GB", progress: bool = False,
+    shard_size: int | str = "2GB", progress: bool = False, layout: str = "per-expert",
 ) -> Path:
     """Write the composed checkpoint as a native MoE checkpoint (`to`: auto, mixtral, qwen2_moe, qwen3_moe),
-    streamed one tensor at a time into size-bounded shards, appearing atomically."""
+    streamed one tensor at a time into size-bounded shards, appearing atomically. `layout`: `per-expert` (the Hub
+    checkpoints' layout, which llama.cpp's converter and the serving engines read) or `packed` (transformers 5's own;
+    see `expert_layout`)."""
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise ExportError(f"'{checkpoint}' has no config.json: give a folder written by mixturekit compose")
@@ -117,6 +120,8 @@ def export(
     config = MixtureKitConfig.from_pretrained(checkpoint)
     if to != "auto" and to not in set(TARGETS.values()):
         raise ExportError(f"unknown target '{to}'; valid: auto, mixtral, qwen2_moe, qwen3_moe ({MAPPING_TABLE})")
+    if layout not in LAYOUTS:
+        raise ExportError(f"unknown layout '{layout}'; valid: {', '.join(LAYOUTS)}")
     target = TARGETS.get(config.text_config.model_type) if to == "auto" else to
     routed = _refuse_unmappable(config, target)
     if output is None:
@@ -128,10 +133,13 @@ def export(
     dtype = next(info.dtype for info in reader.tensors.values() if info.dtype.is_floating_point)
     staging = new_staging_folder(output)
     try:
-        slots = [TensorSlot(name, info.dtype, info.shape) for name, info in reader.tensors.items()]
+        stored = [TensorSlot(name, info.dtype, info.shape) for name, info in reader.tensors.items()]
+        pieces = dict(per_expert_pieces(stored, target) if layout == "per-expert" else
+                      [(slot, Piece(slot.name)) for slot in stored])
         extra = dict(_zero_shared_experts(routed, exported_config.hidden_size, dtype)) if target == "qwen2_moe" else {}
-        write_sharded(staging, slots + list(extra),
-                      lambda slot: [extra[slot]] if slot in extra else [reader.get(slot.name)],
+        read = piece_reader(reader.get)
+        write_sharded(staging, list(pieces) + list(extra),
+                      lambda slot: [extra[slot]] if slot in extra else [read(pieces[slot])],
                       parse_size(shard_size), progress, desc="exporting")
         exported_config.save_pretrained(staging)
         for name in (*TOKENIZER_FILES, "generation_config.json"):
