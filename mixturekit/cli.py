@@ -115,7 +115,7 @@ def evaluate_command(
 
     named = dict(item.split("=", 1) if "=" in item else (Path(item).stem, item) for item in data)
     try:
-        results = evaluate(checkpoint, named, block_size=block_size, max_blocks=max_blocks)
+        results = evaluate(checkpoint, named, block_size=block_size, max_blocks=max_blocks, progress=True)
     except MixtureKitError as error:
         _fail(error)
     typer.echo(format_evaluation(results))

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import SourceError
@@ -20,7 +21,7 @@ from .training.data import check_data_source, load_data, token_blocks
 @torch.inference_mode()
 def evaluate(
     model_path: str | Path, data: dict[str, str | Path], block_size: int = 256, max_blocks: int = 64,
-    batch_size: int = 8, text_column: str = "text",
+    batch_size: int = 8, text_column: str = "text", progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """For each named dataset: token-level perplexity (from the logits, so a composed model's auxiliary loss does
     not count) and, for composed models, each router's load, normalised entropy and dead experts."""
@@ -38,7 +39,8 @@ def evaluate(
                                            text_column)["input_ids"][:max_blocks])
         statistics = RoutingStatistics()
         nll, tokens = 0.0, 0
-        for start in range(0, blocks.shape[0], batch_size):
+        for start in tqdm(range(0, blocks.shape[0], batch_size), desc=f"eval {name}", unit="batch",
+                          disable=not progress):
             batch = blocks[start:start + batch_size].to(model.device)
             output = model(input_ids=batch, output_router_logits=composed) if composed else model(input_ids=batch)
             logits = output.logits[:, :-1].float()

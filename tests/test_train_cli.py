@@ -34,6 +34,7 @@ def test_cli_trains_routers_then_evaluates(demo, tmp_path):
                                     "--json", str(tmp_path / "eval.json")])
     assert evaluated.exit_code == 0, evaluated.output
     assert "code" in evaluated.output and "prose" in evaluated.output
+    assert "eval code" in evaluated.output and "eval prose" in evaluated.output  # a progress bar per dataset
     report = json.loads((tmp_path / "eval.json").read_text())
     assert set(report) == {"code", "prose"} and all(r["perplexity"] > 1 for r in report.values())
     loads = next(iter(report["code"]["routing"].values()))["load"]
@@ -225,3 +226,17 @@ def test_full_policy_with_checkpointing_trains_every_weight_and_keeps_its_log(de
     assert logged
     for entry in logged:  # 4 blocks of 32 tokens a step
         assert entry["throughput/tokens_per_second"] * entry["throughput/seconds_per_step"] == pytest.approx(128, rel=0.01)
+
+
+def test_router_init_from_data_shows_its_progress(demo, tmp_path):
+    """Fitting routers on domain samples reads every sample through the model: minutes on a real model, so a bar."""
+    root, _, files = demo
+    names = json.loads((root / "btx" / "config.json").read_text())["expert_names"]
+    samples = {name: str(files[name] if name in files else files["code"]) for name in names}
+    config = {"model": str(root / "btx"), "data": str(files["code"]), "output": str(tmp_path / "out"), "max_steps": 2,
+              "block_size": 32, "batch_size": 4, "router_init": "data", "router_init_data": samples}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    trained = CliRunner().invoke(app, ["train", str(tmp_path / "train.yaml")])
+    assert trained.exit_code == 0, trained.output
+    assert all(f"router init: {name}" in trained.output for name in names), trained.output[-2000:]
+    assert "fitting routers" in trained.output

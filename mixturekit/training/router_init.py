@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..errors import TrainingError
 from ..runtime.modeling import MixtureKitForCausalLM
@@ -44,7 +45,8 @@ def uniform_routing(model: MixtureKitForCausalLM) -> Iterator[None]:
 
 @torch.no_grad()
 def router_inputs(
-    model: MixtureKitForCausalLM, tokenizer, texts: list[str] | torch.Tensor, max_length: int = 256
+    model: MixtureKitForCausalLM, tokenizer, texts: list[str] | torch.Tensor, max_length: int = 256,
+    desc: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per router, the hidden states entering it over the (non-padding) tokens of `texts`: `[tokens, d]` float32.
     `texts` are strings (tokenized with `tokenizer`) or a `[n, length]` tensor of token ids."""
@@ -65,7 +67,7 @@ def router_inputs(
     model.eval()
     try:
         with uniform_routing(model):
-            for text in texts:
+            for text in tqdm(texts, desc=desc, unit="text", disable=desc is None):
                 if isinstance(text, torch.Tensor):
                     batch = {"input_ids": text[None], "attention_mask": torch.ones_like(text[None])}
                 else:
@@ -110,6 +112,7 @@ def initialize_routers(
     positive: dict[str, list[str] | torch.Tensor],
     negative: dict[str, list[str] | torch.Tensor] | None = None,
     scale: float = 1.0,
+    progress: bool = False,
 ) -> None:
     """Set every router's rows from hidden states (see the module docstring). `positive` maps each expert name to
     its prompts (`hidden`) or its domain sample (`data`); `negative` (only for `hidden`) to prompts it should not
@@ -123,9 +126,10 @@ def initialize_routers(
     unknown = sorted(set(positive) - set(names))
     if unknown:
         raise TrainingError(f"router initialisation got texts for unknown experts {unknown}; experts are {names}")
-    inputs = {n: router_inputs(model, tokenizer, positive[n]) for n in names}
+    inputs = {n: router_inputs(model, tokenizer, positive[n], desc=f"router init: {n}" if progress else None)
+              for n in names}
     if mode == "data":
-        for router_name, router in model.routers():
+        for router_name, router in tqdm(model.routers(), desc="fitting routers", unit="router", disable=not progress):
             rows = _fit_softmax_router([inputs[n][router_name] for n in names]) * scale
             router.weight.copy_(rows.to(router.weight.dtype))
         return

@@ -7,7 +7,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import TrainingError
-from ..runtime.data_parallel import wait_for_all_ranks
+from ..runtime.data_parallel import is_main_process, wait_for_all_ranks
 from .checkpointing import checkpointing_arguments
 from .config import TrainConfig
 from .data import load_data, token_blocks
@@ -62,7 +62,7 @@ def _run_router_stage(config: TrainConfig, output: Path, resume: bool, progress:
             raise TrainingError("router_init: data needs router_init_data: {expert name: sample file}")
         samples = {name: load_data(path, required_columns=(config.text_column,))[config.text_column][:64]
                    for name, path in config.router_init_data.items()}
-        initialize_routers(model, tokenizer, "data", samples)
+        initialize_routers(model, tokenizer, "data", samples, progress=progress and is_main_process())
     begin_run(config, resume, overwrite)
     train_routers(model, blocks, output / "checkpoints", policy=config.policy, max_steps=config.max_steps,
                   learning_rate=config.learning_rate, batch_size=config.batch_size, seed=config.seed,
