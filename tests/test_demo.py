@@ -39,6 +39,11 @@ def test_quick_demo_trains_experts_that_beat_the_seed_and_composes_them(tmp_path
 
     assert Path(result["report"]).read_text().count('class="tok"') > 10 and result["report"] in result["table"]
     assert Path(result["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    title = Image.open(result["png"]).text["Title"]  # the figure names its model and what it analysed
+    assert "btx+routers" in title and "first 128 tokens of one validation text per domain" in title, title
+    assert "one validation text per domain, so its shares differ" in result["table"]
 
     # A second run reuses the cached experts and gives the same numbers.
     again = run_demo(tmp_path, quick=True, progress=False)

@@ -187,8 +187,15 @@ def write_routing_report(
     trace = capture_routing(load_model(folder), tokenizer, list(texts.values()), list(texts), max_tokens=128)
     report = write_report(trace, workdir / "routing-report.html", title=f"Routing of the demo's {folder.name} model")
     png = workdir / "routing-by-domain.png"
-    plot_routing_by_label(trace, png)
+    plot_routing_by_label(trace, png, title=routing_plot_title(folder.name, len(texts), trace.max_tokens))
     return report, png
+
+
+def routing_plot_title(model: str, texts: int, tokens: int) -> str:
+    """What the demo's PNG shows, in its own title: the model, and that it reads the start of one validation text
+    per domain (the printed routing table reads the whole evaluation blocks, so the shares differ)."""
+    return (f"{model} (MixtureKit demo): top expert by domain\n"
+            f"first {tokens} tokens of one validation text per domain ({texts} texts)")
 
 
 def evaluation_blocks(
@@ -278,7 +285,8 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0, progress: bool =
     report, png = write_routing_report(workdir, trained["btx+routers"], paths["seed"], domains)
     table = format_table(results, timings, reused)
     table += "\n\n" + "\n\n".join(format_routing(name, shares) for name, shares in routing.items())
-    table += f"\n\nrouting report: {report}\nrouting plot: {png}"
+    table += (f"\n\nrouting report: {report}\nrouting plot: {png} (the start of one validation text per domain, "
+              "so its shares differ from the table's)")
     print(table, flush=True)
     return {
         "perplexity": results, "models": list(results), "domains": list(DOMAIN_NAMES), "seconds": seconds,

@@ -21,11 +21,12 @@ from .html_report import (
 _DPI = 200
 
 
-def _save(figure: Figure, path: str | Path) -> Path:
+def _save(figure: Figure, path: str | Path, title: str | None = None) -> Path:
+    """Write the figure; `title` also goes into the PNG's metadata (Title), where viewers and tests read it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=_DPI, bbox_inches="tight")
+    figure.savefig(path, dpi=_DPI, bbox_inches="tight", metadata={"Title": title} if title else None)
     return path
 
 
@@ -67,8 +68,9 @@ def plot_utilisation_heatmap(trace: RoutingTrace, path: str | Path) -> Path:
     return _save(figure, path)
 
 
-def plot_routing_by_label(trace: RoutingTrace, path: str | Path) -> Path:
-    """Per label (domain), stacked shares of top experts: whether each domain found its own expert."""
+def plot_routing_by_label(trace: RoutingTrace, path: str | Path, title: str = "Routing by label") -> Path:
+    """Per label (domain), stacked shares of top experts: whether each domain found its own expert. `title` should
+    name the model and what was analysed, since the figure travels without its context."""
     _need_routes(trace, "routing by label")
     table = routing_by_label_in_text_order(trace)
     if table.empty:
@@ -89,10 +91,10 @@ def plot_routing_by_label(trace: RoutingTrace, path: str | Path) -> Path:
     axes.set_xlim(0, 1)
     axes.invert_yaxis()
     axes.set_xlabel("share of (token, router) pairs by top expert")
-    axes.set_title("Routing by label", fontsize=11)
+    axes.set_title(title, fontsize=10)
     axes.legend(ncols=min(len(colours), 5), loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False,
                 fontsize=8)
-    return _save(figure, path)
+    return _save(figure, path, title)
 
 
 def _display(token: str) -> str:
