@@ -97,7 +97,12 @@ def export_command(
         path = export(checkpoint, to, output, overwrite=overwrite, progress=True, layout=layout)
     except MixtureKitError as error:
         _fail(error)
-    typer.echo(f"wrote {path}")
+    import json
+
+    architecture = json.loads((path / "config.json").read_text())["architectures"][0]
+    typer.echo(f"wrote {path}: {architecture}, {layout} layout; loads with AutoModelForCausalLM (no mixturekit "
+               "needed) and in engines that run it" + ("; for llama.cpp, convert it with convert_hf_to_gguf.py"
+                                                        if layout == "per-expert" else ""))
 
 
 @app.command(name="eval")

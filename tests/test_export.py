@@ -155,5 +155,10 @@ def test_cli_export_and_inspect_say_where_a_composition_can_be_served(tmp_path):
     assert "serving export: none: a btx model" in runner.invoke(app, ["inspect", str(btx)]).output
     done = runner.invoke(app, ["export", str(traditional), "-o", str(tmp_path / "mixtral")])
     assert done.exit_code == 0 and (tmp_path / "mixtral" / "config.json").is_file(), done.output
+    assert "MixtralForCausalLM, per-expert layout" in done.output  # says what it wrote and where it runs
+    packed = runner.invoke(app, ["export", str(traditional), "-o", str(tmp_path / "packed"), "--layout", "packed"])
+    assert packed.exit_code == 0 and "packed layout" in packed.output, packed.output
+    wrong = runner.invoke(app, ["export", str(traditional), "-o", str(tmp_path / "x"), "--layout", "stacked"])
+    assert wrong.exit_code == 2 and "valid: per-expert, packed" in wrong.output and not (tmp_path / "x").exists()
     refused = runner.invoke(app, ["export", str(btx), "-o", str(tmp_path / "nope")])
     assert refused.exit_code == 2 and "one router per projection" in refused.output
