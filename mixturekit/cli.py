@@ -30,7 +30,7 @@ def compose(
 ) -> None:
     """Compose the recipe into a checkpoint folder."""
     from .compose import compose as run_compose
-    from .plan import checkpoint_summary
+    from .inspection import checkpoint_summary
 
     try:
         path = run_compose(recipe, output=output, overwrite=overwrite)
@@ -43,7 +43,8 @@ def compose(
 @app.command()
 def inspect(target: Path = typer.Argument(..., help="Recipe YAML file, or a composed checkpoint folder.")) -> None:
     """Print the plan of a recipe (nothing is written), or the structure of a composed checkpoint."""
-    from .plan import build_plan, checkpoint_summary, plan_summary
+    from .inspection import checkpoint_summary
+    from .plan import build_plan, plan_summary
 
     try:
         if target.is_dir():

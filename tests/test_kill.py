@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mixturekit import compose
-from mixturekit.compose.composer import STAGING_PREFIX
+from mixturekit.sources import STAGING_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
 PASSES = 5

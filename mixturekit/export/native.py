@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from ..compose.composer import _check_output, _swap_into_place, new_staging_folder, write_sharded
 from ..recipe import parse_size
 from ..errors import MixtureKitError
 from ..runtime.architecture import num_layers
 from ..runtime.config import MixtureKitConfig
-from ..sources.resolve import TOKENIZER_FILES, _weight_files
+from ..sources.checkpoint_folder import check_output_folder, new_staging_folder, swap_into_place, write_sharded
+from ..sources.resolve import TOKENIZER_FILES, weight_files
 from ..sources.safetensors_io import CheckpointReader, TensorSlot
 from .expert_layout import LAYOUTS, Piece, per_expert_pieces, piece_reader
 
@@ -127,8 +127,8 @@ def export(
     if output is None:
         raise ExportError("no output folder given (-o/--output)")
     output = Path(output).expanduser().absolute()
-    _check_output(output, overwrite)
-    reader = CheckpointReader(_weight_files(checkpoint))
+    check_output_folder(output, overwrite)
+    reader = CheckpointReader(weight_files(checkpoint))
     exported_config = _target_config(config, target, routed)
     dtype = next(info.dtype for info in reader.tensors.values() if info.dtype.is_floating_point)
     staging = new_staging_folder(output)
@@ -151,7 +151,7 @@ def export(
             f"{config.num_experts} `{config.text_config.model_type}` experts ({', '.join(config.expert_names)}), "
             f"top-{config.num_experts_per_tok}. Loads with plain `transformers` (`{exported_config.architectures[0]}`)"
             " and serving engines that run it; no custom code.\n", encoding="utf-8")
-        _swap_into_place(staging, output)
+        swap_into_place(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

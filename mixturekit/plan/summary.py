@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from pathlib import Path
 
 from .planner import CompositionPlan
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
-def _millions(count: int) -> str:
+def millions(count: int) -> str:
     return f"{count / 1e6:,.2f}M"
 
 
-def _layer_structure(names_by_origin: dict[str, list[str]]) -> list[str]:
+def layer_structure(names_by_origin: dict[str, list[str]]) -> list[str]:
     """One line per distinct block structure: which blocks, and what is routed in them."""
     routed_by_layer: dict[int, set[str]] = {}
     for name in names_by_origin.get("stack", []):
@@ -29,7 +28,7 @@ def _layer_structure(names_by_origin: dict[str, list[str]]) -> list[str]:
     return [f"  blocks {layers}: routed {', '.join(modules)}" for modules, layers in groups.items()]
 
 
-def _stream_lines(config, counts: Counter, origins: dict[str, str] | None = None) -> list[str]:
+def stream_lines(config, counts: Counter, origins: dict[str, str] | None = None) -> list[str]:
     """bts: the hub, each stream's shape, where the stitches sit, and what runs per token."""
     from ..runtime.architecture import num_layers
     from ..runtime.stitch import matching_depths, stitch_directions
@@ -51,9 +50,9 @@ def _stream_lines(config, counts: Counter, origins: dict[str, str] | None = None
     directions = stitch_directions(len(points))
     lines += [
         "stitches after hub blocks: " + ", ".join(f"{p} ({d})" for p, d in zip(points, directions)),
-        f"parameters: total {_millions(sum(counts.values()))}, active per token {_millions(sum(counts.values()))}",
-        f"  hub {_millions(counts['shared'])}, expert streams {_millions(counts['stream'])}, "
-        f"stitches {_millions(counts['stitch'])} (trainable by default; identity at initialisation)",
+        f"parameters: total {millions(sum(counts.values()))}, active per token {millions(sum(counts.values()))}",
+        f"  hub {millions(counts['shared'])}, expert streams {millions(counts['stream'])}, "
+        f"stitches {millions(counts['stitch'])} (trainable by default; identity at initialisation)",
     ]
     return lines
 
@@ -68,7 +67,7 @@ def plan_summary(plan: CompositionPlan) -> str:
         hub = plan.models[plan.reference]
         origins = {"hub": f"{hub.name} <- {hub.origin} "} | {plan.models[i].name: plan.models[i].origin
                                                              for i in plan.expert_models}
-        lines = _stream_lines(config, counts, origins) + [f"note: {note}" for note in plan.warnings]
+        lines = stream_lines(config, counts, origins) + [f"note: {note}" for note in plan.warnings]
         return "\n".join(lines)
     names_by_origin: dict[str, list[str]] = {}
     for tensor in plan.tensors:
@@ -78,55 +77,16 @@ def plan_summary(plan: CompositionPlan) -> str:
         f"method: {config.method}   architecture: {config.text_config.model_type}   dtype: {str(plan.dtype)[6:]}",
         f"experts ({config.num_experts}, top-{config.num_experts_per_tok}): "
         + ", ".join(f"{plan.models[i].name} <- {plan.models[i].origin}" for i in plan.expert_models),
-        f"parameters: total {_millions(plan.total_parameters)}, active per token {_millions(plan.active_parameters)}",
-        f"  stacked experts {_millions(plan.count('stack'))} ({len(names_by_origin.get('stack', []))} tensors)",
-        f"  shared ({shared_how}) {_millions(plan.count('average') + plan.count('copy'))} "
+        f"parameters: total {millions(plan.total_parameters)}, active per token {millions(plan.active_parameters)}",
+        f"  stacked experts {millions(plan.count('stack'))} ({len(names_by_origin.get('stack', []))} tensors)",
+        f"  shared ({shared_how}) {millions(plan.count('average') + plan.count('copy'))} "
         f"({len(names_by_origin.get('average', [])) + len(names_by_origin.get('copy', []))} tensors)",
-        f"  new routers {_millions(plan.count('new'))} ({len(names_by_origin.get('new', []))} tensors, "
+        f"  new routers {millions(plan.count('new'))} ({len(names_by_origin.get('new', []))} tensors, "
         f"init: {plan.recipe.router_init})",
         "structure:",
-        *_layer_structure(names_by_origin),
+        *layer_structure(names_by_origin),
     ]
     if plan.ignored_source_tensors:
         lines.append(f"source tensors not used: {', '.join(plan.ignored_source_tensors)}")
     lines += [f"note: {note}" for note in plan.warnings]
-    return "\n".join(lines)
-
-
-def checkpoint_summary(folder: Path) -> str:
-    """Summarise a composed checkpoint from its config alone (the model is built on the meta device)."""
-    import torch
-
-    from ..runtime.config import MixtureKitConfig
-    from ..runtime.modeling import MixtureKitForCausalLM
-    from .planner import tensor_roles
-
-    config = MixtureKitConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        composed = MixtureKitForCausalLM(config)
-    counts: Counter[str] = Counter()
-    names_by_origin: dict[str, list[str]] = {}
-    for name, (tensor, role, _) in tensor_roles(composed).items():
-        counts[role] += tensor.numel()
-        names_by_origin.setdefault("stack" if role == "stack" else role, []).append(name)
-    from ..export.native import export_target
-
-    target, how = export_target(config)
-    export_line = f"serving export: {target} ({how})" if target else f"serving export: none: {how}"
-    if config.method == "bts":
-        return "\n".join([f"composed checkpoint: {folder}", *_stream_lines(config, counts), export_line])
-    experts, k = config.num_experts, config.num_experts_per_tok
-    total = sum(counts.values())
-    active = total - counts["stack"] + counts["stack"] * k // experts
-    lines = [
-        f"composed checkpoint: {folder}",
-        f"method: {config.method}   architecture: {config.text_config.model_type}",
-        f"experts ({experts}, top-{k}): {', '.join(config.expert_names)}",
-        f"parameters: total {_millions(total)}, active per token {_millions(active)}",
-        f"  stacked experts {_millions(counts['stack'])}, shared {_millions(counts['shared'])}, "
-        f"routers {_millions(counts['router'])}",
-        "structure:",
-        *_layer_structure(names_by_origin),
-        export_line,
-    ]
     return "\n".join(lines)

@@ -87,11 +87,11 @@ def resolve_router_layers(requested: list[str] | None, block: nn.Module, model_t
 
 def check_checkpoint(folder: Path) -> None:
     """Compare a composed checkpoint's tensor headers with what its config builds; raise naming the first problems."""
-    from ..sources.resolve import _weight_files
+    from ..sources.resolve import weight_files
     from ..sources.safetensors_io import CheckpointReader
 
     config = MixtureKitConfig.from_pretrained(folder)
-    files = _weight_files(folder)
+    files = weight_files(folder)
     if not files:
         return
     stored = CheckpointReader(files).tensors

@@ -1,10 +1,15 @@
-"""Sources: find source models on disk or the Hub, read their tensors lazily, write shards one tensor at a time."""
+"""Sources: find source models on disk or the Hub, read their tensors lazily, write checkpoint folders one tensor at a
+time (staged beside the output, swapped into place whole)."""
 
+from .checkpoint_folder import (
+    STAGING_PREFIX, assign_shards, check_output_folder, new_staging_folder, swap_into_place, write_sharded,
+)
 from .gguf import convert_gguf, default_cache_dir
-from .resolve import LocalModel, resolve_source
+from .resolve import LocalModel, resolve_source, weight_files
 from .safetensors_io import CheckpointReader, ShardWriter, TensorInfo, TensorSlot, read_header
 
 __all__ = [
-    "CheckpointReader", "LocalModel", "ShardWriter", "TensorInfo", "TensorSlot", "convert_gguf",
-    "default_cache_dir", "read_header", "resolve_source",
+    "STAGING_PREFIX", "CheckpointReader", "LocalModel", "ShardWriter", "TensorInfo", "TensorSlot", "assign_shards",
+    "check_output_folder", "convert_gguf", "default_cache_dir", "new_staging_folder", "read_header",
+    "resolve_source", "swap_into_place", "weight_files", "write_sharded",
 ]

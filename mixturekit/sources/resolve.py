@@ -59,7 +59,8 @@ class LocalModel:
         return [self.folder / name for name in TOKENIZER_FILES if (self.folder / name).is_file()]
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder: those its index names, else every `*.safetensors` in it."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -109,7 +110,7 @@ def _local_folder(spec: ModelSource, cache_dir: Path | None) -> tuple[Path, str,
             if not gguf.is_file():
                 raise SourceError(f"model '{spec.name}': gguf_file '{spec.gguf_file}' is not in '{path}'")
             return convert_gguf(gguf, cache_dir), f"gguf:{gguf}", str(gguf)
-        if not _weight_files(path) and not (path / "config.json").is_file():
+        if not weight_files(path) and not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
                 return convert_gguf(ggufs[0], cache_dir), f"gguf:{ggufs[0]}", str(ggufs[0])
@@ -156,12 +157,12 @@ def resolve_source(spec: ModelSource, cache_dir: Path | None = None, allow_pickl
     """Find the model on disk (converting GGUF, or pickle with `allow_pickle`, once into a cache) and read its
     config; no weights are read."""
     folder, origin, converted_from = _local_folder(spec, cache_dir)
-    files = _weight_files(folder)
+    files = weight_files(folder)
     if not files:
         pickles = sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         if pickles and allow_pickle:
             folder, converted_from = convert_pickle(folder, pickles, cache_dir), str(folder)
-            files = _weight_files(folder)
+            files = weight_files(folder)
         elif pickles:
             raise SourceError(
                 f"model '{spec.name}': '{folder}' has only pickle weights {[p.name for p in pickles]}, which can "
