@@ -108,3 +108,19 @@ def test_python_dash_m_runs_the_same_command_line():
     done = subprocess.run([sys.executable, "-m", "mixturekit", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Usage: mixturekit" in done.stdout and all(c in done.stdout for c in ("compose", "inspect", "export"))
+
+
+def test_routing_loss_settings_go_from_the_recipe_into_the_checkpoint(tmp_path, experts):
+    """alpha_mode, load_floor, alpha_max, the z-loss and the experts backend are recipe settings, written to config."""
+    settings = {"alpha_mode": "auto", "load_floor": 0.2, "alpha_max": 0.5, "router_z_loss_coef": 0.001,
+                "experts_backend": "loop"}
+    recipe = {"method": "traditional", "experts": [{"name": f"e{i}", "source": str(p)} for i, p in enumerate(experts)],
+              **settings}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    done = CliRunner().invoke(app, ["compose", str(tmp_path / "recipe.yaml"), "-o", str(tmp_path / "out")])
+    assert done.exit_code == 0, done.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert {key: getattr(model.config, key) for key in settings} == settings
+    (tmp_path / "wrong.yaml").write_text(yaml.safe_dump({**recipe, "alpha_mode": "automatic"}))
+    wrong = CliRunner().invoke(app, ["inspect", str(tmp_path / "wrong.yaml")])
+    assert wrong.exit_code == 2 and "alpha_mode" in wrong.output and "'auto'" in wrong.output, wrong.output

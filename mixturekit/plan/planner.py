@@ -252,6 +252,8 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
         text_config=text_config, method=recipe.method, expert_names=[s.name for s in recipe.expert_sources],
         num_experts_per_tok=recipe.top_k, router_layers=router_layers,
         router_layers_index=recipe.router_layers_index or None, alpha=recipe.alpha, dtype=dtype_name,
+        alpha_mode=recipe.alpha_mode, load_floor=recipe.load_floor, alpha_max=recipe.alpha_max,
+        router_z_loss_coef=recipe.router_z_loss_coef, experts_backend=recipe.experts_backend,
     )
     with torch.device("meta"):
         composed = MixtureKitForCausalLM(config)

@@ -23,7 +23,7 @@ _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # Numeric fields: YAML reads `yes`/`true` as a bool, which pydantic would silently take as 1.
 _NUMERIC_FIELDS = (
     "num_experts_per_tok", "router_layers_index", "router_init_std", "alpha", "shard_size", "seed", "stitch_freq",
-    "stitch_layers_index", "stitch_dropout",
+    "stitch_layers_index", "stitch_dropout", "load_floor", "alpha_max", "router_z_loss_coef",
 )
 
 
@@ -99,6 +99,16 @@ class Recipe(_Strict):
     router_init: Literal["random", "zeros"] = Field(default="random", description="Initial router weights.")
     router_init_std: float = Field(default=0.02, gt=0, allow_inf_nan=False, description="Std of the random router initialisation.")
     alpha: float = Field(default=0.01, ge=0, allow_inf_nan=False, description="Load-balancing loss coefficient.")
+    alpha_mode: Literal["fixed", "auto"] = Field(
+        default="fixed", description="auto: alpha grows x1.5 a training step while an expert's share of a router's "
+        "slots is under load_floor (up to alpha_max), and decays back to alpha after.")
+    load_floor: float | None = Field(default=None, gt=0, lt=1, allow_inf_nan=False,
+                                     description="alpha_mode auto: the share that counts as starving; default 0.5/E.")
+    alpha_max: float = Field(default=1.0, gt=0, allow_inf_nan=False, description="alpha_mode auto: the ceiling.")
+    router_z_loss_coef: float = Field(default=0.0, ge=0, allow_inf_nan=False,
+                                      description="ST-MoE router z-loss coefficient (keeps router logits small).")
+    experts_backend: Literal["auto", "loop", "grouped_mm"] = Field(
+        default="auto", description="How stacked experts multiply: grouped_mm where it applies, else a loop.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Dtype of the written tensors; auto keeps the first expert's."
     )
