@@ -12,8 +12,32 @@ from .runtime import MixtureKitConfig, MixtureKitForCausalLM, load_balancing_los
 
 __version__ = "0.1.0"
 
-__all__ = [
+# What the README teaches beyond composing, loaded on first use: `import mixturekit` stays as light as registering the
+# model needs (training pulls in TRL, PEFT and datasets; the views matplotlib).
+_LAZY = {
+    "export": "export", "ExportError": "export",
+    "evaluate": "evaluation",
+    "convert_gguf": "sources",
+    "capture_routing": "analysis", "RoutingTrace": "analysis", "routing_by_label": "analysis",
+    "utilisation": "analysis", "dead_experts": "analysis",
+    "write_report": "views",
+    "apply_freeze_policy": "training", "train_routers": "training", "initialize_routers": "training",
+    "RoutingStatsCallback": "training", "run_sft": "training", "run_dpo": "training",
+    "ComposedSFTTrainer": "training", "ComposedDPOTrainer": "training", "lora_config_for": "training",
+}
+
+__all__ = sorted([
     "CompatibilityError", "CompositionPlan", "MixtureKitConfig", "MixtureKitError", "MixtureKitForCausalLM", "ModelSource",
     "OutputError", "Recipe", "RecipeError", "SourceError", "TrainingError", "UnsupportedArchitectureError",
-    "build_moe", "build_plan", "compose", "load_balancing_loss", "load_recipe", "plan_summary",
-]
+    "build_moe", "build_plan", "compose", "load_balancing_loss", "load_recipe", "plan_summary", *_LAZY,
+])
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mixturekit' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value

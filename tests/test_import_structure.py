@@ -7,6 +7,7 @@ Every import counts, also those inside functions (they are dependencies all the 
 from __future__ import annotations
 
 import ast
+import re
 import importlib
 from pathlib import Path
 
@@ -114,3 +115,22 @@ def test_no_cycle_between_packages_and_no_private_name_across_them():
 def test_the_check_sees_a_cycle_and_a_private_import():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_examples_and_readme_use_only_the_public_api():
+    """DESIGN.md: the public API is `mixturekit/__init__.py`, and nothing else is imported from internals in examples
+    (the README's Python blocks included); every name they import from `mixturekit` exists there."""
+    import mixturekit
+
+    root = PACKAGE_ROOT.parent
+    sources = {str(path): path.read_text(encoding="utf-8") for path in sorted((root / "examples").rglob("*.py"))}
+    sources["README.md"] = "\n".join(re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S))
+    internal, missing = [], []
+    for where, text in sources.items():
+        for target, names in re.findall(r"from (mixturekit[\w.]*) import ([^\n(]+|\([^)]*\))", text):
+            if target != "mixturekit" and not target.startswith("mixturekit.demo"):
+                internal.append(f"{where}: from {target} import ...")
+            for name in re.findall(r"\w+", names if target == "mixturekit" else ""):
+                if name not in ("noqa", "E402") and not hasattr(mixturekit, name):
+                    missing.append(f"{where}: mixturekit.{name}")
+    assert not internal and not missing, internal + missing

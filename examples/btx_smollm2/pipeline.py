@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from mixturekit import MixtureKitForCausalLM, compose  # noqa: E402
-from mixturekit.training.freeze import apply_freeze_policy  # noqa: E402
+from mixturekit import MixtureKitForCausalLM, apply_freeze_policy, compose  # noqa: E402
 
 ROUTER_NAMES = ("router", "gate.weight", "stitches")  # parameters that get the higher learning rate
 
@@ -167,7 +166,7 @@ def save(model, folder: Path, tokenizer_from: Path) -> Path:
 def seed_folder(args) -> Path:
     if args.model:
         return args.model
-    from mixturekit.sources import convert_gguf
+    from mixturekit import convert_gguf
 
     return convert_gguf(args.gguf, cache_dir=args.workdir / "gguf-cache")
 
@@ -342,8 +341,7 @@ def main() -> None:
     try:  # the routing report of the best composed model, on the start of each domain's validation text
         from transformers import AutoTokenizer
 
-        from mixturekit.analysis import capture_routing
-        from mixturekit.views import write_report
+        from mixturekit import capture_routing, write_report
 
         tokenizer = AutoTokenizer.from_pretrained(trained[best])
         texts = [tokenizer.decode(data.validation[d][0][:160]) for d in domains]

@@ -89,7 +89,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     if args.tokenizer is None:
-        from mixturekit.sources import convert_gguf
+        from mixturekit import convert_gguf
 
         tokenizer_folder = convert_gguf(smollm2_gguf())
     else:
