@@ -204,3 +204,23 @@ def test_auto_alpha_keeps_an_expert_alive_where_alpha_zero_lets_it_die(toy_folde
         lowest[mode] = min(load.min().item() for load in loads)
     assert lowest["fixed"] < 0.02, lowest  # collapsed: one expert dead
     assert lowest["auto"] > 0.5 / 3 * 0.9, lowest  # alive: near or above the floor of half the uniform share
+
+
+def test_a_plain_trainer_logs_the_balance_loss_beside_the_loss(toy, tmp_path):
+    """transformers' `Trainer` (here through `train_routers`) with `RoutingStatsCallback`: the balance loss inside the
+    optimised loss is logged on its own (`routing/aux_loss`), equal to the model's on that batch before the step."""
+    import json
+
+    root, out = toy
+    model = AutoModelForCausalLM.from_pretrained(out)
+    model.config.alpha = model.current_alpha = 0.1
+    block = domain_blocks("a", 1, 16, 5)
+    batch = block.repeat(4, 1)  # every batch the same: the first logged value is computable beforehand
+    model.train()
+    expected = model(input_ids=batch, labels=batch).aux_loss.item()
+    model.routing_statistics.reset()
+    train_routers(model, block.repeat(32, 1), tmp_path / "run", max_steps=1, batch_size=4, learning_rate=0.0,
+                  progress=False, save_to=tmp_path / "out")
+    logged = [e for e in json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert expected > 0 and logged[0]["routing/aux_loss"] == pytest.approx(expected, rel=1e-4)
+    assert logged[0]["routing/aux_loss"] < logged[0]["loss"]

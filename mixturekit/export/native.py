@@ -1,10 +1,10 @@
 """Export a composed model to a native MoE architecture that serving engines run (no custom code needed).
 
 `traditional` over Llama/Mistral is Mixtral; over Qwen3 it is Qwen3-MoE; over Qwen2 it is Qwen2-MoE with its shared
-expert switched off (zero weights, so it adds exactly zero). The tensor names and the stacked layout are already
-the transformers 5 layout of those models (`mlp.gate.weight`, `mlp.experts.gate_up_proj`, `mlp.experts.down_proj`),
-so the export streams tensors across unchanged and writes the target's config. Routing matches too: softmax, top-k,
-renormalised (Mixtral always renormalises; the Qwen MoE configs get `norm_topk_prob: true`).
+expert switched off (zero weights, so it adds exactly zero). The composition's stacked experts are already the
+transformers 5 layout of those models, so the export streams tensors across, split per expert for the Hub layout
+that engines read unless `layout="packed"` (`expert_layout`), and writes the target's config. Routing matches too:
+softmax, top-k, renormalised (Mixtral always renormalises; the Qwen MoE configs get `norm_topk_prob: true`).
 """
 
 from __future__ import annotations

@@ -375,6 +375,8 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         aux_loss, loss_weight = None, 1.0
         if router_logits and (labels is not None or output_router_logits):
             aux_loss, loss_weight = self._aux_loss_and_weight(router_logits, attention_mask, labels, kwargs)
+            if self.training and torch.is_grad_enabled():  # for the trainer's log, beside the loss it is part of
+                self.routing_statistics.add_aux_loss(loss_weight * aux_loss)
         loss = outputs.loss
         if loss is not None and aux_loss is not None and (self.current_alpha > 0 or self.config.router_z_loss_coef):
             loss = loss + loss_weight * aux_loss.to(loss.device)

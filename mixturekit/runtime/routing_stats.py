@@ -37,6 +37,14 @@ class RoutingStatistics:
 
     def __init__(self) -> None:
         self.counts: dict[str, torch.Tensor] = {}
+        self.aux_losses: list[torch.Tensor] = []  # the weighted balance loss of each training forward since reset
+
+    def add_aux_loss(self, aux_loss: torch.Tensor) -> None:
+        """Keep a training forward's auxiliary loss (detached, on its device: no synchronisation until read)."""
+        self.aux_losses.append(aux_loss.detach())
+
+    def mean_aux_loss(self) -> float | None:
+        return torch.stack([a.float().cpu() for a in self.aux_losses]).mean().item() if self.aux_losses else None
 
     def add(self, name: str, router_logits: torch.Tensor, top_k: int, mask: torch.Tensor | None = None) -> None:
         """Count this step's choices of one router (the tokens where `mask` is true)."""
@@ -51,6 +59,7 @@ class RoutingStatistics:
 
     def reset(self) -> None:
         self.counts = {}
+        self.aux_losses = []
 
     def summary(self) -> list[RouterStats]:
         out = []

@@ -23,8 +23,9 @@ def find_composed_model(model) -> MixtureKitForCausalLM | None:
 
 
 class RoutingStatsCallback(TrainerCallback):
-    """Logs per-router load, normalised entropy, max-load share and dead experts to the trainer's loggers, and warns
-    once per (router, expert) whose share of routed slots stays under `dead_threshold` for `window` steps.
+    """Logs per-router load, normalised entropy, max-load share, dead experts and the auxiliary (balance) loss that
+    the logged loss includes (`routing/aux_loss`) to the trainer's loggers, and warns once per (router, expert) whose
+    share of routed slots stays under `dead_threshold` for `window` steps.
 
     Under data-parallel training the model sums its routing counts over the ranks, so every rank sees (and logs)
     the loads of the global batch, not of its own slice.
@@ -38,6 +39,7 @@ class RoutingStatsCallback(TrainerCallback):
         self.warned: set[tuple[str, int]] = set()
         self.interval: dict[str, list[float]] = {}
         self.interval_steps = 0
+        self.interval_aux_losses: list[float] = []
 
     def _threshold(self, model: MixtureKitForCausalLM) -> float:
         return self.dead_threshold if self.dead_threshold is not None else 0.1 / model.config.num_experts
@@ -62,6 +64,9 @@ class RoutingStatsCallback(TrainerCallback):
                                "Raise alpha, use alpha_mode: auto, or re-initialise that router.")
                     logger.warning(message)
                     warnings.warn(message, stacklevel=2)
+        aux_loss = composed.routing_statistics.mean_aux_loss()
+        if aux_loss is not None:
+            self.interval_aux_losses.append(aux_loss)
         self.interval_steps += 1
         composed.routing_statistics.reset()
 
@@ -85,8 +90,10 @@ class RoutingStatsCallback(TrainerCallback):
             logs["routing/max_load_max"] = round(max(max_loads), 4)
             logs["routing/dead_experts"] = dead
             logs["routing/alpha"] = composed.current_alpha
+        if self.interval_aux_losses:  # the balance (and z-) loss inside the logged loss, on its own
+            logs["routing/aux_loss"] = round(sum(self.interval_aux_losses) / len(self.interval_aux_losses), 6)
         complete_history(state, logs, "routing/")
-        self.interval, self.interval_steps = {}, 0
+        self.interval, self.interval_steps, self.interval_aux_losses = {}, 0, []
 
 
 def complete_history(state, logs: dict, prefix: str) -> None:
