@@ -37,14 +37,18 @@ class RoutingStatistics:
 
     def __init__(self) -> None:
         self.counts: dict[str, torch.Tensor] = {}
-        self.aux_losses: list[torch.Tensor] = []  # the weighted balance loss of each training forward since reset
+        # the weighted balance loss of the training forwards since reset: a running sum, so a loop that never resets
+        # keeps one number, and it stays on its device (no synchronisation until read)
+        self.aux_loss_sum: torch.Tensor | None = None
+        self.aux_loss_count = 0
 
     def add_aux_loss(self, aux_loss: torch.Tensor) -> None:
-        """Keep a training forward's auxiliary loss (detached, on its device: no synchronisation until read)."""
-        self.aux_losses.append(aux_loss.detach())
+        value = aux_loss.detach().float()
+        self.aux_loss_sum = value if self.aux_loss_sum is None else self.aux_loss_sum + value.to(self.aux_loss_sum.device)
+        self.aux_loss_count += 1
 
     def mean_aux_loss(self) -> float | None:
-        return torch.stack([a.float().cpu() for a in self.aux_losses]).mean().item() if self.aux_losses else None
+        return None if self.aux_loss_sum is None else self.aux_loss_sum.item() / self.aux_loss_count
 
     def add(self, name: str, router_logits: torch.Tensor, top_k: int, mask: torch.Tensor | None = None) -> None:
         """Count this step's choices of one router (the tokens where `mask` is true)."""
@@ -59,7 +63,7 @@ class RoutingStatistics:
 
     def reset(self) -> None:
         self.counts = {}
-        self.aux_losses = []
+        self.aux_loss_sum, self.aux_loss_count = None, 0
 
     def summary(self) -> list[RouterStats]:
         out = []
