@@ -27,6 +27,7 @@ from ..runtime.stacking import StackSource
 from ..runtime.stitch import stitch_points
 from ..sources import LocalModel, resolve_source
 from ..sources.key_names import checkpoint_key_renamer
+from ..sources.lora_adapter import AdaptedReader
 
 logger = logging.getLogger(__name__)
 
@@ -272,9 +273,35 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
             origin: Origin = "copy" if len(shared_models) == 1 else "average"
             tensors.append(TensorPlan(name, shape, out_dtype, origin, shared_models, (name,)))
     ignored = sorted(n for n in ref_model.reader.names() if n not in expected)
+    _check_adapters(recipe, models, by_name, tensors)
     for note in notes:
         logger.warning(note)
     return CompositionPlan(recipe, models, expert_models, reference, config, tensors, dtype, ignored, notes)
+
+
+def _check_adapters(recipe: Recipe, models: list[LocalModel], by_name: dict[str, int],
+                    tensors: list[TensorPlan] | None) -> None:
+    """LoRA-adapter experts must adapt the recipe's base, and (for traditional and btx) only weights the method
+    routes: an update to an averaged weight would be averaged away, silently."""
+    adapters = {i: m for i, m in enumerate(models) if isinstance(m.reader, AdaptedReader)}
+    if not adapters:
+        return
+    base = models[by_name[recipe.base.name]] if recipe.base is not None else None
+    for index, model in adapters.items():
+        if base is None or base.folder.resolve() != model.folder.resolve():
+            raise RecipeError(
+                f"expert '{model.name}' is a LoRA adapter of '{model.reader.adapter.base}', which is not the recipe's "
+                f"base ({'none given' if base is None else repr(recipe.base.source)}): set `base` to that model, so "
+                "every adapter is read on the weights it was trained on")
+        adapted = model.reader.adapted_names()
+        shared = sorted(n for t in tensors or () if t.origin in ("average", "copy") for n in t.sources if n in adapted)
+        if shared:
+            fate = "averages over the experts" if recipe.shared_weights == "average" else "copies from the base"
+            raise RecipeError(
+                f"expert '{model.name}' is a LoRA adapter that changes {shared[:3]}{' …' if len(shared) > 3 else ''}, "
+                f"which {recipe.method} does not route but {fate}: the update would be lost. Adapt only the routed "
+                "projections (traditional: the MLP; btx: router_layers), or compose with method: bts, whose expert "
+                "streams keep every weight")
 
 
 def _meta_dense(config) -> torch.nn.Module:
@@ -331,4 +358,5 @@ def _plan_streams(recipe: Recipe, models: list[LocalModel], by_name: dict[str, i
             tensors.append(TensorPlan(name, shape, out_dtype, "copy", (hub,), (name,)))
     for note in notes:
         logger.warning(note)
+    _check_adapters(recipe, models, by_name, None)  # every stream keeps all its weights: only the base must match
     return CompositionPlan(recipe, models, streams, hub, config, tensors, dtype, [], notes)

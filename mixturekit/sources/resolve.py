@@ -14,6 +14,7 @@ from transformers import AutoConfig, PretrainedConfig
 from ..errors import SourceError
 from ..recipe import ModelSource
 from .gguf import convert_gguf, convert_pickle
+from .lora_adapter import AdaptedReader, LoraAdapter, is_adapter_folder
 from .paths import looks_like_local_path
 from .safetensors_io import CheckpointReader
 
@@ -155,7 +156,9 @@ def _hub_folder(spec: ModelSource) -> Path:
 
 def resolve_source(spec: ModelSource, cache_dir: Path | None = None, allow_pickle: bool = False) -> LocalModel:
     """Find the model on disk (converting GGUF, or pickle with `allow_pickle`, once into a cache) and read its
-    config; no weights are read."""
+    config; no weights are read. A PEFT LoRA adapter folder resolves to its base, read with the updates added."""
+    if is_adapter_folder(Path(spec.source).expanduser()):
+        return _resolve_adapter(spec, cache_dir, allow_pickle)
     folder, origin, converted_from = _local_folder(spec, cache_dir)
     files = weight_files(folder)
     if not files:
@@ -176,3 +179,12 @@ def resolve_source(spec: ModelSource, cache_dir: Path | None = None, allow_pickl
             )
     config = _load_config(folder, spec.name)
     return LocalModel(spec.name, folder, files, config, origin, spec.revision, converted_from)
+
+
+def _resolve_adapter(spec: ModelSource, cache_dir: Path | None, allow_pickle: bool) -> LocalModel:
+    """The adapter's base, resolved like any source, with a reader that adds the adapter's updates."""
+    folder = Path(spec.source).expanduser()
+    adapter = LoraAdapter(folder, spec.name)
+    base = resolve_source(ModelSource(name=spec.name, source=adapter.base), cache_dir, allow_pickle)
+    return LocalModel(spec.name, base.folder, base.weight_files, base.config, f"lora:{folder.absolute()}",
+                      spec.revision, base.converted_from, AdaptedReader(base.weight_files, adapter))
