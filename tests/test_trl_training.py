@@ -10,7 +10,7 @@ from datasets import Dataset
 from peft import PeftModel
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from mixturekit import TrainingError, compose
 from mixturekit.training.dpo import run_dpo
@@ -225,15 +225,81 @@ def test_bad_inputs_give_clear_errors(composed, tmp_path):
                 gradient_checkpointing_kwargs={"use_reentrant": True})
 
 
-def test_plain_trl_sft_trainer_says_which_trainer_to_use_instead_of_training_without_the_balance_loss(composed, tmp_path):
+@pytest.mark.parametrize("method", ["btx", "traditional"])
+def test_last_hidden_state_carries_the_balance_loss_in_a_training_forward(composed, method):
+    """A loss built from `last_hidden_state` (as TRL's fused LM head builds its own) gets the balance loss's gradient:
+    with the LM part zeroed, the routers' gradients are exactly those of `aux_loss` alone."""
+    model = _load(composed[method]).train()
+    model.config.alpha = model.current_alpha = 0.5
+
+    def router_gradients(loss_of) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        loss_of(model(input_ids=_ids())).backward()
+        return {name: r.weight.grad.clone() for name, r in model.routers()}
+
+    def from_hidden(output):  # a loss built from the hidden states alone, as TRL's fused head builds its own
+        return output.last_hidden_state.float().pow(2).mean()
+
+    with_balance = router_gradients(from_hidden)
+    balance_alone = router_gradients(lambda output: output.aux_loss)
+    model.eval()  # the same function of the hidden states, without the balance loss attached
+    without_balance = router_gradients(from_hidden)
+    for name, gradient in with_balance.items():
+        assert balance_alone[name].abs().sum() > 0
+        torch.testing.assert_close(gradient - without_balance[name], balance_alone[name], atol=1e-6, rtol=1e-4)
+    # A loss that does not use the hidden states gets no second balance loss, also when a wrapper (DDP) sends them a
+    # zero gradient.
+    model.train()
+    model.zero_grad()
+    unused = model(input_ids=_ids())
+    torch.autograd.backward([unused.aux_loss, unused.last_hidden_state],
+                            [torch.ones(()), torch.zeros_like(unused.last_hidden_state)])
+    for name, router in model.routers():
+        torch.testing.assert_close(router.weight.grad, balance_alone[name], atol=1e-7, rtol=1e-5)
+
+
+def test_plain_trl_sft_trainer_trains_with_the_balance_loss(composed, tmp_path):
+    """`trl.SFTTrainer` as TRL's docs write it: its fused LM head reads the composed model's `last_hidden_state`,
+    which carries the balance loss; `RoutingStatsCallback` logs that loss beside the loss."""
+    import json
+
     from trl import SFTConfig, SFTTrainer
 
+    from mixturekit import RoutingStatsCallback
     from mixturekit.training.upstream_warnings import upstream_checkpointing_renames_silenced
 
+    model = _load(composed["btx"]).train()
+    model.config.alpha = model.current_alpha = 0.5
+    before = {name: r.weight.detach().clone() for name, r in model.routers()}
     with upstream_checkpointing_renames_silenced():
-        trainer = SFTTrainer(model=_load(composed["btx"]).train(), train_dataset=Dataset.from_list(
-            [{"messages": chat} for chat in CHATS]), args=SFTConfig(output_dir=str(tmp_path), max_steps=1,
-                                                                   report_to="none", use_cpu=True, **QUIET))
-        with pytest.raises(AttributeError, match="ComposedSFTTrainer"):
-            trainer.train()
-    assert not hasattr(_load(composed["btx"])(input_ids=_ids()), "last_hidden_state")  # probes still read "absent"
+        trainer = SFTTrainer(model=model, train_dataset=Dataset.from_list([{"messages": chat} for chat in CHATS]),
+                             args=SFTConfig(output_dir=str(tmp_path), max_steps=2, logging_steps=1, report_to="none",
+                                            use_cpu=True, **QUIET), callbacks=[RoutingStatsCallback()])
+        trainer.train()
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(history) == 2 and all(entry["routing/aux_loss"] > 0 for entry in history)
+    assert json.dumps(history)  # plain numbers
+    assert any(not torch.equal(before[name], r.weight) for name, r in model.routers())
+
+
+def test_plain_trl_dpo_trainer_trains_with_lora(composed, tmp_path):
+    """`trl.DPOTrainer` with a PEFT config, as TRL's docs write it: the reference is the adapter switched off."""
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from mixturekit import RoutingStatsCallback
+    from mixturekit.training.upstream_warnings import upstream_checkpointing_renames_silenced
+
+    model = _load(composed["traditional"]).train()
+    model.config.alpha = model.current_alpha = 0.5
+    with upstream_checkpointing_renames_silenced():
+        trainer = DPOTrainer(model=model, train_dataset=Dataset.from_list(PREFERENCES),
+                             args=DPOConfig(output_dir=str(tmp_path), max_steps=2, logging_steps=1, report_to="none",
+                                            use_cpu=True, beta=0.5, **{**QUIET, "per_device_train_batch_size": 4}),
+                             processing_class=AutoTokenizer.from_pretrained(composed["traditional"]),
+                             peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                             callbacks=[RoutingStatsCallback()])
+        trainer.train()
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in history)
+    assert all(entry["routing/aux_loss"] > 0 for entry in history)

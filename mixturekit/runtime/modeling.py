@@ -8,6 +8,8 @@ No modeling source is copied or patched. The dense model is built from `config.t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import inspect
 from pathlib import Path
 from typing import Any
@@ -34,22 +36,43 @@ from .streams import StitchedBlockList, StreamState, capture_stream, replace_out
 ROUTED_MODULE_TYPES = (SparseMoeBlock, RoutedLinear)
 
 
+@dataclass
 class ComposedCausalLMOutput(MoeCausalLMOutputWithPast):
-    """The causal-LM output, which also says why it has no `last_hidden_state` when TRL's fused LM head asks.
+    """The causal-LM output, plus the hidden states the LM head saw (`last_hidden_state`).
 
-    TRL 1.16's trainers patch the model with a fused LM head that runs `model.base_model` for hidden states and adds
-    Mixtral's balance loss from config fields. A composed model's base model is the model itself (bts stitches and
-    the routers' own balance loss run only inside its forward), so that path would train without the balance loss.
+    TRL's trainers patch a model with a fused LM head that runs `model.base_model` (here the model itself) for
+    `last_hidden_state` and projects it through `get_output_embeddings()` without materialising the logits. In a
+    training forward, `last_hidden_state` also carries the balance loss (see `with_auxiliary_loss`), so a loss built
+    from it, as TRL's is, optimises the balance loss too.
     """
 
-    @property
-    def last_hidden_state(self):
-        # An AttributeError, so that `hasattr` and `getattr(..., default)` probes still read "absent".
-        raise AttributeError(
-            "TRL's fused LM head asked a composed model for `last_hidden_state`: plain trl.SFTTrainer / DPOTrainer "
-            "would train it without its load-balancing loss. Use mixturekit.training's ComposedSFTTrainer / "
-            "ComposedDPOTrainer (same arguments), or run_sft / run_dpo, or `mixturekit train` with stage sft or dpo"
-        )
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+class _WithAuxiliaryLoss(torch.autograd.Function):
+    """Identity on `hidden` whose backward also sends a gradient of one to `aux_loss`: whatever loss is computed from
+    the returned tensor then includes `aux_loss` (once, with weight one), even if that loss never sees it.
+
+    Only when the tensor takes part in the loss: DDP passes every output through its backward, with a zero gradient
+    for those the loss does not use, and the balance loss must not be added a second time there."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.set_materialize_grads(False)
+        ctx.aux = (aux_loss.shape, aux_loss.dtype, aux_loss.device)
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor | None):
+        if gradient is None:
+            return None, None
+        shape, dtype, device = ctx.aux
+        used = (gradient != 0).any().to(dtype=dtype, device=device)  # no host synchronisation
+        return gradient, used.expand(shape).clone()
+
+
+def with_auxiliary_loss(hidden: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+    return _WithAuxiliaryLoss.apply(hidden, aux_loss)
 
 
 def dense_model_class(text_config) -> type[PreTrainedModel]:
@@ -176,6 +199,13 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         self.set_experts_backend(config.experts_backend)
         self.routing_statistics = RoutingStatistics()
         self.current_alpha = float(config.alpha)
+        # The LM head's input of the running forward, for `last_hidden_state` (a plain attribute, not state).
+        object.__setattr__(self, "_lm_head_input", None)
+        self.get_output_embeddings().register_forward_pre_hook(self._keep_lm_head_input)
+
+    def _keep_lm_head_input(self, module: nn.Module, args: tuple) -> None:
+        if not torch.compiler.is_compiling():
+            object.__setattr__(self, "_lm_head_input", args[0] if args else None)
 
     @classmethod
     def register_for_auto_class(cls, auto_class: str = "AutoModelForCausalLM") -> None:
@@ -367,14 +397,19 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
             if v is not None and not (k == "logits_to_keep" and isinstance(v, int) and v == 0)
             and (self._dense_accepts is None or k in self._dense_accepts)
         }
+        object.__setattr__(self, "_lm_head_input", None)
         with self.router_recorder.recording() as router_logits:
             if self.config.method == "bts":
                 outputs = self._forward_with_streams(arguments)
             else:
                 outputs = self._dense(**arguments, return_dict=True)
+        hidden, training_step = self._lm_head_input, self.training and torch.is_grad_enabled()
+        object.__setattr__(self, "_lm_head_input", None)
         aux_loss, loss_weight = None, 1.0
-        if router_logits and (labels is not None or output_router_logits):
+        if router_logits and (labels is not None or output_router_logits or training_step):
             aux_loss, loss_weight = self._aux_loss_and_weight(router_logits, attention_mask, labels, kwargs)
+            if hidden is not None and training_step:  # for losses built from the hidden states (TRL's fused head)
+                hidden = with_auxiliary_loss(hidden, loss_weight * aux_loss)
             if self.training and torch.is_grad_enabled():  # for the trainer's log, beside the loss it is part of
                 self.routing_statistics.add_aux_loss(loss_weight * aux_loss)
         loss = outputs.loss
@@ -383,7 +418,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         return ComposedCausalLMOutput(
             loss=loss, aux_loss=aux_loss, logits=outputs.logits, **{CACHE_ARGUMENT: output_cache(outputs)},
             hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
-            router_logits=tuple(router_logits) if output_router_logits else None,
+            router_logits=tuple(router_logits) if output_router_logits else None, last_hidden_state=hidden,
         )
 
     def load_balancing_loss(
