@@ -1,12 +1,12 @@
 """Supervised fine-tuning of a composed model on `trl.SFTTrainer`, with PEFT LoRA by default.
 
 TRL 1.16 computes its losses through a "fused LM head" that it patches onto the model: it runs `model.base_model`
-for hidden states and projects them through the LM head itself. On a composed model `base_model` is the model itself
-(and on `bts` the stitches only run inside its own forward), and TRL would take the MoE aux loss from Mixtral's
-formula with config fields our models do not have. So `ComposedSFTTrainer` (and the DPO one) route TRL's fused calls
-through the composed model's own forward, compute the per-token log-probabilities from its logits, and hand TRL the
-model's `aux_loss` (already weighted by the recipe's `alpha`) with a weight of 1, which TRL adds once per optimised
-forward: SFT divides it over gradient-accumulation steps, DPO adds it for the policy only, never the reference.
+(a composed model itself) for `last_hidden_state` and projects it through the LM head. Plain TRL trainers work: the
+composed model's `last_hidden_state` carries its balance loss in training forwards (see `runtime.modeling`), once
+per micro-batch. `ComposedSFTTrainer` (and the DPO one) instead route TRL's fused calls through the model's own
+forward, compute the per-token log-probabilities from its logits, and hand TRL the model's `aux_loss` (already
+weighted by the recipe's `alpha`) with a weight of 1, which TRL adds once per optimised forward: SFT divides it over
+gradient-accumulation steps, DPO adds it for the policy only, never the reference. They also log routing statistics.
 """
 
 from __future__ import annotations
