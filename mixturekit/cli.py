@@ -48,12 +48,13 @@ def inspect(target: Path = typer.Argument(..., help="Recipe YAML file, or a comp
 
     try:
         if target.is_dir():
-            if not (target / "config.json").is_file():
-                raise MixtureKitError(f"'{target}' has no config.json: give a recipe file or a composed checkpoint")
-            import json
+            from .runtime.config import MixtureKitConfig, stored_model_type
 
-            if json.loads((target / "config.json").read_text()).get("model_type") != "mixturekit":
-                raise MixtureKitError(f"'{target}' is not a MixtureKit checkpoint (its model_type is not mixturekit)")
+            model_type = stored_model_type(target)
+            if model_type is None:
+                raise MixtureKitError(f"'{target}' has no config.json: give a recipe file or a composed checkpoint")
+            if model_type != MixtureKitConfig.model_type:
+                raise MixtureKitError(f"'{target}' is not a MixtureKit checkpoint (its model_type is {model_type!r})")
             typer.echo(checkpoint_summary(target))
         else:
             typer.echo(plan_summary(build_plan(target)))

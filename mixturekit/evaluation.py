@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import SourceError
 from .runtime.modeling import MixtureKitForCausalLM
-from .runtime.routing_stats import RoutingStatistics
+from .runtime.routing_stats import RoutingStatistics, dead_threshold
 from .sources.paths import looks_like_local_path
 from .training.data import check_data_source, load_data, token_blocks
 
@@ -51,7 +51,7 @@ def evaluate(
                     statistics.add(router_name, logits, model.config.num_experts_per_tok)
         entry: dict[str, Any] = {"perplexity": math.exp(nll / tokens), "tokens": tokens}
         if composed:
-            dead_below = 0.1 / model.config.num_experts
+            dead_below = dead_threshold(model.config.num_experts)
             entry["routing"] = {
                 s.name: {"load": [round(x, 4) for x in s.load], "entropy": round(s.entropy, 4),
                          "dead_experts": [model.config.expert_names[i] for i in s.dead_experts(dead_below)]}

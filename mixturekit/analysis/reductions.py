@@ -7,6 +7,7 @@ import math
 import pandas as pd
 
 from .capture import RoutingTrace
+from ..runtime.routing_stats import dead_threshold
 
 
 def utilisation(trace: RoutingTrace) -> pd.DataFrame:
@@ -64,7 +65,7 @@ def routing_by_label(trace: RoutingTrace) -> pd.DataFrame:
 
 def dead_experts(trace: RoutingTrace, threshold: float | None = None) -> dict[str, list[str]]:
     """Per router, the experts whose share of slots is under `threshold` (default 0.1 / E)."""
-    threshold = threshold if threshold is not None else 0.1 / len(trace.expert_names)
+    threshold = threshold if threshold is not None else dead_threshold(len(trace.expert_names))
     shares = utilisation(trace)
     return {router: [e for e in shares.columns if row[e] < threshold] for router, row in shares.iterrows()}
 

@@ -9,7 +9,6 @@ softmax, top-k, renormalised (Mixtral always renormalises; the Qwen MoE configs 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from transformers import AutoConfig
 from ..recipe import parse_size
 from ..errors import MixtureKitError
 from ..runtime.architecture import num_layers
-from ..runtime.config import MixtureKitConfig
+from ..runtime.config import MixtureKitConfig, stored_model_type
 from ..sources.checkpoint_folder import check_output_folder, new_staging_folder, swap_into_place, write_sharded
 from ..sources.resolve import TOKENIZER_FILES, weight_files
 from ..sources.safetensors_io import CheckpointReader, TensorSlot
@@ -113,10 +112,11 @@ def export(
     checkpoints' layout, which llama.cpp's converter and the serving engines read) or `packed` (transformers 5's own;
     see `expert_layout`)."""
     checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").is_file():
+    model_type = stored_model_type(checkpoint)
+    if model_type is None:
         raise ExportError(f"'{checkpoint}' has no config.json: give a folder written by mixturekit compose")
-    if json.loads((checkpoint / "config.json").read_text()).get("model_type") != "mixturekit":
-        raise ExportError(f"'{checkpoint}' is not a MixtureKit checkpoint (its model_type is not mixturekit)")
+    if model_type != MixtureKitConfig.model_type:
+        raise ExportError(f"'{checkpoint}' is not a MixtureKit checkpoint (its model_type is {model_type!r})")
     config = MixtureKitConfig.from_pretrained(checkpoint)
     if to != "auto" and to not in set(TARGETS.values()):
         raise ExportError(f"unknown target '{to}'; valid: auto, mixtral, qwen2_moe, qwen3_moe ({MAPPING_TABLE})")

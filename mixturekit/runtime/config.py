@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,10 @@ class MixtureKitConfig(PretrainedConfig):
     def register_for_auto_class(cls, auto_class: str = "AutoConfig") -> None:
         """Not registered: transformers would then copy this module into every saved checkpoint and point its
         `auto_map` at it. The loader files import the installed package instead."""
+
+
+def stored_model_type(folder: str | Path) -> str | None:
+    """The `model_type` in a checkpoint folder's config.json (None without one): whether a folder is a composition
+    (`MixtureKitConfig.model_type`), read without building a config."""
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text()).get("model_type") if path.is_file() else None

@@ -32,6 +32,14 @@ class RouterStats:
         return [i for i, p in enumerate(self.load) if p < threshold]
 
 
+DEAD_SHARE = 0.1  # an expert is dead under a tenth of the uniform share of a router's slots
+
+
+def dead_threshold(num_experts: int) -> float:
+    """The share of a router's slots under which an expert counts as dead, everywhere the library reports it."""
+    return DEAD_SHARE / num_experts
+
+
 class RoutingStatistics:
     """Accumulates slot counts per router (no gradient, one `bincount` per router and step)."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ..runtime.modeling import MixtureKitForCausalLM
-from ..runtime.routing_stats import RouterStats
+from ..runtime.routing_stats import RouterStats, dead_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class RoutingStatsCallback(TrainerCallback):
         self.interval_aux_losses: list[float] = []
 
     def _threshold(self, model: MixtureKitForCausalLM) -> float:
-        return self.dead_threshold if self.dead_threshold is not None else 0.1 / model.config.num_experts
+        return self.dead_threshold if self.dead_threshold is not None else dead_threshold(model.config.num_experts)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         composed = find_composed_model(model)

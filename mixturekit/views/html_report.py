@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..analysis.capture import RoutingTrace
+from ..runtime.routing_stats import dead_threshold
 from ..analysis.reductions import (
     dead_experts, dominant_expert_per_token, gate_strength, layer_agreement, routing_by_label, routing_entropy,
     utilisation,
@@ -261,7 +262,7 @@ def _routing_sections(trace: RoutingTrace, routers: list[dict], tokens: pd.DataF
     dead = dead_experts(trace)
     dead_items = "".join(f"<li><b>{_esc(labels[i])}</b>: {_esc(', '.join(dead[r['name']]))}</li>"
                          for i, r in enumerate(routers) if dead.get(r["name"]))
-    threshold = 0.1 / len(names)
+    threshold = dead_threshold(len(names))
     dead_html = (f'<ul id="dead-list">{dead_items}</ul>' if dead_items else
                  '<p id="dead-list">No dead expert: every expert gets at least '
                  f'{threshold:.1%} of every router\'s slots.</p>')
