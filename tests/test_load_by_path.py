@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,22 +101,44 @@ def test_pipeline_generates_from_a_path_in_a_fresh_process(demo):
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
-def test_lm_eval_cli_evaluates_a_composed_checkpoint_on_a_local_task(demo, tmp_path):
-    root, _, files = demo
+def _lm_eval_word_perplexity(model_args: str, data: Path, tmp_path: Path) -> float:
+    """lm_eval's CLI (`--model hf`) on a local rolling-loglikelihood task over `data`, in a fresh process."""
     task_dir = tmp_path / "tasks"
-    task_dir.mkdir()
+    task_dir.mkdir(exist_ok=True)
     (task_dir / "mixturekit_code.yaml").write_text(yaml.safe_dump({
-        "task": "mixturekit_code", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(files["code"])}},
+        "task": "mixturekit_code", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
         "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
         "metric_list": [{"metric": "word_perplexity"}],
     }))
     executable = os.path.join(os.path.dirname(sys.executable), "lm_eval")
+    output = tmp_path / f"results-{abs(hash(model_args))}"
     done = subprocess.run(
-        [executable, "--model", "hf", "--model_args", f"pretrained={root / 'traditional'},trust_remote_code=True",
-         "--tasks", "mixturekit_code", "--include_path", str(task_dir), "--device", "cpu", "--limit", "4",
-         "--batch_size", "1", "--output_path", str(tmp_path / "results")],
+        [executable, "--model", "hf", "--model_args", model_args, "--tasks", "mixturekit_code", "--include_path",
+         str(task_dir), "--device", "cpu", "--limit", "4", "--batch_size", "1", "--output_path", str(output)],
         capture_output=True, text=True, env=OFFLINE, timeout=900)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
-    results = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("results*.json")]
-    perplexity = results[0]["results"]["mixturekit_code"]["word_perplexity,none"]
-    assert 1.0 < perplexity < float("inf")
+    results = [json.loads(p.read_text()) for p in output.rglob("results*.json")]
+    return results[0]["results"]["mixturekit_code"]["word_perplexity,none"]
+
+
+def test_lm_eval_cli_evaluates_a_composed_checkpoint_and_its_export_alike(demo, tmp_path):
+    """The composed checkpoint by path (trust_remote_code) and its Mixtral export (plain transformers) give lm_eval
+    the same perplexity; the export also generates through `pipeline` without mixturekit."""
+    from mixturekit import export
+
+    root, _, files = demo
+    composed = _lm_eval_word_perplexity(f"pretrained={root / 'traditional'},trust_remote_code=True", files["code"],
+                                        tmp_path)
+    exported = export(root / "traditional", "mixtral", tmp_path / "mixtral")
+    native = _lm_eval_word_perplexity(f"pretrained={exported}", files["code"], tmp_path)
+    assert 1.0 < composed < float("inf") and native == pytest.approx(composed, rel=1e-4)
+    done = _run("""
+        import sys
+        from transformers import pipeline
+        assert "mixturekit" not in sys.modules
+        out = pipeline("text-generation", model=sys.argv[1], device="cpu")("def add(a, b):", max_new_tokens=5,
+                                                                           do_sample=False)
+        assert out[0]["generated_text"].startswith("def add(a, b):") and "mixturekit" not in sys.modules
+        print("ok")
+    """, str(exported))
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
