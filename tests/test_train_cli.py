@@ -228,15 +228,21 @@ def test_full_policy_with_checkpointing_trains_every_weight_and_keeps_its_log(de
         assert entry["throughput/tokens_per_second"] * entry["throughput/seconds_per_step"] == pytest.approx(128, rel=0.01)
 
 
-def test_router_init_from_data_shows_its_progress(demo, tmp_path):
-    """Fitting routers on domain samples reads every sample through the model: minutes on a real model, so a bar."""
+@pytest.mark.parametrize("mode", ["data", "hidden"])
+def test_router_init_from_the_training_config_sets_the_routers_and_shows_progress(demo, tmp_path, mode):
+    """Both ways of setting routers from text are reachable from the YAML; reading every sample through the model
+    takes minutes on a real model, so it shows a bar."""
     root, _, files = demo
     names = json.loads((root / "btx" / "config.json").read_text())["expert_names"]
     samples = {name: str(files[name] if name in files else files["code"]) for name in names}
     config = {"model": str(root / "btx"), "data": str(files["code"]), "output": str(tmp_path / "out"), "max_steps": 2,
-              "block_size": 32, "batch_size": 4, "router_init": "data", "router_init_data": samples}
+              "block_size": 32, "batch_size": 4, "router_init": mode, "router_init_data": samples,
+              "learning_rate": 1e-12}
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
     trained = CliRunner().invoke(app, ["train", str(tmp_path / "train.yaml")])
     assert trained.exit_code == 0, trained.output
     assert all(f"router init: {name}" in trained.output for name in names), trained.output[-2000:]
-    assert "fitting routers" in trained.output
+    assert ("fitting routers" in trained.output) == (mode == "data")
+    before, after = load_file(root / "btx" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    routers = [name for name in before if name.endswith("router.weight")]
+    assert routers and all((after[name] - before[name]).abs().max() > 1e-3 for name in routers)  # set, not trained

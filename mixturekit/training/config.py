@@ -31,10 +31,13 @@ class TrainConfig(BaseModel):
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     save_steps: int | None = Field(default=None, ge=1, description="Checkpoint every N steps (needed to resume).")
     seed: int = 0
-    router_init: Literal["keep", "data"] = Field(
-        default="keep", description="data: fit the routers on `router_init_data` before training."
+    router_init: Literal["keep", "data", "hidden"] = Field(
+        default="keep", description="Before training, set the routers from `router_init_data`: data fits each router "
+        "as a classifier of the experts' domain samples; hidden points each expert's row at the mean hidden state of "
+        "its prompts (as mergekit-moe does). keep: as composed (the recipe's router_init)."
     )
-    router_init_data: dict[str, str] | None = Field(default=None, description="Expert name -> its domain sample file.")
+    router_init_data: dict[str, str] | None = Field(
+        default=None, description="Expert name -> a file of its domain sample (data) or its prompts (hidden).")
     lora: bool = Field(default=True, description="sft/dpo: train LoRA adapters (routers and stitches in full).")
     target_modules: list[str] | None = Field(default=None, description="sft/dpo: LoRA targets; default: attention.")
     gradient_checkpointing: bool | None = Field(

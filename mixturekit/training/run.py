@@ -57,12 +57,12 @@ def _run_router_stage(config: TrainConfig, output: Path, resume: bool, progress:
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     blocks = token_blocks(load_data(config.data, required_columns=(config.text_column,)), tokenizer,
                           config.block_size, config.text_column)
-    if config.router_init == "data" and not resume:
+    if config.router_init != "keep" and not resume:
         if not config.router_init_data:
-            raise TrainingError("router_init: data needs router_init_data: {expert name: sample file}")
+            raise TrainingError(f"router_init: {config.router_init} needs router_init_data: {{expert name: file}}")
         samples = {name: load_data(path, required_columns=(config.text_column,))[config.text_column][:64]
                    for name, path in config.router_init_data.items()}
-        initialize_routers(model, tokenizer, "data", samples, progress=progress and is_main_process())
+        initialize_routers(model, tokenizer, config.router_init, samples, progress=progress and is_main_process())
     begin_run(config, resume, overwrite)
     train_routers(model, blocks, output / "checkpoints", policy=config.policy, max_steps=config.max_steps,
                   learning_rate=config.learning_rate, batch_size=config.batch_size, seed=config.seed,
