@@ -7,6 +7,7 @@ from .errors import (
 from .recipe import ModelSource, Recipe, load_recipe
 from .plan import CompositionPlan, build_plan, plan_summary
 from .compose import compose
+from .export import ExportError, export  # eager: a lazy name would lose to the subpackage of the same name
 from .build_moe import build_moe
 from .runtime import MixtureKitConfig, MixtureKitForCausalLM, load_balancing_loss
 
@@ -15,7 +16,6 @@ __version__ = "0.1.0"
 # What the README teaches beyond composing, loaded on first use: `import mixturekit` stays as light as registering the
 # model needs (training pulls in TRL, PEFT and datasets; the views matplotlib).
 _LAZY = {
-    "export": "export", "ExportError": "export",
     "evaluate": "evaluation",
     "convert_gguf": "sources",
     "capture_routing": "analysis", "RoutingTrace": "analysis", "routing_by_label": "analysis",
@@ -29,7 +29,8 @@ _LAZY = {
 __all__ = sorted([
     "CompatibilityError", "CompositionPlan", "MixtureKitConfig", "MixtureKitError", "MixtureKitForCausalLM", "ModelSource",
     "OutputError", "Recipe", "RecipeError", "SourceError", "TrainingError", "UnsupportedArchitectureError",
-    "build_moe", "build_plan", "compose", "load_balancing_loss", "load_recipe", "plan_summary", *_LAZY,
+    "ExportError", "build_moe", "build_plan", "compose", "export", "load_balancing_loss", "load_recipe", "plan_summary",
+    *_LAZY,
 ])
 
 

@@ -134,3 +134,16 @@ def test_examples_and_readme_use_only_the_public_api():
                 if name not in ("noqa", "E402") and not hasattr(mixturekit, name):
                     missing.append(f"{where}: mixturekit.{name}")
     assert not internal and not missing, internal + missing
+
+
+def test_public_names_are_the_functions_whatever_was_imported_first():
+    """`mixturekit.export` is a subpackage too: importing it must not turn the public name into the module."""
+    import importlib
+
+    import mixturekit
+
+    for module in ("mixturekit.export.native", "mixturekit.evaluation", "mixturekit.training.routers"):
+        importlib.import_module(module)
+    assert callable(mixturekit.export) and mixturekit.export.__name__ == "export"
+    for name in mixturekit._LAZY:
+        assert not isinstance(getattr(mixturekit, name), type(mixturekit)), name
