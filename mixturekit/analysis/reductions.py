@@ -6,8 +6,8 @@ import math
 
 import pandas as pd
 
-from .capture import RoutingTrace
 from ..runtime.routing_stats import dead_threshold
+from .capture import RoutingTrace
 
 
 def utilisation(trace: RoutingTrace) -> pd.DataFrame:

@@ -25,7 +25,6 @@ from ..sources.checkpoint_folder import check_output_folder, new_staging_folder,
 from .model_card import write_model_card
 
 
-
 def _new_router(plan: TensorPlan, recipe: Recipe) -> torch.Tensor:
     if plan.init == "zeros":
         return torch.zeros(plan.shape, dtype=plan.dtype)

@@ -51,7 +51,8 @@ class ModelSource(_Strict):
     """One source model: a name for it and where to read it from."""
 
     name: str = Field(description="Short name, used in the checkpoint and reports.")
-    source: str = Field(description="Local folder, .gguf file, Hugging Face Hub id, or a PEFT LoRA adapter folder of `base`.")
+    source: str = Field(
+        description="Local folder, .gguf file, Hugging Face Hub id, or a PEFT LoRA adapter folder of `base`.")
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
     gguf_file: str | None = Field(default=None, description="GGUF file inside `source` when it is a folder.")
 

@@ -8,9 +8,8 @@ No modeling source is copied or patched. The dense model is built from `config.t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -408,10 +407,11 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         aux_loss, loss_weight = None, 1.0
         if router_logits and (labels is not None or output_router_logits or training_step):
             aux_loss, loss_weight = self._aux_loss_and_weight(router_logits, attention_mask, labels, kwargs)
-            if hidden is not None and training_step:  # for losses built from the hidden states (TRL's fused head)
-                hidden = with_auxiliary_loss(hidden, loss_weight * aux_loss)
-            if self.training and torch.is_grad_enabled():  # for the trainer's log, beside the loss it is part of
-                self.routing_statistics.add_aux_loss(loss_weight * aux_loss)
+            if training_step:
+                weighted = loss_weight * aux_loss
+                self.routing_statistics.add_aux_loss(weighted)  # for the trainer's log, beside the loss it is part of
+                if hidden is not None:  # for losses built from the hidden states (TRL's fused head)
+                    hidden = with_auxiliary_loss(hidden, weighted)
         loss = outputs.loss
         if loss is not None and aux_loss is not None and (self.current_alpha > 0 or self.config.router_z_loss_coef):
             loss = loss + loss_weight * aux_loss.to(loss.device)

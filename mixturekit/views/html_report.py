@@ -12,11 +12,11 @@ from pathlib import Path
 import pandas as pd
 
 from ..analysis.capture import RoutingTrace
-from ..runtime.routing_stats import dead_threshold
 from ..analysis.reductions import (
     dead_experts, dominant_expert_per_token, gate_strength, layer_agreement, routing_by_label, routing_entropy,
     utilisation,
 )
+from ..runtime.routing_stats import dead_threshold
 
 # Tableau 10: distinguishable for most colour-vision deficiencies and printable; shared with the PNG plots.
 _PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
