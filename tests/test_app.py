@@ -122,7 +122,8 @@ def test_prompt_page_is_the_report_of_its_tokens(server, demo):
     # The page is exactly `render_report` of the same capture, plus the app's form (prefilled with the prompt).
     expected = render_report(capture_routing(model, tokenizer, [PROMPT]), title=server.app.title)
     assert _report_part(page) == expected
-    assert f">{html.escape(PROMPT)}</textarea>" in page
+    textarea = re.search(r"<textarea[^>]*>(.*?)</textarea>", page, re.DOTALL).group(1)
+    assert html.unescape(textarea) == PROMPT and "<" not in textarea and "'" not in textarea  # prefilled, escaped
 
 
 def test_browser_form_newlines_and_default_generation(server, demo):

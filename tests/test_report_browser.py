@@ -124,6 +124,9 @@ def test_report_is_self_contained_and_has_every_section(btx_trace):
     first = btx_trace.routes[(btx_trace.routes.text_index == 0) & (btx_trace.routes.router == btx_trace.routers[0])]
     assert data["routes"][0][0]["e"] == [list(e) for e in first["experts"]]
     assert 'class="truncated-note"' not in page
+    # Every heatmap cell's hover title names its own router and expert (each expert once per router).
+    for name in LABELS:
+        assert page.count(f" / {name}: ") == len(btx_trace.routers), name
 
 
 def test_truncated_text_gets_a_visible_note(demo):

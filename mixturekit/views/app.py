@@ -1,19 +1,17 @@
 """The live app: a local page where you type a prompt and see how a composed model routes each of its tokens.
 
-Standard library only (`http.server`): one model loaded once, requests served one at a time under a lock. The page
-for a prompt is `render_report(trace)`, the same renderer as the static report, and the JSON answer holds the same
-reductions; the only model work here is the optional greedy continuation of the prompt, everything else is
-`capture_routing`.
+The server is the standard library's (`http.server`): one model loaded once, requests served one at a time under a
+lock. The page for a prompt is the static report's template with the app's form filled into one of its blocks, and
+the JSON answer holds the same reductions; the only model work here is the optional greedy continuation of the
+prompt, everything else is `capture_routing`.
 """
 
 from __future__ import annotations
 
-import html
 import ipaddress
 import json
 import logging
 import math
-import re
 import socket
 import threading
 import warnings
@@ -21,7 +19,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import torch
@@ -33,7 +31,7 @@ from ..analysis import (
 )
 from ..errors import SourceError
 from ..runtime.modeling import MixtureKitForCausalLM
-from .html_report import render_report
+from .html_report import render_template, report_context
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +87,8 @@ def load_composed(checkpoint: str | Path, device: str | None = None) -> tuple[Mi
 class RoutingApp:
     """What the server does, apart from HTTP: analyse a text (optionally continued), as HTML or as JSON."""
 
-    def __init__(self, model: MixtureKitForCausalLM, tokenizer, render: Callable[..., str], title: str,
-                 generate_tokens: int = 0):
-        self.model, self.tokenizer, self.render, self.title = model, tokenizer, render, title
+    def __init__(self, model: MixtureKitForCausalLM, tokenizer, title: str, generate_tokens: int = 0):
+        self.model, self.tokenizer, self.title = model, tokenizer, title
         try:
             self.generate_tokens = _check_generate(generate_tokens)
         except BadRequest as error:
@@ -124,13 +121,9 @@ class RoutingApp:
         return text, len(new)
 
     def report_html(self, analysis: Analysis) -> str:
-        """`render_report` of the trace, with a form to analyse another text added at the top (and its style)."""
-        page = self.render(analysis.trace, title=self.title)
-        form = _form(analysis.prompt, analysis.requested_tokens, compact=True)
-        body = re.search(r"<body[^>]*>", page, flags=re.IGNORECASE)
-        page = page[:body.end()] + form + page[body.end():] if body else form + page
-        head = page.lower().find("</head>")
-        return page[:head] + f"<style>{_FORM_STYLE}</style>" + page[head:] if head >= 0 else page
+        """`render_report` of the trace, with a form to analyse another text above it (`app_report.html.j2`)."""
+        return render_template("app_report.html.j2", **report_context(analysis.trace, self.title),
+                               prompt=analysis.prompt, generate=analysis.requested_tokens, max_generate=MAX_GENERATE)
 
     def report_json(self, analysis: Analysis) -> dict:
         """The reductions every view shows, as plain JSON (NaN becomes null)."""
@@ -155,36 +148,12 @@ class RoutingApp:
         return _plain(payload)
 
     def index_html(self) -> str:
+        """The start page: which model is served, and the form (`app_index.html.j2`)."""
         config = self.model.config
         about = (f"{config.method} model, {len(config.expert_names)} experts "
                  f"({', '.join(config.expert_names)}), top-{config.num_experts_per_tok}")
-        return (
-            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(self.title)}</title><style>{_STYLE}</style></head><body>"
-            f"<h1>{html.escape(self.title)}</h1><p class=\"about\">{html.escape(about)}</p>"
-            f"{_form('', self.generate_tokens)}</body></html>\n"
-        )
-
-
-_FORM_STYLE = (
-    ".mk-app-form{margin:1rem 0 1.5rem;padding:0.75rem;border:1px solid #ddd;border-radius:6px}"
-    ".mk-app-form textarea{width:100%;box-sizing:border-box;font-family:ui-monospace,monospace;font-size:0.95rem}"
-    ".mk-app-form label{margin-right:1rem}"
-)
-_STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
-          ".about{color:#555}" + _FORM_STYLE)
-
-
-def _form(text: str, generate: int, compact: bool = False) -> str:
-    rows = 3 if compact else 10
-    heading = "<a href=\"/\">MixtureKit app</a> &middot; analyse another text" if compact else "Text to analyse"
-    return (
-        f"<form class=\"mk-app-form\" method=\"post\" action=\"/analyse\"><div><strong>{heading}</strong></div>"
-        f"<textarea name=\"text\" rows=\"{rows}\" required>{html.escape(text)}</textarea><div>"
-        f"<label>max new tokens <input type=\"number\" name=\"generate\" min=\"0\" max=\"{MAX_GENERATE}\" "
-        f"value=\"{generate}\"></label><button type=\"submit\">Analyse</button> "
-        "<small>(0: analyse the text as is; more: continue it greedily first and analyse both)</small></div></form>"
-    )
+        return render_template("app_index.html.j2", title=self.title, about=about, generate=self.generate_tokens,
+                               max_generate=MAX_GENERATE)
 
 
 def _check_generate(value: Any) -> int:
@@ -370,7 +339,7 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 0, genera
     """
     model, tokenizer = load_composed(checkpoint, device)
     name = Path(str(checkpoint)).name or str(checkpoint)
-    app = RoutingApp(model, tokenizer, render_report, title=f"Routing of {name}", generate_tokens=generate_tokens)
+    app = RoutingApp(model, tokenizer, title=f"Routing of {name}", generate_tokens=generate_tokens)
     if not _is_loopback(host):
         warnings.warn(f"serving on {host}: the app has no authentication, so anyone who can reach this address can "
                       "run the model; bind to 127.0.0.1 unless you mean to share it", stacklevel=2)

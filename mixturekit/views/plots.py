@@ -13,10 +13,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 from ..analysis.capture import AnalysisError, RoutingTrace
+from ..analysis.ordering import gate_strength_in_stream_order, routers_in_order, routing_by_label_in_text_order
 from ..analysis.reductions import dominant_expert_per_token, utilisation
-from .html_report import (
-    expert_colours, gate_strength_in_stream_order, router_label, routing_by_label_in_text_order,
-)
+from .style import expert_colours
 
 _DPI = 200
 
@@ -37,8 +36,7 @@ def _need_routes(trace: RoutingTrace, what: str) -> None:
 
 
 def _router_labels(trace: RoutingTrace) -> list[str]:
-    parts = trace.routes.drop_duplicates("router")
-    return [router_label(r, int(l), m) for r, l, m in zip(parts["router"], parts["layer"], parts["module"])]
+    return [router["label"] for router in routers_in_order(trace)]
 
 
 def _annotated_heatmap(figure: Figure, values, rows: list[str], columns: list[str], title: str, colour_label: str,
