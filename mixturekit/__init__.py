@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 # What the README teaches beyond composing, loaded on first use: `import mixturekit` stays as light as registering the
 # model needs (training pulls in TRL, PEFT and datasets; the views matplotlib).
 _LAZY = {
+    "load": "loading",
     "evaluate": "evaluation",
     "convert_gguf": "sources",
     "capture_routing": "analysis", "RoutingTrace": "analysis", "routing_by_label": "analysis",

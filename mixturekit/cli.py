@@ -43,18 +43,12 @@ def compose(
 @app.command()
 def inspect(target: Path = typer.Argument(..., help="Recipe YAML file, or a composed checkpoint folder.")) -> None:
     """Print the plan of a recipe (nothing is written), or the structure of a composed checkpoint."""
-    from .inspection import checkpoint_summary
+    from .inspection import checkpoint_summary, require_composed
     from .plan import build_plan, plan_summary
 
     try:
         if target.is_dir():
-            from .runtime.config import MixtureKitConfig, stored_model_type
-
-            model_type = stored_model_type(target)
-            if model_type is None:
-                raise MixtureKitError(f"'{target}' has no config.json: give a recipe file or a composed checkpoint")
-            if model_type != MixtureKitConfig.model_type:
-                raise MixtureKitError(f"'{target}' is not a MixtureKit checkpoint (its model_type is {model_type!r})")
+            require_composed(target, "`inspect` takes a recipe file or a composed checkpoint")
             typer.echo(checkpoint_summary(target))
         else:
             typer.echo(plan_summary(build_plan(target)))
@@ -145,8 +139,9 @@ def report(
 ) -> None:
     """Write a self-contained HTML report (and PNGs) of how the model routes the tokens of some texts."""
     from .analysis import capture_routing
+    from .inspection import require_composed
+    from .loading import load, load_tokenizer
     from .views import write_report
-    from .views.app import load_composed
 
     sources = [f"--text {i + 1}" for i in range(len(text or []))] + [f"--file {f}" for f in file or []]
     try:
@@ -156,7 +151,9 @@ def report(
         empty = [source for source, content in zip(sources, texts) if not content.strip()]
         if empty:
             raise MixtureKitError(f"nothing to analyse in {', '.join(empty)}: every text must be non-empty")
-        model, tokenizer = load_composed(checkpoint)
+        require_composed(checkpoint, "a report shows how a Mixture-of-Experts routes tokens")
+        tokenizer = load_tokenizer(checkpoint, "a report needs one to split text into tokens")
+        model = load(checkpoint)
         trace = capture_routing(model, tokenizer, texts, label or None, max_tokens=max_tokens)
         paths = [write_report(trace, output, title=f"Routing of {checkpoint.resolve().name}")]
         if png_dir is not None:

@@ -23,13 +23,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..analysis import (
     AnalysisError, RoutingTrace, capture_routing, dead_experts, dominant_expert_per_token, gate_strength,
     layer_agreement, routing_entropy, utilisation,
 )
-from ..errors import SourceError
+from ..inspection import require_composed
+from ..loading import load, load_tokenizer
 from ..runtime.modeling import MixtureKitForCausalLM
 from .html_report import render_template, report_context
 
@@ -62,26 +62,9 @@ class Analysis:
 def load_composed(checkpoint: str | Path, device: str | None = None) -> tuple[MixtureKitForCausalLM, Any]:
     """The composed model (eval mode) and its tokenizer; a dense or unreadable checkpoint is refused before any
     weight is read."""
-    try:
-        config = AutoConfig.from_pretrained(checkpoint)
-    except (OSError, ValueError) as error:
-        raise SourceError(f"cannot read a model config from '{checkpoint}': {error}") from error
-    if config.model_type != "mixturekit":
-        raise AnalysisError(
-            f"'{checkpoint}' is a dense {config.model_type} checkpoint, not a composed one: routing views show how a "
-            "Mixture-of-Experts routes tokens, so give a folder written by `mixturekit compose` (model_type mixturekit)"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    except (OSError, ValueError) as error:
-        raise SourceError(f"'{checkpoint}' has no usable tokenizer (routing views need one to split text into tokens): "
-                          f"{error}") from error
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float32 if device == "cpu" else "auto"
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
-    if not isinstance(model, MixtureKitForCausalLM):
-        raise AnalysisError(f"'{checkpoint}' loaded as {type(model).__name__}, not MixtureKitForCausalLM")
-    return model, tokenizer
+    require_composed(checkpoint, "routing views show how a Mixture-of-Experts routes tokens", AnalysisError)
+    tokenizer = load_tokenizer(checkpoint, "routing views need one to split text into tokens")
+    return load(checkpoint, device=device), tokenizer
 
 
 class RoutingApp:
