@@ -24,7 +24,8 @@ def evaluate(
     batch_size: int = 8, text_column: str = "text", progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """For each named dataset: token-level perplexity (from the logits, so a composed model's auxiliary loss does
-    not count) and, for composed models, each router's load, normalised entropy and dead experts."""
+    not count) and, for composed models, each router's load, load entropy (of the shares of slots, normalised: 1 =
+    balanced; not the analysis' mean token entropy) and dead experts."""
     if looks_like_local_path(model_path) and not Path(model_path).expanduser().is_dir():
         raise SourceError(f"checkpoint folder '{model_path}' does not exist (looked for "
                           f"'{Path(model_path).expanduser().absolute()}'); check the path")
@@ -53,7 +54,7 @@ def evaluate(
         if composed:
             dead_below = dead_threshold(model.config.num_experts)
             entry["routing"] = {
-                s.name: {"load": [round(x, 4) for x in s.load], "entropy": round(s.entropy, 4),
+                s.name: {"load": [round(x, 4) for x in s.load], "load_entropy": round(s.entropy, 4),
                          "dead_experts": [model.config.expert_names[i] for i in s.dead_experts(dead_below)]}
                 for s in statistics.summary()
             }
@@ -62,12 +63,12 @@ def evaluate(
 
 
 def format_evaluation(results: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'data':<20}{'perplexity':>12}{'tokens':>10}{'entropy':>10}  dead experts"]
+    lines = [f"{'data':<20}{'perplexity':>12}{'tokens':>10}{'load entropy':>14}  dead experts"]
     for name, entry in results.items():
         routing = entry.get("routing", {})
-        entropy = sum(r["entropy"] for r in routing.values()) / len(routing) if routing else float("nan")
+        entropy = sum(r["load_entropy"] for r in routing.values()) / len(routing) if routing else float("nan")
         dead = sorted({e for r in routing.values() for e in r["dead_experts"]})
-        lines.append(f"{name:<20}{entry['perplexity']:>12.3f}{entry['tokens']:>10}{entropy:>10.3f}  "
+        lines.append(f"{name:<20}{entry['perplexity']:>12.3f}{entry['tokens']:>10}{entropy:>14.3f}  "
                      f"{', '.join(dead) or '-'}")
-    lines.append("entropy: mean over routers of the normalised entropy of expert loads (1 = balanced)")
+    lines.append("load entropy: mean over routers of the normalised entropy of expert loads (1 = balanced)")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mixturekit import compose
 from mixturekit.analysis import (
     AnalysisError, capture_routing, dead_experts, dominant_expert_per_token, gate_strength, layer_agreement,
-    routing_by_label, routing_entropy, utilisation,
+    mean_token_entropy, routing_by_label, utilisation,
 )
 from mixturekit.demo import run_demo
 
@@ -43,7 +43,7 @@ def test_capture_shapes_and_probabilities(demo, method):
     assert "".join(trace.routes[(trace.routes.text_index == 0) & (trace.routes.router == routers[0])]["token"]) == TEXTS[0]
     shares = utilisation(trace)
     assert list(shares.columns) == LABELS and shares.sum(axis=1).round(6).eq(1.0).all()
-    assert routing_entropy(trace).between(0, 1).all()
+    assert mean_token_entropy(trace).between(0, 1).all()
     assert 0 <= layer_agreement(trace) <= 1
     by_label = routing_by_label(trace)
     assert set(by_label.index) == set(LABELS) and by_label.sum(axis=1).round(6).eq(1.0).all()
@@ -67,6 +67,8 @@ def test_forced_router_shows_one_hundred_percent(demo):
     rows = trace.routes[trace.routes.router == forced_name]
     assert all(e[0] == 2 for e in rows["experts"]) and all(w[0] == pytest.approx(1.0) for w in rows["weights"])
     assert (rows["dominant"] == "arithmetic").all()
+    # Certain on every token (mean token entropy 0), though its load is split over two experts (load entropy > 0).
+    assert mean_token_entropy(trace)[forced_name] == pytest.approx(0.0, abs=1e-6)
     # The second slot is a tie between code and prose at -30; top-k takes the lower index, so prose never runs.
     assert dead_experts(trace)[forced_name] == ["prose"]
 

@@ -163,7 +163,7 @@ def test_json_answer_has_the_reductions(server, demo):
     assert sorted(data["utilisation"]) == sorted(routers)
     for shares in data["utilisation"].values():
         assert list(shares) == names and sum(shares.values()) == pytest.approx(1.0)
-    assert all(0 <= value <= 1 for value in data["entropy"].values())
+    assert all(0 <= value <= 1 for value in data["mean_token_entropy"].values())
     assert 0 <= data["layer_agreement"] <= 1 and set(data["dead_experts"]) == set(routers)
     tokens = data["tokens"]
     assert [t["token"] for t in tokens] == _tokens(tokenizer, PROMPT)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from mixturekit import MixtureKitConfig, MixtureKitForCausalLM, TrainingError, compose
 from mixturekit.runtime.routing import router_z_loss
-from mixturekit.training import RoutingStatsCallback, train_routers
+from mixturekit.training import AutoAlphaCallback, RoutingStatsCallback, train_routers
 from mixturekit.training.router_init import initialize_routers, router_inputs
 from tiny_models import VOCAB, tiny_config
 from toy_domains import domain_blocks, dominant_share, make_experts
@@ -145,15 +145,64 @@ def test_auto_alpha_grows_under_collapse_and_decays_back():
     model.train()
     tokens = torch.randint(3, VOCAB, (2, 6))
     _collapse(router)
+    controller = AutoAlphaCallback()
+    controller.attach(model)
     for _ in range(20):
         model(input_ids=tokens, labels=tokens)
-    assert model.current_alpha == pytest.approx(0.5)  # capped at alpha_max
+        controller.step()
+    assert model.current_alpha == controller.alpha == pytest.approx(0.5)  # capped at alpha_max
     router.forward = types.MethodType(type(router).forward, router)
     torch.nn.init.zeros_(router.weight)  # uniform probabilities: top-1 ties are spread by index, so all ...
     model.config.load_floor = 0.0  # ... loads pass a zero floor and alpha decays towards the configured one
     for _ in range(200):
         model(input_ids=tokens, labels=tokens)
+        controller.step()
     assert model.current_alpha == pytest.approx(0.01)
+
+
+def test_the_forward_changes_no_alpha_and_keeps_no_statistics():
+    """The balance loss is a function of the router outputs: training forwards under collapse, with alpha_mode auto,
+    leave alpha and the loss as they were; without a hook attached the model counts nothing."""
+    model, router = _single_router_model(alpha=0.01, alpha_mode="auto", alpha_max=0.5)
+    model.train()
+    _collapse(router)
+    tokens = torch.randint(3, VOCAB, (2, 6))
+    losses = [model(input_ids=tokens, labels=tokens).aux_loss.item() for _ in range(5)]
+    assert model.current_alpha == 0.01 and losses == [pytest.approx(0.01 * 4, rel=1e-6)] * 5
+    assert not hasattr(model, "routing_statistics")
+    seen = []
+    handle = model.register_routing_hook(seen.append)
+    model(input_ids=tokens, labels=tokens)
+    with torch.no_grad():
+        model(input_ids=tokens, labels=tokens)  # not a training forward: no hook
+    handle.remove()
+    model(input_ids=tokens, labels=tokens)
+    (routing,) = seen
+    assert routing.names == [model.routers()[0][0]] and routing.slots.tolist() == [[12.0, 0.0, 0.0, 0.0]]
+    assert routing.aux_loss.item() == pytest.approx(0.04, rel=1e-6) and not routing.aux_loss.requires_grad
+
+
+def test_auto_alpha_survives_resume(toy, tmp_path):
+    """The controller's alpha is saved in each checkpoint's trainer state: a run resumed from the middle ends with the
+    alpha of the uninterrupted run, which differs from the one a fresh controller would reach."""
+    import json
+
+    root, out = toy
+    blocks = domain_blocks("a", 64, 16, 5)
+
+    def run(folder, max_steps, resume=False):
+        model = AutoModelForCausalLM.from_pretrained(out)
+        model.config.update({"alpha": 0.01, "alpha_mode": "auto", "load_floor": 1.0, "alpha_max": 1.0})  # grows
+        train_routers(model, blocks, folder, max_steps=max_steps, batch_size=4, save_steps=2, resume=resume,
+                      progress=False)
+        return model.current_alpha
+
+    whole = run(tmp_path / "whole", 4)
+    assert whole == pytest.approx(0.01 * 1.5 ** 4)  # every step under a floor of 1: x1.5 per optimizer step
+    saved = json.loads((tmp_path / "whole" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["AutoAlphaCallback"]["attributes"]["alpha"] == pytest.approx(0.01 * 1.5 ** 2)
+    run(tmp_path / "cut", 2)
+    assert run(tmp_path / "cut", 4, resume=True) == pytest.approx(whole)
 
 
 def test_dead_expert_warning_once_after_the_window():
@@ -161,6 +210,7 @@ def test_dead_expert_warning_once_after_the_window():
     model.train()
     _collapse(router, expert=2)
     callback = RoutingStatsCallback(window=5)
+    callback.attach(model)
     tokens = torch.randint(3, VOCAB, (2, 6))
     caught = []
     for step in range(12):
@@ -218,7 +268,6 @@ def test_a_plain_trainer_logs_the_balance_loss_beside_the_loss(toy, tmp_path):
     batch = block.repeat(4, 1)  # every batch the same: the first logged value is computable beforehand
     model.train()
     expected = model(input_ids=batch, labels=batch).aux_loss.item()
-    model.routing_statistics.reset()
     train_routers(model, block.repeat(32, 1), tmp_path / "run", max_steps=1, batch_size=4, learning_rate=0.0,
                   progress=False, save_to=tmp_path / "out")
     logged = [e for e in json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"] if "loss" in e]

@@ -39,6 +39,7 @@ def test_cli_trains_routers_then_evaluates(demo, tmp_path):
     assert set(report) == {"code", "prose"} and all(r["perplexity"] > 1 for r in report.values())
     loads = next(iter(report["code"]["routing"].values()))["load"]
     assert len(loads) == 3 and sum(loads) == pytest.approx(1.0, abs=1e-3)
+    assert 0 < next(iter(report["code"]["routing"].values()))["load_entropy"] <= 1 and "load entropy" in evaluated.output
 
 
 def test_cli_train_bad_data_is_a_clear_error(demo, tmp_path):

@@ -2,11 +2,11 @@
 
 from .capture import AnalysisError, RoutingTrace, capture_routing
 from .reductions import (
-    dead_experts, dominant_expert_per_token, gate_strength, layer_agreement, routing_by_label, routing_entropy,
+    dead_experts, dominant_expert_per_token, gate_strength, layer_agreement, mean_token_entropy, routing_by_label,
     utilisation,
 )
 
 __all__ = [
     "AnalysisError", "RoutingTrace", "capture_routing", "dead_experts", "dominant_expert_per_token", "gate_strength",
-    "layer_agreement", "routing_by_label", "routing_entropy", "utilisation",
+    "layer_agreement", "mean_token_entropy", "routing_by_label", "utilisation",
 ]

@@ -9,12 +9,14 @@ No modeling source is copied or patched. The dense model is built from `config.t
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers import DynamicCache
@@ -28,7 +30,6 @@ from .moe_block import SparseMoeBlock
 from .routed_linear import RoutedLinear
 from .data_parallel import data_parallel_world_size, sum_over_ranks
 from .routing import Router, RouterLogitsRecorder, balance_from_sums, router_sums
-from .routing_stats import RoutingStatistics
 from .stitch import MERGE, Stitch, build_stitches, matching_depths, stitch_points
 from .streams import StitchedBlockList, StreamState, capture_stream, replace_output
 
@@ -46,6 +47,16 @@ class ComposedCausalLMOutput(MoeCausalLMOutputWithPast):
     """
 
     last_hidden_state: torch.FloatTensor | None = None
+
+
+class TrainingRouting(NamedTuple):
+    """What a training forward tells its routing hooks (`register_routing_hook`): the routers' names, their slot counts
+    per expert over the global batch (summed over the data-parallel ranks; `[routers, E]`, no gradient), and the
+    balance loss as added to the optimised loss (weighted, detached). Tensors stay on their device."""
+
+    names: list[str]
+    slots: torch.Tensor
+    aux_loss: torch.Tensor
 
 
 class _WithAuxiliaryLoss(torch.autograd.Function):
@@ -196,8 +207,11 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         for name, router in self.routers():
             object.__setattr__(router, "qualified_name", name)
         self.set_experts_backend(config.experts_backend)
-        self.routing_statistics = RoutingStatistics()
+        # The weight of the balance term: `config.alpha`, unless a training controller changes it between steps
+        # (`training.AutoAlphaCallback`, for `alpha_mode: auto`; it keeps its state in the trainer's checkpoints).
         self.current_alpha = float(config.alpha)
+        # Called after each training forward with its `TrainingRouting` (`register_routing_hook`).
+        object.__setattr__(self, "_routing_hooks", OrderedDict())  # a dict that `RemovableHandle` can refer to weakly
         # The LM head's input of the running forward, for `last_hidden_state` (a plain attribute, not state).
         object.__setattr__(self, "_lm_head_input", None)
         self.get_output_embeddings().register_forward_pre_hook(self._keep_lm_head_input)
@@ -209,6 +223,15 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def register_for_auto_class(cls, auto_class: str = "AutoModelForCausalLM") -> None:
         """Not registered, as `MixtureKitConfig.register_for_auto_class` says why."""
+
+    def register_routing_hook(self, hook: Callable[[TrainingRouting], None]) -> RemovableHandle:
+        """Call `hook(routing)` after every training forward (training mode, gradient on) with its `TrainingRouting`;
+        `handle.remove()` detaches it. How training watches the load and adapts alpha (`training.callbacks`) without
+        the forward keeping statistics or running a controller: a forward hook would miss TRL's fused head, whose
+        output has no routing, and would need the global counts computed a second time."""
+        handle = RemovableHandle(self._routing_hooks)
+        self._routing_hooks[handle.id] = hook
+        return handle
 
     def set_experts_backend(self, backend: str) -> None:
         """Choose how stacked experts multiply (auto, loop, grouped_mm) for every routed module."""
@@ -406,12 +429,16 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         object.__setattr__(self, "_lm_head_input", None)
         aux_loss, loss_weight = None, 1.0
         if router_logits and (labels is not None or output_router_logits or training_step):
-            aux_loss, loss_weight = self._aux_loss_and_weight(router_logits, attention_mask, labels, kwargs)
+            aux_loss, loss_weight, slots = self._aux_loss_and_weight(router_logits, attention_mask, labels, kwargs)
             if training_step:
                 weighted = loss_weight * aux_loss
-                self.routing_statistics.add_aux_loss(weighted)  # for the trainer's log, beside the loss it is part of
                 if hidden is not None:  # for losses built from the hidden states (TRL's fused head)
                     hidden = with_auxiliary_loss(hidden, weighted)
+                if self._routing_hooks:  # the trainer's statistics and alpha controller, if any
+                    names = list(self.router_recorder.names) or [""] * len(router_logits)
+                    routing = TrainingRouting(names, slots, weighted.detach())
+                    for hook in list(self._routing_hooks.values()):
+                        hook(routing)
         loss = outputs.loss
         if loss is not None and aux_loss is not None and (self.current_alpha > 0 or self.config.router_z_loss_coef):
             loss = loss + loss_weight * aux_loss.to(loss.device)
@@ -424,35 +451,45 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
     def load_balancing_loss(
         self, router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """`alpha * sum over routers of E * sum_i f_i P_i` (+ the z-loss if set), padding excluded.
+        """`alpha * sum over routers of E * sum_i f_i P_i` (+ the z-loss if set), padding excluded, with
+        `alpha = current_alpha`: a function of the router logits (as Mixtral's `load_balancing_loss_func`), which
+        counts nothing and changes nothing on the model.
 
-        In a training step it also counts routing statistics and, with `alpha_mode: auto`, adapts alpha. Raises if
-        training lost the loss's gradient. In a data-parallel training step the counts are summed over the ranks
-        first: each rank returns its share of the global batch's loss times the number of ranks, so that the mean
-        over ranks (what DDP, FSDP and ZeRO average gradients to) is the loss of the global batch.
+        Raises if training lost the loss's gradient. In a data-parallel training step the counts are summed over the
+        ranks first: each rank returns its share of the global batch's loss times the number of ranks, so that the
+        mean over ranks (what DDP, FSDP and ZeRO average gradients to) is the loss of the global batch.
         """
         return self._aux_loss_and_weight(router_logits, attention_mask)[0]
 
     def _aux_loss_and_weight(
         self, router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None, loss_kwargs: dict[str, Any] | None = None,
-    ) -> tuple[torch.Tensor, float | torch.Tensor]:
-        """The aux loss (see `load_balancing_loss`) and the weight to add it to the LM loss with.
+    ) -> tuple[torch.Tensor, float | torch.Tensor, torch.Tensor]:
+        """The aux loss (see `load_balancing_loss`), the weight to add it to the LM loss with, and the slot counts
+        `[routers, E]` it was computed from (over the global batch in a training step).
 
         The weight is 1, except where `transformers.Trainer` passes `num_items_in_batch`: it then multiplies the loss
         by the number of ranks and sums it over gradient-accumulation steps instead of averaging, as it does for the
         token-summed LM loss. The weight, this micro-batch's share of the step's label tokens divided by the number of
         ranks, undoes both, so the aux loss counts once per step at any rank count and accumulation.
+
+        Three things here serve training yet stay in the forward, because the loss the trainer differentiates is
+        built here: the sum of the counts over the ranks (the gradient of the global batch's balance needs the
+        global f_i inside this forward, also for FSDP/DDP loops that call the model directly; one collective for
+        every router and the label count); the weight for `num_items_in_batch` (the Trainer optimises
+        `outputs.loss` as returned); and the check that the loss kept its gradient (only the forward can see it
+        lost, at the first step, where the cause can still be named). The alpha controller and the routing
+        statistics are training's (`training.callbacks`); they read each training forward's counts through
+        `register_routing_hook`.
         """
         config, k = self.config, self.config.num_experts_per_tok
-        names = self.router_recorder.names or [""] * len(router_logits)
         sums = [router_sums(logits, k, self._token_mask(attention_mask, logits)) for logits in router_logits]
         counts = torch.stack([torch.cat([s.slots, s.tokens.reshape(1)]).to(sums[0].slots.device) for s in sums])
         num_items = (loss_kwargs or {}).get("num_items_in_batch")
         label_items = self._label_items(labels, loss_kwargs) if num_items is not None else None
         ranks = 1
-        # A training step (not the no-grad forwards of a DPO reference or of generation): counted, and summed over
-        # the ranks, which all run it.
+        # A training step (not the no-grad forwards of a DPO reference or of generation): counts summed over the
+        # ranks, which all run it.
         training_step = self.training and torch.is_grad_enabled()
         if training_step:
             # One collective for every router (and the label count): all ranks run the same training forwards.
@@ -470,12 +507,6 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
             if config.router_z_loss_coef:
                 z = router_sum.logsumexp_squared_sum / tokens.clamp(min=1)
                 z_loss = z if z_loss is None else z_loss + z.to(z_loss.device)
-        if training_step:
-            for name, row in zip(names, counts):
-                self.routing_statistics.add_counts(name, row[:-1])
-            if config.alpha_mode == "auto":
-                slots = counts[:, :-1]
-                self._adapt_alpha((slots / slots.sum(dim=-1, keepdim=True).clamp(min=1)).min().item())
         aux_loss = self.current_alpha * balance
         if z_loss is not None:
             aux_loss = aux_loss + config.router_z_loss_coef * z_loss
@@ -491,7 +522,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         if num_items is not None and label_items is not None:
             total = torch.as_tensor(num_items, device=aux_loss.device, dtype=torch.float32).clamp(min=1)
             weight = label_items.to(aux_loss.device, torch.float32) / total / ranks
-        return aux_loss, weight
+        return aux_loss, weight, counts[:, :-1]
 
     @staticmethod
     def _token_mask(attention_mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
@@ -508,13 +539,3 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         if shift_labels is not None:
             return shift_labels.ne(-100).sum().float()
         return labels[..., 1:].ne(-100).sum().float() if labels is not None else None
-
-    def _adapt_alpha(self, lowest_load: float) -> None:
-        """Automatic alpha: x1.5 while some expert gets less than the floor share of slots, else decay by 0.95
-        back towards the configured alpha (a multiplicative controller; bounded by `alpha_max`)."""
-        config = self.config
-        floor = config.load_floor if config.load_floor is not None else 0.5 / config.num_experts
-        if lowest_load < floor:
-            self.current_alpha = min(config.alpha_max, max(self.current_alpha, 1e-3) * 1.5)
-        else:
-            self.current_alpha = max(config.alpha, self.current_alpha * 0.95)

@@ -8,6 +8,7 @@ from importlib import import_module
 from typing import Any
 
 _WHERE = {
+    "AutoAlphaCallback": "auto_alpha",
     "RoutingStatsCallback": "callbacks", "find_composed_model": "callbacks",
     "ComposedDPOTrainer": "dpo", "run_dpo": "dpo",
     "POLICIES": "freeze", "TrainableSummary": "freeze", "apply_freeze_policy": "freeze", "parameter_roles": "freeze",

@@ -1,4 +1,8 @@
-"""`transformers` TrainerCallbacks: routing statistics (with a warning when an expert goes dead), and throughput."""
+"""`transformers` TrainerCallbacks: routing statistics (with a warning when an expert goes dead), and throughput.
+
+The statistics are the callback's own: it reads each training forward's routing through the model's
+`register_routing_hook` (the model keeps none).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..runtime.modeling import MixtureKitForCausalLM
-from ..runtime.routing_stats import RouterStats, dead_threshold
+from ..runtime.modeling import MixtureKitForCausalLM, TrainingRouting
+from ..runtime.routing_stats import RouterStats, RoutingStatistics, dead_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +34,8 @@ class RoutingStatsCallback(TrainerCallback):
     Under data-parallel training the model sums its routing counts over the ranks, so every rank sees (and logs)
     the loads of the global batch, not of its own slice.
 
-    `dead_threshold` defaults to a tenth of the uniform share (0.1 / E).
+    `dead_threshold` defaults to a tenth of the uniform share (0.1 / E). A `Trainer` attaches the callback to its
+    model when training begins; elsewhere, call `attach(model)` first.
     """
 
     def __init__(self, dead_threshold: float | None = None, window: int = 20, per_router: bool = False):
@@ -40,16 +45,42 @@ class RoutingStatsCallback(TrainerCallback):
         self.interval: dict[str, list[float]] = {}
         self.interval_steps = 0
         self.interval_aux_losses: list[float] = []
+        self.statistics = RoutingStatistics()  # this step's training forwards
+        self._handle = None
+
+    def attach(self, model) -> None:
+        """Count the routing of `model`'s training forwards from now on (detached from any earlier model)."""
+        self.detach()
+        composed = find_composed_model(model)
+        if composed is not None:
+            self._handle = composed.register_routing_hook(self._observe)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.statistics.reset()
+
+    def _observe(self, routing: TrainingRouting) -> None:
+        for name, row in zip(routing.names, routing.slots):
+            self.statistics.add_counts(name, row)
+        self.statistics.add_aux_loss(routing.aux_loss)  # for the log, beside the loss it is part of
 
     def _threshold(self, model: MixtureKitForCausalLM) -> float:
         return self.dead_threshold if self.dead_threshold is not None else dead_threshold(model.config.num_experts)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.attach(model)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.detach()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         composed = find_composed_model(model)
         if composed is None:
             return
         threshold = self._threshold(composed)
-        for stats in composed.routing_statistics.summary():
+        for stats in self.statistics.summary():
             totals = self.interval.setdefault(stats.name, [0.0] * len(stats.load))
             self.interval[stats.name] = [t + p for t, p in zip(totals, stats.load)]
             for expert in range(len(stats.load)):
@@ -64,11 +95,11 @@ class RoutingStatsCallback(TrainerCallback):
                                "Raise alpha, use alpha_mode: auto, or re-initialise that router.")
                     logger.warning(message)
                     warnings.warn(message, stacklevel=2)
-        aux_loss = composed.routing_statistics.mean_aux_loss()
+        aux_loss = self.statistics.mean_aux_loss()
         if aux_loss is not None:
             self.interval_aux_losses.append(aux_loss)
         self.interval_steps += 1
-        composed.routing_statistics.reset()
+        self.statistics.reset()
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         composed = find_composed_model(model)
@@ -128,11 +159,17 @@ class ThroughputCallback(TrainerCallback):
         self.mark = (now, state.global_step)
 
 
-def add_routing_statistics(trainer, callback: RoutingStatsCallback | None = None) -> RoutingStatsCallback:
+def add_routing_callbacks(trainer, callback: RoutingStatsCallback | None = None) -> RoutingStatsCallback:
     """Put a `RoutingStatsCallback` first among the trainer's callbacks: the reporting integrations (TensorBoard,
-    W&B, ...) and the printer run after it, so they receive the routing statistics it adds to each log."""
+    W&B, ...) and the printer run after it, so they receive the routing statistics it adds to each log. With
+    `alpha_mode: auto`, an `AutoAlphaCallback` too (before it, so the logged alpha is the step's new one)."""
+    from .auto_alpha import AutoAlphaCallback  # it imports this module
+
     callback = callback or RoutingStatsCallback()
     trainer.callback_handler.callbacks.insert(0, callback)
+    composed = find_composed_model(trainer.model)
+    if composed is not None and composed.config.alpha_mode == "auto":
+        trainer.callback_handler.callbacks.insert(0, AutoAlphaCallback())
     return callback
 
 

@@ -12,7 +12,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from ..errors import TrainingError
 from ..runtime.data_parallel import is_main_process
-from .callbacks import ThroughputCallback, add_routing_statistics, save_model_and_log
+from .callbacks import ThroughputCallback, add_routing_callbacks, save_model_and_log
 from .freeze import TrainableSummary, apply_freeze_policy
 
 
@@ -73,7 +73,7 @@ def train_routers(
     )
     trainer = Trainer(model=model, args=arguments, train_dataset=blocks, data_collator=_collate,
                       processing_class=tokenizer, callbacks=callbacks)
-    add_routing_statistics(trainer)
+    add_routing_callbacks(trainer)
     block_length = len(blocks[0]["input_ids"])
     # First among the callbacks, like the routing statistics: the printer and the reporters then see what it adds.
     trainer.callback_handler.callbacks.insert(0, ThroughputCallback(

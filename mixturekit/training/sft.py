@@ -29,7 +29,7 @@ from trl.data_utils import is_conversational
 from trl.trainer.utils import FusedCausalLMOutput
 
 from ..errors import TrainingError
-from .callbacks import add_routing_statistics, save_model_and_log
+from .callbacks import add_routing_callbacks, save_model_and_log
 from .checkpointing import CHECKPOINTING_ARGUMENT, checkpointing_arguments
 from .lora import composed_model, lora_config_for, share_router_recorder
 from .upstream_warnings import upstream_checkpointing_renames_silenced
@@ -101,7 +101,7 @@ def adapt_trainer(trainer: transformers.Trainer) -> None:
     trainer.aux_loss_enabled = bool(composed.routers())
     trainer.router_aux_loss_coef = 1.0
     if composed.routers():
-        add_routing_statistics(trainer)
+        add_routing_callbacks(trainer)
 
 
 def check_checkpointing_keeps_balance_gradient(args: transformers.TrainingArguments, composed: nn.Module) -> None:

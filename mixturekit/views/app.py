@@ -26,7 +26,7 @@ import torch
 
 from ..analysis import (
     AnalysisError, RoutingTrace, capture_routing, dead_experts, dominant_expert_per_token, gate_strength,
-    layer_agreement, routing_entropy, utilisation,
+    layer_agreement, mean_token_entropy, utilisation,
 )
 from ..inspection import require_composed
 from ..loading import load, load_tokenizer
@@ -123,7 +123,7 @@ class RoutingApp:
             "max_tokens": trace.max_tokens,
             "tokens": _tokens(trace),
             "utilisation": utilisation(trace).to_dict(orient="index") if routed else {},
-            "entropy": routing_entropy(trace).to_dict() if routed else {},
+            "mean_token_entropy": mean_token_entropy(trace).to_dict() if routed else {},
             "dead_experts": dead_experts(trace) if routed else {},
             "layer_agreement": layer_agreement(trace) if routed else None,
             "gate_strength": gate_strength(trace).reset_index().to_dict(orient="records") if len(trace.gates) else [],

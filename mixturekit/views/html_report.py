@@ -18,7 +18,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from ..analysis.capture import RoutingTrace
 from ..analysis.ordering import gate_strength_in_stream_order, routers_in_order, routing_by_label_in_text_order
 from ..analysis.reductions import (
-    dead_experts, dominant_expert_per_token, layer_agreement, routing_entropy, utilisation,
+    dead_experts, dominant_expert_per_token, layer_agreement, mean_token_entropy, utilisation,
 )
 from ..runtime.routing_stats import dead_threshold
 from .style import SEQUENTIAL, expert_colours, tint
@@ -147,7 +147,7 @@ def _routing_context(trace: RoutingTrace, routers: list[dict]) -> dict:
     layers = [(layer, list(members)) for layer, members in
               pd.Series(range(len(routers)), index=[r["layer"] for r in routers]).groupby(level=0)]
     shares = utilisation(trace)
-    entropy = routing_entropy(trace)
+    entropy = mean_token_entropy(trace)
     dead = dead_experts(trace)
     context = {
         "layers": layers,
