@@ -1,10 +1,12 @@
-"""Evaluate a model (composed or dense) on named datasets: perplexity per dataset and routing statistics."""
+"""Evaluate a model (composed or dense) on named datasets: perplexity per dataset and routing statistics.
+
+The one place perplexity is computed (`next_token_nll`, `perplexity`): `evaluate` and the demo both score with it."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,46 @@ from .runtime.modeling import MixtureKitForCausalLM
 from .runtime.routing_stats import RoutingStatistics, dead_threshold
 from .sources.paths import looks_like_local_path
 from .training.data import check_data_source, load_data, token_blocks
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy (in float32) of each position's logits against the next token of `ids` `[batch, seq]`: from the
+    logits, not the model's own loss, which for a composed model also carries its load-balancing term."""
+    logits = logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction=reduction)
+
+
+@torch.inference_mode()
+def block_nll(
+    model, blocks: torch.Tensor, batch_size: int = 8, forward: Callable[[torch.Tensor], Any] | None = None,
+    batches: Callable[[Iterable[int]], Iterable[int]] = iter,
+) -> tuple[float, int]:
+    """Summed next-token NLL of `blocks` `[n, seq_len]` and the number of tokens predicted, `batch_size` blocks per
+    forward. `forward(batch)` replaces `model(input_ids=batch)` (to ask for more, such as router logits);
+    `batches` wraps the batch starts (a progress bar)."""
+    nll, tokens = 0.0, 0
+    for start in batches(range(0, blocks.shape[0], batch_size)):
+        batch = blocks[start:start + batch_size].to(model.device)
+        output = forward(batch) if forward is not None else model(input_ids=batch)
+        nll += next_token_nll(output.logits, batch).item()
+        tokens += batch[:, 1:].numel()
+    return nll, tokens
+
+
+@torch.inference_mode()
+def perplexity(model, blocks: dict[str, torch.Tensor], batch_size: int = 8) -> dict[str, float]:
+    """Token-level perplexity of any causal LM (dense or composed) per name on fixed `[n, seq_len]` blocks, plus
+    `mixed` over all their tokens."""
+    was_training = model.training
+    model.eval()
+    result, total_nll, total_tokens = {}, 0.0, 0
+    for name, named_blocks in blocks.items():
+        nll, tokens = block_nll(model, named_blocks, batch_size)
+        result[name] = math.exp(nll / tokens)
+        total_nll, total_tokens = total_nll + nll, total_tokens + tokens
+    result["mixed"] = math.exp(total_nll / total_tokens)
+    model.train(was_training)
+    return result
 
 
 @torch.inference_mode()
@@ -39,17 +81,17 @@ def evaluate(
         blocks = torch.tensor(token_blocks(load_data(source, required_columns=(text_column,)), tokenizer, block_size,
                                            text_column)["input_ids"][:max_blocks])
         statistics = RoutingStatistics()
-        nll, tokens = 0.0, 0
-        for start in tqdm(range(0, blocks.shape[0], batch_size), desc=f"eval {name}", unit="batch",
-                          disable=not progress):
-            batch = blocks[start:start + batch_size].to(model.device)
-            output = model(input_ids=batch, output_router_logits=composed) if composed else model(input_ids=batch)
-            logits = output.logits[:, :-1].float()
-            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
-            tokens += batch[:, 1:].numel()
-            if composed:
-                for router_name, logits in zip(model.router_recorder.names, output.router_logits):
-                    statistics.add(router_name, logits, model.config.num_experts_per_tok)
+
+        def forward(batch: torch.Tensor) -> Any:
+            if not composed:
+                return model(input_ids=batch)
+            output = model(input_ids=batch, output_router_logits=True)
+            for router_name, logits in zip(model.router_recorder.names, output.router_logits):
+                statistics.add(router_name, logits, model.config.num_experts_per_tok)
+            return output
+
+        nll, tokens = block_nll(model, blocks, batch_size, forward, lambda starts: tqdm(
+            starts, desc=f"eval {name}", unit="batch", disable=not progress))
         entry: dict[str, Any] = {"perplexity": math.exp(nll / tokens), "tokens": tokens}
         if composed:
             dead_below = dead_threshold(model.config.num_experts)

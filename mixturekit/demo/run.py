@@ -27,11 +27,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from ..compose import compose
+from ..evaluation import perplexity
 from ..training import train_routers
 from .domains import DOMAIN_NAMES, Domain, build_domains
 from .tiny_experts import (
-    TinySettings, branch_experts, encode_documents, perplexity, save, tiny_llama, torch_threads, train,
-    train_tokenizer, validation_blocks,
+    TinySettings, branch_experts, encode_documents, save, tiny_llama, torch_threads, train, train_tokenizer,
+    validation_blocks,
 )
 
 MARKER = "demo-experts.json"

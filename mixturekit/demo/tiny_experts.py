@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from ..evaluation import next_token_nll
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
@@ -111,8 +112,7 @@ def tiny_llama(settings: TinySettings, tokenizer: PreTrainedTokenizerFast) -> Ll
 
 def next_token_loss(model: PreTrainedModel, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy from the logits ourselves: a composed model's `loss` would also carry its load-balancing term."""
-    logits = model(input_ids=ids).logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction=reduction)
+    return next_token_nll(model(input_ids=ids).logits, ids, reduction)
 
 
 def _learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
@@ -170,25 +170,3 @@ def save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, folder: Pat
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-@torch.inference_mode()
-def perplexity(model: PreTrainedModel, blocks: dict[str, torch.Tensor], batch_size: int = 8) -> dict[str, float]:
-    """Token-level perplexity per domain on fixed `[n, seq_len]` blocks, plus `mixed` over all their tokens.
-
-    Works for any causal LM (dense or composed) because it scores logits, not the model's own loss.
-    """
-    was_training = model.training
-    model.eval()
-    result, total_nll, total_tokens = {}, 0.0, 0
-    for name, domain_blocks in blocks.items():
-        nll, tokens = 0.0, 0
-        for start in range(0, domain_blocks.shape[0], batch_size):
-            batch = domain_blocks[start:start + batch_size]
-            nll += next_token_loss(model, batch, reduction="sum").item()
-            tokens += batch.shape[0] * (batch.shape[1] - 1)
-        result[name] = math.exp(nll / tokens)
-        total_nll, total_tokens = total_nll + nll, total_tokens + tokens
-    result["mixed"] = math.exp(total_nll / total_tokens)
-    model.train(was_training)
-    return result
