@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import types
 
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mixturekit import compose
 from mixturekit.analysis import (
-    AnalysisError, capture_routing, dead_experts, dominant_expert_per_token, gate_strength, layer_agreement,
+    AnalysisError, capture_routing, capture_routing_of_ids, dead_experts, dominant_expert_per_token, gate_strength, layer_agreement,
     mean_token_entropy, routing_by_label, utilisation,
 )
 from mixturekit.demo import run_demo
@@ -48,6 +49,22 @@ def test_capture_shapes_and_probabilities(demo, method):
     by_label = routing_by_label(trace)
     assert set(by_label.index) == set(LABELS) and by_label.sum(axis=1).round(6).eq(1.0).all()
     assert len(dominant_expert_per_token(trace)) == tokens
+
+
+def test_capture_of_token_ids_is_the_capture_of_their_text(demo):
+    """Evaluation blocks (token ids) are analysed like texts: same table, same reductions (the demo's routing table)."""
+    root, tokenizer, _ = demo
+    model = AutoModelForCausalLM.from_pretrained(root / "btx+routers")
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in TEXTS]
+    by_text = capture_routing(model, tokenizer, TEXTS, LABELS)
+    by_ids = capture_routing_of_ids(model, tokenizer, ids, LABELS)
+    assert by_ids.texts == TEXTS and by_ids.truncated == [False] * 3 and len(by_ids.routes) == len(by_text.routes)
+    pd.testing.assert_frame_equal(by_ids.routes, by_text.routes)
+    pd.testing.assert_frame_equal(routing_by_label(by_ids), routing_by_label(by_text))
+    short = capture_routing_of_ids(model, tokenizer, torch.tensor([ids[0][:6]]), max_tokens=4)
+    assert short.truncated == [True] and short.routes["position"].max() == 3
+    with pytest.raises(AnalysisError, match="one label per text"):
+        capture_routing_of_ids(model, tokenizer, ids, LABELS[:2])
 
 
 def test_forced_router_shows_one_hundred_percent(demo):

@@ -1,12 +1,13 @@
 """Analysis: capture per-token routing (and BTS stitch gates) and reduce it; every view renders from this."""
 
-from .capture import AnalysisError, RoutingTrace, capture_routing
+from .capture import AnalysisError, RoutingTrace, capture_routing, capture_routing_of_ids
 from .reductions import (
     dead_experts, dominant_expert_per_token, gate_strength, layer_agreement, mean_token_entropy, routing_by_label,
     utilisation,
 )
 
 __all__ = [
-    "AnalysisError", "RoutingTrace", "capture_routing", "dead_experts", "dominant_expert_per_token", "gate_strength",
-    "layer_agreement", "mean_token_entropy", "routing_by_label", "utilisation",
+    "AnalysisError", "RoutingTrace", "capture_routing", "capture_routing_of_ids", "dead_experts",
+    "dominant_expert_per_token", "gate_strength", "layer_agreement", "mean_token_entropy", "routing_by_label",
+    "utilisation",
 ]

@@ -52,6 +52,26 @@ def _router_parts(name: str) -> tuple[int, str]:
     return layer, module.removesuffix(".gate").removesuffix(".router") or "mlp"
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, MixtureKitForCausalLM):
+        raise AnalysisError(
+            f"{type(model).__name__} is not a composed model: routing analysis needs a checkpoint written by "
+            "`mixturekit compose` (model_type mixturekit)"
+        )
+
+
+def _check_labels(labels: list[str | None] | None, count: int, what: str) -> list[str | None]:
+    labels = list(labels) if labels is not None else [None] * count
+    if len(labels) != count:
+        raise AnalysisError(f"{len(labels)} labels for {count} {what}: give one label per text, or none")
+    return labels
+
+
+def _token_limit(model: MixtureKitForCausalLM, max_tokens: int) -> int:
+    positions = getattr(model.config.text_config, "max_position_embeddings", None)
+    return min(max_tokens, positions) if positions else max_tokens
+
+
 @torch.inference_mode()
 def capture_routing(
     model: MixtureKitForCausalLM, tokenizer, texts: list[str], labels: list[str | None] | None = None,
@@ -59,20 +79,46 @@ def capture_routing(
 ) -> RoutingTrace:
     """Run `model` on each text (no gradient, one text at a time, at most `max_tokens` tokens each, and never more
     than the model's `max_position_embeddings`)."""
-    if not isinstance(model, MixtureKitForCausalLM):
-        raise AnalysisError(
-            f"{type(model).__name__} is not a composed model: routing analysis needs a checkpoint written by "
-            "`mixturekit compose` (model_type mixturekit)"
-        )
+    _check_model(model)
     if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
         raise AnalysisError("give at least one non-empty text to analyse")
-    labels = list(labels) if labels is not None else [None] * len(texts)
-    if len(labels) != len(texts):
-        raise AnalysisError(f"{len(labels)} labels for {len(texts)} texts: give one label per text, or none")
+    labels = _check_labels(labels, len(texts), "texts")
+    max_tokens = _token_limit(model, max_tokens)
+    encoded = []
+    for text in texts:
+        tokens = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        encoded.append((tokens["input_ids"], tokens["offset_mapping"]))
+    return _capture(model, list(texts), labels, encoded, max_tokens)
+
+
+@torch.inference_mode()
+def capture_routing_of_ids(
+    model: MixtureKitForCausalLM, tokenizer, ids, labels: list[str | None] | None = None, max_tokens: int = 512,
+) -> RoutingTrace:
+    """`capture_routing` for texts already split into tokens: each row of `ids` (a `[n, seq_len]` tensor or lists of
+    token ids, such as evaluation blocks) is one text, run as is; its tokens are decoded one by one for display."""
+    _check_model(model)
+    rows = [[int(i) for i in row] for row in ids]
+    if not rows or any(not row for row in rows):
+        raise AnalysisError("give at least one non-empty row of token ids to analyse")
+    labels = _check_labels(labels, len(rows), "rows of token ids")
+    texts, encoded = [], []
+    for row in rows:
+        tokens = [tokenizer.decode([token]) for token in row]
+        ends = [len(t) for t in tokens]
+        for k in range(1, len(ends)):
+            ends[k] += ends[k - 1]
+        texts.append("".join(tokens))
+        encoded.append((row, [(end - len(token), end) for token, end in zip(tokens, ends)]))
+    return _capture(model, texts, labels, encoded, _token_limit(model, max_tokens))
+
+
+def _capture(
+    model: MixtureKitForCausalLM, texts: list[str], labels: list[str | None],
+    encoded: list[tuple[list[int], list[tuple[int, int]]]], max_tokens: int,
+) -> RoutingTrace:
+    """Run the model on each text's token ids (cut to `max_tokens`) and tabulate routes and gates."""
     config = model.config
-    positions = getattr(config.text_config, "max_position_embeddings", None)
-    if positions:
-        max_tokens = min(max_tokens, positions)
     names = list(config.expert_names)
     stitches = list(getattr(model, "stitches", []))
     for stitch in stitches:
@@ -81,9 +127,7 @@ def capture_routing(
     was_training = model.training
     model.eval()
     try:
-        for index, (text, label) in enumerate(zip(texts, labels)):
-            encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-            ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        for index, (text, label, (ids, offsets)) in enumerate(zip(texts, labels, encoded)):
             truncated.append(len(ids) > max_tokens)
             ids, offsets = ids[:max_tokens], offsets[:max_tokens]
             tokens = [text[a:b] for a, b in offsets]

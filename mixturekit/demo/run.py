@@ -156,16 +156,17 @@ def train_all_routers(
     return trained
 
 
-@torch.inference_mode()
-def routing_by_domain(folder: Path, blocks: dict[str, torch.Tensor]) -> dict[str, list[float]]:
-    """For each domain, the share of its (token, router) pairs whose top choice is each expert."""
-    model = load_model(folder)
-    shares = {}
-    for domain, domain_blocks in blocks.items():
-        logits = model(input_ids=domain_blocks, output_router_logits=True).router_logits
-        top = torch.cat([l.argmax(-1) for l in logits])
-        shares[domain] = (torch.bincount(top, minlength=model.config.num_experts).float() / top.numel()).tolist()
-    return shares
+def routing_by_domain(folder: Path, blocks: dict[str, torch.Tensor], tokenizer_folder: Path) -> dict[str, list[float]]:
+    """For each domain, the share of its (token, router) pairs whose top choice is each expert
+    (`analysis.routing_by_label` over the evaluation blocks, each block one labelled text)."""
+    from ..analysis import capture_routing_of_ids
+    from ..analysis.ordering import routing_by_label_in_text_order
+
+    rows = [row for domain_blocks in blocks.values() for row in domain_blocks]
+    labels = [domain for domain, domain_blocks in blocks.items() for _ in range(len(domain_blocks))]
+    trace = capture_routing_of_ids(load_model(folder), AutoTokenizer.from_pretrained(tokenizer_folder), rows, labels)
+    table = routing_by_label_in_text_order(trace)
+    return {domain: table.loc[domain].tolist() for domain in table.index}
 
 
 def format_routing(name: str, shares: dict[str, list[float]]) -> str:
@@ -280,7 +281,7 @@ def run_demo(workdir: Path, quick: bool = False, seed: int = 0, progress: bool =
                    **trained}
         blocks = evaluation_blocks(AutoTokenizer.from_pretrained(paths["seed"]), domains, settings)
         results = evaluate_all(folders, blocks)
-        routing = {name: routing_by_domain(folder, blocks) for name, folder in trained.items()}
+        routing = {name: routing_by_domain(folder, blocks, paths["seed"]) for name, folder in trained.items()}
         lap("evaluate")
     seconds = time.perf_counter() - started
     report, png = write_routing_report(workdir, trained["btx+routers"], paths["seed"], domains)
