@@ -153,7 +153,7 @@ def _routing_context(trace: RoutingTrace, routers: list[dict]) -> dict:
         "layers": layers,
         "labels": [router["label"] for router in routers],
         "utilisation": shares.loc[[r["name"] for r in routers]].values.tolist(),
-        "entropy": [float(entropy[r["name"]]) for r in routers],
+        "mean_token_entropy": [float(entropy[r["name"]]) for r in routers],
         "top1_counts": _bin_counts([weights[0] for weights in trace.routes["weights"]]),
         "dead": [(r["label"], dead[r["name"]]) for r in routers if dead.get(r["name"])],
         "dead_threshold": dead_threshold(len(trace.expert_names)),
