@@ -132,7 +132,7 @@ def test_checkpointing_made_reentrant_by_the_trainer_is_refused_before_training(
 
     from mixturekit import TrainingError
     from mixturekit.training.checkpointing import CHECKPOINTING_ARGUMENT
-    from mixturekit.training.sft import check_checkpointing_keeps_balance_gradient
+    from mixturekit.training.trl_adapter import check_checkpointing_keeps_balance_gradient
 
     root, _, _ = demo
     model = AutoModelForCausalLM.from_pretrained(root / "btx")
@@ -155,7 +155,7 @@ def test_trl_trainers_check_their_checkpointing_when_built(demo, tmp_path):
 
     from mixturekit import TrainingError
     from mixturekit.training.checkpointing import CHECKPOINTING_ARGUMENT
-    from mixturekit.training.sft import ComposedSFTTrainer
+    from mixturekit.training.trl_adapter import ComposedSFTTrainer
 
     root, _, _ = demo
     model = AutoModelForCausalLM.from_pretrained(root / "btx")

@@ -303,3 +303,25 @@ def test_plain_trl_dpo_trainer_trains_with_lora(composed, tmp_path):
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in history)
     assert all(entry["routing/aux_loss"] > 0 for entry in history)
+
+
+def test_the_trl_range_required_is_the_range_tested_and_the_adapter_names_it():
+    """pyproject.toml requires the TRL releases the adapter is tested with (`make test` and `make test-oldest` run
+    the newest and the oldest of them), the installed one is among them, and a trainer without TRL's MoE hooks is
+    refused naming that range."""
+    import re
+    import tomllib
+    import types
+    from pathlib import Path
+
+    import trl
+    from packaging.requirements import Requirement
+
+    from mixturekit.training.trl_adapter import TESTED_TRL, adapt_trainer
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    (required,) = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "trl"]
+    assert required.specifier == Requirement(f"trl{TESTED_TRL}").specifier, (str(required.specifier), TESTED_TRL)
+    assert required.specifier.contains(trl.__version__), trl.__version__
+    with pytest.raises(TrainingError, match=re.escape(f"trl{TESTED_TRL}")):
+        adapt_trainer(types.SimpleNamespace(model=None))

@@ -10,12 +10,12 @@ from typing import Any
 _WHERE = {
     "AutoAlphaCallback": "auto_alpha",
     "RoutingStatsCallback": "callbacks", "find_composed_model": "callbacks",
-    "ComposedDPOTrainer": "dpo", "run_dpo": "dpo",
+    "ComposedDPOTrainer": "trl_adapter", "run_dpo": "dpo",
     "POLICIES": "freeze", "TrainableSummary": "freeze", "apply_freeze_policy": "freeze", "parameter_roles": "freeze",
     "apply_lora": "lora", "load_lora": "lora", "lora_config_for": "lora",
     "initialize_routers": "router_init",
     "train_routers": "routers",
-    "ComposedSFTTrainer": "sft", "run_sft": "sft",
+    "ComposedSFTTrainer": "trl_adapter", "run_sft": "sft",
 }
 
 __all__ = sorted(_WHERE)

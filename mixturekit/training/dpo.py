@@ -1,4 +1,5 @@
-"""Direct preference optimisation of a composed model on `trl.DPOTrainer`, with PEFT LoRA by default.
+"""Direct preference optimisation of a composed model on TRL's `DPOTrainer` (as `ComposedDPOTrainer`), with PEFT
+LoRA by default: a recipe of the shared steps (`recipe_steps`) around the TRL adapter (`trl_adapter`).
 
 DPO's loss is built by TRL from per-token log-probabilities, not from the model's `loss`, so the MoE aux loss is added
 by TRL's own MoE branch, which `adapt_trainer` switches on: once per step, from the policy forward over the batch of
@@ -16,21 +17,12 @@ from datasets import Dataset, IterableDataset
 from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig
 
-from .sft import (
-    adapt_trainer, check_dataset, load_tokenizer, prepare_model, quiet, train_and_save, trainer_arguments,
-)
+from .recipe_steps import check_dataset, load_tokenizer, prepare_model, quiet, train_and_save, trainer_arguments
+from .trl_adapter import ComposedDPOTrainer
 
 DPO_FORMATS = (("prompt", "chosen", "rejected"), ("chosen", "rejected"))
-
-
-class ComposedDPOTrainer(DPOTrainer):
-    """`trl.DPOTrainer` for composed models: log-probabilities from the model's own forward, its aux loss added once."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        adapt_trainer(self)
 
 
 def run_dpo(
