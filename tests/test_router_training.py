@@ -203,6 +203,13 @@ def test_auto_alpha_survives_resume(toy, tmp_path):
     assert saved["stateful_callbacks"]["AutoAlphaCallback"]["attributes"]["alpha"] == pytest.approx(0.01 * 1.5 ** 2)
     run(tmp_path / "cut", 2)
     assert run(tmp_path / "cut", 4, resume=True) == pytest.approx(whole)
+    # A checkpoint without the controller's entry (an older release wrote it) resumes from the configured alpha.
+    run(tmp_path / "old", 2)
+    state_file = tmp_path / "old" / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["AutoAlphaCallback"]
+    state_file.write_text(json.dumps(state))
+    assert run(tmp_path / "old", 4, resume=True) == pytest.approx(0.01 * 1.5 ** 2)
 
 
 def test_dead_expert_warning_once_after_the_window():

@@ -71,7 +71,13 @@ class AutoAlphaCallback(TrainerCallback, ExportableState):
         self._model.current_alpha = self.alpha
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        saved = (state.stateful_callbacks or {}).get(type(self).__name__) if state is not None else None
+        saved = None
+        if state is not None:
+            if state.stateful_callbacks is None:
+                state.stateful_callbacks = {}
+            # A checkpoint written without this callback (an older release) has no entry, and the Trainer's save
+            # would fail on it: start one, from the configured alpha.
+            saved = state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         saved = saved[0] if isinstance(saved, list) else saved
         restored = ((saved or {}).get("attributes") or {}).get("alpha")
         if restored is not None:  # resuming: the alpha the checkpoint's run had reached
