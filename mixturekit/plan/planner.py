@@ -17,11 +17,13 @@ from typing import Literal
 
 import torch
 
-from ..errors import CompatibilityError, RecipeError
+from ..errors import CompatibilityError, RecipeError, UnsupportedArchitectureError
 from ..recipe import Recipe, load_recipe
+from ..runtime.architecture import check_ffn_computes, decoder_layers, mlp_layout
 from ..runtime.config import MixtureKitConfig
-from ..runtime.modeling import MixtureKitForCausalLM, dense_model_class, resolve_router_layers
-from ..runtime.architecture import decoder_layers
+from ..runtime.modeling import (
+    MixtureKitForCausalLM, dense_model_class, resolve_layer_indices, resolve_router_layers, with_torch_dtype,
+)
 from ..runtime.routing import Router
 from ..runtime.stacking import StackSource
 from ..runtime.stitch import stitch_points
@@ -246,9 +248,13 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
         model.reader.rename(renamer)
     _check_tensors(models, expected)
     router_layers = None
+    _, blocks = decoder_layers(dense, text_config)
     if recipe.method == "btx":
-        _, blocks = decoder_layers(dense, text_config)
         router_layers = resolve_router_layers(recipe.router_layers, blocks[0], text_config.model_type)
+    else:
+        for index in resolve_layer_indices(recipe.router_layers_index, len(blocks)):
+            check_ffn_computes(blocks[index], mlp_layout(blocks[index], text_config.model_type),
+                               text_config.model_type)
     config = MixtureKitConfig(
         text_config=text_config, method=recipe.method, expert_names=[s.name for s in recipe.expert_sources],
         num_experts_per_tok=recipe.top_k, router_layers=router_layers,
@@ -306,7 +312,7 @@ def _check_adapters(recipe: Recipe, models: list[LocalModel], by_name: dict[str,
 
 def _meta_dense(config) -> torch.nn.Module:
     with torch.device("meta"):
-        return dense_model_class(config)(copy.deepcopy(config))
+        return dense_model_class(config)(with_torch_dtype(copy.deepcopy(config)))
 
 
 def _plan_streams(recipe: Recipe, models: list[LocalModel], by_name: dict[str, int]) -> CompositionPlan:
@@ -342,6 +348,7 @@ def _plan_streams(recipe: Recipe, models: list[LocalModel], by_name: dict[str, i
     with torch.device("meta"):
         composed = MixtureKitForCausalLM(config)
     hub_expected = expected[hub]
+    parameters = {name for name, _ in composed.named_parameters()}
     tensors = []
     for name, (tensor, role, _) in tensor_roles(composed).items():
         shape = tuple(tensor.shape)
@@ -354,6 +361,12 @@ def _plan_streams(recipe: Recipe, models: list[LocalModel], by_name: dict[str, i
             source = f"{prefixes[index]}.{relative}"
             if source in models[index].reader:
                 tensors.append(TensorPlan(name, shape, out_dtype, "copy", (index,), (source,)))
+            elif name in parameters:
+                raise UnsupportedArchitectureError(
+                    f"bts cannot use '{configs[index].model_type}' as a stream: its base model "
+                    f"({type(denses[index].base_model).__name__}) has '{relative}', which the causal-LM checkpoint of "
+                    f"'{models[index].name}' does not hold (its base model is not the causal LM's body, as in "
+                    "encoder and encoder-decoder families)")
         elif name in hub_expected:
             tensors.append(TensorPlan(name, shape, out_dtype, "copy", (hub,), (name,)))
     for note in notes:

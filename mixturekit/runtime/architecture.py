@@ -1,14 +1,21 @@
-"""Where a `transformers` causal LM keeps its blocks and FFNs: the one short table MixtureKit needs per family.
+"""Where a `transformers` causal LM keeps its blocks and FFNs, read off the model itself.
 
-Everything else is found on the model `transformers` builds from the config: the decoder blocks are the
-`nn.ModuleList` with one entry per hidden layer, each block's FFN is its `mlp` child, and the FFN's projections are
-named by one of the layouts below.
+The decoder blocks are the `nn.ModuleList` with one entry per hidden layer. A block's FFN is its child module under
+one of a few names (`mlp`, `feed_forward`, `ffn`, `mlp_block`), and how that FFN computes is derived from its
+children: its Linear layers (by shape: which reads the hidden size, which writes it), its one parameter-free
+activation module and an optional output dropout. Only a gated FFN's three Linears need names to tell the gate from
+the up projection (`GATE_UP_DOWN_NAMES`). `check_ffn_computes` confirms a derived layout numerically on a small copy
+of the FFN, so a family whose FFN does something else (adds the residual, normalises inside) is refused, not
+silently mis-composed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import inspect
+from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
@@ -16,15 +23,32 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import UnsupportedArchitectureError
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
+FFN_CHILD_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block")
+# Gated FFNs: (gate, up, down) names, the only thing shapes cannot tell apart. Llama's and Mixtral's conventions.
+GATE_UP_DOWN_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+# One Linear holding gate and up rows (gate first), as Phi-3 stores them.
+FUSED_GATE_UP_NAMES = ("gate_up_proj",)
+NORM_NAME_PARTS = ("norm", "ln")
+# What an FFN without an activation module may call in its forward; the probe picks the one that reproduces it.
+FUNCTIONAL_ACTIVATIONS = {"silu": lambda: nn.SiLU(), "gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU("tanh"),
+                          "relu": lambda: nn.ReLU()}
+
+
+def activation_module(ffn: nn.Module, layout: MlpLayout) -> nn.Module:
+    """The module the MoE experts apply: the dense FFN's own, or a new one for a functional activation."""
+    return FUNCTIONAL_ACTIVATIONS[layout.activation]() if layout.functional else getattr(ffn, layout.activation)
 
 
 @dataclass(frozen=True)
 class MlpLayout:
-    """How one family names its FFN.
+    """How one FFN computes, by its children's names (relative to the FFN module).
 
     `gated`: ``down(act(gate(x)) * up(x))``; `dense`: ``down(act(up(x)))``. `up` lists the source projections whose
     outputs are concatenated into the first stacked projection (gate first, as in the transformers v5 experts layout).
     `conv1d`: GPT-2 style `Conv1D` layers, whose weights are stored `[in, out]` and are transposed when stacked.
+    `dropout`: a Dropout child applied to the FFN's output (GPT-J, CodeGen), kept on the MoE block's output.
+    `child`: the FFN's name in its decoder block. `activation` names the FFN's activation module, or, for an FFN
+    that calls a function in its forward (LFM2's `F.silu`), one of `FUNCTIONAL_ACTIVATIONS`, found by the probe.
     """
 
     kind: str
@@ -32,17 +56,17 @@ class MlpLayout:
     down: str
     activation: str
     conv1d: bool = False
-    families: str = ""
+    dropout: str | None = None
+    child: str = "mlp"
+    functional: bool = False
 
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return (*self.up, self.down)
 
-MLP_LAYOUTS: tuple[MlpLayout, ...] = (
-    MlpLayout("gated", ("gate_proj", "up_proj"), "down_proj", "act_fn",
-              families="Llama, Mistral, Qwen2/3, Gemma 1/2/3, OLMo-2, Granite, StableLM"),
-    MlpLayout("gated", ("gate_up_proj",), "down_proj", "activation_fn", families="Phi-3"),
-    MlpLayout("dense", ("fc1",), "fc2", "activation_fn", families="Phi (phi-2)"),
-    MlpLayout("dense", ("dense_h_to_4h",), "dense_4h_to_h", "act", families="GPT-NeoX"),
-    MlpLayout("dense", ("c_fc",), "c_proj", "act", conv1d=True, families="GPT-2"),
-)
+    def describe(self) -> str:
+        up = "/".join(self.up)
+        return f"{self.kind} {up}/{self.down}" + (" (Conv1D)" if self.conv1d else "")
 
 
 def num_layers(config: PretrainedConfig) -> int:
@@ -53,48 +77,234 @@ def num_layers(config: PretrainedConfig) -> int:
     raise UnsupportedArchitectureError(f"{config.model_type}: the config gives no number of layers")
 
 
+def _has_linear(module: nn.Module) -> bool:
+    return any(isinstance(m, LINEAR_TYPES) for m in module.modules())
+
+
 def decoder_layers(model: nn.Module, config: PretrainedConfig) -> tuple[str, nn.ModuleList]:
-    """The qualified name and the list of the model's decoder blocks."""
+    """The qualified name and the list of the model's decoder blocks: the first list of one entry per layer whose
+    entries hold Linear layers."""
     count = num_layers(config)
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count and all(hasattr(b, "mlp") for b in module):
+        if isinstance(module, nn.ModuleList) and len(module) == count and all(_has_linear(b) for b in module):
             return name, module
     raise UnsupportedArchitectureError(
-        f"{type(model).__name__} ({config.model_type}): found no list of {count} decoder blocks with an `mlp` "
-        "child; MixtureKit supports decoder-only models whose blocks have an `mlp` FFN"
+        f"{type(model).__name__} ({config.model_type}): found no list of {count} decoder blocks; MixtureKit "
+        "composes decoder-only models whose blocks are listed once per layer"
     )
 
 
-def supported_families() -> str:
-    return "; ".join(f"{layout.families}" for layout in MLP_LAYOUTS)
+def ffn_child(block: nn.Module) -> str | None:
+    """The name of the block's FFN module, or None when it has none under a known name."""
+    for name in FFN_CHILD_NAMES:
+        if isinstance(getattr(block, name, None), nn.Module):
+            return name
+    return None
 
 
-def mlp_layout(mlp: nn.Module, model_type: str) -> MlpLayout:
-    """Match a block's FFN against the known layouts, and refuse anything with parameters we would drop."""
-    children = dict(mlp.named_children())
-    for layout in MLP_LAYOUTS:
-        projections = (*layout.up, layout.down)
-        if not all(isinstance(children.get(name), LINEAR_TYPES) for name in projections):
-            continue
-        if not isinstance(getattr(mlp, layout.activation, None), nn.Module):
-            continue
-        if layout.conv1d != isinstance(children[layout.down], Conv1D):
-            continue
-        other_parameters = [
-            name for name, _ in mlp.named_parameters() if name.split(".")[0] not in projections
-        ]
-        if other_parameters:
-            continue
+def is_mixture_of_experts(ffn: nn.Module) -> bool:
+    return "experts" in dict(ffn.named_children()) or hasattr(ffn, "num_experts")
+
+
+def _refuse(model_type: str, why: str) -> UnsupportedArchitectureError:
+    return UnsupportedArchitectureError(f"'{model_type}' cannot be composed with `traditional`: {why}")
+
+
+def _parameter_free_activation(children: dict[str, nn.Module], model_type: str, ffn: str) -> str | None:
+    others = {n: m for n, m in children.items() if not isinstance(m, (*LINEAR_TYPES, nn.Dropout))}
+    with_parameters = sorted(n for n, m in others.items() if any(True for _ in m.parameters()))
+    normed = sorted(n for n in others if any(part in n.lower() for part in NORM_NAME_PARTS)
+                    or "norm" in type(others[n]).__name__.lower())
+    if normed:
+        raise _refuse(model_type, f"its FFN normalises inside ({ffn}.{normed[0]}, "
+                      f"{type(others[normed[0]]).__name__}), which experts would each need their own copy of; "
+                      "`btx` routes its Linears")
+    if with_parameters:
+        raise _refuse(model_type, f"its FFN's {ffn}.{with_parameters[0]} ({type(others[with_parameters[0]]).__name__})"
+                      " has parameters of its own; `btx` routes its Linears")
+    if len(others) > 1:
+        raise _refuse(model_type, f"found {len(others)} candidate activation modules in its FFN "
+                      f"({', '.join(sorted(others))}), expected one")
+    return next(iter(others)) if others else None
+
+
+def mlp_layout(block: nn.Module, model_type: str) -> MlpLayout:
+    """Derive how the block's FFN computes from its children; refuse, saying why, anything `traditional` would
+    get wrong. (`check_ffn_computes` confirms the result numerically.)"""
+    child = ffn_child(block)
+    block_linears = [n for n, m in block.named_children() if isinstance(m, LINEAR_TYPES)]
+    if child is None:
+        if block_linears:
+            raise _refuse(model_type, f"its FFN's Linears ({', '.join(block_linears)}) sit on the decoder block "
+                          f"({type(block).__name__}) beside the attention, not in an FFN module the MoE block could "
+                          f"replace; `btx` routes them (router_layers: [{', '.join(block_linears)}])")
+        raise _refuse(model_type, f"its decoder block ({type(block).__name__}) has no FFN module (children: "
+                      f"{', '.join(n for n, _ in block.named_children())}); a recurrent or encoder-style block")
+    ffn = getattr(block, child)
+    children = dict(ffn.named_children())
+    if is_mixture_of_experts(ffn):
+        raise _refuse(model_type, f"its FFN is already a Mixture-of-Experts ({type(ffn).__name__}); compose from "
+                      "dense models")
+    required = [p for p in list(inspect.signature(ffn.forward).parameters.values())[1:]
+                if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if required:
+        raise _refuse(model_type, f"its FFN's forward ({type(ffn).__name__}) takes more than the hidden states "
+                      f"({', '.join(p.name for p in required)}); `btx` routes its Linears")
+    linears = {n: m for n, m in children.items() if isinstance(m, LINEAR_TYPES)}
+    nested = [n for n, m in ffn.named_modules() if isinstance(m, LINEAR_TYPES) and "." in n]
+    if nested:
+        raise _refuse(model_type, f"its FFN ({type(ffn).__name__}) nests a Linear ({child}.{nested[0]}) below its "
+                      "children; `btx` routes it by name")
+    activation = _parameter_free_activation(children, model_type, child)
+    dropouts = [n for n, m in children.items() if isinstance(m, nn.Dropout)]
+    conv1d = all(isinstance(m, Conv1D) for m in linears.values())
+    if not conv1d and any(isinstance(m, Conv1D) for m in linears.values()):
+        raise _refuse(model_type, "its FFN mixes Conv1D and Linear layers")
+    shapes = {n: linear_shape(m) for n, m in linears.items()}  # (out, in)
+    common = dict(activation=activation or "", conv1d=conv1d, dropout=dropouts[0] if len(dropouts) == 1 else None,
+                  child=child)
+    if len(dropouts) > 1:
+        raise _refuse(model_type, f"its FFN has {len(dropouts)} dropouts ({', '.join(dropouts)}); which one applies "
+                      "where cannot be told from its children")
+    if len(linears) == 3:
+        for gate, up, down in GATE_UP_DOWN_NAMES:
+            if set(linears) == {gate, up, down}:
+                return _with_activation(ffn, MlpLayout("gated", (gate, up), down, **common), model_type)
+        raise _refuse(model_type, f"its FFN has three Linears ({', '.join(sorted(linears))}) named unlike a gated "
+                      f"FFN's gate/up/down ({'; '.join('/'.join(t) for t in GATE_UP_DOWN_NAMES)})")
+    if len(linears) != 2:
+        raise _refuse(model_type, f"its FFN ({type(ffn).__name__}) has {len(linears)} Linear layers "
+                      f"({', '.join(sorted(linears)) or 'none'}); an FFN has two (up, down) or three (gate, up, down)")
+    orders = [(up, down) for up, down in (tuple(shapes), tuple(shapes)[::-1])
+              if shapes[up][0] in (shapes[down][1], 2 * shapes[down][1]) and shapes[down][0] == shapes[up][1]]
+    if not orders:
+        first, second = shapes
+        raise _refuse(model_type, f"its FFN's Linears {first} {list(shapes[first])} and {second} "
+                      f"{list(shapes[second])} (out, in) do not chain as up then down")
+    # d -> f -> d chains both ways round: which one is the up projection is what the FFN computes on a probe
+    candidates = []
+    for up, down in orders:
+        fused = shapes[up][0] == 2 * shapes[down][1] and up in FUSED_GATE_UP_NAMES
+        if shapes[up][0] == shapes[down][1] or fused:
+            candidates.append(MlpLayout("gated" if fused else "dense", (up,), down, **common))
+    if not candidates:
+        up, down = orders[0]
+        raise _refuse(model_type, f"its FFN's {up} writes {shapes[up][0]} features and {down} reads "
+                      f"{shapes[down][1]}")
+    runs = []  # candidates the FFN's forward runs with, if none reproduces it: check_ffn_computes says how it differs
+    for candidate in candidates:
+        try:
+            return _with_activation(ffn, candidate, model_type, strict=True)
+        except UnsupportedArchitectureError as error:
+            if "could not run" not in str(error):
+                runs.append(candidate)
+    return _with_activation(ffn, (runs or candidates)[0], model_type)
+
+
+def _with_activation(ffn: nn.Module, layout: MlpLayout, model_type: str, strict: bool = False) -> MlpLayout:
+    """A layout without an activation module gets the functional activation that reproduces the FFN on a probe.
+    `strict`: also a layout with an activation module must reproduce it (used to choose between candidates)."""
+    if layout.activation:
+        if strict:
+            try:
+                difference = _probe_differs(ffn, layout)
+            except Exception as error:  # noqa: BLE001
+                raise _refuse(model_type, f"its FFN could not run on a probe ({error})") from error
+            if difference is not None:
+                raise _refuse(model_type, f"its FFN does not compute {layout.describe()} ({difference})")
         return layout
-    raise UnsupportedArchitectureError(
-        f"'{model_type}' has an FFN ({type(mlp).__name__} with children {sorted(children)}) that matches none of "
-        f"the layouts MixtureKit routes. Supported families: {supported_families()}."
-    )
+    for name in FUNCTIONAL_ACTIVATIONS:
+        candidate = replace(layout, activation=name, functional=True)
+        try:
+            if _probe_differs(ffn, candidate) is None:
+                return candidate
+        except Exception:  # noqa: BLE001  (the foreign forward's failure is reported by check_ffn_computes)
+            break
+    raise _refuse(model_type, f"its FFN ({type(ffn).__name__}) has no activation module, and none of "
+                  f"{', '.join(FUNCTIONAL_ACTIVATIONS)} reproduces it on a probe")
+
+
+def check_ffn_computes(block: nn.Module, layout: MlpLayout, model_type: str) -> None:
+    """Run a small copy of the block's FFN (same module, tiny random Linears) against the layout's formula.
+
+    Only the copy's Linears are new (and tiny), so this costs nothing at any model size, also on the meta device.
+    A family whose FFN computes otherwise, or cannot run on the copy, is refused with what was found."""
+    ffn = getattr(block, layout.child)
+    try:
+        difference = _probe_differs(ffn, layout)
+    except Exception as error:  # noqa: BLE001  (any failure of a foreign forward is a refusal, with its text)
+        raise _refuse(model_type, f"its FFN ({type(ffn).__name__}) could not be checked on a small copy "
+                      f"({type(error).__name__}: {error})") from error
+    if difference is not None:
+        raise _refuse(model_type, f"its FFN ({type(ffn).__name__}) does not compute {layout.describe()} as "
+                      f"down(act(gate(x)) * up(x)) or down(act(up(x))) ({difference}, on a small copy)")
+
+
+def _probe_differs(ffn: nn.Module, layout: MlpLayout) -> str | None:
+    """None when a small copy of `ffn` computes the layout's formula, else how it differs."""
+    with torch.device("cpu"):  # also when the model is being built on the meta device
+        return _probe_on_cpu(ffn, layout)
+
+
+def _probe_on_cpu(ffn: nn.Module, layout: MlpLayout) -> str | None:
+    probe = copy.copy(ffn)  # shares the parameter-free activation and dropout; its Linears are replaced below
+    probe._modules, probe._parameters, probe._buffers = dict(ffn._modules), dict(ffn._parameters), dict(ffn._buffers)
+    hidden, inner = 6, 10
+    generator = torch.Generator().manual_seed(0)
+    for name in layout.projections:
+        is_up = name in layout.up
+        rows = (2 * inner if layout.kind == "gated" and len(layout.up) == 1 else inner) if is_up else hidden
+        columns = hidden if is_up else inner
+        if layout.conv1d:
+            small = Conv1D(rows, columns)
+        else:
+            small = nn.Linear(columns, rows, bias=getattr(getattr(ffn, name), "bias", None) is not None)
+        with torch.no_grad():
+            for parameter in small.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+        probe._modules[name] = small
+    modes = {module: module.training for module in probe.modules()}
+    try:
+        probe.eval()
+        x = torch.randn(3, hidden, generator=generator)
+        with torch.no_grad():
+            got = probe(x)
+            expected = _layout_formula(probe, layout, x)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    got = got[0] if isinstance(got, tuple) else got
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        return f"it returns {type(got).__name__} {getattr(got, 'shape', '')}, not {tuple(expected.shape)}"
+    if not torch.allclose(got, expected, atol=1e-5):
+        return f"largest difference {(got - expected).abs().max().item():.2e}"
+    return None
+
+
+def _layout_formula(ffn: nn.Module, layout: MlpLayout, x: torch.Tensor) -> torch.Tensor:
+    activation = activation_module(ffn, layout)
+    up = torch.cat([getattr(ffn, name)(x) for name in layout.up], dim=-1)
+    if layout.kind == "gated":
+        gate, up = up.chunk(2, dim=-1)
+        return getattr(ffn, layout.down)(activation(gate) * up)
+    return getattr(ffn, layout.down)(activation(up))
 
 
 def linear_names(block: nn.Module) -> list[str]:
     """Names, relative to a decoder block, of its Linear (and GPT-2 Conv1D) layers: what `btx` can route."""
     return [name for name, module in block.named_modules() if isinstance(module, LINEAR_TYPES)]
+
+
+def ffn_linear_names(block: nn.Module) -> list[str]:
+    """`btx`'s default: the block's FFN Linears (under its FFN child), or its Linears outside attention when the
+    FFN's Linears sit on the block itself (OPT-style `fc1`/`fc2`)."""
+    child = ffn_child(block)
+    names = linear_names(block)
+    if child is not None and is_mixture_of_experts(getattr(block, child)):
+        return []  # an MoE's router and experts are not an FFN's projections
+    if child is not None:
+        return [name for name in names if name.startswith(child + ".")]
+    return [name for name in names if "." not in name]
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from transformers import DynamicCache
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from ..errors import CheckpointError, RecipeError, TrainingError, UnsupportedArchitectureError
-from .architecture import LINEAR_TYPES, decoder_layers, linear_names, mlp_layout, resolve_names
+from .architecture import LINEAR_TYPES, decoder_layers, ffn_linear_names, linear_names, mlp_layout, resolve_names
 from .cache_argument import CACHE_ARGUMENT, output_cache, pop_cache
 from .config import MixtureKitConfig
 from .moe_block import SparseMoeBlock
@@ -85,6 +85,14 @@ def with_auxiliary_loss(hidden: torch.Tensor, aux_loss: torch.Tensor) -> torch.T
     return _WithAuxiliaryLoss.apply(hidden, aux_loss)
 
 
+def with_torch_dtype(config):
+    """The config, its `dtype` a torch dtype: some families build tensors with it (Apertus' xIELU), and a config read
+    back from a composed checkpoint's JSON holds the name."""
+    if isinstance(getattr(config, "dtype", None), str) and isinstance(getattr(torch, config.dtype, None), torch.dtype):
+        config.dtype = getattr(torch, config.dtype)
+    return config
+
+
 def dense_model_class(text_config) -> type[PreTrainedModel]:
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
@@ -109,7 +117,12 @@ def resolve_router_layers(requested: list[str] | None, block: nn.Module, model_t
     """Map `router_layers` entries (full `mlp.up_proj` or a unique suffix like `up_proj`) onto the block's Linears."""
     valid = linear_names(block)
     if requested is None:
-        return [name for name in valid if name.startswith("mlp.")]
+        default = ffn_linear_names(block)
+        if not default:
+            raise RecipeError(f"'{model_type}' has no dense FFN module whose Linears btx routes by default (an MoE, "
+                              "a recurrent block, or Linears outside any FFN module); name them in router_layers "
+                              f"(valid names: {', '.join(valid)})")
+        return default
 
     def refuse(entry: str, candidates: list[str]) -> RecipeError:
         why = "is ambiguous" if candidates else "is not a Linear of the block"
@@ -161,9 +174,9 @@ def convert_dense_to_moe(dense: nn.Module, config: MixtureKitConfig, recorder: R
         raise RecipeError(f"num_experts_per_tok must be between 1 and {num_experts}, got {top_k}")
     if config.method == "traditional":
         for index in indices:
-            mlp = layers[index].mlp
-            layout = mlp_layout(mlp, text_config.model_type)
-            layers[index].mlp = SparseMoeBlock(mlp, layout, num_experts, top_k, recorder)
+            layout = mlp_layout(layers[index], text_config.model_type)
+            ffn = getattr(layers[index], layout.child)
+            setattr(layers[index], layout.child, SparseMoeBlock(ffn, layout, num_experts, top_k, recorder))
     elif config.method == "btx":
         for index in indices:
             block = layers[index]
@@ -190,7 +203,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MixtureKitConfig):
         super().__init__(config)
-        dense = dense_model_class(config.text_config)(config.text_config)
+        dense = dense_model_class(config.text_config)(with_torch_dtype(config.text_config))
         self.router_recorder = RouterLogitsRecorder()
         if config.method == "bts":
             self._build_streams(dense)
@@ -279,7 +292,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         for name, stream_config in zip(config.expert_names, config.expert_config_objects()):
             stream_config._attn_implementation = text_config._attn_implementation
             try:
-                stream = MODEL_MAPPING[type(stream_config)](stream_config)
+                stream = MODEL_MAPPING[type(stream_config)](with_torch_dtype(stream_config))
             except KeyError:
                 raise UnsupportedArchitectureError(f"'{stream_config.model_type}' has no base model class") from None
             _, blocks = decoder_layers(stream, stream_config)

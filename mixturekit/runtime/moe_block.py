@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .architecture import MlpLayout, linear_shape
+from .architecture import MlpLayout, activation_module, linear_shape
 from .experts import (
     Groups, chosen_experts_linear, combine, dispatch, few_tokens_at_inference, gather_slots, grouped_linear, mix_slots,
     slot_inputs,
@@ -64,8 +64,11 @@ class SparseMoeBlock(nn.Module):
         up_has_bias = any(getattr(children[name], "bias", None) is not None for name in layout.up)
         self.num_experts, self.top_k = num_experts, top_k
         self.gate = Router(hidden_size, num_experts, recorder)
+        # the dense FFN's output dropout (GPT-J, CodeGen), on the mixed output: the same in eval, and in training
+        # each token's FFN output is dropped as the dense model drops it
+        self.dropout = children[layout.dropout] if layout.dropout else None
         self.experts = StackedExperts(layout, num_experts, hidden_size, intermediate_size,
-                                      getattr(dense_mlp, layout.activation), up_has_bias, down.bias is not None)
+                                      activation_module(dense_mlp, layout), up_has_bias, down.bias is not None)
         up_name = self.experts.up_name
         self.source_map: dict[str, StackSource] = {
             f"experts.{up_name}": StackSource(tuple(f"{n}.weight" for n in layout.up), transpose=layout.conv1d),
@@ -83,6 +86,9 @@ class SparseMoeBlock(nn.Module):
         experts = self.experts
         if few_tokens_at_inference(tokens.shape[0], self.top_k, self.num_experts, *experts.parameters()):
             outputs = experts.forward_chosen(slot_inputs(tokens, self.top_k), indices.reshape(-1))
-            return mix_slots(outputs, weights).reshape(shape)
+            return self._dropped(mix_slots(outputs, weights).reshape(shape))
         plan = dispatch(indices, weights, self.num_experts)
-        return combine(experts(gather_slots(tokens, plan), plan.groups), plan).reshape(shape)
+        return self._dropped(combine(experts(gather_slots(tokens, plan), plan.groups), plan).reshape(shape))
+
+    def _dropped(self, output: torch.Tensor) -> torch.Tensor:
+        return output if self.dropout is None else self.dropout(output)

@@ -16,6 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..errors import MixtureKitError, UnsupportedArchitectureError
+
 
 class _BlockCall:
     """A hub block that hands its output to the stitch hook."""
@@ -93,10 +95,19 @@ def capture_stream(stream: nn.Module, blocks: nn.ModuleList, inputs: dict[str, A
     blocks._modules = {key: _BlockInputRecorder(block, calls) for key, block in originals.items()}
     try:
         stream(**inputs)
+    except MixtureKitError:
+        raise
+    except Exception as error:  # a family whose forward does not survive recorders in place of its blocks
+        raise UnsupportedArchitectureError(
+            f"bts cannot run {type(stream).__name__} as a stream: its forward failed with its blocks recorded one by "
+            f"one ({type(error).__name__}: {error})") from error
     finally:
         blocks._modules = originals
     if len(calls) != len(originals):
-        raise RuntimeError(f"{type(stream).__name__} called {len(calls)} of its {len(originals)} blocks")
+        raise UnsupportedArchitectureError(
+            f"bts cannot run {type(stream).__name__} as a stream: its forward called {len(calls)} of its "
+            f"{len(originals)} blocks once each (a family that skips or repeats blocks cannot be stitched block by "
+            "block)")
     initial = calls[0][0]
     return StreamState(hidden=initial, blocks=blocks, calls=[(args, kwargs) for _, args, kwargs in calls])
 

@@ -1,0 +1,70 @@
+"""The family sweep (tests/family_sweep.py): every causal-LM model type of the installed transformers, composed with
+traditional, btx and bts, passes the DESIGN invariants or is refused with a MixtureKitError that says why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import transformers
+
+from family_sweep import METHODS, readme_section, readme_table, sweep
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+# Failures known and not yet fixed, with what was found: the test fails when one closes, so it leaves this list.
+KNOWN_GAPS = {
+    # FalconH1Mixer.mup_vector is a non-persistent buffer that FalconH1's _init_weights fills only when called on
+    # FalconH1Model; inside the composed model it stays uninitialised, so the logits are NaN.
+    "falcon_h1 traditional", "falcon_h1 btx", "falcon_h1 bts",
+    # BERT-style decoder (encoder family): its base model passes the tensor check, but generation with the
+    # per-stream caches differs from without; it should be refused like the other encoder families.
+    "bert-generation bts",
+}
+if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 24):
+    # transformers 5.17 (the oldest allowed): generate asks the Mamba streams' DynamicCache (linear-attention layers
+    # only) for get_seq_length, which it cannot answer; 5.24 generates with it
+    KNOWN_GAPS |= {"mamba bts", "falcon_mamba bts"}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return sweep(tmp_path_factory.mktemp("families"), progress=False)
+
+
+@pytest.mark.slow
+def test_no_family_fails_outside_a_mixturekit_error(results):
+    failures = {failure.split(": FAILED")[0]: failure for result in results for failure in result.failures}
+    unexpected = [text for key, text in failures.items() if key not in KNOWN_GAPS]
+    assert not unexpected, "\n".join(unexpected)
+    if _readme_release() == transformers.__version__:  # the gaps were found on that release
+        closed = sorted(KNOWN_GAPS - set(failures))
+        assert not closed, f"these known gaps pass now: remove them from KNOWN_GAPS: {closed}"
+
+
+@pytest.mark.slow
+def test_the_dense_families_pass_and_bts_spans_twenty(results):
+    passed = {method: [r.model_type for r in results if r.outcomes.get(method, "").startswith("passed")]
+              for method in METHODS}
+    # the families the invariant tests name one by one must be among the sweep's passes
+    for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2", "gpt_neox", "gpt2"):
+        assert family in passed["traditional"] and family in passed["btx"], family
+    assert len(passed["bts"]) >= 20, passed["bts"]
+    refused = [r for r in results if any(o.startswith("refused") for o in r.outcomes.values())]
+    # every refusal says why in words, not only that it refused
+    assert all(len(o) > len("refused: ") + 20 for r in refused for o in r.outcomes.values() if o.startswith("ref"))
+
+
+def _readme_release() -> str:
+    """The transformers release README's table was swept with."""
+    section = readme_section(README.read_text(encoding="utf-8"))
+    assert section, "README has no generated family sweep section"
+    return section.splitlines()[1].removeprefix("Swept with transformers ").split(":")[0]
+
+
+@pytest.mark.slow
+def test_readme_architecture_table_is_the_sweeps(results):
+    if _readme_release() != transformers.__version__:
+        pytest.skip(f"README's table was swept with transformers {_readme_release()}, this is "
+                    f"{transformers.__version__} (make test-oldest); the other tests here still sweep it")
+    assert readme_section(README.read_text(encoding="utf-8")) == readme_table(results), \
+        "README's table is stale: run `python tests/family_sweep.py`"

@@ -1,0 +1,86 @@
+"""How an FFN is read off the model (runtime/architecture.py): derived from its children, confirmed on a probe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixturekit import UnsupportedArchitectureError
+from mixturekit.runtime.architecture import check_ffn_computes, mlp_layout
+
+
+class Block(nn.Module):
+    def __init__(self, ffn: nn.Module, child: str = "feed_forward"):
+        super().__init__()
+        self.self_attn = nn.Linear(8, 8)
+        setattr(self, child, ffn)
+
+
+class Ungated(nn.Module):
+    """fc_in/fc_out (names no table lists), an activation module and an output dropout, as GPT-J has."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.fc_out, self.fc_in = nn.Linear(12, 8), nn.Linear(8, 12)  # declared down first: shapes decide
+        self.act, self.dropout, self.scale = nn.GELU(), nn.Dropout(0.1), scale
+
+    def forward(self, x):
+        return self.dropout(self.fc_out(self.act(self.fc_in(x)))) * self.scale
+
+
+class FunctionalGated(nn.Module):
+    """LFM2's convention: w1 gate, w3 up, w2 down, and SiLU called as a function."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w3, self.w2 = nn.Linear(8, 12, bias=False), nn.Linear(8, 12, bias=False), nn.Linear(12, 8)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class NormInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up_proj, self.down_proj, self.act_fn = nn.Linear(8, 12), nn.Linear(12, 8), nn.ReLU()
+        self.sub_norm = nn.LayerNorm(12)
+
+    def forward(self, x):
+        return self.down_proj(self.sub_norm(self.act_fn(self.up_proj(x))))
+
+
+def test_an_ungated_ffn_under_another_name_is_derived_by_shape():
+    block = Block(Ungated())
+    layout = mlp_layout(block, "toy")
+    assert (layout.kind, layout.up, layout.down, layout.activation, layout.dropout, layout.child) == \
+        ("dense", ("fc_in",), "fc_out", "act", "dropout", "feed_forward")
+    check_ffn_computes(block, layout, "toy")
+
+
+def test_an_ffn_computing_something_else_is_refused_by_the_probe():
+    block = Block(Ungated(scale=2.0))
+    layout = mlp_layout(block, "toy")  # its children look like an FFN's ...
+    with pytest.raises(UnsupportedArchitectureError, match="does not compute dense fc_in/fc_out"):
+        check_ffn_computes(block, layout, "toy")  # ... but it doubles its output: refused, not composed wrongly
+
+
+def test_a_functional_activation_is_found_also_when_building_on_meta():
+    with torch.device("meta"):  # the planner and from_pretrained build the model there
+        block = Block(FunctionalGated(), child="mlp")
+        layout = mlp_layout(block, "toy")
+    assert (layout.kind, layout.up, layout.down, layout.activation, layout.functional) == \
+        ("gated", ("w1", "w3"), "w2", "silu", True)
+
+
+def test_a_norm_inside_the_ffn_is_refused_with_the_reason():
+    with pytest.raises(UnsupportedArchitectureError, match="normalises inside .*sub_norm.*`btx` routes its Linears"):
+        mlp_layout(Block(NormInside()), "toy")
+
+
+def test_linears_on_the_block_point_to_btx():
+    block = nn.Module()
+    block.fc1, block.fc2, block.activation_fn = nn.Linear(8, 12), nn.Linear(12, 8), nn.ReLU()
+    with pytest.raises(UnsupportedArchitectureError, match=r"router_layers: \[fc1, fc2\]"):
+        mlp_layout(block, "toy")
