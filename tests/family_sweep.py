@@ -222,15 +222,16 @@ def sweep_family(model_type: str, root: Path) -> FamilyResult:
 
 
 def sweep(root: Path, model_types: list[str] | None = None, progress: bool = True) -> list[FamilyResult]:
+    from tqdm.auto import tqdm
     from transformers.utils import logging
 
-    logging.set_verbosity_error()
-    from tqdm.auto import tqdm
-
-    results = []
-    for model_type in tqdm(model_types or causal_lm_types(), desc="families", disable=not progress):
-        results.append(sweep_family(model_type, root))
-    return results
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # 196 families' own warnings; restored, as later tests read transformers' log
+    try:
+        return [sweep_family(model_type, root)
+                for model_type in tqdm(model_types or causal_lm_types(), desc="families", disable=not progress)]
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _cell(outcome: str) -> str:
