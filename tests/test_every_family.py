@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from family_sweep import METHODS, readme_section, readme_table, sweep
+from family_sweep import METHODS, causal_lm_types, readme_section, readme_table, sweep
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Failures known and not yet fixed, with what was found: the test fails when one closes, so it leaves this list.
@@ -28,7 +28,11 @@ if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 24
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return sweep(tmp_path_factory.mktemp("families"), progress=False)
+    types = causal_lm_types()
+    if _readme_release() != transformers.__version__:
+        # on another release (make test-oldest) a known gap is not re-run: FalconH1 alone takes ~7 min on 5.17
+        types = [t for t in types if not any(gap.split()[0] == t for gap in KNOWN_GAPS)]
+    return sweep(tmp_path_factory.mktemp("families"), types, progress=False)
 
 
 @pytest.mark.slow
