@@ -43,8 +43,9 @@ def compose(
 @app.command()
 def inspect(target: Path = typer.Argument(..., help="Recipe YAML file, or a composed checkpoint folder.")) -> None:
     """Print the plan of a recipe (nothing is written), or the structure of a composed checkpoint."""
-    from .inspection import checkpoint_summary, require_composed
+    from .inspection import checkpoint_summary
     from .plan import build_plan, plan_summary
+    from .runtime.config import require_composed
 
     try:
         if target.is_dir():
@@ -139,7 +140,7 @@ def report(
 ) -> None:
     """Write a self-contained HTML report (and PNGs) of how the model routes the tokens of some texts."""
     from .analysis import capture_routing
-    from .inspection import require_composed
+    from .runtime.config import require_composed
     from .loading import load, load_tokenizer
     from .views import write_report
 

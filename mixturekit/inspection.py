@@ -1,5 +1,5 @@
 """`mixturekit inspect CHECKPOINT`: what a composed checkpoint holds and where it can be served, from its config
-alone, and whether a folder is a composed checkpoint at all. It sits above `export` (it asks which native
+alone (whether a folder is one at all is `runtime.config.require_composed`). It sits above `export` (it asks which native
 architecture the composition maps to), while the plan summary of a recipe stays in `plan/`."""
 
 from __future__ import annotations
@@ -7,29 +7,6 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .errors import MixtureKitError, SourceError
-
-
-def require_composed(checkpoint: str | Path, why: str = "", error: type[MixtureKitError] = SourceError) -> None:
-    """Refuse, before any weight is read, a checkpoint that is not a composed one (a dense model, an unreadable
-    folder or id); the message names the model_type found. `why` says what needed a composed one; `error` is the
-    class raised for a readable config of another model (a missing or unreadable config is a `SourceError`).
-
-    The one check of "is this a MixtureKit checkpoint" for the CLI, the views and `mixturekit.load`; `export`, below
-    this module, keeps its own (it cannot import upward)."""
-    from transformers import PretrainedConfig
-
-    from .runtime.config import MixtureKitConfig
-
-    try:
-        model_type = PretrainedConfig.get_config_dict(str(checkpoint))[0].get("model_type")
-    except (OSError, ValueError) as failure:
-        raise SourceError(f"cannot read a model config from '{checkpoint}': {failure}") from failure
-    if model_type != MixtureKitConfig.model_type:
-        found = f"a dense {model_type} checkpoint" if model_type else "a checkpoint without a model_type"
-        raise error(f"'{checkpoint}' is {found}, not a composed one (not a MixtureKit checkpoint): "
-                    f"{why + ', so ' if why else ''}give a folder written by `mixturekit compose` "
-                    f"(model_type {MixtureKitConfig.model_type})")
 
 
 def checkpoint_summary(folder: Path) -> str:

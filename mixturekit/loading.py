@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .errors import SourceError
-from .inspection import require_composed
+from .runtime.config import require_composed
 from .runtime.modeling import MixtureKitForCausalLM
 
 

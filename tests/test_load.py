@@ -1,4 +1,4 @@
-"""`mixturekit.load` and the one check of "is this a composed checkpoint" (`inspection.require_composed`)."""
+"""`mixturekit.load` and the one check of "is this a composed checkpoint" (`runtime.config.require_composed`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 import mixturekit
 from mixturekit import MixtureKitForCausalLM, SourceError, compose
 from mixturekit.analysis import AnalysisError
-from mixturekit.inspection import require_composed
+from mixturekit.runtime.config import require_composed
 from tiny_models import VOCAB, make_model, save_model, tiny_config
 
 

@@ -18,7 +18,7 @@ from transformers import AutoConfig
 from ..recipe import parse_size
 from ..errors import MixtureKitError
 from ..runtime.architecture import num_layers
-from ..runtime.config import MixtureKitConfig, stored_model_type
+from ..runtime.config import MixtureKitConfig, require_composed, stored_model_type
 from ..sources.checkpoint_folder import check_output_folder, new_staging_folder, swap_into_place, write_sharded
 from ..sources.resolve import TOKENIZER_FILES, weight_files
 from ..sources.safetensors_io import CheckpointReader, TensorSlot
@@ -112,11 +112,9 @@ def export(
     checkpoints' layout, which llama.cpp's converter and the serving engines read) or `packed` (transformers 5's own;
     see `expert_layout`)."""
     checkpoint = Path(checkpoint)
-    model_type = stored_model_type(checkpoint)
-    if model_type is None:
+    if stored_model_type(checkpoint) is None:
         raise ExportError(f"'{checkpoint}' has no config.json: give a folder written by mixturekit compose")
-    if model_type != MixtureKitConfig.model_type:
-        raise ExportError(f"'{checkpoint}' is not a MixtureKit checkpoint (its model_type is {model_type!r})")
+    require_composed(checkpoint, "only a composition has routers to export", ExportError)
     config = MixtureKitConfig.from_pretrained(checkpoint)
     if to != "auto" and to not in set(TARGETS.values()):
         raise ExportError(f"unknown target '{to}'; valid: auto, mixtral, qwen2_moe, qwen3_moe ({MAPPING_TABLE})")

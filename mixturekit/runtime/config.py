@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from ..errors import MixtureKitError, SourceError
 from .loader_files import AUTO_MAP, write_loader_files
 
 
@@ -117,3 +118,21 @@ def stored_model_type(folder: str | Path) -> str | None:
     (`MixtureKitConfig.model_type`), read without building a config."""
     path = Path(folder) / "config.json"
     return json.loads(path.read_text()).get("model_type") if path.is_file() else None
+
+
+def require_composed(checkpoint: str | Path, why: str = "", error: type[MixtureKitError] = SourceError) -> None:
+    """Refuse, before any weight is read, a checkpoint that is not a composed one (a dense model, an unreadable
+    folder or id); the message names the model_type found. `why` says what needed a composed one; `error` is the
+    class raised for a readable config of another model (a missing or unreadable config is a `SourceError`).
+
+    The one check of "is this a MixtureKit checkpoint", for the CLI, the views, `mixturekit.load` and `export`; here,
+    at the bottom beside `stored_model_type`, so that every package can use it."""
+    try:
+        model_type = PretrainedConfig.get_config_dict(str(checkpoint))[0].get("model_type")
+    except (OSError, ValueError) as failure:
+        raise SourceError(f"cannot read a model config from '{checkpoint}': {failure}") from failure
+    if model_type != MixtureKitConfig.model_type:
+        found = f"a dense {model_type} checkpoint" if model_type else "a checkpoint without a model_type"
+        raise error(f"'{checkpoint}' is {found}, not a composed one (not a MixtureKit checkpoint): "
+                    f"{why + ', so ' if why else ''}give a folder written by `mixturekit compose` "
+                    f"(model_type {MixtureKitConfig.model_type})")

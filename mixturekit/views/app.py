@@ -28,7 +28,7 @@ from ..analysis import (
     AnalysisError, RoutingTrace, capture_routing, dead_experts, dominant_expert_per_token, gate_strength,
     layer_agreement, mean_token_entropy, utilisation,
 )
-from ..inspection import require_composed
+from ..runtime.config import require_composed
 from ..loading import load, load_tokenizer
 from ..runtime.modeling import MixtureKitForCausalLM
 from .html_report import render_template, report_context
