@@ -97,7 +97,12 @@ class Recipe(_Strict):
     router_layers_index: list[int] | None = Field(
         default=None, description="Blocks that get routers (0-based); default or []: every block."
     )
-    router_init: Literal["random", "zeros"] = Field(default="random", description="Initial router weights.")
+    # Two steps set routers, each with the setting it can act on: composing reads no data (the plan comes from configs
+    # and headers alone), so the recipe chooses random or zero routers; the training config's `router_init`
+    # (keep|data|hidden) fits them from data before the router stage, where data exists.
+    router_init: Literal["random", "zeros"] = Field(default="random", description=(
+        "Initial router weights written by compose; the training config's router_init (data, hidden) can refit them "
+        "from data before training."))
     router_init_std: float = Field(default=0.02, gt=0, allow_inf_nan=False, description="Std of the random router initialisation.")
     alpha: float = Field(default=0.01, ge=0, allow_inf_nan=False, description="Load-balancing loss coefficient.")
     alpha_mode: Literal["fixed", "auto"] = Field(
