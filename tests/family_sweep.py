@@ -173,7 +173,7 @@ def check_method(method: str, models: list[torch.nn.Module], folders: list[Path]
                 got, want = composed(input_ids=tokens).logits, models[0](input_ids=tokens).logits
             if not _close(got, want):
                 what = "initial stitches" if method == "bts" else "identical copies"
-                return f"FAILED: {what} differ from the dense logits by {(got - want).abs().max():.2e}"
+                return f"FAILED: {what} differ from the dense logits"  # no figure: uninitialised memory varies
             composed = AutoModelForCausalLM.from_pretrained(mixed).eval()
             if method == "bts":
                 with torch.no_grad():
