@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from tiny_models import make_model
+
 SIZES = dict(
     vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=64, head_dim=8, n_embd=32, n_layer=2, n_head=4, n_positions=64,
@@ -107,18 +109,7 @@ def build_models(model_type: str, count: int = 3) -> tuple[str, list[torch.nn.Mo
     size = sum(p.numel() for p in meta.parameters())
     if size > MAX_PARAMETERS:
         raise ValueError(f"the shrunk config still has {size:,} parameters (a size field this sweep does not know)")
-    models = []
-    for seed in range(count):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config).eval()
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if parameter.dim() == 1:
-                    parameter.copy_(1.0 + 0.1 * torch.randn_like(parameter) if "weight" in name
-                                    else 0.1 * torch.randn_like(parameter))
-                else:
-                    parameter.normal_(0, 0.2)
-        models.append(model)
+    models = [make_model(config, seed) for seed in range(count)]  # the invariant tests' random weights
     with torch.no_grad():  # a tiny config the family's own forward rejects is not a tiny model of it
         logits = models[0](input_ids=_tokens(models[0].get_input_embeddings().weight.shape[0])).logits
     if not torch.isfinite(logits).all():
