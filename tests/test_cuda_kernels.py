@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mixturekit.runtime.gated_activation import can_fuse, fused_silu_mul, gated_activation_reference
-from mixturekit.runtime.experts import dispatch, mix_slots
+from mixturekit.runtime.chosen_experts_kernel import can_run_kernel, chosen_experts_matvec
+from mixturekit.runtime.experts import chosen_experts_linear, dispatch, mix_slots, slot_inputs
 from mixturekit.runtime.fused_combine import can_fuse_combine, fused_combine
 from mixturekit.runtime.routing import float32_logits
 
@@ -67,3 +68,41 @@ def test_fused_combine_matches_the_float64_reference(top_k, tokens, width):
     torch.testing.assert_close(mixed.double(), exact, atol=1e-2, rtol=8e-3)
     torch.testing.assert_close(rows_gradient.double(), exact_rows_gradient, atol=1e-2, rtol=8e-3)
     torch.testing.assert_close(weights_gradient.double(), exact_weights_gradient, atol=1e-3 * width ** 0.5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens,top_k,experts,width_in,width_out", [(1, 2, 4, 2048, 8192), (2, 2, 8, 8192, 2048),
+                                                                      (3, 1, 4, 130, 33), (1, 4, 16, 257, 70)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows_per", ["token", "slot"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_chosen_experts_kernel_matches_the_float64_reference(dtype, tokens, top_k, experts, width_in, width_out, bias,
+                                                             rows_per, mixed):
+    torch.manual_seed(tokens * 100 + experts)
+    weight = (0.02 * torch.randn(experts, width_out, width_in, device="cuda")).to(dtype)
+    biases = (0.1 * torch.randn(experts, width_out, device="cuda")).to(dtype) if bias else None
+    chosen = torch.stack([torch.randperm(experts, device="cuda")[:top_k] for _ in range(tokens)])
+    inputs = torch.randn(tokens * top_k if rows_per == "slot" else tokens, width_in, device="cuda").to(dtype)
+    mix = torch.softmax(torch.randn(tokens, top_k, device="cuda"), dim=-1) if mixed else None
+    assert can_run_kernel(inputs)
+    got = chosen_experts_matvec(inputs, weight, biases, chosen, mix)
+    rows = inputs if rows_per == "slot" else slot_inputs(inputs, top_k)
+    exact = chosen_experts_linear(rows.double(), weight.double(), None if biases is None else biases.double(),
+                                  chosen.reshape(-1))
+    if mixed:
+        exact = mix_slots(exact, mix.double())
+    assert got.shape == exact.shape and got.dtype == dtype
+    # float32 accumulation; in bf16 a slot's output and its bias sum are rounded as the reference rounds them
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=1.6e-2)
+    torch.testing.assert_close(got.double(), exact, **tolerance)
+
+
+def test_chosen_experts_kernel_runs_inside_compiled_code():
+    torch.manual_seed(0)
+    weight = (0.02 * torch.randn(4, 512, 256, device="cuda")).bfloat16()
+    chosen = torch.tensor([[3, 1]], device="cuda")
+    inputs = torch.randn(1, 256, device="cuda").bfloat16()
+    mix = torch.tensor([[0.7, 0.3]], device="cuda")
+    eager = chosen_experts_matvec(inputs, weight, None, chosen, mix)
+    compiled = torch.compile(lambda x: chosen_experts_matvec(x, weight, None, chosen, mix), fullgraph=True)
+    torch.testing.assert_close(compiled(inputs), eager, atol=0, rtol=0)

@@ -10,9 +10,10 @@ Dispatch keeps the groups' end offsets on the device, and the grouped_mm path ne
 synchronisation per layer, so decoding steps can be captured in a CUDA graph and `torch.compile` sees no
 data-dependent Python. Only the loop, which must split by size, copies them to the host.
 
-A handful of tokens at inference (a decoding step) skips the sort: `chosen_experts_linear` gathers the k chosen
-experts' weights per token and runs one batched matmul. It copies k weight matrices per token, and saves the dozen
-kernel launches of dispatch, which are what a decoding step at batch 1 waits on.
+A handful of tokens at inference (a decoding step) skips the sort and the dozen kernel launches of dispatch, which
+are what a decoding step at batch 1 waits on: `chosen_experts_output` multiplies each slot's row by its chosen
+expert's weight. On CUDA one Triton kernel reads those weights in place (`chosen_experts_kernel`, also inside
+compiled code); elsewhere the reference gathers them (`chosen_experts_linear`) and runs one batched matmul.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .chosen_experts_kernel import can_run_kernel, chosen_experts_matvec
 from .fused_combine import can_fuse_combine, fused_combine
 
 
@@ -79,26 +81,44 @@ def dispatch(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts
 
 
 # Above this many bytes of gathered expert weights per call, copying them costs the GPU more than the sort's launches
-# save (about a dozen launches, ~0.1 ms of host time, against 2 extra passes over the copy at ~4 TB/s).
+# save (about a dozen launches, ~0.1 ms of host time, against 2 extra passes over the copy at ~4 TB/s). The Triton
+# kernel copies nothing and has no such limit.
 FEW_TOKEN_COPY_LIMIT_BYTES = 256 * 2**20
 
 
 def few_tokens_at_inference(num_tokens: int, top_k: int, num_experts: int, *parameters: torch.Tensor | None) -> bool:
-    """Whether to skip the sort: at most E slots, their gathered weights within `FEW_TOKEN_COPY_LIMIT_BYTES`, and no
-    gradient wanted (the gathered weights' backward would be a scatter into a full-size gradient)."""
+    """Whether to skip the sort: at most E slots (beyond, the sorted path reads each expert once, this path once per
+    slot) and no gradient wanted (the path has none). Where the reference must copy the chosen weights: only if
+    they fit in `FEW_TOKEN_COPY_LIMIT_BYTES`, and not while compiling (a static-cache decode is CUDA-graphed, so
+    launches are cheap and copies are not)."""
     slots = num_tokens * top_k
-    if slots > num_experts or torch.compiler.is_compiling():
-        return False  # compiled (a static-cache decode is CUDA-graphed): launches are cheap, the copies are not
     present = [p for p in parameters if p is not None]
-    if slots * sum(p[0].numel() * p.element_size() for p in present) > FEW_TOKEN_COPY_LIMIT_BYTES:
+    if slots > num_experts or (torch.is_grad_enabled() and any(p.requires_grad for p in present)):
         return False
-    return not (torch.is_grad_enabled() and any(p.requires_grad for p in present))
+    if can_run_kernel(present[0]):
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return slots * sum(p[0].numel() * p.element_size() for p in present) <= FEW_TOKEN_COPY_LIMIT_BYTES
+
+
+def chosen_experts_output(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          experts: torch.Tensor, mix: torch.Tensor | None = None) -> torch.Tensor:
+    """Each slot of `experts [N, k]` through its chosen expert, without a sort: `inputs` holds a row per token (shared
+    by its k slots) or per slot; with routing weights `mix [N, k]` each token's k outputs are mixed (`[N, out]`),
+    else returned per slot (`[N*k, out]`)."""
+    if can_run_kernel(inputs):
+        return chosen_experts_matvec(inputs, weight, bias, experts, mix)
+    rows = inputs if inputs.shape[0] == experts.numel() else slot_inputs(inputs, experts.shape[-1])
+    output = chosen_experts_linear(rows, weight, bias, experts.reshape(-1))
+    return output if mix is None else mix_slots(output, mix)
 
 
 def chosen_experts_linear(
     slot_inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, experts: torch.Tensor
 ) -> torch.Tensor:
-    """`y[s] = x[s] @ weight[experts[s]].T + bias[experts[s]]` for every slot s, by gathered weights (no sort)."""
+    """`y[s] = x[s] @ weight[experts[s]].T + bias[experts[s]]` for every slot s, by gathered weights: the reference
+    of the Triton kernel."""
     chosen = weight.index_select(0, experts)
     output = torch.bmm(chosen, slot_inputs.unsqueeze(-1)).squeeze(-1)
     return output if bias is None else output + bias.index_select(0, experts)

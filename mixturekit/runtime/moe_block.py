@@ -7,8 +7,7 @@ from torch import nn
 
 from .architecture import MlpLayout, activation_module, linear_shape
 from .experts import (
-    Groups, chosen_experts_linear, combine, dispatch, few_tokens_at_inference, gather_slots, grouped_linear, mix_slots,
-    slot_inputs,
+    Groups, chosen_experts_output, combine, dispatch, few_tokens_at_inference, gather_slots, grouped_linear,
 )
 from .gated_activation import gated_activation
 from .routing import Router, RouterLogitsRecorder, route
@@ -45,11 +44,11 @@ class StackedExperts(nn.Module):
         hidden = grouped_linear(sorted_inputs, up, groups, getattr(self, f"{self.up_name}_bias"), self.backend)
         return grouped_linear(self.activate(hidden), self.down_proj, groups, self.down_proj_bias, self.backend)
 
-    def forward_chosen(self, slot_inputs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Each slot through its own expert by gathered weights (few tokens at inference; no sort)."""
+    def forward_chosen(self, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each token's k slots through their own experts, mixed by `weights` (few tokens at inference; no sort)."""
         up = getattr(self, self.up_name)
-        hidden = chosen_experts_linear(slot_inputs, up, getattr(self, f"{self.up_name}_bias"), experts)
-        return chosen_experts_linear(self.activate(hidden), self.down_proj, self.down_proj_bias, experts)
+        hidden = chosen_experts_output(tokens, up, getattr(self, f"{self.up_name}_bias"), experts)
+        return chosen_experts_output(self.activate(hidden), self.down_proj, self.down_proj_bias, experts, weights)
 
 
 class SparseMoeBlock(nn.Module):
@@ -85,8 +84,7 @@ class SparseMoeBlock(nn.Module):
         weights, indices = route(self.gate(tokens), self.top_k)
         experts = self.experts
         if few_tokens_at_inference(tokens.shape[0], self.top_k, self.num_experts, *experts.parameters()):
-            outputs = experts.forward_chosen(slot_inputs(tokens, self.top_k), indices.reshape(-1))
-            return self._dropped(mix_slots(outputs, weights).reshape(shape))
+            return self._dropped(experts.forward_chosen(tokens, indices, weights).reshape(shape))
         plan = dispatch(indices, weights, self.num_experts)
         return self._dropped(combine(experts(gather_slots(tokens, plan), plan.groups), plan).reshape(shape))
 

@@ -8,7 +8,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .architecture import linear_shape
 from .experts import (
-    chosen_experts_linear, combine, dispatch, few_tokens_at_inference, gather_slots, grouped_linear, mix_slots, slot_inputs,
+    chosen_experts_output, combine, dispatch, few_tokens_at_inference, gather_slots, grouped_linear,
 )
 from .routing import Router, RouterLogitsRecorder, route
 from .stacking import StackSource
@@ -38,8 +38,7 @@ class RoutedLinear(nn.Module):
         tokens = inputs.reshape(-1, shape[-1])
         weights, indices = route(self.router(tokens), self.top_k)
         if few_tokens_at_inference(tokens.shape[0], self.top_k, self.num_experts, self.weight, self.bias):
-            outputs = chosen_experts_linear(slot_inputs(tokens, self.top_k), self.weight, self.bias, indices.reshape(-1))
-            mixed = mix_slots(outputs, weights)
+            mixed = chosen_experts_output(tokens, self.weight, self.bias, indices, weights)
         else:
             plan = dispatch(indices, weights, self.num_experts)
             mixed = combine(grouped_linear(gather_slots(tokens, plan), self.weight, plan.groups, self.bias,

@@ -75,7 +75,11 @@ def float32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if (hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype
             and not torch.compiler.is_compiling()):
         flat = hidden.reshape(-1, hidden.shape[-1])
-        return _Float32Logits.apply(flat, weight).view(*hidden.shape[:-1], weight.shape[0])
+        if torch.is_grad_enabled():
+            logits = _Float32Logits.apply(flat, weight)
+        else:  # decoding: the same product without the autograd Function's host time
+            logits = torch.mm(flat, weight.t(), out_dtype=torch.float32)
+        return logits.view(*hidden.shape[:-1], weight.shape[0])
     return F.linear(hidden.float(), weight.float())
 
 
