@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
 from family_sweep import METHODS, causal_lm_types, readme_section, readme_table, sweep
@@ -13,11 +14,9 @@ from family_sweep import METHODS, causal_lm_types, readme_section, readme_table,
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Failures known and not yet fixed, with what was found: the test fails when one closes, so it leaves this list.
 KNOWN_GAPS = {
-    # FalconH1Mixer.mup_vector is a non-persistent buffer that FalconH1's _init_weights fills only when called on
-    # FalconH1Model; inside the composed model it stays uninitialised, so the logits are NaN.
-    "falcon_h1 traditional", "falcon_h1 btx", "falcon_h1 bts",
-    # BERT-style decoder (encoder family): its base model passes the tensor check, but generation with the
-    # per-stream caches differs from without; it should be refused like the other encoder families.
+    # A BERT-style model whose tiny config leaves `is_decoder` False attends bidirectionally and keeps no cache; its
+    # bts composition's greedy generation with `use_cache=True` differs from without (by 0.25-0.74 in the logits from
+    # the second new token on). Not diagnosed further; such a stream should be refused or cached as the hub is.
     "bert-generation bts",
 }
 if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 24):
@@ -72,3 +71,24 @@ def test_readme_architecture_table_is_the_sweeps(results):
                     f"{transformers.__version__} (make test-oldest); the other tests here still sweep it")
     assert readme_section(README.read_text(encoding="utf-8")) == readme_table(results), \
         "README's table is stale: run `python tests/family_sweep.py`"
+
+
+def test_loading_fills_the_buffers_a_family_computes_in_its_init_weights(tmp_path):
+    """FalconH1 computes each mixer's non-persistent `mup_vector` in its model's `_init_weights`: a composed checkpoint
+    must load with the dense model's values (transformers skipped that call for models it took for custom code)."""
+    from transformers import AutoModelForCausalLM
+
+    from family_sweep import build_models
+    from mixturekit import compose
+
+    _, (dense,) = build_models("falcon_h1", count=1)
+    dense.save_pretrained(tmp_path / "dense")
+    recipe = {"method": "btx", "experts": [{"name": name, "source": str(tmp_path / "dense")} for name in "ab"],
+              "num_experts_per_tok": 2}
+    compose(recipe, tmp_path / "composed", progress=False)
+    composed = AutoModelForCausalLM.from_pretrained(tmp_path / "composed")
+    wanted = dict(dense.named_buffers())
+    buffers = {name: buffer for name, buffer in composed.named_buffers() if name.endswith("mup_vector")}
+    assert buffers
+    for name, buffer in buffers.items():
+        assert torch.equal(buffer, wanted[name]), name

@@ -393,11 +393,20 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         (`generate` reads `inputs_embeds` and `kwargs` from this signature)."""
         return self._dense.prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """Not custom code to transformers' loader: for custom code it skips `_init_weights` on every module whose
+        own tensors were loaded, and so never fills the non-persistent buffers a family's model computes there
+        (FalconH1's `mup_vector` stayed uninitialised memory: NaN logits). Our `_init_weights` leaves loaded tensors
+        alone instead, as transformers' own models do."""
+        return False
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, Router):
-            nn.init.normal_(module.weight, std=0.02)
+            nn.init.normal_(module.weight, std=0.02)  # guarded by transformers while loading: a loaded weight stays
         elif isinstance(module, Stitch):
-            module.reset_parameters()
+            if not all(getattr(p, "_is_hf_initialized", False) for p in module.parameters()):
+                module.reset_parameters()  # in-place writes transformers cannot guard: only for stitches not loaded
         else:
             self._dense._init_weights(module)
 
