@@ -151,6 +151,28 @@ def test_save_load_gives_the_same_logits(pair, tmp_path, no_loading_warnings):
         torch.testing.assert_close(reloaded(input_ids=tokens).logits, before, atol=0, rtol=0)
 
 
+def test_stitch_gradients_reach_every_stitch_and_checkpointing_keeps_them(pair):
+    from tiny_models import enable_activation_checkpointing
+
+    root, hub, hub_folder, expert, expert_folder = pair
+    out = compose(_recipe(hub_folder, {"e": expert_folder}, stitch_freq=1), root / "grad", progress=False,
+                  overwrite=True)
+    batch = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(9))
+    gradients = []
+    for checkpointing in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(out)
+        _randomise_stitches(model, seed=10)
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        model.train()
+        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        gradients.append({n: p.grad.clone() for n, p in model.stitches.named_parameters()})
+        assert all(p.grad is None for p in model.streams.parameters())  # the expert stays frozen
+    assert all(g.abs().sum() > 0 for n, g in gradients[0].items() if "projections" in n)
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[1][name], gradients[0][name], atol=1e-5, rtol=1e-4)
+
+
 def test_inspect_shows_each_streams_family_width_and_depth(pair):
     from typer.testing import CliRunner
 
