@@ -129,13 +129,45 @@ def _tokenizer_vocabulary(model: LocalModel) -> dict | None:
     return None
 
 
+def _token_differences(ref_tokens: dict, other_tokens: dict) -> tuple[list[tuple[int, str | None, str | None]], int]:
+    """The ids whose token differs between two vocabularies (token -> id), sorted by id: the first few as
+    (id, token in the first, token in the second; None where the id is absent), and how many ids differ."""
+    ref_ids = {i: t for t, i in ref_tokens.items()}
+    other_ids = {i: t for t, i in other_tokens.items()}
+    ids = sorted(set(ref_ids) | set(other_ids), key=lambda i: (0, i, "") if isinstance(i, int) else (1, 0, str(i)))
+    differing = [i for i in ids if ref_ids.get(i) != other_ids.get(i)]
+    return [(i, ref_ids.get(i), other_ids.get(i)) for i in differing[:3]], len(differing)
+
+
+def _tokenizer_mismatch(ref: LocalModel, other: LocalModel, ref_tokens: dict, other_tokens: dict,
+                        valid: str) -> CompatibilityError:
+    """The error for two different vocabularies: the first differing ids with each model's token, and what is valid."""
+    first, count = _token_differences(ref_tokens, other_tokens)
+
+    def shown(token: str | None) -> str:
+        return "absent" if token is None else repr(token)
+
+    if first:
+        listed = "; ".join(f"id {i}: {shown(a)} in '{ref.name}', {shown(b)} in '{other.name}'" for i, a, b in first)
+        what = f"{count} of {max(len(ref_tokens), len(other_tokens))} ids differ, the first: {listed}"
+    else:  # the same ids, but a token listed under two ids in one of them
+        tokens = sorted(set(ref_tokens.items()) ^ set(other_tokens.items()), key=lambda item: (str(item[1]), item[0]))
+        what = f"token/id pairs in one only: {tokens[:3]}"
+    return CompatibilityError(f"models '{ref.name}' and '{other.name}' have different tokenizers ({what}); {valid}")
+
+
 def check_compatible(models: list[LocalModel], reference: int, same_architecture: bool = True) -> list[str]:
     """Raise CompatibilityError naming exactly what differs; return warnings for what is merely noted.
 
-    Routed methods need one architecture and config; bts streams may differ in width and depth, but share the
-    vocabulary and tokenizer."""
+    Routed methods need one architecture and config; bts streams may differ from the hub in family, width and depth,
+    but share its vocabulary: the same tokens at the same ids (every stream embeds the hub's token ids itself)."""
     ref = models[reference]
     notes = []
+    if same_architecture:
+        valid = "experts must share one tokenizer (the same tokens at the same ids)"
+    else:
+        valid = (f"bts streams may be of other families, widths and depths than the hub, but must use the hub "
+                 f"'{ref.name}''s tokenizer (the same tokens at the same ids): give experts trained with it")
     vocabularies = {id(m): _tokenizer_vocabulary(m) for m in models}
     for other in models:
         if other is ref:
@@ -143,13 +175,15 @@ def check_compatible(models: list[LocalModel], reference: int, same_architecture
         if same_architecture and other.config.model_type != ref.config.model_type:
             raise CompatibilityError(
                 f"models '{ref.name}' and '{other.name}' have different architectures: "
-                f"{ref.config.model_type} vs {other.config.model_type}; compose models of one architecture"
+                f"{ref.config.model_type} vs {other.config.model_type}; compose models of one architecture "
+                "(or use method: bts, whose expert streams may be of other families)"
             )
         ref_vocab, other_vocab = getattr(ref.config, "vocab_size", None), getattr(other.config, "vocab_size", None)
         if ref_vocab != other_vocab:
             raise CompatibilityError(
                 f"models '{ref.name}' and '{other.name}' have different vocabulary sizes: {ref_vocab} vs "
-                f"{other_vocab}; experts must share one tokenizer and embedding size"
+                f"{other_vocab}; " + (f"{valid} and its embedding size ({ref_vocab} rows)" if not same_architecture
+                                      else "experts must share one tokenizer and embedding size")
             )
         differences = _config_differences(ref, other) if same_architecture else {}
         if differences:
@@ -160,11 +194,7 @@ def check_compatible(models: list[LocalModel], reference: int, same_architecture
             )
         ref_tokens, other_tokens = vocabularies[id(ref)], vocabularies[id(other)]
         if ref_tokens is not None and other_tokens is not None and ref_tokens != other_tokens:
-            differing = sorted(set(ref_tokens.items()) ^ set(other_tokens.items()), key=str)[:3]
-            raise CompatibilityError(
-                f"models '{ref.name}' and '{other.name}' have different tokenizers (e.g. token/id pairs "
-                f"{differing} are in one only); experts must share one tokenizer"
-            )
+            raise _tokenizer_mismatch(ref, other, ref_tokens, other_tokens, valid)
     without_tokenizer = [m.name for m in models if vocabularies[id(m)] is None]
     if without_tokenizer and len(models) > 1:
         notes.append(f"tokenizers not compared for {without_tokenizer}: no tokenizer.json or vocab.json")

@@ -326,11 +326,17 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
             if "input_ids" in arguments:
                 inputs["input_ids"] = arguments["input_ids"]
             else:
-                embeds = arguments["inputs_embeds"]
+                embeds, hub_type = arguments["inputs_embeds"], self.config.text_config.model_type
                 if embeds.shape[-1] != stream.config.hidden_size:
                     raise ValueError(
                         f"inputs_embeds have width {embeds.shape[-1]}, but expert stream '{name}' has hidden size "
                         f"{stream.config.hidden_size}; pass input_ids so each stream embeds them itself"
+                    )
+                if stream.config.model_type != hub_type:
+                    raise ValueError(
+                        f"inputs_embeds are embeddings of the hub's family ({hub_type}), but expert stream '{name}' "
+                        f"is a {stream.config.model_type} model, which embeds tokens its own way; pass input_ids so "
+                        "each stream embeds them itself"
                     )
                 inputs["inputs_embeds"] = embeds
             inputs.update({"use_cache": bool(use_cache), CACHE_ARGUMENT: caches.get(name)})
