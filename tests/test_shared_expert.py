@@ -291,3 +291,23 @@ def test_export_of_a_shared_expert_without_a_native_home_is_refused(tmp_path):
     with pytest.raises(ExportError, match="shared expert, which mixtral does not have .*compose over Qwen2"):
         export(out, "auto", tmp_path / "exported")
     assert not (tmp_path / "exported").exists()
+
+
+@pytest.mark.parametrize("method", ["traditional", "btx"])
+def test_lora_adapts_the_shared_expert_and_trains_its_gate_with_the_routers(qwen2, tmp_path, method):
+    from mixturekit.training.lora import apply_lora
+
+    root, folders = qwen2
+    out = compose(_recipe(method, folders[3], folders[:3], gate=True), tmp_path / "c", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = _tokens()
+    with torch.no_grad():
+        before = model(input_ids=tokens).logits
+    peft_model = apply_lora(model)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any(".shared_expert." in n and "lora_A" in n for n in trainable), trainable
+    gates = [n for n in trainable if "shared_expert_gate" in n]
+    assert gates and all("lora_" not in n for n in gates)  # the gate trains in full, as the routers do
+    assert any((".mlp.gate." in n or ".router." in n) and "lora_" not in n for n in trainable)  # the routers too
+    with torch.no_grad():  # LoRA starts at zero: the same model
+        torch.testing.assert_close(peft_model(input_ids=tokens).logits, before, atol=1e-6, rtol=0)
