@@ -32,12 +32,13 @@ def shared_expert_lines(config, expert_parameters: int, gate_parameters: int, or
     """traditional/btx: what the shared expert is and how it mixes (nothing without one)."""
     if config.shared_expert is None:
         return []
-    what = "the base's FFN" if config.method == "traditional" else "the base's copy of each routed projection"
+    what = "the base's FFN" if config.method == "traditional" else "the base's own Linear beside each routed one"
+    where = "block" if config.method == "traditional" else "routed Linear"
     weight = ("s = sigmoid(shared_expert_gate · x), gate zero at composition (s = ½)" if config.shared_expert_gate
               else "s = ½ (no gate)")
     return [f"  shared expert ({what}{origin}), always on: {millions(expert_parameters)}"
             + (f", gate {millions(gate_parameters)}" if config.shared_expert_gate else ""),
-            f"    mix per block: ½ · routed + s · shared, {weight}"]
+            f"    mix per {where}: ½ · routed + s · shared, {weight}"]
 
 
 def stream_lines(config, counts: Counter, origins: dict[str, str] | None = None) -> list[str]:
