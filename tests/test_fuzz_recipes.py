@@ -69,6 +69,7 @@ PLAUSIBLE: dict[str, st.SearchStrategy] = {
     "experts": EXPERTS, "base": OUR_EXPERT | LEGACY_EXPERT | RANDOM_EXPERT,
     "base_as_expert": st.booleans(), "allow_pickle": st.booleans(), "auto_map": st.booleans(),
     "shared_weights": st.sampled_from(["average", "base", "mean"]),
+    "shared_expert": st.sampled_from(["base", "none", "bsae"]) | st.none(), "shared_expert_gate": st.booleans(),
     "num_experts_per_tok": st.integers(-1, 6), "router_layers": st.lists(WORDS, max_size=3),
     "router_layers_index": INDICES, "stitch_layers_index": INDICES, "stitch_freq": st.integers(-1, 6),
     "router_init": st.sampled_from(["random", "zeros", "hidden"]), "router_init_std": FLOATS, "alpha": FLOATS,

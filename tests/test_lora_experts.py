@@ -101,3 +101,19 @@ def test_other_peft_variants_are_refused_with_the_reason(base_and_adapters, tmp_
     with pytest.raises(SourceError, match=reason):
         compose({"method": "traditional", "base": {"name": "base", "source": str(base)}, "base_as_expert": True,
                  "experts": [{"name": "code", "source": str(adapter)}]}, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("method", ["traditional", "btx"])
+def test_adapters_with_a_shared_expert_compose_like_their_merged_experts(base_and_adapters, tmp_path, method):
+    """The shared expert copies the base's FFN, which the adapters change: that is by design, not a lost update."""
+    base, folders = base_and_adapters
+    for kind, index in (("adapters", 0), ("merged", 1)):
+        compose({"method": method, "base": {"name": "base", "source": str(base)}, "shared_expert": "base",
+                 "dtype": "float32", "experts": [{"name": n, "source": str(folders[n][index])} for n in ("code", "math")]},
+                tmp_path / kind, progress=False)
+    from_adapters, from_merged, dense = _tensors(tmp_path / "adapters"), _tensors(tmp_path / "merged"), _tensors(base)
+    assert set(from_adapters) == set(from_merged)
+    for name, tensor in from_merged.items():
+        assert torch.equal(from_adapters[name], tensor), name
+    shared = [n for n in from_merged if ".shared_expert." in n]
+    assert shared and all(torch.equal(from_merged[n], dense[n.replace(".shared_expert.", ".", 1)]) for n in shared)

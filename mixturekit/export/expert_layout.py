@@ -27,11 +27,19 @@ _NAMES = {"mixtral": ("block_sparse_moe.experts", "w1", "w3", "w2", "block_spars
 
 
 class Piece(NamedTuple):
-    """An output tensor as a slice of a stored one: `expert` of `source` (None: the whole tensor), rows `rows`."""
+    """An output tensor as a slice of a stored one: `expert` of `source` (None: the whole tensor), rows `rows`,
+    multiplied by `scale` (a routed `down_proj` beside a shared expert: ½)."""
 
     source: str
     expert: int | None = None
     rows: slice = slice(None)
+    scale: float = 1.0
+
+
+def is_routed_down_proj(name: str) -> bool:
+    """Whether a stored tensor is a block's stacked routed `down_proj` (`….mlp.experts.down_proj`)."""
+    packed = _PACKED.match(name)
+    return packed is not None and packed["kind"] == "down_proj"
 
 
 def per_expert_pieces(slots: list[TensorSlot], target: str) -> list[tuple[TensorSlot, Piece]]:
@@ -70,8 +78,8 @@ def piece_reader(get: Callable[[str], torch.Tensor]) -> Callable[[Piece], torch.
             last.clear()
             last[piece.source] = get(piece.source)
         tensor = last[piece.source]
-        if piece.expert is None:
-            return tensor
-        return tensor[piece.expert][piece.rows].contiguous()
+        if piece.expert is not None:
+            tensor = tensor[piece.expert][piece.rows].contiguous()
+        return tensor if piece.scale == 1.0 else tensor * piece.scale
 
     return read

@@ -1,7 +1,9 @@
 """Export a composed model to a native MoE architecture that serving engines run (no custom code needed).
 
-`traditional` over Llama/Mistral is Mixtral; over Qwen3 it is Qwen3-MoE; over Qwen2 it is Qwen2-MoE with its shared
-expert switched off (zero weights, so it adds exactly zero). The composition's stacked experts are already the
+`traditional` over Llama/Mistral is Mixtral; over Qwen3 it is Qwen3-MoE; over Qwen2 it is Qwen2-MoE, whose shared
+expert is the composition's (`shared_expert: base`: ``½ · routed + s · shared`` is Qwen2-MoE's ``routed + sigmoid(gate ·
+x) · shared`` with the routed `down_proj` halved, and an ungated one gets a zero gate, sigmoid(0) = ½ exactly) or
+else switched off (zero weights, so it adds exactly zero). The composition's stacked experts are already the
 transformers 5 layout of those models, so the export streams tensors across, split per expert for the Hub layout
 that engines read unless `layout="packed"` (`expert_layout`), and writes the target's config. Routing matches too:
 softmax, top-k, renormalised (Mixtral always renormalises; the Qwen MoE configs get `norm_topk_prob: true`).
@@ -22,7 +24,8 @@ from ..runtime.config import MixtureKitConfig, require_composed, stored_model_ty
 from ..sources.checkpoint_folder import check_output_folder, new_staging_folder, swap_into_place, write_sharded
 from ..sources.resolve import TOKENIZER_FILES, weight_files
 from ..sources.safetensors_io import CheckpointReader, TensorSlot
-from .expert_layout import LAYOUTS, Piece, per_expert_pieces, piece_reader
+from ..runtime.shared_expert import ROUTED_SCALE, SHARED_EXPERT
+from .expert_layout import LAYOUTS, Piece, is_routed_down_proj, per_expert_pieces, piece_reader
 
 TARGETS = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe"}
 MAPPING_TABLE = "traditional over Llama or Mistral -> mixtral; over Qwen3 -> qwen3_moe; over Qwen2 -> qwen2_moe"
@@ -48,6 +51,10 @@ def _refuse_unmappable(config: MixtureKitConfig, target: str | None) -> list[int
         raise ExportError(f"no native MoE architecture for traditional over '{text.model_type}' ({MAPPING_TABLE})")
     if target != expected:
         raise ExportError(f"traditional over '{text.model_type}' exports to {expected}, not {target} ({MAPPING_TABLE})")
+    if getattr(config, "shared_expert", None) is not None and target != "qwen2_moe":
+        raise ExportError(
+            f"this composition has a shared expert, which {target} does not have (of the native targets only "
+            "Qwen2-MoE has one): compose over Qwen2 to export it, or compose without shared_expert")
     blocks = num_layers(text)
     routed = sorted(config.router_layers_index) if config.router_layers_index else list(range(blocks))
     if target == "mixtral" and len(routed) != blocks:
@@ -84,21 +91,26 @@ def _target_config(config: MixtureKitConfig, target: str, routed: list[int]):
         fields.update(num_experts=config.num_experts, norm_topk_prob=True, decoder_sparse_step=1,
                       moe_intermediate_size=text["intermediate_size"],
                       mlp_only_layers=[i for i in range(blocks) if i not in routed])
-        if target == "qwen2_moe":
-            fields.update(shared_expert_intermediate_size=1)
+        if target == "qwen2_moe":  # the composition's shared expert is the base's whole FFN; else a width-1 zero one
+            shared = getattr(config, "shared_expert", None) is not None
+            fields.update(shared_expert_intermediate_size=text["intermediate_size"] if shared else 1)
     exported = AutoConfig.for_model(target, **fields)
     exported.architectures = [{"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                                "qwen2_moe": "Qwen2MoeForCausalLM"}[target]]
     return exported
 
 
-def _zero_shared_experts(routed: list[int], hidden: int, dtype: torch.dtype) -> list[tuple[TensorSlot, torch.Tensor]]:
-    """Qwen2-MoE's shared expert, switched off: a width-1 FFN with zero weights adds exactly zero."""
+def _zero_shared_experts(routed: list[int], hidden: int, dtype: torch.dtype,
+                         gate_only: bool = False) -> list[tuple[TensorSlot, torch.Tensor]]:
+    """Qwen2-MoE's shared expert, switched off: a width-1 FFN with zero weights adds exactly zero. `gate_only`: just
+    the zero gate, for a composition's ungated shared expert (weight sigmoid(0) = ½, as it has)."""
     out = []
     for block in routed:
-        prefix = f"model.layers.{block}.mlp.shared_expert"
-        for name, shape in ((f"{prefix}.gate_proj.weight", (1, hidden)), (f"{prefix}.up_proj.weight", (1, hidden)),
-                            (f"{prefix}.down_proj.weight", (hidden, 1)), (f"{prefix}_gate.weight", (1, hidden))):
+        prefix = f"model.layers.{block}.mlp.{SHARED_EXPERT}"
+        expert = () if gate_only else (
+            (f"{prefix}.gate_proj.weight", (1, hidden)), (f"{prefix}.up_proj.weight", (1, hidden)),
+            (f"{prefix}.down_proj.weight", (hidden, 1)))
+        for name, shape in (*expert, (f"{prefix}_gate.weight", (1, hidden))):
             out.append((TensorSlot(name, dtype, shape), torch.zeros(shape, dtype=dtype)))
     return out
 
@@ -134,7 +146,13 @@ def export(
         stored = [TensorSlot(name, info.dtype, info.shape) for name, info in reader.tensors.items()]
         pieces = dict(per_expert_pieces(stored, target) if layout == "per-expert" else
                       [(slot, Piece(slot.name)) for slot in stored])
-        extra = dict(_zero_shared_experts(routed, exported_config.hidden_size, dtype)) if target == "qwen2_moe" else {}
+        shared = getattr(config, "shared_expert", None) is not None
+        if shared:  # ½ · routed: the routed experts' down_proj halved (exact), see the module docstring
+            pieces = {slot: piece._replace(scale=ROUTED_SCALE) if is_routed_down_proj(piece.source) else piece
+                      for slot, piece in pieces.items()}
+        extra = {}
+        if target == "qwen2_moe" and not (shared and config.shared_expert_gate):
+            extra = dict(_zero_shared_experts(routed, exported_config.hidden_size, dtype, gate_only=shared))
         read = piece_reader(reader.get)
         write_sharded(staging, list(pieces) + list(extra),
                       lambda slot: [extra[slot]] if slot in extra else [read(pieces[slot])],
@@ -147,7 +165,7 @@ def export(
             f"---\nlibrary_name: transformers\ntags:\n- mixturekit\n- {target}\n---\n\n# {target} export\n\n"
             f"Exported by MixtureKit from `{checkpoint.name}`, a `traditional` composition of "
             f"{config.num_experts} `{config.text_config.model_type}` experts ({', '.join(config.expert_names)}), "
-            f"top-{config.num_experts_per_tok}. Loads with plain `transformers` (`{exported_config.architectures[0]}`)"
+            f"top-{config.num_experts_per_tok}{', with the base as shared expert' if shared else ''}. Loads with plain `transformers` (`{exported_config.architectures[0]}`)"
             " and serving engines that run it; no custom code.\n", encoding="utf-8")
         swap_into_place(staging, output)
     except BaseException:

@@ -25,6 +25,7 @@ from ..runtime.modeling import (
     MixtureKitForCausalLM, dense_model_class, resolve_layer_indices, resolve_router_layers, with_torch_dtype,
 )
 from ..runtime.routing import Router
+from ..runtime.shared_expert import SHARED_EXPERT, SHARED_EXPERT_GATE, is_shared_expert_tensor, shared_expert_source
 from ..runtime.stacking import StackSource
 from ..runtime.stitch import stitch_points
 from ..sources import LocalModel, resolve_source
@@ -230,8 +231,9 @@ class _StackRole:
 
 
 def tensor_roles(composed: MixtureKitForCausalLM) -> dict[str, tuple[torch.Tensor, str, _StackRole | None]]:
-    """Every saved tensor of a composed model with its role: `stack` (experts), `router`, `shared`, and for bts
-    `stream` (an expert stream's own weight) or `stitch`."""
+    """Every saved tensor of a composed model with its role: `stack` (experts), `router`, `shared`, a shared expert's
+    `shared_expert` (its copy of the base's FFN) and `shared_gate`, and for bts `stream` (an expert stream's own
+    weight) or `stitch`."""
     tied = set(getattr(composed, "all_tied_weights_keys", None) or {})
     routed = composed.routed_modules()
     roles = {}
@@ -248,6 +250,10 @@ def tensor_roles(composed: MixtureKitForCausalLM) -> dict[str, tuple[torch.Tenso
             relative = name[len(prefix) + 1:]
             if relative in module.source_map:
                 role, stack = "stack", _StackRole(relative, module.source_map[relative])
+            elif relative.startswith(SHARED_EXPERT_GATE + "."):
+                role = "shared_gate"
+            elif relative.startswith(SHARED_EXPERT + "."):
+                role = "shared_expert"
             elif isinstance(module.get_submodule(relative.rpartition(".")[0]), Router):
                 role = "router"
         roles[name] = (tensor, role, stack)
@@ -291,9 +297,11 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
         router_layers_index=recipe.router_layers_index or None, alpha=recipe.alpha, dtype=dtype_name,
         alpha_mode=recipe.alpha_mode, load_floor=recipe.load_floor, alpha_max=recipe.alpha_max,
         router_z_loss_coef=recipe.router_z_loss_coef, experts_backend=recipe.experts_backend,
+        shared_expert=recipe.shared_expert, shared_expert_gate=recipe.shared_expert_gate,
     )
     with torch.device("meta"):
         composed = MixtureKitForCausalLM(config)
+    base = by_name[recipe.base.name] if recipe.base is not None else None
     shared_models = (by_name[recipe.base.name],) if recipe.shared_weights == "base" else tuple(expert_models)
     tensors = []
     for name, (tensor, role, stack) in tensor_roles(composed).items():
@@ -305,6 +313,10 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
                                       tuple(f"{prefix}.{n}" for n in stack.source.names), stack.source.transpose))
         elif role == "router":
             tensors.append(TensorPlan(name, shape, dtype, "new", init=recipe.router_init))
+        elif role == "shared_expert":  # the base's own dense tensor, under the shared expert's name
+            tensors.append(TensorPlan(name, shape, out_dtype, "copy", (base,), (shared_expert_source(name),)))
+        elif role == "shared_gate":  # zero: the shared expert starts at weight sigmoid(0) = 1/2
+            tensors.append(TensorPlan(name, shape, dtype, "new", init="zeros"))
         elif name in expected:  # otherwise a buffer the model computes itself
             origin: Origin = "copy" if len(shared_models) == 1 else "average"
             tensors.append(TensorPlan(name, shape, out_dtype, origin, shared_models, (name,)))
@@ -330,7 +342,8 @@ def _check_adapters(recipe: Recipe, models: list[LocalModel], by_name: dict[str,
                 f"base ({'none given' if base is None else repr(recipe.base.source)}): set `base` to that model, so "
                 "every adapter is read on the weights it was trained on")
         adapted = model.reader.adapted_names()
-        shared = sorted(n for t in tensors or () if t.origin in ("average", "copy") for n in t.sources if n in adapted)
+        lost = [t for t in tensors or () if t.origin in ("average", "copy") and not is_shared_expert_tensor(t.name)]
+        shared = sorted(n for t in lost for n in t.sources if n in adapted)
         if shared:
             fate = "averages over the experts" if recipe.shared_weights == "average" else "copies from the base"
             raise RecipeError(

@@ -28,6 +28,19 @@ def layer_structure(names_by_origin: dict[str, list[str]]) -> list[str]:
     return [f"  blocks {layers}: routed {', '.join(modules)}" for modules, layers in groups.items()]
 
 
+def shared_expert_lines(config, expert_parameters: int, gate_parameters: int, origin: str = "") -> list[str]:
+    """traditional/btx: what the shared expert is and how it mixes (nothing without one)."""
+    if config.shared_expert is None:
+        return []
+    what = "the base's FFN" if config.method == "traditional" else "the base's own Linear beside each routed one"
+    where = "block" if config.method == "traditional" else "routed Linear"
+    weight = ("s = sigmoid(shared_expert_gate · x), gate zero at composition (s = ½)" if config.shared_expert_gate
+              else "s = ½ (no gate)")
+    return [f"  shared expert ({what}{origin}), always on: {millions(expert_parameters)}"
+            + (f", gate {millions(gate_parameters)}" if config.shared_expert_gate else ""),
+            f"    mix per {where}: ½ · routed + s · shared, {weight}"]
+
+
 def stream_lines(config, counts: Counter, origins: dict[str, str] | None = None) -> list[str]:
     """bts: the hub, each stream's shape, where the stitches sit, and what runs per token."""
     from ..runtime.architecture import num_layers
@@ -69,9 +82,15 @@ def plan_summary(plan: CompositionPlan) -> str:
                                                              for i in plan.expert_models}
         lines = stream_lines(config, counts, origins) + [f"note: {note}" for note in plan.warnings]
         return "\n".join(lines)
+    from ..runtime.shared_expert import SHARED_EXPERT_GATE, is_shared_expert_tensor
+
     names_by_origin: dict[str, list[str]] = {}
     for tensor in plan.tensors:
-        names_by_origin.setdefault(tensor.origin, []).append(tensor.name)
+        origin = tensor.origin if not is_shared_expert_tensor(tensor.name) else "shared_expert"
+        names_by_origin.setdefault(origin, []).append(tensor.name)
+    in_shared_expert = [t for t in plan.tensors if is_shared_expert_tensor(t.name)]
+    gate_count = sum(t.numel for t in in_shared_expert if f".{SHARED_EXPERT_GATE}." in t.name)
+    base = plan.recipe.base
     shared_how = "copied from base" if plan.recipe.shared_weights == "base" else "float32 mean over the experts"
     lines = [
         f"method: {config.method}   architecture: {config.text_config.model_type}   dtype: {str(plan.dtype)[6:]}",
@@ -79,10 +98,13 @@ def plan_summary(plan: CompositionPlan) -> str:
         + ", ".join(f"{plan.models[i].name} <- {plan.models[i].origin}" for i in plan.expert_models),
         f"parameters: total {millions(plan.total_parameters)}, active per token {millions(plan.active_parameters)}",
         f"  stacked experts {millions(plan.count('stack'))} ({len(names_by_origin.get('stack', []))} tensors)",
-        f"  shared ({shared_how}) {millions(plan.count('average') + plan.count('copy'))} "
+        f"  shared ({shared_how}) "
+        f"{millions(plan.count('average') + plan.count('copy') - sum(t.numel for t in in_shared_expert) + gate_count)} "
         f"({len(names_by_origin.get('average', [])) + len(names_by_origin.get('copy', []))} tensors)",
-        f"  new routers {millions(plan.count('new'))} ({len(names_by_origin.get('new', []))} tensors, "
+        f"  new routers {millions(plan.count('new') - gate_count)} ({len(names_by_origin.get('new', []))} tensors, "
         f"init: {plan.recipe.router_init})",
+        *shared_expert_lines(config, sum(t.numel for t in in_shared_expert) - gate_count, gate_count,
+                             f" <- {base.name}" if base is not None else ""),
         "structure:",
         *layer_structure(names_by_origin),
     ]

@@ -90,6 +90,11 @@ class Recipe(_Strict):
         default="average",
         description="Non-expert weights: the float32 mean over the experts, or copied from `base`.",
     )
+    shared_expert: Literal["base"] | None = Field(default=None, description=(
+        "traditional/btx: 'base' keeps the base's FFN (btx: each routed projection) always on beside the routed "
+        "experts, as Qwen2-MoE and DeepSeek-MoE do; the block gives ½·routed + s·shared, s = ½ or a sigmoid gate."))
+    shared_expert_gate: bool = Field(default=False, description=(
+        "With shared_expert: weigh it per token by sigmoid(g·x), g starting at zero (s = ½); false: s = ½ always."))
     num_experts_per_tok: int | None = Field(default=None, description="k of top-k; default min(2, experts).")
     router_layers: list[str] | None = Field(
         default=None, description="btx: the Linear layers of a block to route, e.g. mlp.gate_proj; default: the MLP's."
@@ -176,6 +181,16 @@ class Recipe(_Strict):
             raise ValueError("shared_weights: base needs a `base` model; add one or use shared_weights: average")
         if self.base_as_expert and self.base is None:
             raise ValueError("base_as_expert: true needs a `base` model")
+        if self.shared_expert is not None and self.method == "bts":
+            raise ValueError("shared_expert applies to methods traditional and btx, not bts (the bts hub already runs "
+                             "on every token beside the expert streams); remove shared_expert or change the method")
+        if self.shared_expert == "base" and self.base is None:
+            raise ValueError("shared_expert: base needs a `base` model, whose FFN becomes the shared expert: add "
+                             "`base: {name: ..., source: ...}` (the model the experts were branched from) or remove "
+                             "shared_expert")
+        if self.shared_expert_gate and self.shared_expert is None:
+            raise ValueError("shared_expert_gate: true needs a shared expert; add shared_expert: base or remove "
+                             "shared_expert_gate")
         num_experts = len(self.expert_sources)
         if self.method == "bts" and len(self.all_sources) < 2:
             raise ValueError("bts needs a hub and at least one expert: give `base` (the hub) and `experts`, or 2+ experts")

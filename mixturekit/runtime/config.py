@@ -41,6 +41,8 @@ class MixtureKitConfig(PretrainedConfig):
         load_floor: float | None = None,
         alpha_max: float = 1.0,
         experts_backend: str = "auto",
+        shared_expert: str | None = None,
+        shared_expert_gate: bool = False,
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -69,6 +71,10 @@ class MixtureKitConfig(PretrainedConfig):
         self.alpha_max = alpha_max
         # How stacked experts multiply: auto (grouped_mm where it applies, else the loop), loop, or grouped_mm.
         self.experts_backend = experts_backend
+        # traditional/btx: "base" keeps the base's FFN (projection) always on beside the routed experts, weighted by a
+        # sigmoid gate (`shared_expert_gate`) or by ½; the routed mix then weighs ½ (`runtime.shared_expert`).
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = bool(shared_expert_gate)
         kwargs.setdefault("tie_word_embeddings", bool(getattr(text_config, "tie_word_embeddings", False)))
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             kwargs.setdefault(key, getattr(text_config, key, None))

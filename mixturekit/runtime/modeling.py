@@ -28,6 +28,7 @@ from .cache_argument import CACHE_ARGUMENT, output_cache, pop_cache
 from .config import MixtureKitConfig
 from .moe_block import SparseMoeBlock
 from .routed_linear import RoutedLinear
+from .shared_expert import SharedExpertGate
 from .data_parallel import data_parallel_world_size, sum_over_ranks
 from .routing import Router, RouterLogitsRecorder, balance_from_sums, router_sums
 from .stitch import MERGE, Stitch, build_stitches, matching_depths, stitch_points
@@ -172,11 +173,15 @@ def convert_dense_to_moe(dense: nn.Module, config: MixtureKitConfig, recorder: R
     num_experts, top_k = config.num_experts, config.num_experts_per_tok
     if not 1 <= top_k <= num_experts:
         raise RecipeError(f"num_experts_per_tok must be between 1 and {num_experts}, got {top_k}")
+    if config.shared_expert not in (None, "base"):
+        raise RecipeError(f"shared_expert must be 'base' or absent, got {config.shared_expert!r}")
+    shared = dict(shared_expert=config.shared_expert is not None,
+                  shared_expert_gate=config.shared_expert is not None and config.shared_expert_gate)
     if config.method == "traditional":
         for index in indices:
             layout = mlp_layout(layers[index], text_config.model_type)
             ffn = getattr(layers[index], layout.child)
-            setattr(layers[index], layout.child, SparseMoeBlock(ffn, layout, num_experts, top_k, recorder))
+            setattr(layers[index], layout.child, SparseMoeBlock(ffn, layout, num_experts, top_k, recorder, **shared))
     elif config.method == "btx":
         for index in indices:
             block = layers[index]
@@ -184,7 +189,7 @@ def convert_dense_to_moe(dense: nn.Module, config: MixtureKitConfig, recorder: R
                 linear = block.get_submodule(name)
                 if not isinstance(linear, LINEAR_TYPES):
                     raise RecipeError(f"router_layers entry '{name}' is a {type(linear).__name__}, not a Linear")
-                _set_submodule(block, name, RoutedLinear(linear, num_experts, top_k, recorder))
+                _set_submodule(block, name, RoutedLinear(linear, num_experts, top_k, recorder, **shared))
     else:
         raise RecipeError(f"method '{config.method}' is not routed; valid: traditional, btx (bts builds streams)")
 
@@ -410,6 +415,8 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, Router):
             nn.init.normal_(module.weight, std=0.02)  # guarded by transformers while loading: a loaded weight stays
+        elif isinstance(module, SharedExpertGate):
+            nn.init.zeros_(module.weight)  # the shared expert at weight ½, as composed (guarded as above)
         elif isinstance(module, Stitch):
             if not all(getattr(p, "_is_hf_initialized", False) for p in module.parameters()):
                 module.reset_parameters()  # in-place writes transformers cannot guard: only for stitches not loaded

@@ -11,6 +11,7 @@ from .experts import (
 )
 from .gated_activation import gated_activation
 from .routing import Router, RouterLogitsRecorder, route
+from .shared_expert import SharedExpertGate, with_shared_expert
 from .stacking import StackSource
 
 
@@ -52,10 +53,14 @@ class StackedExperts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """Router (`gate`) + stacked experts; every token goes to its top-k experts, none is dropped."""
+    """Router (`gate`) + stacked experts; every token goes to its top-k experts, none is dropped.
+
+    With `shared_expert`, the dense FFN itself stays as `shared_expert` (Qwen2-MoE's name), always on, optionally
+    weighted by a sigmoid `shared_expert_gate`; the output is then ``½ · routed + s(x) · shared`` (`shared_expert`)."""
 
     def __init__(self, dense_mlp: nn.Module, layout: MlpLayout, num_experts: int, top_k: int,
-                 recorder: RouterLogitsRecorder | None = None):
+                 recorder: RouterLogitsRecorder | None = None, shared_expert: bool = False,
+                 shared_expert_gate: bool = False):
         super().__init__()
         children = dict(dense_mlp.named_children())
         down = children[layout.down]
@@ -77,6 +82,9 @@ class SparseMoeBlock(nn.Module):
             self.source_map[f"experts.{up_name}_bias"] = StackSource(tuple(f"{n}.bias" for n in layout.up))
         if down.bias is not None:
             self.source_map["experts.down_proj_bias"] = StackSource((f"{layout.down}.bias",))
+        # the dense FFN module itself, unchanged: its tensors keep their names one level down (`shared_expert.*`)
+        self.shared_expert = dense_mlp if shared_expert else None
+        self.shared_expert_gate = SharedExpertGate(hidden_size) if shared_expert and shared_expert_gate else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -84,9 +92,14 @@ class SparseMoeBlock(nn.Module):
         weights, indices = route(self.gate(tokens), self.top_k)
         experts = self.experts
         if few_tokens_at_inference(tokens.shape[0], self.top_k, self.num_experts, *experts.parameters()):
-            return self._dropped(experts.forward_chosen(tokens, indices, weights).reshape(shape))
-        plan = dispatch(indices, weights, self.num_experts)
-        return self._dropped(combine(experts(gather_slots(tokens, plan), plan.groups), plan).reshape(shape))
+            routed = experts.forward_chosen(tokens, indices, weights)
+        else:
+            plan = dispatch(indices, weights, self.num_experts)
+            routed = combine(experts(gather_slots(tokens, plan), plan.groups), plan)
+        routed = self._dropped(routed.reshape(shape))
+        if self.shared_expert is None:
+            return routed
+        return with_shared_expert(routed, hidden_states, self.shared_expert, self.shared_expert_gate)
 
     def _dropped(self, output: torch.Tensor) -> torch.Tensor:
         return output if self.dropout is None else self.dropout(output)

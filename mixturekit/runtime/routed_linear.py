@@ -11,13 +11,18 @@ from .experts import (
     chosen_experts_output, combine, dispatch, few_tokens_at_inference, gather_slots, grouped_linear,
 )
 from .routing import Router, RouterLogitsRecorder, route
+from .shared_expert import SharedExpertGate, with_shared_expert
 from .stacking import StackSource
 
 
 class RoutedLinear(nn.Module):
-    """`weight [E, out, in]`, `bias [E, out]` and a `router`; each token mixes its top-k experts' outputs."""
+    """`weight [E, out, in]`, `bias [E, out]` and a `router`; each token mixes its top-k experts' outputs.
 
-    def __init__(self, dense: nn.Module, num_experts: int, top_k: int, recorder: RouterLogitsRecorder | None = None):
+    With `shared_expert`, the dense Linear itself stays as `shared_expert`, always on, optionally weighted by a sigmoid
+    `shared_expert_gate`: the output is then ``½ · routed + s(x) · shared`` (see `shared_expert`)."""
+
+    def __init__(self, dense: nn.Module, num_experts: int, top_k: int, recorder: RouterLogitsRecorder | None = None,
+                 shared_expert: bool = False, shared_expert_gate: bool = False):
         super().__init__()
         out_features, in_features = linear_shape(dense)
         self.in_features, self.out_features = in_features, out_features
@@ -30,6 +35,8 @@ class RoutedLinear(nn.Module):
         self.source_map: dict[str, StackSource] = {"weight": StackSource(("weight",), transpose=conv1d)}
         if self.bias is not None:
             self.source_map["bias"] = StackSource(("bias",))
+        self.shared_expert = dense if shared_expert else None
+        self.shared_expert_gate = SharedExpertGate(in_features) if shared_expert and shared_expert_gate else None
 
     backend = "auto"
 
@@ -43,8 +50,12 @@ class RoutedLinear(nn.Module):
             plan = dispatch(indices, weights, self.num_experts)
             mixed = combine(grouped_linear(gather_slots(tokens, plan), self.weight, plan.groups, self.bias,
                                            self.backend), plan)
-        return mixed.reshape(*shape[:-1], self.out_features)
+        mixed = mixed.reshape(*shape[:-1], self.out_features)
+        if self.shared_expert is None:
+            return mixed
+        return with_shared_expert(mixed, inputs, self.shared_expert, self.shared_expert_gate)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"num_experts={self.num_experts}, top_k={self.top_k}, bias={self.bias is not None}")
+                f"num_experts={self.num_experts}, top_k={self.top_k}, bias={self.bias is not None}, "
+                f"shared_expert={self.shared_expert is not None}")

@@ -25,7 +25,8 @@ class TrainableSummary:
 
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:
-    """Each parameter's role in the composition: `stack` (experts), `router`, `shared`, `stream`, `stitch`."""
+    """Each parameter's role in the composition: `stack` (experts), `router`, `shared`, `shared_expert`, `shared_gate`,
+    `stream`, `stitch`."""
     from ..plan.planner import tensor_roles
 
     roles = {name: role for name, (_, role, _) in tensor_roles(model).items()}
@@ -37,6 +38,8 @@ def apply_freeze_policy(model: nn.Module, policy: str) -> TrainableSummary:
 
     `routers`: only the routers. `routers+attention`: the routers and every averaged (non-expert) weight, as in the
     BTX paper's MoE stage (attention, norms, embeddings, head). `stitches`: only BTS stitches. `full`: everything.
+    A shared expert's gate trains with the routers (it is routing: how much of the shared expert each token takes);
+    the shared expert itself is an expert, frozen unless the experts train (`full`, or LoRA).
     LoRA is applied by PEFT on top of a policy (see `mixturekit.training.lora`).
     """
     if policy not in POLICIES:
@@ -46,8 +49,9 @@ def apply_freeze_policy(model: nn.Module, policy: str) -> TrainableSummary:
         raise TrainingError(f"policy '{policy}' trains routers, but a bts model has none; use 'stitches' or 'full'")
     if policy == "stitches" and method != "bts":
         raise TrainingError(f"policy 'stitches' needs a bts model; this one is {method}: use 'routers'")
-    trains = {"routers": {"router"}, "routers+attention": {"router", "shared"}, "stitches": {"stitch"},
-              "full": {"stack", "router", "shared", "stream", "stitch"}}[policy]
+    trains = {"routers": {"router", "shared_gate"}, "routers+attention": {"router", "shared_gate", "shared"},
+              "stitches": {"stitch"},
+              "full": {"stack", "router", "shared", "shared_expert", "shared_gate", "stream", "stitch"}}[policy]
     roles = parameter_roles(model)
     trainable = total = 0
     counts: dict[str, int] = {}

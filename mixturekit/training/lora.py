@@ -7,7 +7,9 @@ What PEFT 0.21 can wrap in a composed model:
   the expert weights of `btx` (`RoutedLinear.weight [E, out, in]`): LoRA on the 3D parameter with `target_parameters`
   (PEFT's `ParamWrapper`, one rank-r update per expert, added to the weight for the duration of each forward). It
   needs `lora_dropout=0` and, for the update, builds a tensor of the whole expert stack per forward;
-- routers and stitches: trained in full and saved with the adapter through `modules_to_save`.
+- routers and stitches: trained in full and saved with the adapter through `modules_to_save`;
+- a shared expert (`shared_expert: base`): its Linears are plain ones, adapted by default like the experts; its
+  sigmoid gate (`shared_expert_gate`) trains in full with the routers.
 
 One combination PEFT refuses: a `btx` router lives inside its `RoutedLinear`, and PEFT will not put a
 `modules_to_save` module under a `ParamWrapper` ("You are trying to target a module with ModulesToSaveWrapper that is
@@ -37,6 +39,7 @@ from ..runtime.modeling import MixtureKitForCausalLM
 from ..runtime.moe_block import SparseMoeBlock
 from ..runtime.routed_linear import RoutedLinear
 from ..runtime.routing import Router
+from ..runtime.shared_expert import SHARED_EXPERT, SharedExpertGate
 from .upstream_warnings import upstream_checkpointing_renames_silenced
 
 EXPERTS = "mlp.experts"  # the target name of a traditional block's stacked experts
@@ -55,12 +58,16 @@ def composed_model(model: nn.Module) -> MixtureKitForCausalLM:
 
 def _block_targets(model: MixtureKitForCausalLM) -> tuple[str, Targets]:
     """The hub's block list name and, for each LoRA-able name relative to a block, per block index the kind
-    (`linear`, `routed`, `experts`) and the parameters it adapts."""
+    (`linear`, `routed`, `experts`, `shared`: a shared expert's Linear) and the parameters it adapts."""
     layers_name, blocks = decoder_layers(model.dense_model, model.config.text_config)
     targets: Targets = {}
     for index, block in enumerate(blocks):
         for name, module in block.named_modules():
-            if isinstance(module, RoutedLinear):
+            if isinstance(module, SharedExpertGate):
+                continue  # trained in full with the routers (`_modules_to_save`)
+            if isinstance(module, LINEAR_TYPES) and f".{SHARED_EXPERT}." in f".{name}.":
+                targets.setdefault(name, {})[index] = ("shared", [name])
+            elif isinstance(module, RoutedLinear):
                 targets.setdefault(name, {})[index] = ("routed", [f"{name}.weight"])
             elif isinstance(module, SparseMoeBlock):
                 experts = module.experts
@@ -123,7 +130,7 @@ def lora_config_for(
     valid = list(targets)
     if target_modules is None:
         chosen = [n for n in valid if _kind(targets[n]) == {"linear"} and not n.startswith("mlp.")]
-        chosen += [n for n in valid if "experts" in _kind(targets[n])]
+        chosen += [n for n in valid if _kind(targets[n]) & {"experts", "shared"}]
         if method == "btx" and not train_routers:
             chosen += [n for n in valid if "routed" in _kind(targets[n])]
     else:
@@ -149,7 +156,7 @@ def lora_config_for(
                 if kind != "linear":
                     parameter_names += [f"{layers_name}.{index}.{p}" for p in params]
         # A name that stays a plain Linear in blocks without routers (partial router_layers_index) gets plain LoRA.
-        linear_blocks = sorted(i for i, (kind, _) in targets[name].items() if kind == "linear")
+        linear_blocks = sorted(i for i, (kind, _) in targets[name].items() if kind in ("linear", "shared"))
         if linear_blocks:
             linear_names.append((name, linear_blocks))
 
@@ -167,12 +174,14 @@ def lora_config_for(
 
 
 def _modules_to_save(model: MixtureKitForCausalLM, train_routers: bool, train_stitches: bool) -> list[str]:
-    """Suffixes that PEFT (`name.endswith(suffix)`) matches to exactly the routers and the stitches, checked here."""
+    """Suffixes that PEFT (`name.endswith(suffix)`) matches to exactly the routers (with any shared-expert gates) and
+    the stitches, checked here."""
     wanted: dict[str, nn.Module] = {}
     suffixes: list[str] = []
     if train_routers:
         layers_name, _ = decoder_layers(model.dense_model, model.config.text_config)
-        for name, router in model.routers():
+        gates = [(n, m) for n, m in model.named_modules() if isinstance(m, SharedExpertGate)]
+        for name, router in [*model.routers(), *gates]:
             wanted[name] = router
             relative = name[len(layers_name) + 1:].split(".", 1)[1]  # strip the block index
             if relative not in suffixes:
