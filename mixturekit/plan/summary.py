@@ -28,6 +28,17 @@ def layer_structure(names_by_origin: dict[str, list[str]]) -> list[str]:
     return [f"  blocks {layers}: routed {', '.join(modules)}" for modules, layers in groups.items()]
 
 
+def balance_line(config) -> str:
+    """How training balances the routers: the balance mode and what it uses (`balance`, `alpha`, `alpha_mode`)."""
+    mode = getattr(config, "balance", "loss")
+    alpha = config.alpha if config.alpha_mode == "fixed" else f"{config.alpha} (auto, up to {config.alpha_max})"
+    switch = f"Switch loss alpha {alpha}" if config.alpha > 0 or config.alpha_mode == "auto" else "no Switch loss"
+    if mode == "bias":
+        return (f"balance: bias (loss-free: per-expert selection bias, rate {config.balance_bias_rate} a step; "
+                f"{switch} beside it)")
+    return f"balance: loss ({switch})"
+
+
 def stream_lines(config, counts: Counter, origins: dict[str, str] | None = None) -> list[str]:
     """bts: the hub, each stream's shape, where the stitches sit, and what runs per token."""
     from ..runtime.architecture import num_layers
@@ -83,6 +94,7 @@ def plan_summary(plan: CompositionPlan) -> str:
         f"({len(names_by_origin.get('average', [])) + len(names_by_origin.get('copy', []))} tensors)",
         f"  new routers {millions(plan.count('new'))} ({len(names_by_origin.get('new', []))} tensors, "
         f"init: {plan.recipe.router_init})",
+        balance_line(config),
         "structure:",
         *layer_structure(names_by_origin),
     ]
