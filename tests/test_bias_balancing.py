@@ -250,3 +250,31 @@ def test_recipe_round_trips_and_a_bad_config_value_is_refused():
     assert load_recipe(_recipe()).balance == "loss"
     with pytest.raises(RecipeError, match="balance must be one of loss, bias, got 'bais' .did you mean 'bias'"):
         _model(balance="bais")
+
+
+def test_compose_inspect_and_export_know_the_balance_mode(tmp_path):
+    from mixturekit import compose
+    from mixturekit.export import ExportError, export
+    from mixturekit.inspection import checkpoint_summary
+    from tiny_models import make_model, save_model
+
+    config = tiny_config("llama")
+    sources = [save_model(make_model(config, seed), tmp_path / f"e{seed}") for seed in range(2)]
+    recipe = {"method": "traditional", "experts": [{"name": f"e{i}", "source": str(s)} for i, s in enumerate(sources)],
+              "balance": "bias", "balance_bias_rate": 0.002, "alpha": 0.0}
+    folder = compose(recipe, tmp_path / "composed", progress=False)
+    (weights,) = folder.glob("*.safetensors")
+    stored = load_file(weights)
+    biases = sorted(name for name in stored if name.endswith(".expert_bias"))
+    assert biases == ["model.layers.0.mlp.gate.expert_bias", "model.layers.1.mlp.gate.expert_bias"]
+    assert all(stored[name].dtype == torch.float32 and not stored[name].any() for name in biases)
+    summary = checkpoint_summary(folder)
+    assert "balance: bias (loss-free: per-expert selection bias, rate 0.002 a step; no Switch loss beside it)" in summary
+    # A zero bias is left out of a native export; a trained one is refused, naming why.
+    exported = export(folder, "mixtral", tmp_path / "mixtral")
+    assert not any("expert_bias" in name for path in exported.glob("*.safetensors") for name in load_file(path))
+    stored[biases[1]] = torch.tensor([0.0, 0.01])
+    save_file(stored, weights, metadata={"format": "pt"})
+    with pytest.raises(ExportError, match="router bias 'model.layers.1.mlp.gate.expert_bias' is not zero"):
+        export(folder, "mixtral", tmp_path / "mixtral-trained")
+    assert not (tmp_path / "mixtral-trained").exists()
