@@ -88,7 +88,8 @@ def evaluate(
             output = model(input_ids=batch, output_router_logits=True)
             biases = model.routing_biases()
             for router_name, logits in zip(model.router_recorder.names, output.router_logits):
-                statistics.add(router_name, logits, model.config.num_experts_per_tok, expert_bias=biases.get(router_name))
+                statistics.add(router_name, logits, model.config.num_experts_per_tok,
+                               expert_bias=biases.get(router_name))
             return output
 
         nll, tokens = block_nll(model, blocks, batch_size, forward, lambda starts: tqdm(

@@ -269,7 +269,8 @@ def test_compose_inspect_and_export_know_the_balance_mode(tmp_path):
     assert biases == ["model.layers.0.mlp.gate.expert_bias", "model.layers.1.mlp.gate.expert_bias"]
     assert all(stored[name].dtype == torch.float32 and not stored[name].any() for name in biases)
     summary = checkpoint_summary(folder)
-    assert "balance: bias (loss-free: per-expert selection bias, rate 0.002 a step; no Switch loss beside it)" in summary
+    assert ("balance: bias (loss-free: per-expert selection bias, rate 0.002 a step; no Switch loss beside it)"
+            in summary)
     # A zero bias is left out of a native export; a trained one is refused, naming why.
     exported = export(folder, "mixtral", tmp_path / "mixtral")
     assert not any("expert_bias" in name for path in exported.glob("*.safetensors") for name in load_file(path))

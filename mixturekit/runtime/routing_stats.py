@@ -60,7 +60,7 @@ class RoutingStatistics:
 
     def add(self, name: str, router_logits: torch.Tensor, top_k: int, mask: torch.Tensor | None = None,
             expert_bias: torch.Tensor | None = None) -> None:
-        """Count this step's choices of one router (the tokens where `mask` is true; with its selection bias, if any)."""
+        """Count this step's choices of one router (the tokens where `mask` is true), with its selection bias."""
         self.add_counts(name, slot_counts(routed_tokens(router_logits, mask), top_k, expert_bias))
 
     def add_counts(self, name: str, counts: torch.Tensor) -> None:
