@@ -23,7 +23,8 @@ _LAZY = {
     "utilisation": "analysis", "dead_experts": "analysis",
     "write_report": "views",
     "apply_freeze_policy": "training", "train_routers": "training", "initialize_routers": "training",
-    "RoutingStatsCallback": "training", "AutoAlphaCallback": "training", "run_sft": "training", "run_dpo": "training",
+    "RoutingStatsCallback": "training", "AutoAlphaCallback": "training", "BiasBalanceCallback": "training",
+    "run_sft": "training", "run_dpo": "training",
     "ComposedSFTTrainer": "training", "ComposedDPOTrainer": "training", "lora_config_for": "training",
 }
 

@@ -86,8 +86,10 @@ def evaluate(
             if not composed:
                 return model(input_ids=batch)
             output = model(input_ids=batch, output_router_logits=True)
+            biases = model.routing_biases()
             for router_name, logits in zip(model.router_recorder.names, output.router_logits):
-                statistics.add(router_name, logits, model.config.num_experts_per_tok)
+                statistics.add(router_name, logits, model.config.num_experts_per_tok,
+                               expert_bias=biases.get(router_name))
             return output
 
         nll, tokens = block_nll(model, blocks, batch_size, forward, lambda starts: tqdm(

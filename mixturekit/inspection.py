@@ -15,7 +15,7 @@ def checkpoint_summary(folder: Path) -> str:
 
     from .export.native import export_target
     from .plan.planner import tensor_roles
-    from .plan.summary import layer_structure, millions, shared_expert_lines, stream_lines
+    from .plan.summary import balance_line, layer_structure, millions, shared_expert_lines, stream_lines
     from .runtime.config import MixtureKitConfig
     from .runtime.modeling import MixtureKitForCausalLM
 
@@ -42,6 +42,7 @@ def checkpoint_summary(folder: Path) -> str:
         f"  stacked experts {millions(counts['stack'])}, shared {millions(counts['shared'])}, "
         f"routers {millions(counts['router'])}",
         *shared_expert_lines(config, counts["shared_expert"], counts["shared_gate"]),
+        balance_line(config),
         "structure:",
         *layer_structure(names_by_origin),
         export_line,

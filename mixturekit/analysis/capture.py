@@ -134,10 +134,11 @@ def _capture(
             output = model(input_ids=torch.tensor([ids], device=model.device), output_router_logits=True,
                            use_cache=False)
             base = {"text_index": index, "label": label}
+            biases = model.routing_biases() if hasattr(model, "routing_biases") else {}
             for router, logits in zip(model.router_recorder.names, output.router_logits or ()):
                 layer, module = _router_parts(router)
                 probabilities = torch.softmax(logits.float(), dim=-1).cpu()
-                weights, experts = route(logits, config.num_experts_per_tok)
+                weights, experts = route(logits, config.num_experts_per_tok, biases.get(router))
                 for position, (token, (start, end)) in enumerate(zip(tokens, offsets)):
                     top = experts[position].tolist()
                     route_rows.append({**base, "position": position, "token": token, "start": start, "end": end,

@@ -115,6 +115,20 @@ def _zero_shared_experts(routed: list[int], hidden: int, dtype: torch.dtype,
     return out
 
 
+def _selection_bias(name: str, reader: CheckpointReader, target: str) -> bool:
+    """Whether `name` is a router's selection bias (loss-free balancing), which the native checkpoint leaves out; a
+    bias that is not zero changes the routing, and no native target has a place for it, so it is refused."""
+    if not name.endswith(".expert_bias"):
+        return False
+    if reader.get(name).any():
+        raise ExportError(
+            f"router bias '{name}' is not zero: this model was trained with balance: bias (loss-free balancing), whose "
+            f"selection bias changes which experts run, and {target} has no such bias, so the export would route "
+            "differently; serve the composed checkpoint itself (it loads with transformers after `import mixturekit`)"
+        )
+    return True
+
+
 def export(
     checkpoint: str | Path, to: str = "auto", output: str | Path | None = None, overwrite: bool = False,
     shard_size: int | str = "2GB", progress: bool = False, layout: str = "per-expert",
@@ -143,7 +157,8 @@ def export(
     dtype = next(info.dtype for info in reader.tensors.values() if info.dtype.is_floating_point)
     staging = new_staging_folder(output)
     try:
-        stored = [TensorSlot(name, info.dtype, info.shape) for name, info in reader.tensors.items()]
+        stored = [TensorSlot(name, info.dtype, info.shape) for name, info in reader.tensors.items()
+                  if not _selection_bias(name, reader, target)]
         pieces = dict(per_expert_pieces(stored, target) if layout == "per-expert" else
                       [(slot, Piece(slot.name)) for slot in stored])
         shared = getattr(config, "shared_expert", None) is not None

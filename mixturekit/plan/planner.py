@@ -19,6 +19,7 @@ import torch
 
 from ..errors import CompatibilityError, RecipeError, UnsupportedArchitectureError
 from ..recipe import Recipe, load_recipe
+from ..recipe.recipe import DEFAULT_BIAS_RATE
 from ..runtime.architecture import check_ffn_computes, decoder_layers, mlp_layout
 from ..runtime.config import MixtureKitConfig
 from ..runtime.modeling import (
@@ -298,6 +299,7 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
         alpha_mode=recipe.alpha_mode, load_floor=recipe.load_floor, alpha_max=recipe.alpha_max,
         router_z_loss_coef=recipe.router_z_loss_coef, experts_backend=recipe.experts_backend,
         shared_expert=recipe.shared_expert, shared_expert_gate=recipe.shared_expert_gate,
+        balance=recipe.balance, balance_bias_rate=recipe.balance_bias_rate or DEFAULT_BIAS_RATE,
     )
     with torch.device("meta"):
         composed = MixtureKitForCausalLM(config)
@@ -311,6 +313,8 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
             prefix = name[: -len(stack.relative)].rstrip(".")
             tensors.append(TensorPlan(name, shape, out_dtype, "stack", tuple(expert_models),
                                       tuple(f"{prefix}.{n}" for n in stack.source.names), stack.source.transpose))
+        elif role == "router" and name.endswith(".expert_bias"):  # loss-free balancing's bias: float32, zero
+            tensors.append(TensorPlan(name, shape, torch.float32, "new", init="zeros"))
         elif role == "router":
             tensors.append(TensorPlan(name, shape, dtype, "new", init=recipe.router_init))
         elif role == "shared_expert":  # the base's own dense tensor, under the shared expert's name

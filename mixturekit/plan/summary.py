@@ -41,6 +41,17 @@ def shared_expert_lines(config, expert_parameters: int, gate_parameters: int, or
             f"    mix per {where}: ½ · routed + s · shared, {weight}"]
 
 
+def balance_line(config) -> str:
+    """How training balances the routers: the balance mode and what it uses (`balance`, `alpha`, `alpha_mode`)."""
+    mode = getattr(config, "balance", "loss")
+    alpha = config.alpha if config.alpha_mode == "fixed" else f"{config.alpha} (auto, up to {config.alpha_max})"
+    switch = f"Switch loss alpha {alpha}" if config.alpha > 0 or config.alpha_mode == "auto" else "no Switch loss"
+    if mode == "bias":
+        return (f"balance: bias (loss-free: per-expert selection bias, rate {config.balance_bias_rate} a step; "
+                f"{switch} beside it)")
+    return f"balance: loss ({switch})"
+
+
 def stream_lines(config, counts: Counter, origins: dict[str, str] | None = None) -> list[str]:
     """bts: the hub, each stream's shape, where the stitches sit, and what runs per token."""
     from ..runtime.architecture import num_layers
@@ -105,6 +116,7 @@ def plan_summary(plan: CompositionPlan) -> str:
         f"init: {plan.recipe.router_init})",
         *shared_expert_lines(config, sum(t.numel for t in in_shared_expert) - gate_count, gate_count,
                              f" <- {base.name}" if base is not None else ""),
+        balance_line(config),
         "structure:",
         *layer_structure(names_by_origin),
     ]

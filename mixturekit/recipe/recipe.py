@@ -18,12 +18,13 @@ from .legacy import is_legacy_recipe, translate_legacy_recipe
 Method = Literal["traditional", "btx", "bts"]
 METHODS: tuple[str, ...] = ("traditional", "btx", "bts")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_BIAS_RATE = 0.001  # balance: bias: DeepSeek-V3's bias update speed u
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # Numeric fields: YAML reads `yes`/`true` as a bool, which pydantic would silently take as 1.
 _NUMERIC_FIELDS = (
     "num_experts_per_tok", "router_layers_index", "router_init_std", "alpha", "shard_size", "seed", "stitch_freq",
-    "stitch_layers_index", "stitch_dropout", "load_floor", "alpha_max", "router_z_loss_coef",
+    "stitch_layers_index", "stitch_dropout", "load_floor", "alpha_max", "router_z_loss_coef", "balance_bias_rate",
 )
 
 
@@ -116,6 +117,13 @@ class Recipe(_Strict):
     load_floor: float | None = Field(default=None, gt=0, lt=1, allow_inf_nan=False,
                                      description="alpha_mode auto: the share that counts as starving; default 0.5/E.")
     alpha_max: float = Field(default=1.0, gt=0, allow_inf_nan=False, description="alpha_mode auto: the ceiling.")
+    balance: Literal["loss", "bias"] = Field(
+        default="loss", description="loss: the Switch loss (alpha) alone balances the experts. bias: loss-free "
+        "balancing (DeepSeek-V3), a per-expert bias added to the router logits for the choice only, moved by "
+        "balance_bias_rate after each training step towards equal load; the Switch loss still applies where alpha > 0.")
+    balance_bias_rate: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="balance: bias: how far each expert's bias moves a "
+        f"training step (DeepSeek-V3's update speed u); default {DEFAULT_BIAS_RATE}.")
     router_z_loss_coef: float = Field(default=0.0, ge=0, allow_inf_nan=False,
                                       description="ST-MoE router z-loss coefficient (keeps router logits small).")
     experts_backend: Literal["auto", "loop", "grouped_mm"] = Field(
@@ -207,6 +215,12 @@ class Recipe(_Strict):
                 raise ValueError(f"router_layers applies to method btx only, not {self.method}")
         if self.router_layers is not None and self.method == "btx" and not self.router_layers:
             raise ValueError("router_layers is empty: name at least one Linear of the block, e.g. mlp.up_proj")
+        if self.method == "bts" and self.balance == "bias":
+            raise ValueError("balance: bias applies to the routed methods (traditional, btx); bts has no routers to "
+                             "bias (its stitches are gates): use balance: loss")
+        if self.balance_bias_rate is not None and self.balance != "bias":
+            raise ValueError(f"balance_bias_rate applies to balance: bias only, but balance is '{self.balance}': set "
+                             "balance: bias, or remove balance_bias_rate")
         if self.hub is not None and self.hub not in names:
             raise ValueError(f"hub '{self.hub}' is not one of the models: {names}")
         return self

@@ -43,6 +43,8 @@ class MixtureKitConfig(PretrainedConfig):
         experts_backend: str = "auto",
         shared_expert: str | None = None,
         shared_expert_gate: bool = False,
+        balance: str = "loss",
+        balance_bias_rate: float = 0.001,
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -69,6 +71,12 @@ class MixtureKitConfig(PretrainedConfig):
         self.alpha_mode = alpha_mode
         self.load_floor = load_floor
         self.alpha_max = alpha_max
+        # How routing is balanced: `loss` (the Switch loss weighted by alpha, alone) or `bias` (loss-free balancing,
+        # DeepSeek-V3: each router's `expert_bias` moves by `balance_bias_rate` a step towards equal load and is added
+        # to the logits for the choice only; the Switch loss still applies where alpha > 0). A config written before
+        # these fields reads as `loss`.
+        self.balance = balance
+        self.balance_bias_rate = balance_bias_rate
         # How stacked experts multiply: auto (grouped_mm where it applies, else the loop), loop, or grouped_mm.
         self.experts_backend = experts_backend
         # traditional/btx: "base" keeps the base's FFN (projection) always on beside the routed experts, weighted by a

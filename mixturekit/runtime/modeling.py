@@ -35,6 +35,7 @@ from .stitch import MERGE, Stitch, build_stitches, matching_depths, stitch_point
 from .streams import StitchedBlockList, StreamState, capture_stream, replace_output
 
 ROUTED_MODULE_TYPES = (SparseMoeBlock, RoutedLinear)
+BALANCE_MODES = ("loss", "bias")
 
 
 @dataclass
@@ -205,6 +206,8 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # A checkpoint written before loss-free balancing has no selection bias: it loads as zeros (no routing change).
+    _keys_to_ignore_on_load_missing = [r"\.expert_bias$"]
 
     def __init__(self, config: MixtureKitConfig):
         super().__init__(config)
@@ -222,8 +225,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         self._dense_accepts = self._accepted_arguments(type(dense).forward)
         self.post_init()
         self.apply_default_freeze()
-        for name, router in self.routers():
-            object.__setattr__(router, "qualified_name", name)
+        self.set_balance(getattr(config, "balance", "loss"))
         self.set_experts_backend(config.experts_backend)
         # The weight of the balance term: `config.alpha`, unless a training controller changes it between steps
         # (`training.AutoAlphaCallback`, for `alpha_mode: auto`; it keeps its state in the trainer's checkpoints).
@@ -250,6 +252,24 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         handle = RemovableHandle(self._routing_hooks)
         self._routing_hooks[handle.id] = hook
         return handle
+
+    def set_balance(self, balance: str) -> None:
+        """`loss` or `bias`: whether every router adds its `expert_bias` to its logits to choose experts (loss-free
+        balancing; training moves the bias, `training.BiasBalanceCallback`). Also names each router."""
+        if balance not in BALANCE_MODES:
+            from ..recipe.recipe import _did_you_mean
+
+            raise RecipeError(f"balance must be one of {', '.join(BALANCE_MODES)}, got {balance!r}"
+                              f"{_did_you_mean(str(balance), list(BALANCE_MODES))}")
+        self.config.balance = balance
+        for name, router in self.routers():
+            object.__setattr__(router, "qualified_name", name)
+            object.__setattr__(router, "bias_routing", balance == "bias")
+
+    def routing_biases(self) -> dict[str, torch.Tensor | None]:
+        """Each router's selection bias by name (None under `balance: loss`): what `route` needs besides the logits
+        to repeat the model's choice from `router_logits`."""
+        return {name: router.selection_bias for name, router in self.routers()}
 
     def set_experts_backend(self, backend: str) -> None:
         """Choose how stacked experts multiply (auto, loop, grouped_mm) for every routed module."""
@@ -278,8 +298,18 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
             check_checkpoint(source)
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.zero_missing_expert_biases()
         model.apply_default_freeze()
         return loaded
+
+    def zero_missing_expert_biases(self) -> None:
+        """Zero every router's `expert_bias` that loading did not fill: a checkpoint written before loss-free
+        balancing has none, and routes as a zero bias does. The routers sit inside the dense model, whose own
+        `_init_weights` (not ours) transformers runs on them, so the missing buffer is left as unfilled memory."""
+        with torch.no_grad():
+            for _, router in self.routers():
+                if not getattr(router.expert_bias, "_is_hf_initialized", False):
+                    router.expert_bias.zero_()
 
     def _build_streams(self, hub: PreTrainedModel) -> None:
         """bts: the hub (`dense`), one frozen base model per expert (`streams.<name>`), and the `stitches`."""
@@ -415,6 +445,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, Router):
             nn.init.normal_(module.weight, std=0.02)  # guarded by transformers while loading: a loaded weight stays
+            nn.init.zeros_(module.expert_bias)  # likewise
         elif isinstance(module, SharedExpertGate):
             nn.init.zeros_(module.weight)  # the shared expert at weight ½, as composed (guarded as above)
         elif isinstance(module, Stitch):
@@ -518,7 +549,10 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         `register_routing_hook`.
         """
         config, k = self.config, self.config.num_experts_per_tok
-        sums = [router_sums(logits, k, self._token_mask(attention_mask, logits)) for logits in router_logits]
+        biases = self.router_recorder.biases  # the selection biases of the forward that recorded these logits
+        biases = biases if len(biases) == len(router_logits) else [None] * len(router_logits)
+        sums = [router_sums(logits, k, self._token_mask(attention_mask, logits), bias)
+                for logits, bias in zip(router_logits, biases)]
         counts = torch.stack([torch.cat([s.slots, s.tokens.reshape(1)]).to(sums[0].slots.device) for s in sums])
         num_items = (loss_kwargs or {}).get("num_items_in_batch")
         label_items = self._label_items(labels, loss_kwargs) if num_items is not None else None

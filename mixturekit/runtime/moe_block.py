@@ -89,7 +89,7 @@ class SparseMoeBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])
-        weights, indices = route(self.gate(tokens), self.top_k)
+        weights, indices = route(self.gate(tokens), self.top_k, self.gate.selection_bias)
         experts = self.experts
         if few_tokens_at_inference(tokens.shape[0], self.top_k, self.num_experts, *experts.parameters()):
             routed = experts.forward_chosen(tokens, indices, weights)

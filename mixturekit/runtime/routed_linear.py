@@ -43,7 +43,7 @@ class RoutedLinear(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         shape = inputs.shape
         tokens = inputs.reshape(-1, shape[-1])
-        weights, indices = route(self.router(tokens), self.top_k)
+        weights, indices = route(self.router(tokens), self.top_k, self.router.selection_bias)
         if few_tokens_at_inference(tokens.shape[0], self.top_k, self.num_experts, self.weight, self.bias):
             mixed = chosen_experts_output(tokens, self.weight, self.bias, indices, weights)
         else:

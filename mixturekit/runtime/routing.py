@@ -1,4 +1,5 @@
-"""Top-k routing in float32 and the Switch/Mixtral load-balancing loss."""
+"""Top-k routing in float32, the Switch/Mixtral load-balancing loss, and the per-expert selection bias of loss-free
+balancing (DeepSeek-V3): a bias added to the logits for choosing the experts only, never to their weights."""
 
 from __future__ import annotations
 
@@ -32,19 +33,21 @@ class RouterLogitsRecorder:
         self.active = False
         self.logits: list[torch.Tensor] = []
         self.names: list[str] = []
+        self.biases: list[torch.Tensor | None] = []  # each router's selection bias (None: none), beside its logits
 
     @contextmanager
     def recording(self) -> Iterator[list[torch.Tensor]]:
-        self.active, self.logits, self.names = True, [], []
+        self.active, self.logits, self.names, self.biases = True, [], [], []
         try:
             yield self.logits
         finally:
             self.active = False
 
-    def record(self, name: str, logits: torch.Tensor) -> None:
+    def record(self, name: str, logits: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         if self.active:
             self.names.append(name)
             self.logits.append(logits)
+            self.biases.append(bias)
 
 
 class _Float32Logits(torch.autograd.Function):
@@ -84,16 +87,40 @@ def float32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class Router(nn.Module):
-    """A linear gate `[num_experts, hidden]` whose logits are always computed in float32."""
+    """A linear gate `[num_experts, hidden]` whose logits are always computed in float32.
+
+    `expert_bias` `[num_experts]` (float32, saved with the weights, zeros when a checkpoint has none) is the selection
+    bias of loss-free balancing (`balance: bias`): added to the logits to choose the top k only (`route`), and
+    nudged towards equal load by training (`training.BiasBalanceCallback`). It applies only where `bias_routing` is
+    set (the model sets it from `config.balance`), so under `balance: loss` routing is exactly as without it.
+    """
 
     def __init__(self, hidden_size: int, num_experts: int, recorder: RouterLogitsRecorder | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         nn.init.normal_(self.weight, std=0.02)
         self.num_experts, self.hidden_size = num_experts, hidden_size  # the weight's own shape is [0] under ZeRO-3
-        # Plain attributes (not modules): several routers share one recorder; the model sets the name.
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        # Plain attributes (not modules): several routers share one recorder; the model sets the name and whether the
+        # selection bias applies.
         object.__setattr__(self, "recorder", recorder)
         object.__setattr__(self, "qualified_name", "")
+        object.__setattr__(self, "bias_routing", False)
+
+    @property
+    def selection_bias(self) -> torch.Tensor | None:
+        """The bias `route` adds to the logits to choose experts: `expert_bias` under `balance: bias`, else None."""
+        return self.expert_bias if self.bias_routing else None
+
+    def _apply(self, fn, recurse: bool = True):
+        """As `nn.Module._apply`, but `expert_bias` stays float32 when the model is cast (`.to(bfloat16)`, loading
+        in 16 bits): its updates are far below a 16-bit step near its values, and casting it would lose them."""
+        bias = self._buffers.get("expert_bias")
+        super()._apply(fn, recurse)
+        moved = self._buffers.get("expert_bias")
+        if bias is not None and moved is not None and moved.dtype != torch.float32 and bias.dtype == torch.float32:
+            self._buffers["expert_bias"] = bias.to(device=moved.device, dtype=torch.float32)
+        return self
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if _DEBUG_CHECKS and not torch.isfinite(hidden_states).all():
@@ -106,21 +133,32 @@ class Router(nn.Module):
             )
         logits = float32_logits(hidden_states, self.weight)
         if self.recorder is not None:
-            self.recorder.record(self.qualified_name, logits)
+            self.recorder.record(self.qualified_name, logits, self.selection_bias)
         return logits
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, num_experts={self.num_experts}"
 
 
-def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def route(
+    router_logits: torch.Tensor, top_k: int, expert_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over experts in float32, keep the top k, renormalise their weights to sum to 1.
+
+    With `expert_bias` `[E]` (loss-free balancing), the k experts are the top k of `logits + expert_bias`, and their
+    weights the softmax of their unbiased logits: the bias changes which experts run, never how they are mixed, so
+    for a given choice the output and its gradient are those without bias (DeepSeek-V3).
 
     Returns (weights `[N, k]` float32, expert indices `[N, k]`).
     """
-    # The top k of the softmax are the top k logits, and their renormalised probabilities are the softmax of those
-    # k logits alone: two kernels instead of four, which matters when decoding one token at a time.
-    top_logits, indices = torch.topk(router_logits.float(), top_k, dim=-1)
+    logits = router_logits.float()
+    if expert_bias is None:
+        # The top k of the softmax are the top k logits, and their renormalised probabilities are the softmax of those
+        # k logits alone: two kernels instead of four, which matters when decoding one token at a time.
+        top_logits, indices = torch.topk(logits, top_k, dim=-1)
+    else:
+        indices = torch.topk(logits + expert_bias.to(logits.device, torch.float32), top_k, dim=-1).indices
+        top_logits = logits.gather(-1, indices)
     return torch.softmax(top_logits, dim=-1), indices
 
 
@@ -143,18 +181,21 @@ def routed_tokens(router_logits: torch.Tensor, token_mask: torch.Tensor | None =
     return logits if token_mask is None else logits[token_mask.reshape(-1).to(torch.bool)]
 
 
-def slot_counts(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """How many routed slots (token x k) chose each expert, as float `[E]`, from `[tokens, E]` logits."""
+def slot_counts(logits: torch.Tensor, top_k: int, expert_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """How many routed slots (token x k) chose each expert, as float `[E]`, from `[tokens, E]` logits (and the
+    selection bias, if any: the choice `route` makes)."""
     with torch.no_grad():
-        chosen = torch.topk(logits, top_k, dim=-1).indices.reshape(-1)
+        chosen = route(logits, top_k, expert_bias)[1].reshape(-1)
         return torch.bincount(chosen, minlength=logits.shape[-1]).float()
 
 
-def router_sums(router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None) -> RouterSums:
-    """The sums of one router's logits over the tokens where `token_mask` is true."""
+def router_sums(router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None,
+                expert_bias: torch.Tensor | None = None) -> RouterSums:
+    """The sums of one router's logits over the tokens where `token_mask` is true; the slots are those `route`
+    chooses with `expert_bias` (the probabilities stay the unbiased ones)."""
     logits = routed_tokens(router_logits, token_mask)
     tokens = torch.tensor(float(logits.shape[0]), device=logits.device)
-    return RouterSums(torch.softmax(logits, dim=-1).sum(dim=0), slot_counts(logits, top_k), tokens,
+    return RouterSums(torch.softmax(logits, dim=-1).sum(dim=0), slot_counts(logits, top_k, expert_bias), tokens,
                       torch.logsumexp(logits, dim=-1).pow(2).sum())
 
 

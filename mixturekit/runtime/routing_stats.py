@@ -58,9 +58,10 @@ class RoutingStatistics:
     def mean_aux_loss(self) -> float | None:
         return None if self.aux_loss_sum is None else self.aux_loss_sum.item() / self.aux_loss_count
 
-    def add(self, name: str, router_logits: torch.Tensor, top_k: int, mask: torch.Tensor | None = None) -> None:
-        """Count this step's choices of one router (the tokens where `mask` is true)."""
-        self.add_counts(name, slot_counts(routed_tokens(router_logits, mask), top_k))
+    def add(self, name: str, router_logits: torch.Tensor, top_k: int, mask: torch.Tensor | None = None,
+            expert_bias: torch.Tensor | None = None) -> None:
+        """Count this step's choices of one router (the tokens where `mask` is true), with its selection bias."""
+        self.add_counts(name, slot_counts(routed_tokens(router_logits, mask), top_k, expert_bias))
 
     def add_counts(self, name: str, counts: torch.Tensor) -> None:
         """Add slot counts per expert already taken (by the training forward, summed over ranks). They stay on

@@ -9,6 +9,7 @@ from typing import Any
 
 _WHERE = {
     "AutoAlphaCallback": "auto_alpha",
+    "BiasBalanceCallback": "bias_balance", "bias_update": "bias_balance",
     "RoutingStatsCallback": "callbacks", "find_composed_model": "callbacks",
     "ComposedDPOTrainer": "trl_adapter", "run_dpo": "dpo",
     "POLICIES": "freeze", "TrainableSummary": "freeze", "apply_freeze_policy": "freeze", "parameter_roles": "freeze",

@@ -92,7 +92,7 @@ class RoutingStatsCallback(TrainerCallback):
                         continue  # the loads are global (summed over ranks by the model): one warning is enough
                     message = (f"expert {expert} ({composed.config.expert_names[expert]}) of router {stats.name} has "
                                f"had under {threshold:.3f} of the routed slots for {self.window} steps: it is dead. "
-                               "Raise alpha, use alpha_mode: auto, or re-initialise that router.")
+                               "Raise alpha, use alpha_mode: auto or balance: bias, or re-initialise that router.")
                     logger.warning(message)
                     warnings.warn(message, stacklevel=2)
         aux_loss = self.statistics.mean_aux_loss()
@@ -121,6 +121,9 @@ class RoutingStatsCallback(TrainerCallback):
             logs["routing/max_load_max"] = round(max(max_loads), 4)
             logs["routing/dead_experts"] = dead
             logs["routing/alpha"] = composed.current_alpha
+            if getattr(composed.config, "balance", "loss") == "bias":  # how far loss-free balancing has moved
+                logs["routing/expert_bias_max"] = round(max(
+                    (router.expert_bias.abs().max().item() for _, router in composed.routers()), default=0.0), 6)
         if self.interval_aux_losses:  # the balance (and z-) loss inside the logged loss, on its own
             logs["routing/aux_loss"] = round(sum(self.interval_aux_losses) / len(self.interval_aux_losses), 6)
         complete_history(state, logs, "routing/")
@@ -162,14 +165,18 @@ class ThroughputCallback(TrainerCallback):
 def add_routing_callbacks(trainer, callback: RoutingStatsCallback | None = None) -> RoutingStatsCallback:
     """Put a `RoutingStatsCallback` first among the trainer's callbacks: the reporting integrations (TensorBoard,
     W&B, ...) and the printer run after it, so they receive the routing statistics it adds to each log. With
-    `alpha_mode: auto`, an `AutoAlphaCallback` too (before it, so the logged alpha is the step's new one)."""
+    `alpha_mode: auto`, an `AutoAlphaCallback` too (before it, so the logged alpha is the step's new one); with
+    `balance: bias`, a `BiasBalanceCallback`."""
     from .auto_alpha import AutoAlphaCallback  # it imports this module
+    from .bias_balance import BiasBalanceCallback  # likewise
 
     callback = callback or RoutingStatsCallback()
     trainer.callback_handler.callbacks.insert(0, callback)
     composed = find_composed_model(trainer.model)
     if composed is not None and composed.config.alpha_mode == "auto":
         trainer.callback_handler.callbacks.insert(0, AutoAlphaCallback())
+    if composed is not None and getattr(composed.config, "balance", "loss") == "bias":
+        trainer.callback_handler.callbacks.insert(0, BiasBalanceCallback())
     return callback
 
 
