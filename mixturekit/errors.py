@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 
 class MixtureKitError(Exception):
     """Base class: every error MixtureKit raises on bad input derives from it."""
@@ -37,3 +39,11 @@ class TrainingError(MixtureKitError, RuntimeError):
 
 class RoutingNumericsError(MixtureKitError, FloatingPointError):
     """A router saw non-finite hidden states (raised only with debug checks on, instead of routing silently)."""
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """The valid choice `word` most likely meant, as a message suffix: the one it abbreviates, else the closest
+    spelling; empty when none is close."""
+    close = [c for c in choices if len(word) >= 3 and c.startswith(word)][:1]
+    close = close or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 import reprlib
@@ -12,7 +11,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import RecipeError
+from ..errors import RecipeError, did_you_mean
 from .legacy import is_legacy_recipe, translate_legacy_recipe
 
 Method = Literal["traditional", "btx", "bts"]
@@ -265,13 +264,6 @@ _SHOW = reprlib.Repr()  # a bounded repr of bad values for messages (keyword arg
 _SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict = 3, 60, 60, 6, 6
 
 
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    """The valid choice `word` most likely meant: the one it abbreviates, else the closest spelling."""
-    close = [c for c in choices if len(word) >= 3 and c.startswith(word)][:1]
-    close = close or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def explain_validation_error(error: ValidationError, what: str = "recipe",
                              fields_of: Callable[[tuple], list[str]] | None = None) -> str:
     """pydantic's errors as one line each, naming the field, with a "did you mean" for unknown fields and for
@@ -283,11 +275,11 @@ def explain_validation_error(error: ValidationError, what: str = "recipe",
             valid = fields_of(item["loc"]) if fields_of else []
             field = str(item["loc"][-1])
             lines.append(
-                f"{location}: unknown field{_did_you_mean(field, valid)}; valid fields are {', '.join(valid)}"
+                f"{location}: unknown field{did_you_mean(field, valid)}; valid fields are {', '.join(valid)}"
             )
         elif item["type"] == "literal_error":
             choices = re.findall(r"'([^']*)'", str(item.get("ctx", {}).get("expected", "")))
-            hint = _did_you_mean(str(item["input"]), choices) if isinstance(item["input"], str) else ""
+            hint = did_you_mean(str(item["input"]), choices) if isinstance(item["input"], str) else ""
             lines.append(f"{location}: {item['msg']} (got {_SHOW.repr(item['input'])}){hint}")
         elif item["type"] == "too_short":
             lines.append(f"{location}: needs at least {item['ctx']['min_length']} item(s), got "

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers import DynamicCache
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
-from ..errors import CheckpointError, RecipeError, TrainingError, UnsupportedArchitectureError
+from ..errors import CheckpointError, RecipeError, TrainingError, UnsupportedArchitectureError, did_you_mean
 from .architecture import LINEAR_TYPES, decoder_layers, ffn_linear_names, linear_names, mlp_layout, resolve_names
 from .cache_argument import CACHE_ARGUMENT, output_cache, pop_cache
 from .config import MixtureKitConfig
@@ -257,10 +257,8 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         """`loss` or `bias`: whether every router adds its `expert_bias` to its logits to choose experts (loss-free
         balancing; training moves the bias, `training.BiasBalanceCallback`). Also names each router."""
         if balance not in BALANCE_MODES:
-            from ..recipe.recipe import _did_you_mean
-
             raise RecipeError(f"balance must be one of {', '.join(BALANCE_MODES)}, got {balance!r}"
-                              f"{_did_you_mean(str(balance), list(BALANCE_MODES))}")
+                              f"{did_you_mean(str(balance), list(BALANCE_MODES))}")
         self.config.balance = balance
         for name, router in self.routers():
             object.__setattr__(router, "qualified_name", name)
