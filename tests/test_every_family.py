@@ -13,12 +13,7 @@ from family_sweep import METHODS, causal_lm_types, readme_section, readme_table,
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Failures known and not yet fixed, with what was found: the test fails when one closes, so it leaves this list.
-KNOWN_GAPS = {
-    # A BERT-style model whose tiny config leaves `is_decoder` False attends bidirectionally and keeps no cache; its
-    # bts composition's greedy generation with `use_cache=True` differs from without (by 0.25-0.74 in the logits from
-    # the second new token on). Not diagnosed further; such a stream should be refused or cached as the hub is.
-    "bert-generation bts",
-}
+KNOWN_GAPS: set[str] = set()
 if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 24):
     # transformers 5.17 (the oldest allowed): generate asks the Mamba streams' DynamicCache (linear-attention layers
     # only) for get_seq_length, which it cannot answer; 5.24 generates with it

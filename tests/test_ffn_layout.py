@@ -84,3 +84,34 @@ def test_linears_on_the_block_point_to_btx():
     block.fc1, block.fc2, block.activation_fn = nn.Linear(8, 12), nn.Linear(12, 8), nn.ReLU()
     with pytest.raises(UnsupportedArchitectureError, match=r"router_layers: \[fc1, fc2\]"):
         mlp_layout(block, "toy")
+
+
+def test_an_activation_with_parameters_is_averaged_and_kept_under_its_dense_name(tmp_path):
+    """Apertus' xIELU has weights of its own: the traditional MoE block keeps one, under the dense FFN's name, whose
+    parameters are the experts' mean (as attention's are), and identical experts still give the dense logits."""
+    from transformers import AutoModelForCausalLM
+
+    from family_sweep import build_models
+    from mixturekit import compose
+
+    _, models = build_models("apertus", count=2)
+    with torch.no_grad():
+        for index, model in enumerate(models):
+            for name, parameter in model.named_parameters():
+                if ".act_fn." in name:
+                    parameter.fill_(0.3 + 0.4 * index)  # the two experts' activations differ
+    for index, model in enumerate(models):
+        model.save_pretrained(tmp_path / f"expert{index}")
+    recipe = {"method": "traditional", "num_experts_per_tok": 1,
+              "experts": [{"name": f"e{i}", "source": str(tmp_path / f"expert{i}")} for i in range(2)]}
+    composed = AutoModelForCausalLM.from_pretrained(compose(recipe, tmp_path / "composed", progress=False))
+    activation_parameters = {n: p for n, p in composed.named_parameters() if ".act_fn." in n}
+    assert activation_parameters and all(".mlp.act_fn." in n for n in activation_parameters)
+    for name, parameter in activation_parameters.items():
+        assert torch.allclose(parameter.float(), torch.full_like(parameter.float(), 0.5)), name
+    recipe["experts"] = [{"name": f"e{i}", "source": str(tmp_path / "expert1")} for i in range(2)]
+    same = AutoModelForCausalLM.from_pretrained(compose(recipe, tmp_path / "same", progress=False)).eval()
+    tokens = torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(same(input_ids=tokens).logits, models[1].eval()(input_ids=tokens).logits,
+                                   atol=1e-5, rtol=1e-5)

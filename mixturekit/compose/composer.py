@@ -21,6 +21,7 @@ from ..recipe import Recipe, load_recipe
 from ..runtime.loader_files import AUTO_MAP
 from ..runtime.stitch import build_stitches
 from ..sources import TensorSlot
+from ..sources.safetensors_io import FileSlice, TensorInfo, dtype_nbytes, read_exactly
 from ..sources.checkpoint_folder import check_output_folder, new_staging_folder, swap_into_place, write_sharded
 from .model_card import write_model_card
 
@@ -46,17 +47,32 @@ def initial_stitch_values(plan: CompositionPlan) -> dict[str, torch.Tensor]:
 
 
 def materialize_parts(
-    plan: CompositionPlan, tensor: TensorPlan, stitch_values: dict[str, torch.Tensor] | None = None
-) -> Iterator[torch.Tensor]:
+    plan: CompositionPlan, tensor: TensorPlan, stitch_values: dict[str, torch.Tensor] | None = None,
+    streaming: bool = False,
+) -> Iterator[torch.Tensor | FileSlice]:
     """The output tensor as consecutive parts: one part, or one expert's slice at a time for stacked tensors,
-    so a stacked tensor is never whole in memory."""
+    so a stacked tensor is never whole in memory.
+
+    With `streaming` (what the composer's shard writer takes), a part may also be a `FileSlice` (bytes of a source file
+    that are the output as they are: a copied or stacked tensor of the same dtype), and an averaged tensor comes in
+    blocks that reuse one buffer: each part is valid only until the next one is asked for."""
     readers = [plan.models[i].reader for i in tensor.models]
+    if streaming and tensor.origin == "average":
+        stored = [reader.stored(tensor.sources[0]) for reader in readers]
+        if (tensor.dtype.is_floating_point
+                and all(info is not None and info.dtype.is_floating_point for info in stored)):
+            yield from _average_in_blocks(stored, tensor.dtype)
+            return
     if tensor.origin == "new" and tensor.init == "stitch":
         yield (stitch_values or initial_stitch_values(plan))[tensor.name].to(tensor.dtype)
     elif tensor.origin == "new":
         yield _new_router(tensor, plan.recipe)
     elif tensor.origin == "copy":
-        yield readers[0].get(tensor.sources[0]).to(tensor.dtype)
+        stored = readers[0].stored(tensor.sources[0]) if streaming else None
+        if stored is not None and stored.dtype == tensor.dtype:
+            yield FileSlice(stored.file, stored.start, stored.nbytes, stored.dtype)
+        else:
+            yield readers[0].get(tensor.sources[0]).to(tensor.dtype)
     elif tensor.origin == "average":
         total = readers[0].get(tensor.sources[0]).to(torch.float32)
         for reader in readers[1:]:
@@ -68,15 +84,66 @@ def materialize_parts(
     else:
         for reader in readers:
             for name in tensor.sources:  # consecutive row blocks of this expert's slice (gate rows, then up rows)
+                stored = reader.stored(name) if streaming and not tensor.transpose else None
+                if stored is not None and stored.dtype == tensor.dtype:
+                    yield FileSlice(stored.file, stored.start, stored.nbytes, stored.dtype)
+                    continue
                 piece = reader.get(name)
                 yield (piece.t() if tensor.transpose else piece).to(tensor.dtype)
+
+
+# Elements per block when averaging: the float32 sum (128 KiB) and one source block stay in the CPU's cache, and torch
+# does not split an elementwise op this small (its grain size) over threads. Split, it waits at every op for the other
+# threads: on a 2-core machine where the source-hashing thread or another process holds a core, blocks of 2**18
+# elements made averaging 10x slower than this.
+AVERAGE_BLOCK = 2**15
+
+
+def _average_in_blocks(sources: list[TensorInfo], dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """The mean of the stored tensors `sources` (same shape), block by block through reused buffers.
+
+    Bit for bit what averaging whole tensors gives (the float32 sum in the same order, then one division and one
+    rounding per element), but each block is read straight from the files into a buffer that is already resident,
+    summed while it is in cache, and written out before the next: no tensor-sized float32 copy, no fresh memory per
+    source tensor."""
+    sizes = [dtype_nbytes(info.dtype) for info in sources]
+    numel = sources[0].nbytes // sizes[0]
+    block = max(1, min(numel, AVERAGE_BLOCK))
+    raw = torch.empty(block * max(sizes), dtype=torch.uint8)
+    total = torch.empty(block, dtype=torch.float32)
+    out = total if dtype == torch.float32 else torch.empty(block, dtype=dtype)
+    handles = {}
+    try:
+        for info in sources:
+            if info.file not in handles:
+                handles[info.file] = open(info.file, "rb", buffering=0)
+        for begin in range(0, numel, block):
+            count = min(block, numel - begin)
+            for index, (info, size) in enumerate(zip(sources, sizes)):
+                view = raw[: count * size]
+                read_exactly(handles[info.file].fileno(), memoryview(view.numpy()), info.start + begin * size, info)
+                piece = view.view(info.dtype)
+                if index == 0:
+                    total[:count].copy_(piece)
+                elif info.dtype in (torch.bfloat16, torch.float16, torch.float32):
+                    total[:count] += piece
+                else:
+                    total[:count] += piece.to(torch.float32)
+            total[:count].div_(len(sources))
+            if out is not total:
+                out[:count].copy_(total[:count])
+            yield out[:count]
+    finally:
+        for handle in handles.values():
+            handle.close()
 
 
 def _write_tensors(plan: CompositionPlan, staging: Path, progress: bool) -> None:
     stitch_values = initial_stitch_values(plan)
     by_name = {t.name: t for t in plan.tensors}
     slots = [TensorSlot(t.name, t.dtype, t.shape) for t in plan.tensors]
-    write_sharded(staging, slots, lambda slot: materialize_parts(plan, by_name[slot.name], stitch_values),
+    write_sharded(staging, slots,
+                  lambda slot: materialize_parts(plan, by_name[slot.name], stitch_values, streaming=True),
                   plan.recipe.shard_bytes, progress, desc="composing")
 
 

@@ -110,18 +110,15 @@ def _refuse(model_type: str, why: str) -> UnsupportedArchitectureError:
     return UnsupportedArchitectureError(f"'{model_type}' cannot be composed with `traditional`: {why}")
 
 
-def _parameter_free_activation(children: dict[str, nn.Module], model_type: str, ffn: str) -> str | None:
+def _activation_child(children: dict[str, nn.Module], model_type: str, ffn: str) -> str | None:
+    """The FFN's activation module among its children (not a Linear, dropout or norm), or None."""
     others = {n: m for n, m in children.items() if not isinstance(m, (*LINEAR_TYPES, nn.Dropout))}
-    with_parameters = sorted(n for n, m in others.items() if any(True for _ in m.parameters()))
     normed = sorted(n for n in others if any(part in n.lower() for part in NORM_NAME_PARTS)
                     or "norm" in type(others[n]).__name__.lower())
     if normed:
         raise _refuse(model_type, f"its FFN normalises inside ({ffn}.{normed[0]}, "
                       f"{type(others[normed[0]]).__name__}), which experts would each need their own copy of; "
                       "`btx` routes its Linears")
-    if with_parameters:
-        raise _refuse(model_type, f"its FFN's {ffn}.{with_parameters[0]} ({type(others[with_parameters[0]]).__name__})"
-                      " has parameters of its own; `btx` routes its Linears")
     if len(others) > 1:
         raise _refuse(model_type, f"found {len(others)} candidate activation modules in its FFN "
                       f"({', '.join(sorted(others))}), expected one")
@@ -155,7 +152,7 @@ def mlp_layout(block: nn.Module, model_type: str) -> MlpLayout:
     if nested:
         raise _refuse(model_type, f"its FFN ({type(ffn).__name__}) nests a Linear ({child}.{nested[0]}) below its "
                       "children; `btx` routes it by name")
-    activation = _parameter_free_activation(children, model_type, child)
+    activation = _activation_child(children, model_type, child)
     dropouts = [n for n, m in children.items() if isinstance(m, nn.Dropout)]
     conv1d = all(isinstance(m, Conv1D) for m in linears.values())
     if not conv1d and any(isinstance(m, Conv1D) for m in linears.values()):
@@ -249,6 +246,8 @@ def _probe_differs(ffn: nn.Module, layout: MlpLayout) -> str | None:
 def _probe_on_cpu(ffn: nn.Module, layout: MlpLayout) -> str | None:
     probe = copy.copy(ffn)  # shares the parameter-free activation and dropout; its Linears are replaced below
     probe._modules, probe._parameters, probe._buffers = dict(ffn._modules), dict(ffn._parameters), dict(ffn._buffers)
+    if not layout.functional and layout.activation and has_parameters(probe._modules[layout.activation]):
+        probe._modules[layout.activation] = _cpu_copy(probe._modules[layout.activation])
     hidden, inner = 6, 10
     generator = torch.Generator().manual_seed(0)
     for name in layout.projections:
@@ -279,6 +278,23 @@ def _probe_on_cpu(ffn: nn.Module, layout: MlpLayout) -> str | None:
     if not torch.allclose(got, expected, atol=1e-5):
         return f"largest difference {(got - expected).abs().max().item():.2e}"
     return None
+
+
+def has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _cpu_copy(activation: nn.Module) -> nn.Module:
+    """An activation with parameters, on the CPU for the probe: its own values, or (from the meta device, where it
+    has none) fixed ones in [0.25, 0.75]: the probe compares the FFN with the formula through this same module."""
+    if all(not t.is_meta for t in [*activation.parameters(), *activation.buffers()]):
+        return copy.deepcopy(activation).cpu()
+    twin = copy.deepcopy(activation).to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in [*twin.parameters(), *twin.buffers()]:
+            if tensor.is_floating_point():
+                tensor.copy_(0.25 + 0.5 * torch.rand(tensor.shape, generator=torch.Generator().manual_seed(1)))
+    return twin
 
 
 def _layout_formula(ffn: nn.Module, layout: MlpLayout, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .architecture import MlpLayout, activation_module, linear_shape
+from .architecture import MlpLayout, activation_module, has_parameters, linear_shape
 from .experts import (
     Groups, chosen_experts_output, combine, dispatch, few_tokens_at_inference, gather_slots, grouped_linear,
 )
@@ -31,7 +31,12 @@ class StackedExperts(nn.Module):
             f"{self.up_name}_bias", nn.Parameter(torch.zeros(num_experts, up_rows)) if up_bias else None
         )
         self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size)) if down_bias else None
-        self.act_fn = activation
+        if has_parameters(activation):
+            # its parameters are the dense FFN's, averaged like attention: the MoE block keeps it under the dense
+            # name (`mlp.act_fn.*`), so it is saved, averaged and loaded by that name; here it is only used
+            object.__setattr__(self, "act_fn", activation)
+        else:
+            self.act_fn = activation
         for weight in (getattr(self, self.up_name), self.down_proj):
             nn.init.normal_(weight, std=0.02)
 
@@ -71,8 +76,11 @@ class SparseMoeBlock(nn.Module):
         # the dense FFN's output dropout (GPT-J, CodeGen), on the mixed output: the same in eval, and in training
         # each token's FFN output is dropped as the dense model drops it
         self.dropout = children[layout.dropout] if layout.dropout else None
-        self.experts = StackedExperts(layout, num_experts, hidden_size, intermediate_size,
-                                      activation_module(dense_mlp, layout), up_has_bias, down.bias is not None)
+        activation = activation_module(dense_mlp, layout)
+        if has_parameters(activation):  # an activation with weights of its own (Apertus' xIELU), shared by experts
+            self.add_module(layout.activation, activation)
+        self.experts = StackedExperts(layout, num_experts, hidden_size, intermediate_size, activation, up_has_bias,
+                                      down.bias is not None)
         up_name = self.experts.up_name
         self.source_map: dict[str, StackSource] = {
             f"experts.{up_name}": StackSource(tuple(f"{n}.weight" for n in layout.up), transpose=layout.conv1d),

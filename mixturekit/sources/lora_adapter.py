@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import SourceError
-from .safetensors_io import CheckpointReader
+from .safetensors_io import CheckpointReader, TensorInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -103,3 +103,6 @@ class AdaptedReader(CheckpointReader):
         tensor = super().get(name)
         delta = self.adapter.delta(self.tensors[name].name)
         return tensor if delta is None else (tensor.float() + delta).to(tensor.dtype)
+
+    def stored(self, name: str) -> TensorInfo | None:
+        return None if self.tensors[name].name in self.adapter.updates else super().stored(name)

@@ -8,6 +8,7 @@ length, a JSON header of `{name: {dtype, shape, data_offsets}}` padded with spac
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -135,14 +136,34 @@ class CheckpointReader:
             return torch.empty(info.shape, dtype=info.dtype)
         raw = torch.empty(info.nbytes, dtype=torch.uint8)
         with open(info.file, "rb", buffering=0) as handle:
-            view = memoryview(raw.numpy())
-            done = 0
-            while done < info.nbytes:
-                got = os.preadv(handle.fileno(), [view[done:]], info.start + done)
-                if got <= 0:
-                    raise SourceError(f"'{info.file}' ended while reading tensor '{name}'; {_DAMAGED_FIX}")
-                done += got
+            read_exactly(handle.fileno(), memoryview(raw.numpy()), info.start, info)
         return raw.view(info.dtype).reshape(info.shape)
+
+    def stored(self, name: str) -> TensorInfo | None:
+        """Where the bytes that `get(name)` returns lie in a file, as they are: so a caller may copy or read them in
+        blocks itself. None when `get` computes the tensor instead (a subclass that changes it on read)."""
+        return self.tensors[name]
+
+
+def read_exactly(fd: int, view: memoryview, offset: int, info: TensorInfo) -> None:
+    """Fill `view` from `fd` at `offset` (part of the tensor `info`); a short file is a damaged one."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise SourceError(f"'{info.file}' ended while reading tensor '{info.name}'; {_DAMAGED_FIX}")
+        done += got
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """A part of a tensor to write that is a byte range of an existing file, copied as it is (`ShardWriter` lets
+    the kernel copy it: no buffer in this process)."""
+
+    file: Path
+    start: int
+    nbytes: int
+    dtype: torch.dtype
 
 
 @dataclass(frozen=True)
@@ -174,9 +195,11 @@ class ShardWriter:
             offset += slot.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
         encoded += b" " * (-len(encoded) % 8)
-        self._handle = open(path, "wb")
-        self._handle.write(struct.pack("<Q", len(encoded)))
-        self._handle.write(encoded)
+        # unbuffered: tensors are written in large parts, and a `FileSlice` is copied by the kernel into the same file
+        self._handle = open(path, "wb", buffering=0)
+        self._copy_range = hasattr(os, "copy_file_range")
+        self._buffer: memoryview | None = None  # for copying a FileSlice where copy_file_range cannot
+        _write_all(self._handle, memoryview(struct.pack("<Q", len(encoded)) + encoded))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         slot = self.slots[self._next]
@@ -194,18 +217,61 @@ class ShardWriter:
         for part in parts:
             if part.dtype != slot.dtype:
                 raise RuntimeError(f"shard writer expected {slot.name} as {slot.dtype}, got {part.dtype}")
+            if isinstance(part, FileSlice):
+                self._copy_slice(part)
+                written += part.nbytes
+                continue
             data = part.detach().contiguous().cpu().reshape(-1)
             if data.numel():
-                self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+                _write_all(self._handle, memoryview(data.view(torch.uint8).numpy()))
             written += data.numel() * data.element_size()
         if written != slot.nbytes:
             raise RuntimeError(f"shard writer expected {slot.nbytes} bytes for {slot.name}, got {written}")
         self._next += 1
 
+    def _copy_slice(self, part: FileSlice) -> None:
+        """Append `part`'s bytes: `copy_file_range` (the kernel copies page cache to page cache, or shares extents),
+        else a read/write loop through one reused buffer."""
+        with open(part.file, "rb", buffering=0) as source:
+            done = 0
+            if self._copy_range:
+                try:
+                    while done < part.nbytes:
+                        got = os.copy_file_range(source.fileno(), self._handle.fileno(), part.nbytes - done,
+                                                 part.start + done)
+                        if got <= 0:
+                            break
+                        done += got
+                except OSError as error:
+                    if error.errno not in _NO_COPY_RANGE:
+                        raise
+                    self._copy_range = False  # e.g. another file system, or a kernel without it: copy ourselves
+            if done < part.nbytes:
+                if self._buffer is None:
+                    self._buffer = memoryview(bytearray(_COPY_BUFFER_BYTES))
+                info = TensorInfo(f"bytes {part.start}..{part.start + part.nbytes}", part.file, part.dtype, (),
+                                  part.start, part.nbytes)
+                while done < part.nbytes:
+                    view = self._buffer[:min(len(self._buffer), part.nbytes - done)]
+                    read_exactly(source.fileno(), view, part.start + done, info)
+                    _write_all(self._handle, view)
+                    done += len(view)
+
     def close(self) -> None:
         if self._next != len(self.slots):
             self._handle.close()
             raise RuntimeError(f"shard {self.path.name} closed after {self._next} of {len(self.slots)} tensors")
-        self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
+
+
+# copy_file_range's refusals that mean "not here" (copy through a buffer instead), not a failed write
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+_COPY_BUFFER_BYTES = 16 * 2**20
+
+
+def _write_all(handle, view: memoryview) -> None:
+    """An unbuffered file's `write` may write less than it was given; write the rest."""
+    done = 0
+    while done < len(view):
+        done += handle.write(view[done:])
