@@ -115,3 +115,29 @@ def test_an_activation_with_parameters_is_averaged_and_kept_under_its_dense_name
     with torch.no_grad():
         torch.testing.assert_close(same(input_ids=tokens).logits, models[1].eval()(input_ids=tokens).logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_with_a_shared_expert_the_base_keeps_its_own_activation_parameters(tmp_path):
+    """The shared expert is the base's FFN, activation included; the routed experts share the experts' average."""
+    from transformers import AutoModelForCausalLM
+
+    from family_sweep import build_models
+    from mixturekit import compose
+
+    _, models = build_models("apertus", count=2)
+    with torch.no_grad():
+        for index, model in enumerate(models):
+            for name, parameter in model.named_parameters():
+                if ".act_fn." in name:
+                    parameter.fill_(0.3 + 0.4 * index)
+    for index, model in enumerate(models):
+        model.save_pretrained(tmp_path / f"expert{index}")
+    recipe = {"method": "traditional", "num_experts_per_tok": 1, "shared_expert": "base",
+              "base": {"name": "b", "source": str(tmp_path / "expert0")},
+              "experts": [{"name": f"e{i}", "source": str(tmp_path / f"expert{i}")} for i in range(2)]}
+    composed = AutoModelForCausalLM.from_pretrained(compose(recipe, tmp_path / "composed", progress=False))
+    activations = {n: p for n, p in composed.named_parameters() if ".act_fn." in n}
+    assert any(".shared_expert.act_fn." in n for n in activations)
+    for name, parameter in activations.items():
+        wanted = 0.3 if ".shared_expert." in name else 0.5
+        assert torch.allclose(parameter.float(), torch.full_like(parameter.float(), wanted)), name

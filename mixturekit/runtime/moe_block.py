@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -78,6 +80,8 @@ class SparseMoeBlock(nn.Module):
         self.dropout = children[layout.dropout] if layout.dropout else None
         activation = activation_module(dense_mlp, layout)
         if has_parameters(activation):  # an activation with weights of its own (Apertus' xIELU), shared by experts
+            if shared_expert:  # the shared expert keeps the base's own; the routed experts share their average
+                activation = copy.deepcopy(activation)
             self.add_module(layout.activation, activation)
         self.experts = StackedExperts(layout, num_experts, hidden_size, intermediate_size, activation, up_has_bias,
                                       down.bias is not None)
