@@ -117,3 +117,15 @@ def test_adapters_with_a_shared_expert_compose_like_their_merged_experts(base_an
         assert torch.equal(from_adapters[name], tensor), name
     shared = [n for n in from_merged if ".shared_expert." in n]
     assert shared and all(torch.equal(from_merged[n], dense[n.replace(".shared_expert.", ".", 1)]) for n in shared)
+
+
+def test_inspect_names_each_adapter_its_rank_and_the_base_it_adapts(base_and_adapters):
+    from mixturekit import build_plan, plan_summary
+
+    base, folders = base_and_adapters
+    plan = build_plan({"method": "traditional", "base": {"name": "base", "source": str(base)}, "base_as_expert": True,
+                       "experts": [{"name": "code", "source": str(folders["code"][0])},
+                                   {"name": "math", "source": str(folders["math"][1])}]})
+    summary = plan_summary(plan)
+    assert f"code <- LoRA adapter {folders['code'][0].absolute()} (r=4, alpha=8) over {base}" in summary
+    assert f"math <- local:{folders['math'][1]}" in summary  # a full checkpoint is named as before

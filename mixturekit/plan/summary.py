@@ -81,6 +81,19 @@ def stream_lines(config, counts: Counter, origins: dict[str, str] | None = None)
     return lines
 
 
+def source_description(model) -> str:
+    """Where a source comes from; for a PEFT LoRA adapter, its folder, rank and scale, and the base it adapts."""
+    if not model.origin.startswith("lora:"):
+        return model.origin
+    import json
+    from pathlib import Path
+
+    folder = Path(model.origin.removeprefix("lora:"))
+    settings = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    rank, alpha = settings.get("r"), settings.get("lora_alpha", settings.get("r"))
+    return f"LoRA adapter {folder} (r={rank}, alpha={alpha}) over {model.folder}"
+
+
 def plan_summary(plan: CompositionPlan) -> str:
     config = plan.config
     if config.method == "bts":
@@ -106,7 +119,7 @@ def plan_summary(plan: CompositionPlan) -> str:
     lines = [
         f"method: {config.method}   architecture: {config.text_config.model_type}   dtype: {str(plan.dtype)[6:]}",
         f"experts ({config.num_experts}, top-{config.num_experts_per_tok}): "
-        + ", ".join(f"{plan.models[i].name} <- {plan.models[i].origin}" for i in plan.expert_models),
+        + ", ".join(f"{plan.models[i].name} <- {source_description(plan.models[i])}" for i in plan.expert_models),
         f"parameters: total {millions(plan.total_parameters)}, active per token {millions(plan.active_parameters)}",
         f"  stacked experts {millions(plan.count('stack'))} ({len(names_by_origin.get('stack', []))} tensors)",
         f"  shared ({shared_how}) "
