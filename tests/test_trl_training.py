@@ -104,7 +104,9 @@ def test_lora_sft_trains_saves_and_reloads_to_the_same_logits(composed, method, 
     # The routers trained in full (PEFT modules_to_save), the adapter moved, the composed weights did not.
     keys = _adapter_keys(tmp_path / "sft")
     full = [k for k in keys if "lora_" not in k]  # modules_to_save are stored whole
-    assert full and all(k.endswith(("mlp.gate.weight", "router.weight")) for k in full)
+    # (a router is saved whole: its weight and its loss-free balancing bias)
+    assert full and all(k.endswith(("mlp.gate.weight", "router.weight", "gate.expert_bias", "router.expert_bias"))
+                        for k in full)
     assert any("lora_B" in k and "self_attn" in k for k in keys)
     if method == "traditional":  # stacked experts get LoRA through PEFT's target_parameters
         assert any("mlp.experts" in k and "lora_B" in k for k in keys)
