@@ -212,18 +212,27 @@ def test_trainer_moves_the_bias_and_save_load_keeps_it_exactly(tmp_path):
 
 
 def test_checkpoint_without_the_bias_loads_as_zeros(tmp_path):
+    """Under `balance: loss` the bias is not saved (nothing but the weights); a `balance: bias` checkpoint written
+    without it (as before loss-free balancing) loads with zeros."""
     model = _model("btx", balance="loss")
-    model.save_pretrained(tmp_path)
-    (weights,) = tmp_path.glob("*.safetensors")
-    tensors = {k: v for k, v in load_file(weights).items() if not k.endswith("expert_bias")}
-    assert len(tensors) < len(load_file(weights))
-    save_file(tensors, weights, metadata={"format": "pt"})  # as written before loss-free balancing
-    loaded = MixtureKitForCausalLM.from_pretrained(tmp_path).eval()
+    model.save_pretrained(tmp_path / "loss")
+    (weights,) = (tmp_path / "loss").glob("*.safetensors")
+    assert not any(k.endswith("expert_bias") for k in load_file(weights))
+    loaded = MixtureKitForCausalLM.from_pretrained(tmp_path / "loss").eval()
     assert loaded.config.balance == "loss"
     assert all(torch.equal(router.expert_bias, torch.zeros(E)) for _, router in loaded.routers())
     ids = _tokens(seed=9)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    biased = _model("btx", balance="bias")
+    biased.save_pretrained(tmp_path / "bias")
+    (weights,) = (tmp_path / "bias").glob("*.safetensors")
+    tensors = {k: v for k, v in load_file(weights).items() if not k.endswith("expert_bias")}
+    assert len(tensors) < len(load_file(weights))  # saved while it routes
+    save_file(tensors, weights, metadata={"format": "pt"})
+    loaded = MixtureKitForCausalLM.from_pretrained(tmp_path / "bias").eval()
+    assert loaded.config.balance == "bias"
+    assert all(torch.equal(router.expert_bias, torch.zeros(E)) for _, router in loaded.routers())
 
 
 def _recipe(**fields) -> dict:

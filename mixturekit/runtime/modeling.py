@@ -262,7 +262,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         self.config.balance = balance
         for name, router in self.routers():
             object.__setattr__(router, "qualified_name", name)
-            object.__setattr__(router, "bias_routing", balance == "bias")
+            router.use_selection_bias(balance == "bias")
 
     def routing_biases(self) -> dict[str, torch.Tensor | None]:
         """Each router's selection bias by name (None under `balance: loss`): what `route` needs besides the logits

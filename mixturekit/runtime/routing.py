@@ -100,12 +100,22 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         nn.init.normal_(self.weight, std=0.02)
         self.num_experts, self.hidden_size = num_experts, hidden_size  # the weight's own shape is [0] under ZeRO-3
-        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        # Saved only while it routes (`use_selection_bias`): a checkpoint under `balance: loss` holds no float32 zeros,
+        # and nothing that sharding or adapter saving would have to handle beside the weights.
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
         # Plain attributes (not modules): several routers share one recorder; the model sets the name and whether the
         # selection bias applies.
         object.__setattr__(self, "recorder", recorder)
         object.__setattr__(self, "qualified_name", "")
         object.__setattr__(self, "bias_routing", False)
+
+    def use_selection_bias(self, enabled: bool) -> None:
+        """Route with `expert_bias` (and save it with the weights) or not."""
+        object.__setattr__(self, "bias_routing", enabled)
+        if enabled:
+            self._non_persistent_buffers_set.discard("expert_bias")
+        else:
+            self._non_persistent_buffers_set.add("expert_bias")
 
     @property
     def selection_bias(self) -> torch.Tensor | None:
