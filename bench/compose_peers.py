@@ -48,6 +48,8 @@ import sys
 import time
 from pathlib import Path
 
+from compose_speed import table  # bench/ is this script's folder, first on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 
 FULL = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=10, num_attention_heads=16,
@@ -233,16 +235,6 @@ def median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(c.rjust(w) if i > 0 else c.ljust(w)
-                                       for i, (c, w) in enumerate(zip(row, widths))) + " |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from mixturekit import compose
 from mixturekit.runtime import Router
-from tiny_models import ARCHITECTURES, VOCAB, make_model, padded_prompts, save_model, tiny_config
+from tiny_models import ARCHITECTURES, VOCAB, force_routing, make_model, padded_prompts, save_model, tiny_config
 
 METHODS = ["traditional", "btx"]
 NUM_EXPERTS = 3
@@ -112,15 +112,6 @@ def test_same_recipe_gives_identical_bytes(family, method):
     assert _tensor_digests(first) == _tensor_digests(second) != {}
 
 
-def _force(router: Router, expert: int) -> None:
-    """Make a router send every token to `expert` with probability 1."""
-    def forced(hidden):
-        logits = torch.full((hidden.shape[0], router.num_experts), float("-inf"))
-        logits[:, expert] = 0.0
-        return logits
-    router.forward = forced
-
-
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("expert", [0, 2])
 def test_forced_routing_reproduces_that_experts_ffn(family, method, expert):
@@ -132,7 +123,7 @@ def test_forced_routing_reproduces_that_experts_ffn(family, method, expert):
     dense_mlp = models[expert].get_submodule(_mlp_path(models[expert], block))
     for module in composed_mlp.modules():
         if isinstance(module, Router):
-            _force(module, expert)
+            force_routing(module, expert)
     hidden = torch.randn(2, 7, 32)
     with torch.no_grad():
         torch.testing.assert_close(composed_mlp(hidden), dense_mlp(hidden), atol=1e-5, rtol=0)

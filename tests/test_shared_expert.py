@@ -20,7 +20,7 @@ from mixturekit.runtime.architecture import decoder_layers
 from mixturekit.runtime.shared_expert import SharedExpertGate
 from mixturekit.training.freeze import apply_freeze_policy, parameter_roles
 from test_export import _run_plain
-from tiny_models import VOCAB, make_model, save_model, tiny_config
+from tiny_models import VOCAB, force_routing, make_model, save_model, tiny_config
 
 NUM_EXPERTS = 3
 
@@ -66,14 +66,6 @@ def test_identical_copies_with_a_shared_expert_give_the_dense_logits(family, met
                                    atol=1e-5, rtol=0)
 
 
-def _force(router: Router, expert: int) -> None:
-    def forced(hidden):
-        logits = torch.full((hidden.shape[0], router.num_experts), float("-inf"))
-        logits[:, expert] = 0.0
-        return logits
-    router.forward = forced
-
-
 @pytest.mark.parametrize("method", ["traditional", "btx"])
 def test_block_is_half_the_routed_expert_plus_the_gated_base(family, method):
     """Different experts and base, routing forced to one expert, a non-zero gate: the block equals
@@ -88,7 +80,7 @@ def test_block_is_half_the_routed_expert_plus_the_gated_base(family, method):
     with torch.no_grad():
         for module in composed_mlp.modules():
             if isinstance(module, Router):
-                _force(module, expert)
+                force_routing(module, expert)
         if method == "traditional":
             gate = composed_mlp.shared_expert_gate
             gate.weight.normal_(0, 1.0)

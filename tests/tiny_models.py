@@ -71,3 +71,12 @@ def enable_activation_checkpointing(model: torch.nn.Module, **checkpoint_kwargs)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def force_routing(router: torch.nn.Module, expert: int) -> None:
+    """Make a router send every token to `expert` with probability 1."""
+    def forced(hidden):
+        logits = torch.full((hidden.shape[0], router.num_experts), float("-inf"))
+        logits[:, expert] = 0.0
+        return logits
+    router.forward = forced
