@@ -20,12 +20,18 @@ if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 24
     KNOWN_GAPS |= {"mamba bts", "falcon_mamba bts"}
 
 
+# Swept only on the README's release: on transformers 5.17 FalconH1's tiny model took over 12 minutes and ~18 GB in
+# the sweep (its reference Mamba-2 path), in seconds on 5.24.
+SLOW_ON_OTHER_RELEASES = {"falcon_h1"}
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     types = causal_lm_types()
     if _readme_release() != transformers.__version__:
-        # on another release (make test-oldest) a known gap is not re-run: FalconH1 alone takes ~7 min on 5.17
-        types = [t for t in types if not any(gap.split()[0] == t for gap in KNOWN_GAPS)]
+        # on another release (make test-oldest) a known gap is not re-run
+        types = [t for t in types if not any(gap.split()[0] == t for gap in KNOWN_GAPS)
+                 and t not in SLOW_ON_OTHER_RELEASES]
     return sweep(tmp_path_factory.mktemp("families"), types, progress=False)
 
 
@@ -71,6 +77,8 @@ def test_readme_architecture_table_is_the_sweeps(results):
 def test_loading_fills_the_buffers_a_family_computes_in_its_init_weights(tmp_path):
     """FalconH1 computes each mixer's non-persistent `mup_vector` in its model's `_init_weights`: a composed checkpoint
     must load with the dense model's values (transformers skipped that call for models it took for custom code)."""
+    if _readme_release() != transformers.__version__:
+        pytest.skip(f"FalconH1 is in SLOW_ON_OTHER_RELEASES: checked on transformers {_readme_release()}")
     from transformers import AutoModelForCausalLM
 
     from family_sweep import build_models
