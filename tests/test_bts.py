@@ -9,7 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mixturekit import CompatibilityError, RecipeError, compose, load_recipe
-from tiny_models import VOCAB, enable_activation_checkpointing, make_model, padded_prompts, save_model, tiny_config
+from tiny_models import (
+    VOCAB, make_model, padded_prompts, randomise_stitches, save_model, stitch_gradients, tiny_config,
+)
 
 FAMILIES = ["llama", "qwen3", "gemma3_text", "mistral", "qwen2", "phi3", "olmo2"]
 
@@ -35,14 +37,6 @@ def _tokens(batch=2, length=9, seed=1):
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _randomise_stitches(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.stitches.named_parameters():
-            scale = 1.0 if "scale" in name else 0.3
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-
-
 @pytest.mark.parametrize("experts", ["same", "mixed"])
 def test_initial_stitches_give_exactly_the_hubs_logits(trio, experts):
     family, root, hub, folders = trio
@@ -52,7 +46,7 @@ def test_initial_stitches_give_exactly_the_hubs_logits(trio, experts):
     tokens = _tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=tokens).logits, hub(input_ids=tokens).logits, atol=1e-5, rtol=0)
-        _randomise_stitches(model)  # and the stitches do act once trained
+        randomise_stitches(model)  # and the stitches do act once trained
         assert (model(input_ids=tokens).logits - hub(input_ids=tokens).logits).abs().max() > 1e-2
 
 
@@ -60,7 +54,7 @@ def test_generation_with_per_stream_caches_equals_without_cache(trio):
     family, root, hub, folders = trio
     out = compose(_recipe(folders, stitch_layers_index=[0, 1]), root / "gen", progress=False, overwrite=True)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
-    _randomise_stitches(model, seed=3)
+    randomise_stitches(model, seed=3)
     prompt = _tokens(batch=1, length=5, seed=4)
     settings = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
     cached = model.generate(prompt, use_cache=True, **settings)
@@ -73,7 +67,7 @@ def test_padded_batch_generation_with_cache_equals_without(trio, batch, length):
     family, root, hub, folders = trio
     out = compose(_recipe(folders, stitch_layers_index=[0, 1]), root / "gen", progress=False, overwrite=True)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
-    _randomise_stitches(model, seed=3)
+    randomise_stitches(model, seed=3)
     prompt, mask = padded_prompts(batch, length, seed=length)
     settings = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     cached = model.generate(prompt, use_cache=True, **settings)
@@ -86,7 +80,7 @@ def test_save_load_restores_stitches_and_logits(trio, tmp_path, no_loading_warni
     out = compose(_recipe(folders), root / "saved", progress=False, overwrite=True)
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    _randomise_stitches(model, seed=5)
+    randomise_stitches(model, seed=5)
     model.eval()
     tokens = _tokens()
     with torch.no_grad():
@@ -136,15 +130,7 @@ def test_gradient_checkpointing_gives_the_same_stitch_gradients(trio):
     family, root, hub, folders = trio
     out = compose(_recipe(folders, stitch_freq=1), root / "ckpt", progress=False, overwrite=True)
     batch = _tokens(batch=2, length=8, seed=8)
-    gradients = []
-    for checkpointing in (False, True):
-        model = AutoModelForCausalLM.from_pretrained(out)
-        _randomise_stitches(model, seed=9)
-        if checkpointing:
-            enable_activation_checkpointing(model)
-        model.train()
-        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-        gradients.append({n: p.grad.clone() for n, p in model.stitches.named_parameters()})
+    gradients = [grads for _, grads in stitch_gradients(out, batch, seed=9)]
     for name in gradients[0]:
         torch.testing.assert_close(gradients[1][name], gradients[0][name], atol=1e-5, rtol=1e-4)
 
@@ -158,7 +144,7 @@ def test_inputs_embeds(trio):
     with torch.no_grad():
         torch.testing.assert_close(model(inputs_embeds=embeds).logits, hub(inputs_embeds=embeds).logits,
                                    atol=1e-5, rtol=0)
-        _randomise_stitches(model)
+        randomise_stitches(model)
         assert model(inputs_embeds=embeds).logits.isfinite().all()
     generated = model.generate(inputs_embeds=embeds[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert generated.shape[-1] == 4

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mixturekit import CompatibilityError, compose
-from tiny_models import VOCAB, make_model, padded_prompts, save_model, tiny_config
+from tiny_models import VOCAB, make_model, padded_prompts, randomise_stitches, save_model, stitch_gradients, tiny_config
 
 # (hub family, expert family): each expert is wider (48 vs 32) and deeper (3 vs 2 blocks) than its hub.
 PAIRS = [("llama", "qwen3"), ("llama", "gemma3_text"), ("llama", "mistral"), ("gemma3_text", "llama"),
@@ -52,13 +52,6 @@ def _load(folder: Path):
     return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
-def _randomise_stitches(model, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.stitches.named_parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * (1.0 if "scale" in name else 0.3))
-
-
 def test_the_composition_keeps_each_familys_config(pair):
     root, hub, hub_folder, expert, expert_folder = pair
     out = compose(_recipe(hub_folder, {"e": expert_folder}), root / "configs", progress=False, overwrite=True)
@@ -79,7 +72,7 @@ def test_initial_model_gives_exactly_the_hubs_logits(pair):
     with torch.no_grad():
         reference = hub(input_ids=tokens, attention_mask=mask).logits
         torch.testing.assert_close(model(input_ids=tokens, attention_mask=mask).logits, reference, atol=1e-5, rtol=0)
-        _randomise_stitches(model, seed=0)  # the expert stream does reach the output once stitches train
+        randomise_stitches(model, seed=0)  # the expert stream does reach the output once stitches train
         assert (model(input_ids=tokens, attention_mask=mask).logits - reference).abs().max() > 1e-2
 
 
@@ -126,7 +119,7 @@ def test_padded_generation_with_cache_equals_without(pair):
     out = compose(_recipe(hub_folder, {"e": expert_folder}, stitch_layers_index=[0, 1]), root / "gen",
                   progress=False, overwrite=True)
     model = _load(out)
-    _randomise_stitches(model, seed=3)
+    randomise_stitches(model, seed=3)
     prompt, mask = padded_prompts(3, 12, seed=4)
     settings = dict(attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
     cached = model.generate(prompt, use_cache=True, **settings)
@@ -140,7 +133,7 @@ def test_save_load_gives_the_same_logits(pair, tmp_path, no_loading_warnings):
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     model.eval()
-    _randomise_stitches(model, seed=5)
+    randomise_stitches(model, seed=5)
     tokens = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         before = model(input_ids=tokens).logits
@@ -152,22 +145,14 @@ def test_save_load_gives_the_same_logits(pair, tmp_path, no_loading_warnings):
 
 
 def test_stitch_gradients_reach_every_stitch_and_checkpointing_keeps_them(pair):
-    from tiny_models import enable_activation_checkpointing
-
     root, hub, hub_folder, expert, expert_folder = pair
     out = compose(_recipe(hub_folder, {"e": expert_folder}, stitch_freq=1), root / "grad", progress=False,
                   overwrite=True)
     batch = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(9))
-    gradients = []
-    for checkpointing in (False, True):
-        model = AutoModelForCausalLM.from_pretrained(out)
-        _randomise_stitches(model, seed=10)
-        if checkpointing:
-            enable_activation_checkpointing(model)
-        model.train()
-        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-        gradients.append({n: p.grad.clone() for n, p in model.stitches.named_parameters()})
+    runs = stitch_gradients(out, batch, seed=10)
+    for model, _ in runs:
         assert all(p.grad is None for p in model.streams.parameters())  # the expert stays frozen
+    gradients = [grads for _, grads in runs]
     assert all(g.abs().sum() > 0 for n, g in gradients[0].items() if "projections" in n)
     for name in gradients[0]:
         torch.testing.assert_close(gradients[1][name], gradients[0][name], atol=1e-5, rtol=1e-4)
@@ -198,7 +183,7 @@ def test_three_families_at_once(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=prompt, attention_mask=mask).logits,
                                    hub(input_ids=prompt, attention_mask=mask).logits, atol=1e-5, rtol=0)
-    _randomise_stitches(model, seed=8)
+    randomise_stitches(model, seed=8)
     settings = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(prompt, use_cache=True, **settings),
                        model.generate(prompt, use_cache=False, **settings))

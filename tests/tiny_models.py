@@ -80,3 +80,26 @@ def force_routing(router: torch.nn.Module, expert: int) -> None:
         logits[:, expert] = 0.0
         return logits
     router.forward = forced
+
+
+def randomise_stitches(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random bts stitches (scales around 1, the rest at 0.3), so the expert streams reach the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.stitches.named_parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * (1.0 if "scale" in name else 0.3))
+
+
+def stitch_gradients(folder: Path, batch: torch.Tensor, seed: int) -> list[tuple[torch.nn.Module, dict]]:
+    """A bts checkpoint with the same random stitches, its stitch gradients on `batch` without and then with
+    activation checkpointing: `[(model, {name: gradient})]` for each."""
+    runs = []
+    for checkpointing in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        randomise_stitches(model, seed)
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        model.train()
+        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        runs.append((model, {n: p.grad.clone() for n, p in model.stitches.named_parameters()}))
+    return runs
