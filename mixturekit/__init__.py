@@ -1,7 +1,7 @@
 """MixtureKit: compose Mixture-of-Experts language models from dense Hugging Face checkpoints."""
 
 from .errors import (
-    CompatibilityError, MixtureKitError, OutputError, RecipeError, SourceError, TrainingError,
+    CompatibilityError, MergeError, MixtureKitError, OutputError, RecipeError, SourceError, TrainingError,
     UnsupportedArchitectureError,
 )
 from .recipe import ModelSource, Recipe, load_recipe
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": "loading",
     "evaluate": "evaluation",
+    "merge_experts": "merging", "compare_to_merging": "comparison",
     "convert_gguf": "sources",
     "capture_routing": "analysis", "RoutingTrace": "analysis", "routing_by_label": "analysis",
     "utilisation": "analysis", "dead_experts": "analysis",
@@ -29,8 +30,9 @@ _LAZY = {
 }
 
 __all__ = sorted([
-    "CompatibilityError", "CompositionPlan", "MixtureKitConfig", "MixtureKitError", "MixtureKitForCausalLM", "ModelSource",
-    "OutputError", "Recipe", "RecipeError", "SourceError", "TrainingError", "UnsupportedArchitectureError",
+    "CompatibilityError", "CompositionPlan", "MergeError", "MixtureKitConfig", "MixtureKitError", "MixtureKitForCausalLM",
+    "ModelSource", "OutputError", "Recipe", "RecipeError", "SourceError", "TrainingError",
+    "UnsupportedArchitectureError",
     "ExportError", "build_moe", "build_plan", "compose", "export", "load_balancing_loss", "load_recipe", "plan_summary",
     *_LAZY,
 ])

@@ -126,15 +126,77 @@ def evaluate_command(
 
     from .evaluation import evaluate, format_evaluation
 
-    named = dict(item.split("=", 1) if "=" in item else (Path(item).stem, item) for item in data)
     try:
-        results = evaluate(checkpoint, named, block_size=block_size, max_blocks=max_blocks, progress=True)
+        results = evaluate(checkpoint, _named_data(data), block_size=block_size, max_blocks=max_blocks, progress=True)
     except MixtureKitError as error:
         _fail(error)
     typer.echo(format_evaluation(results))
     if json_path is not None:
         json_path.write_text(json.dumps(results, indent=2) + "\n")
         typer.echo(f"wrote {json_path}")
+
+
+def _named_data(data: list[str]) -> dict[str, str]:
+    """`--data` values as {name: source}: NAME=FILE, or a file or dataset name named by its stem."""
+    return dict(item.split("=", 1) if "=" in item else (Path(item).stem, item) for item in data)
+
+
+@app.command()
+def merge(
+    experts: list[str] = typer.Argument(..., help="Dense checkpoints of one architecture: folders, .gguf files or "
+                                        "Hub ids."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder."),
+    method: str = typer.Option("linear", "--method", help="linear (weighted mean) | ties (TIES-Merging over --base)"),
+    base: Optional[str] = typer.Option(None, "--base", help="ties: the model the experts were fine-tuned from."),
+    density: float = typer.Option(0.2, "--density", help="ties: the fraction of each task vector kept, in (0, 1]."),
+    weight: Optional[list[float]] = typer.Option(None, "--weight", help="One weight per expert, in their order; "
+                                                 "repeat (default: equal)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the first expert's) | float32 | bfloat16 | float16"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Merge dense checkpoints into one dense checkpoint: the baseline a composition of them should beat."""
+    from .merging import merge_experts
+
+    try:
+        path = merge_experts(experts, output, method, base=base, density=density, weights=weight or None,
+                             dtype=dtype, overwrite=overwrite, progress=True)
+    except MixtureKitError as error:
+        _fail(error)
+    typer.echo(f"wrote {path}: a {method} merge of {len(experts)} models, dense (loads with AutoModelForCausalLM)")
+
+
+@app.command()
+def compare(
+    target: Path = typer.Argument(..., help="Composed checkpoint folder, or a recipe (composed into --workdir)."),
+    data: list[str] = typer.Option(..., "--data", help="NAME=FILE (or a dataset name); repeat for several."),
+    workdir: Path = typer.Option(..., "--workdir", "-w", help="Where the merges (and a recipe's composition) go."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="The recipe the checkpoint was composed from "
+                                          "(default: the one compose stored in it)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base of the TIES merge (default: the recipe's; "
+                                       "without one, no TIES merge)."),
+    density: float = typer.Option(0.2, "--density", help="TIES: the fraction of each task vector kept."),
+    block_size: int = typer.Option(256, "--block-size"),
+    max_blocks: int = typer.Option(64, "--max-blocks"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the table as OUT.md and OUT.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace merges (or a composition) in --workdir."),
+) -> None:
+    """Is this composition better than merging? Perplexity of each expert, the base, the linear and TIES merges of
+    the experts, and the composition, on the same tokens."""
+    import json
+
+    from .comparison import compare_to_merging, format_comparison
+
+    try:
+        result = compare_to_merging(target, _named_data(data), workdir, recipe=recipe, base=base, density=density,
+                                    block_size=block_size, max_blocks=max_blocks, overwrite=overwrite)
+    except MixtureKitError as error:
+        _fail(error)
+    table = format_comparison(result)
+    typer.echo(table)
+    if out is not None:
+        out.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        typer.echo(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
 
 
 @app.command()

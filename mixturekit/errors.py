@@ -25,6 +25,10 @@ class UnsupportedArchitectureError(CompatibilityError):
     """The architecture has no layout MixtureKit knows how to route."""
 
 
+class MergeError(MixtureKitError, ValueError):
+    """A merge's settings are invalid: its method, base, density, weights or dtype, or fewer than two experts."""
+
+
 class OutputError(MixtureKitError, OSError):
     """The output folder exists or cannot be written."""
 

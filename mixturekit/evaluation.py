@@ -60,6 +60,15 @@ def perplexity(model, blocks: dict[str, torch.Tensor], batch_size: int = 8) -> d
     return result
 
 
+def data_blocks(
+    source: str | Path, tokenizer, block_size: int = 256, max_blocks: int = 64, text_column: str = "text",
+) -> torch.Tensor:
+    """The first `max_blocks` blocks `[n, block_size]` of a data file or dataset's text, tokenized: what every model
+    evaluated on `source` is scored on."""
+    dataset = load_data(source, required_columns=(text_column,))
+    return torch.tensor(token_blocks(dataset, tokenizer, block_size, text_column)["input_ids"][:max_blocks])
+
+
 @torch.inference_mode()
 def evaluate(
     model_path: str | Path, data: dict[str, str | Path], block_size: int = 256, max_blocks: int = 64,
@@ -78,8 +87,7 @@ def evaluate(
     composed = isinstance(model, MixtureKitForCausalLM) and model.config.method != "bts"
     results = {}
     for name, source in data.items():
-        blocks = torch.tensor(token_blocks(load_data(source, required_columns=(text_column,)), tokenizer, block_size,
-                                           text_column)["input_ids"][:max_blocks])
+        blocks = data_blocks(source, tokenizer, block_size, max_blocks, text_column)
         statistics = RoutingStatistics()
 
         def forward(batch: torch.Tensor) -> Any:

@@ -7,7 +7,6 @@ an existing output is replaced only with `overwrite`, and only after the new one
 
 from __future__ import annotations
 
-import shutil
 import threading
 import zlib
 from pathlib import Path
@@ -15,14 +14,14 @@ from typing import Iterator
 
 import torch
 
-from ..errors import OutputError, RecipeError
+from ..errors import RecipeError
 from ..plan import CompositionPlan, TensorPlan, build_plan
 from ..recipe import Recipe, load_recipe
 from ..runtime.loader_files import AUTO_MAP
 from ..runtime.stitch import build_stitches
 from ..sources import TensorSlot
 from ..sources.safetensors_io import FileSlice, TensorInfo, dtype_nbytes, read_exactly
-from ..sources.checkpoint_folder import check_output_folder, new_staging_folder, swap_into_place, write_sharded
+from ..sources.checkpoint_folder import check_output_folder, copy_tokenizer_files, staged_output, write_sharded
 from .model_card import write_model_card
 
 
@@ -61,7 +60,7 @@ def materialize_parts(
         stored = [reader.stored(tensor.sources[0]) for reader in readers]
         if (tensor.dtype.is_floating_point
                 and all(info is not None and info.dtype.is_floating_point for info in stored)):
-            yield from _average_in_blocks(stored, tensor.dtype)
+            yield from average_in_blocks(stored, tensor.dtype)
             return
     if tensor.origin == "new" and tensor.init == "stitch":
         yield (stitch_values or initial_stitch_values(plan))[tensor.name].to(tensor.dtype)
@@ -99,7 +98,7 @@ def materialize_parts(
 AVERAGE_BLOCK = 2**15
 
 
-def _average_in_blocks(sources: list[TensorInfo], dtype: torch.dtype) -> Iterator[torch.Tensor]:
+def average_in_blocks(sources: list[TensorInfo], dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """The mean of the stored tensors `sources` (same shape), block by block through reused buffers.
 
     Bit for bit what averaging whole tensors gives (the float32 sum in the same order, then one division and one
@@ -174,11 +173,7 @@ def _write_side_files(plan: CompositionPlan, staging: Path, model_name: str) -> 
     if plan.recipe.auto_map:
         plan.config.auto_map = dict(AUTO_MAP)
     plan.config.save_pretrained(staging)  # with auto_map, also the loader files it names
-    generation = reference.folder / "generation_config.json"
-    if generation.is_file():
-        shutil.copyfile(generation, staging / "generation_config.json")
-    for path in reference.tokenizer_files():
-        shutil.copyfile(path, staging / path.name)
+    copy_tokenizer_files(reference.folder, staging)
     (staging / "mixturekit_recipe.yaml").write_text(plan.recipe.to_yaml(), encoding="utf-8")
     write_model_card(plan, staging / "README.md", model_name)
 
@@ -197,21 +192,9 @@ def compose(
     target = Path(recipe.output).expanduser().absolute()
     check_output_folder(target, overwrite)
     plan = build_plan(recipe, cache_dir=cache_dir)
-    staging = new_staging_folder(target)
-    try:
+    with staged_output(target, "composed checkpoint", sum(t.nbytes for t in plan.tensors)) as staging:
         hashing = _hash_sources_in_background(plan)
         _write_tensors(plan, staging, progress)
         hashing.join()
         _write_side_files(plan, staging, target.name)
-        swap_into_place(staging, target)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        size = sum(t.nbytes for t in plan.tensors) / 1e9
-        raise OutputError(
-            f"writing the composed checkpoint '{target}' failed: {error}; nothing was written: free some space (it "
-            f"needs about {size:.2f} GB) or choose another output folder"
-        ) from error
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

@@ -21,8 +21,10 @@ from ..recipe import parse_size
 from ..errors import MixtureKitError
 from ..runtime.architecture import num_layers
 from ..runtime.config import MixtureKitConfig, require_composed, stored_model_type
-from ..sources.checkpoint_folder import check_output_folder, new_staging_folder, swap_into_place, write_sharded
-from ..sources.resolve import TOKENIZER_FILES, weight_files
+from ..sources.checkpoint_folder import (
+    check_output_folder, copy_tokenizer_files, new_staging_folder, swap_into_place, write_sharded,
+)
+from ..sources.resolve import weight_files
 from ..sources.safetensors_io import CheckpointReader, TensorSlot
 from ..runtime.shared_expert import ROUTED_SCALE, SHARED_EXPERT
 from .expert_layout import LAYOUTS, Piece, is_routed_down_proj, per_expert_pieces, piece_reader
@@ -173,9 +175,7 @@ def export(
                       lambda slot: [extra[slot]] if slot in extra else [read(pieces[slot])],
                       parse_size(shard_size), progress, desc="exporting")
         exported_config.save_pretrained(staging)
-        for name in (*TOKENIZER_FILES, "generation_config.json"):
-            if (checkpoint / name).is_file():
-                shutil.copyfile(checkpoint / name, staging / name)
+        copy_tokenizer_files(checkpoint, staging)
         (staging / "README.md").write_text(
             f"---\nlibrary_name: transformers\ntags:\n- mixturekit\n- {target}\n---\n\n# {target} export\n\n"
             f"Exported by MixtureKit from `{checkpoint.name}`, a `traditional` composition of "

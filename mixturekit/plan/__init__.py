@@ -1,6 +1,11 @@
 """Plan: decide every output tensor's origin from configs and tensor headers, and check compatibility."""
 
-from .planner import CompositionPlan, TensorPlan, build_plan, check_compatible
+from .planner import (
+    DTYPES, CompositionPlan, TensorPlan, build_plan, check_compatible, check_dense_tensors, source_dtype,
+)
 from .summary import plan_summary
 
-__all__ = ["CompositionPlan", "TensorPlan", "build_plan", "check_compatible", "plan_summary"]
+__all__ = [
+    "DTYPES", "CompositionPlan", "TensorPlan", "build_plan", "check_compatible", "check_dense_tensors", "plan_summary",
+    "source_dtype",
+]

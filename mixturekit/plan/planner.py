@@ -103,7 +103,8 @@ class CompositionPlan:
         return sum(t.numel for t in self.tensors if t.origin == origin)
 
 
-def _source_dtype(model: LocalModel) -> torch.dtype:
+def source_dtype(model: LocalModel) -> torch.dtype:
+    """The dtype of the first floating-point tensor the model stores (float32 if none): what `dtype: auto` keeps."""
     for info in model.reader.tensors.values():
         if info.dtype.is_floating_point:
             return info.dtype
@@ -225,6 +226,19 @@ def _dense_expected_tensors(dense) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in dense.state_dict().items() if name not in tied}
 
 
+def check_dense_tensors(models: list[LocalModel], config) -> tuple[torch.nn.Module, dict[str, tuple[int, ...]]]:
+    """A weightless (meta) dense model of `config` and the tensors it saves by name and shape (tied ones left out).
+    Each model's reader is renamed to the model's names (the legacy renames transformers makes on load) and checked
+    to hold every one of them with that shape: the first miss or mismatch is a CompatibilityError."""
+    dense = _meta_dense(config)
+    expected = _dense_expected_tensors(dense)
+    renamer = checkpoint_key_renamer(dense)
+    for model in models:
+        model.reader.rename(renamer)
+    _check_tensors(models, expected)
+    return dense, expected
+
+
 @dataclass(frozen=True)
 class _StackRole:
     relative: str
@@ -273,17 +287,12 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
     reference = expert_models[0]
     notes = check_compatible(models, reference)
     ref_model = models[reference]
-    dtype = DTYPES[recipe.dtype] if recipe.dtype != "auto" else _source_dtype(ref_model)
+    dtype = DTYPES[recipe.dtype] if recipe.dtype != "auto" else source_dtype(ref_model)
     dtype_name = str(dtype).removeprefix("torch.")
 
     text_config = copy.deepcopy(ref_model.config)
     text_config.dtype = dtype_name
-    dense = _meta_dense(text_config)
-    expected = _dense_expected_tensors(dense)
-    renamer = checkpoint_key_renamer(dense)
-    for model in models:
-        model.reader.rename(renamer)
-    _check_tensors(models, expected)
+    dense, expected = check_dense_tensors(models, text_config)
     router_layers = None
     _, blocks = decoder_layers(dense, text_config)
     if recipe.method == "btx":
@@ -367,18 +376,15 @@ def _plan_streams(recipe: Recipe, models: list[LocalModel], by_name: dict[str, i
     hub = by_name[recipe.hub_name]
     streams = [i for i in range(len(models)) if i != hub]
     notes = check_compatible(models, hub, same_architecture=False)
-    dtype = DTYPES[recipe.dtype] if recipe.dtype != "auto" else _source_dtype(models[hub])
+    dtype = DTYPES[recipe.dtype] if recipe.dtype != "auto" else source_dtype(models[hub])
     dtype_name = str(dtype).removeprefix("torch.")
     configs, prefixes, denses, expected = [], {}, {}, {}
     for index, model in enumerate(models):
         config = copy.deepcopy(model.config)
         config.dtype = dtype_name
-        denses[index] = dense = _meta_dense(config)
-        expected[index] = _dense_expected_tensors(dense)
-        model.reader.rename(checkpoint_key_renamer(dense))
-        _check_tensors([model], expected[index])
+        denses[index], expected[index] = check_dense_tensors([model], config)
         configs.append(config)
-        prefixes[index] = dense.base_model_prefix
+        prefixes[index] = denses[index].base_model_prefix
     _, hub_blocks = decoder_layers(denses[hub], configs[hub])
     points = stitch_points(len(hub_blocks), recipe.stitch_freq, recipe.stitch_layers_index)
     out_of_range = [p for p in points if p >= len(hub_blocks)]

@@ -2,7 +2,8 @@
 time (staged beside the output, swapped into place whole)."""
 
 from .checkpoint_folder import (
-    STAGING_PREFIX, assign_shards, check_output_folder, new_staging_folder, swap_into_place, write_sharded,
+    STAGING_PREFIX, assign_shards, check_output_folder, copy_tokenizer_files, new_staging_folder, staged_output,
+    swap_into_place, write_sharded,
 )
 from .gguf import convert_gguf, default_cache_dir
 from .resolve import LocalModel, resolve_source, weight_files
@@ -10,6 +11,6 @@ from .safetensors_io import CheckpointReader, ShardWriter, TensorInfo, TensorSlo
 
 __all__ = [
     "STAGING_PREFIX", "CheckpointReader", "LocalModel", "ShardWriter", "TensorInfo", "TensorSlot", "assign_shards",
-    "check_output_folder", "convert_gguf", "default_cache_dir", "new_staging_folder", "read_header",
-    "resolve_source", "swap_into_place", "weight_files", "write_sharded",
+    "check_output_folder", "convert_gguf", "copy_tokenizer_files", "default_cache_dir", "new_staging_folder",
+    "read_header", "resolve_source", "staged_output", "swap_into_place", "weight_files", "write_sharded",
 ]

@@ -7,13 +7,15 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import OutputError
+from .resolve import TOKENIZER_FILES
 from .safetensors_io import ShardWriter, TensorSlot
 
 STAGING_PREFIX = ".mixturekit-partial-"
@@ -59,6 +61,34 @@ def new_staging_folder(output: Path) -> Path:
     staging = output.parent / f"{STAGING_PREFIX}{output.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     return staging
+
+
+@contextmanager
+def staged_output(output: Path, what: str, nbytes: int) -> Iterator[Path]:
+    """A fresh staging folder for `output`, swapped into place when the block ends and removed if it raises, so the
+    output appears whole or not at all. A failed write (a full disk...) is an OutputError that names `what` was being
+    written and about how much space (`nbytes`) it needs."""
+    staging = new_staging_folder(output)
+    try:
+        yield staging
+        swap_into_place(staging, output)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputError(
+            f"writing the {what} '{output}' failed: {error}; nothing was written: free some space (it needs about "
+            f"{nbytes / 1e9:.2f} GB) or choose another output folder"
+        ) from error
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def copy_tokenizer_files(source: Path, folder: Path) -> None:
+    """The tokenizer files and the generation config of the checkpoint folder `source`, those it has, into `folder`:
+    a checkpoint written from others' tensors generates and tokenizes as its source does."""
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
 
 
 def _remove_abandoned_staging(output: Path) -> None:

@@ -56,9 +56,6 @@ class LocalModel:
             hashes[path.name] = digest.hexdigest()
         return hashes
 
-    def tokenizer_files(self) -> list[Path]:
-        return [self.folder / name for name in TOKENIZER_FILES if (self.folder / name).is_file()]
-
 
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder: those its index names, else every `*.safetensors` in it."""
