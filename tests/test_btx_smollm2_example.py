@@ -31,26 +31,57 @@ def test_the_pipeline_runs_and_reports_every_model(tmp_path):
     run = [sys.executable, str(EXAMPLE / "prepare.py"), "--out", str(data), "--tokenizer", str(seed),
            "--max-chars", "40000"]
     subprocess.run(run, check=True, capture_output=True, text=True)
-    out = tmp_path / "out"
-    run = [sys.executable, str(EXAMPLE / "pipeline.py"), "--data", str(data), "--model", str(seed), "--workdir",
-           str(tmp_path / "work"), "--out", str(out), "--expert-tokens", "2048", "--moe-tokens", "2048",
-           "--seq-len", "32", "--batch-size", "8", "--validation-blocks", "4", "--device", "cpu"]
-    finished = subprocess.run(run, capture_output=True, text=True)
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    out, work = tmp_path / "out", tmp_path / "work"
+    common = [sys.executable, str(EXAMPLE / "pipeline.py"), "--data", str(data), "--model", str(seed), "--workdir",
+              str(work), "--out", str(out), "--expert-tokens", "2048", "--moe-tokens", "2048", "--seq-len", "32",
+              "--batch-size", "8", "--validation-blocks", "4", "--device", "cpu", "--latency-tokens", "4"]
+    # Each stage on its own, as the device calls run them; moe before baselines needs no baseline.
+    for stage in ("experts", "moe", "baselines", "eval"):
+        finished = subprocess.run(common + ["--stage", stage] + (["--alpha-study"] if stage == "moe" else []),
+                                  capture_output=True, text=True)
+        assert finished.returncode == 0, (stage, finished.stderr[-3000:])
     summary = json.loads((out / "results.json").read_text())
+    domains = {"code", "german", "arithmetic"}
     expected = {"seed", "expert code", "expert german", "expert arithmetic", "dense data-matched",
-                "sparse upcycling", "traditional", "btx", "bts"}
+                "sparse upcycling", "best expert, continued", "linear merge (as merged)", "linear merge",
+                "ties merge (as merged)", "ties merge", "traditional", "btx", "traditional, no seed", "btx, no seed",
+                "bts", "bts (as composed)", "traditional, alpha 0", "traditional, alpha 0.1",
+                "traditional, alpha auto"}
     assert expected <= set(summary["results"])
     for row in summary["results"].values():
-        assert set(row) == {"code", "german", "arithmetic", "mixed"}
+        assert set(row) == domains | {"mixed"}
         assert all(0 < value < 1e6 for value in row.values())
-    # Training moved every trained model away from the seed, and BTS at composition is exactly its hub (the seed).
-    seed_row = summary["results"]["seed"]
-    assert summary["results"]["bts (as composed)"]["mixed"] == pytest.approx(seed_row["mixed"], rel=1e-4)
-    assert summary["results"]["expert code"]["code"] != seed_row["code"]
-    for label in ("traditional", "btx"):
+    results = summary["results"]
+    # Training moved every trained model away from its start, and BTS at composition is exactly its hub (the seed).
+    seed_row = results["seed"]
+    assert results["bts (as composed)"]["mixed"] == pytest.approx(seed_row["mixed"], rel=1e-4)
+    assert results["expert code"]["code"] != seed_row["code"]
+    assert results["linear merge"]["mixed"] != results["linear merge (as merged)"]["mixed"]
+    # The best expert is the one with the lowest mixed perplexity, and what each model cost adds up: a model built
+    # from the experts carries their tokens; the dense data-matched model trained on as many tokens by itself.
+    best = min(domains, key=lambda d: results[f"expert {d}"]["mixed"])
+    assert summary["best_expert"] == best
+    costs = summary["costs"]
+    expert_tokens = sum(costs[f"expert {d}"]["total_train_tokens"] for d in domains)
+    assert costs["traditional"]["total_train_tokens"] > expert_tokens
+    assert costs["dense data-matched"]["total_train_tokens"] == costs["btx"]["total_train_tokens"]
+    assert costs["linear merge (as merged)"]["total_train_tokens"] == expert_tokens
+    assert costs["seed"] == {"total_train_tokens": 0, "gpu_seconds": 0.0}
+    for label in ("traditional", "btx", "traditional, no seed"):
         per_domain = summary["specialisation"][label]
-        assert set(per_domain) == {"code", "german", "arithmetic"}
+        assert set(per_domain) == domains
         assert all(0.0 <= share <= 1.0 for shares in per_domain.values() for share in shares)
-    assert "| sparse upcycling |" in (out / "results.md").read_text()
+    # alpha 0 trains without the balance loss; auto changed its alpha during training; every setting reports
+    # utilisation with a load entropy in [0, 1].
+    assert set(summary["alpha_curves"]) == {"traditional, alpha auto"}
+    for label in ("traditional", "traditional, alpha 0", "traditional, alpha 0.1", "traditional, alpha auto"):
+        assert 0.0 <= summary["utilisation"][label]["mean_load_entropy"] <= 1.0
+    assert set(summary["latency"]) == {"seed", "traditional", "btx"}
+    assert all(t["generate_tokens_per_s"] > 0 for t in summary["latency"].values())
+    table = (out / "results.md").read_text()
+    assert "| sparse upcycling |" in table and "relative to that domain's expert" in table
     assert (out / "routing-report.html").stat().st_size > 1000
+    # A stage whose inputs are missing says which stage to run first.
+    finished = subprocess.run(common[:7] + [str(tmp_path / "empty")] + common[8:] + ["--stage", "moe"],
+                              capture_output=True, text=True)
+    assert finished.returncode != 0 and "--stage experts" in finished.stderr

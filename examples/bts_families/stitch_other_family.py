@@ -152,7 +152,7 @@ def main() -> None:
     data = btx.Data(data_folder, args.seq_len, args.validation_blocks)
     if args.expert_domain not in data.domains:
         raise SystemExit(f"--expert-domain '{args.expert_domain}' is not in the data; valid: {data.domains}")
-    results, curves = {}, {}
+    results, curves, seconds = {}, {}, {}
     hub = btx.load(hub_folder, device)
     results["hub"] = btx.perplexities(hub, data, args.batch_size)
     log(f"hub {hub.config.model_type} ({hub_folder}): {results['hub']}")
@@ -165,8 +165,9 @@ def main() -> None:
     expert = AutoModelForCausalLM.from_config(config).to(device)
     log(f"expert: {config.model_type}, hidden {config.hidden_size}, {config.num_hidden_layers} blocks, "
         f"{sum(p.numel() for p in expert.parameters()) / 1e6:.1f}M parameters, from scratch on {args.expert_domain}")
-    curves["expert"] = btx.train(expert, data, [args.expert_domain], args.expert_tokens, args, args.expert_lr,
-                                 args.expert_lr, args.seed + 1, f"expert {config.model_type}")
+    trained = btx.train(expert, data, [args.expert_domain], args.expert_tokens, args, args.expert_lr, args.expert_lr,
+                        args.seed + 1, f"expert {config.model_type}")
+    curves["expert"], seconds["expert"] = trained["loss_curve"], trained["train_seconds"]
     results[f"expert ({config.model_type}, {args.expert_domain})"] = btx.perplexities(expert, data, args.batch_size)
     expert_folder = btx.save(expert, args.workdir / "expert", hub_folder)  # with the hub's tokenizer files
     del expert
@@ -182,8 +183,9 @@ def main() -> None:
     if args.quick and initial_gap > 1e-4:
         raise SystemExit(f"bts as composed differs from its hub (relative {initial_gap:.2e}): the identity is broken")
     apply_freeze_policy(model, "stitches")
-    curves["bts"] = btx.train(model, data, data.domains, args.stitch_tokens, args, args.stitch_lr, args.stitch_lr,
-                              args.seed + 2, "bts stitches")
+    trained = btx.train(model, data, data.domains, args.stitch_tokens, args, args.stitch_lr, args.stitch_lr,
+                        args.seed + 2, "bts stitches")
+    curves["bts"], seconds["bts stitches"] = trained["loss_curve"], trained["train_seconds"]
     results["bts (stitches trained)"] = btx.perplexities(model, data, args.batch_size)
     btx.save(model, args.workdir / "trained", hub_folder)
     import transformers
@@ -195,10 +197,10 @@ def main() -> None:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"},
-        "seconds": time.perf_counter() - started, "loss_curves": curves,
+        "seconds": time.perf_counter() - started, "train_seconds": seconds, "loss_curves": curves,
     }
     (args.out / "results.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    table = btx.markdown_table(results, data.domains)
+    table = btx.markdown_table(results, data.domains + ["mixed"])
     (args.out / "results.md").write_text(table + "\n", encoding="utf-8")
     print(table, flush=True)
     log(f"done in {time.perf_counter() - started:.0f} s")

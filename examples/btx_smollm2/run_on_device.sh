@@ -1,20 +1,46 @@
 #!/usr/bin/env bash
-# The SmolLM2 reproduction on a lent GPU through the device tool, which carries at most 64 MiB per call: the GGUF
-# (94 MB) travels in two halves made by `prepare.py --split-model`. Call 1: `bash run_on_device.sh stash` carrying
-# .carry/btx_smollm2/smollm2.gguf.part0; call 2, while the machine is still warm: `bash run_on_device.sh run`
-# carrying .whl, data.npz, data.json and smollm2.gguf.part1. On a machine of your own, run pipeline.py directly.
+# The SmolLM2 study on a lent GPU through the device tool, which carries at most 64 MiB per call: SmolLM2's GGUF
+# (94 MB) travels in two halves (`prepare.py --split-model`) and a large data set in parts (`prepare.py --split-data`),
+# over several calls to the same warm machine. Every call first stashes what it carries under .carry/ into
+# /root/stash (so later calls need not carry it again) and reassembles the GGUF and data.npz once all parts are there.
+#   bash examples/btx_smollm2/run_on_device.sh stash                  # carry some parts, run nothing
+#   DATA=study WORKDIR=/root/study/e1M bash examples/btx_smollm2/run_on_device.sh run [pipeline.py options]
+#   bash examples/btx_smollm2/run_on_device.sh assemble               # only stash and reassemble (other scripts)
+# DATA names the folder under .carry/ (default btx_smollm2, which also holds the GGUF halves); the wheels in .whl
+# (pydantic, gguf and their dependencies) are installed once per machine. On a machine of your own, run pipeline.py.
 set -euo pipefail
-STASH=/root/btx_smollm2_stash
-DATA=.carry/btx_smollm2
-if [ "${1:-}" = stash ]; then
-    mkdir -p "$STASH" && cp "$DATA/smollm2.gguf.part0" "$STASH/" && ls -la "$STASH"
-    python3 -c "import pandas, matplotlib" 2>&1 || true
-    exit 0
+STASH=/root/stash
+DATA=${DATA:-btx_smollm2}
+GGUF=/root/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p "$STASH"
+[ -d .carry ] && cp -r .carry/. "$STASH/"
+if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    touch /tmp/site/.installed
 fi
-[ -f "$STASH/smollm2.gguf.part0" ] || { echo "no $STASH/smollm2.gguf.part0: run the stash call first (same warm machine)"; exit 2; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if [ ! -f "$GGUF" ] && [ -f "$STASH/btx_smollm2/smollm2.gguf.part0" ] && [ -f "$STASH/btx_smollm2/smollm2.gguf.part1" ]; then
+    cat "$STASH/btx_smollm2/smollm2.gguf.part0" "$STASH/btx_smollm2/smollm2.gguf.part1" > "$GGUF"
+fi
+if [ ! -f "$STASH/$DATA/data.npz" ] && ls "$STASH/$DATA"/data.npz.part* > /dev/null 2>&1; then
+    parts=$(ls "$STASH/$DATA"/data.npz.part* | sort -V)
+    if [ -f "$STASH/$DATA/data.json" ] && python3 - "$STASH/$DATA" $parts <<'EOF'
+import json, os, sys
+folder, parts = sys.argv[1], sys.argv[2:]
+expected = json.load(open(os.path.join(folder, "data.json"))).get("npz_parts")
+sys.exit(0 if expected is None or len(parts) == expected else 1)
+EOF
+    then cat $parts > "$STASH/$DATA/data.npz"; fi
+fi
+ls -la "$STASH" "$STASH/$DATA" 2>/dev/null || true
+case "${1:-}" in
+    stash|assemble) exit 0 ;;
+    run) ;;
+    *) echo "usage: run_on_device.sh stash|assemble|run [pipeline.py options]"; exit 2 ;;
+esac
+[ -f "$GGUF" ] || { echo "no $GGUF: carry both halves of the GGUF (stash calls on the same warm machine)"; exit 2; }
+[ -f "$STASH/$DATA/data.npz" ] || { echo "no $STASH/$DATA/data.npz: carry its parts first"; exit 2; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-cat "$STASH/smollm2.gguf.part0" "$DATA/smollm2.gguf.part1" > /root/SmolLM2-135M-Instruct.Q4_1.gguf
 OUT=${OUT:-results}
-python3 examples/btx_smollm2/pipeline.py --data "$DATA" --gguf /root/SmolLM2-135M-Instruct.Q4_1.gguf \
-    --workdir /root/btx_work --out "$OUT" "${@:2}" 2>&1 | tee "$OUT/log.txt"
+mkdir -p "$OUT"
+python3 examples/btx_smollm2/pipeline.py --data "$STASH/$DATA" --gguf "$GGUF" --workdir "${WORKDIR:-/root/btx_work}" \
+    --out "$OUT" "${@:2}" 2>&1 | tee -a "$OUT/log.txt"

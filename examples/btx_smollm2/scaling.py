@@ -1,0 +1,101 @@
+"""The study's scaling view: mixed held-out perplexity per method against total training tokens and against
+GPU-seconds, over several budgets of expert training (one pipeline.py results.json per budget).
+
+    python examples/btx_smollm2/scaling.py docs/results/study/e1M/results.json docs/results/study/e5M/results.json \
+        --out docs/results/study/
+
+Writes `scaling.png` and `scaling.md` (one row per method, one column per budget, and where composing overtakes
+each alternative, if it does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+COMPOSITIONS = ("traditional", "btx", "traditional, no seed", "btx, no seed", "bts")
+
+
+def load_runs(paths: list[Path]) -> list[dict]:
+    runs = [json.loads(path.read_text()) for path in paths]
+    return sorted(runs, key=lambda run: run["settings"]["expert_tokens"])
+
+
+def methods(runs: list[dict]) -> list[str]:
+    """Trained models present in every run (not the as-composed / as-merged starting points, not single experts)."""
+    common = set.intersection(*(set(run["results"]) for run in runs))
+    order = list(runs[-1]["results"])
+    return [m for m in order if m in common and "(as " not in m and not m.startswith("expert ")]
+
+
+def table(runs: list[dict]) -> str:
+    budgets = [f"{run['settings']['expert_tokens'] / 1e6:g}M" for run in runs]
+    lines = ["| method | " + " | ".join(f"{b} per expert" for b in budgets) + " |",
+             "|---|" + "---:|" * len(runs)]
+    for method in methods(runs):
+        cells = []
+        for run in runs:
+            best = min(run["results"][m]["mixed"] for m in methods(runs))
+            value = run["results"][method]["mixed"]
+            cells.append(f"**{value:.3f}**" if value == best else f"{value:.3f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def overtakes(runs: list[dict]) -> list[str]:
+    """Per alternative: the budgets at which the best composition beats it on mixed perplexity."""
+    lines = []
+    for other in methods(runs):
+        if other in COMPOSITIONS:
+            continue
+        wins = []
+        for run in runs:
+            present = [m for m in COMPOSITIONS if m in run["results"]]
+            if present and min(run["results"][m]["mixed"] for m in present) < run["results"][other]["mixed"]:
+                wins.append(f"{run['settings']['expert_tokens'] / 1e6:g}M")
+        lines.append(f"- {other}: the best composition is better at {', '.join(wins) if wins else 'no budget'}")
+    return lines
+
+
+def plot(runs: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for method in methods(runs):
+        style = "-o" if method in COMPOSITIONS else "--s"
+        for axis, key in zip(axes, ("total_train_tokens", "gpu_seconds")):
+            xs = [run["costs"][method][key] / (1e6 if key == "total_train_tokens" else 1) for run in runs]
+            ys = [run["results"][method]["mixed"] for run in runs]
+            axis.plot(xs, ys, style, label=method)
+    for axis, label in zip(axes, ("total training tokens (M), experts included", "GPU-seconds, experts included")):
+        axis.set_xscale("log")
+        axis.set_xlabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("mixed held-out perplexity (lower is better)")
+    axes[1].legend(fontsize=7)
+    figure.suptitle("Composing against the alternatives, per budget of expert training")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, nargs="+", help="results.json of pipeline.py, one per budget")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    runs = load_runs(args.results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(["Mixed held-out perplexity per budget of expert training:", "", table(runs), "",
+                      *overtakes(runs)])
+    (args.out / "scaling.md").write_text(text + "\n", encoding="utf-8")
+    print(text)
+    print(f"wrote {plot(runs, args.out / 'scaling.png')}")
+
+
+if __name__ == "__main__":
+    main()
