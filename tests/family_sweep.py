@@ -8,7 +8,8 @@ dense models, then per method (`traditional`, `btx`, `bts`) one outcome:
   FAILED   anything else (another exception, or an invariant off): the test fails on it.
 A family whose tiny config or model cannot be built is listed with transformers' reason.
 
-`python tests/family_sweep.py` rewrites the README's architecture table from a fresh sweep.
+`python tests/family_sweep.py` rewrites the README's architecture table from a fresh sweep; `python
+tests/family_sweep.py MODEL_TYPE...` re-sweeps only those families and keeps the table's other rows.
 """
 
 from __future__ import annotations
@@ -267,6 +268,32 @@ def readme_section(readme: str) -> str:
     return match.group(0) if match else ""
 
 
+def table_results(section: str) -> list[FamilyResult]:
+    """The results a generated README section shows (each cell as the table writes it)."""
+    results = []
+    for line in section.splitlines()[5:-1]:
+        model_type, built, *outcomes = line.removeprefix("| ").removesuffix(" |").split(" | ")
+        if built == "—":
+            results.append(FamilyResult(model_type, outcomes[0]))
+        else:
+            results.append(FamilyResult(model_type, built, dict(zip(METHODS, outcomes))))
+    return results
+
+
+def with_resweep(section: str, resweep: list[FamilyResult]) -> list[FamilyResult]:
+    """The table's results with the re-swept families' rows replaced (or added), in the sweep's order."""
+    import transformers
+
+    swept_with = section.splitlines()[1].removeprefix("Swept with transformers ").split(":")[0]
+    if swept_with != transformers.__version__:
+        raise SystemExit(f"README's table was swept with transformers {swept_with}, this is "
+                         f"{transformers.__version__}: sweep every family (no model types) to rewrite it")
+    results = {r.model_type: r for r in table_results(section)}
+    results.update({r.model_type: r for r in resweep})
+    order = {model_type: index for index, model_type in enumerate(causal_lm_types())}
+    return sorted(results.values(), key=lambda r: order.get(r.model_type, len(order)))
+
+
 def main() -> None:
     readme = Path(__file__).resolve().parents[1] / "README.md"
     with tempfile.TemporaryDirectory() as work:
@@ -278,6 +305,8 @@ def main() -> None:
     current = readme_section(text)
     if not current:
         raise SystemExit(f"{readme} has no family sweep section ({README_BEGIN!r} ... {README_END!r})")
+    if sys.argv[1:]:
+        results = with_resweep(current, results)
     readme.write_text(text.replace(current, readme_table(results)), encoding="utf-8")
     print(readme_table(results).splitlines()[1])
 

@@ -30,7 +30,6 @@ from ..runtime.shared_expert import SHARED_EXPERT, SHARED_EXPERT_GATE, is_shared
 from ..runtime.stacking import StackSource
 from ..runtime.stitch import stitch_points
 from ..sources import LocalModel, resolve_source
-from ..sources.key_names import checkpoint_key_renamer
 from ..sources.lora_adapter import AdaptedReader
 
 logger = logging.getLogger(__name__)
@@ -228,13 +227,13 @@ def _dense_expected_tensors(dense) -> dict[str, tuple[int, ...]]:
 
 def check_dense_tensors(models: list[LocalModel], config) -> tuple[torch.nn.Module, dict[str, tuple[int, ...]]]:
     """A weightless (meta) dense model of `config` and the tensors it saves by name and shape (tied ones left out).
-    Each model's reader is renamed to the model's names (the legacy renames transformers makes on load) and checked
-    to hold every one of them with that shape: the first miss or mismatch is a CompatibilityError."""
+    Each model's reader addresses its tensors as the model loads them (the renamings and conversions transformers
+    applies on load) and is checked to hold every one of them with that shape: the first miss or mismatch is a
+    CompatibilityError."""
     dense = _meta_dense(config)
     expected = _dense_expected_tensors(dense)
-    renamer = checkpoint_key_renamer(dense)
     for model in models:
-        model.reader.rename(renamer)
+        model.reader.read_as(dense)
     _check_tensors(models, expected)
     return dense, expected
 

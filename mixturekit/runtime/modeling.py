@@ -23,7 +23,10 @@ from transformers import DynamicCache
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from ..errors import CheckpointError, RecipeError, TrainingError, UnsupportedArchitectureError, did_you_mean
-from .architecture import LINEAR_TYPES, decoder_layers, ffn_linear_names, linear_names, mlp_layout, resolve_names
+from .architecture import (
+    LINEAR_TYPES, decoder_layers, ffn_child, ffn_linear_names, is_mixture_of_experts, linear_names, mlp_layout,
+    resolve_names,
+)
 from .cache_argument import CACHE_ARGUMENT, output_cache, pop_cache
 from .config import MixtureKitConfig
 from .moe_block import SparseMoeBlock
@@ -126,7 +129,16 @@ def resolve_router_layers(requested: list[str] | None, block: nn.Module, model_t
                               f"(valid names: {', '.join(valid)})")
         return default
 
+    child = ffn_child(block)
+    moe = getattr(block, child) if child is not None and is_mixture_of_experts(getattr(block, child)) else None
+
     def refuse(entry: str, candidates: list[str]) -> RecipeError:
+        if moe is not None and not candidates:  # a family whose first blocks are dense and later ones MoE
+            return RecipeError(
+                f"router_layers entry '{entry}' is not a Linear of a block of '{model_type}' whose FFN is already a "
+                f"Mixture-of-Experts ({type(moe).__name__}), and btx routes dense FFNs' Linears; set "
+                f"router_layers_index to the dense blocks, or name Linears every routed block has "
+                f"(valid names here: {', '.join(valid)})")
         why = "is ambiguous" if candidates else "is not a Linear of the block"
         return RecipeError(f"router_layers entry '{entry}' {why} in '{model_type}'; valid names: {', '.join(valid)}")
 
@@ -142,9 +154,11 @@ def check_checkpoint(folder: Path) -> None:
     files = weight_files(folder)
     if not files:
         return
-    stored = CheckpointReader(files).tensors
     with torch.device("meta"):
         expected_model = MixtureKitForCausalLM(config)
+    reader = CheckpointReader(files)
+    reader.read_as(expected_model)  # names as transformers loads them: its save reverts renamings of the families
+    stored = reader.tensors
     tied = set(getattr(expected_model, "all_tied_weights_keys", None) or {})
     expected = {n: tuple(t.shape) for n, t in expected_model.state_dict().items() if n not in tied}
     problems = [f"tensor '{n}' has shape {list(stored[n].shape)}, the config needs {list(shape)}"

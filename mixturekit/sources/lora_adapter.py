@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from ..errors import SourceError
 from .safetensors_io import CheckpointReader, TensorInfo
@@ -85,24 +86,28 @@ def _unsupported(config: dict) -> str | None:
 
 
 class AdaptedReader(CheckpointReader):
-    """A base checkpoint's tensors with an adapter's updates added on read."""
+    """A base checkpoint's tensors with an adapter's updates added on read. PEFT names the updates by the model's
+    parameters, so they apply to the tensors as the model loads them (`read_as`), after transformers' conversions."""
 
     def __init__(self, files: list[Path], adapter: LoraAdapter):
         super().__init__(files)
         self.adapter = adapter
-        missing = [name for name in adapter.adapted if name not in self.tensors]
+
+    def read_as(self, model: nn.Module) -> None:
+        super().read_as(model)
+        missing = [name for name in self.adapter.adapted if name not in self.tensors]
         if missing:
-            raise SourceError(f"the adapter in '{adapter.folder}' updates tensors its base does not have: "
-                              f"{missing[:5]}; is '{adapter.base}' its base?")
+            raise SourceError(f"the adapter in '{self.adapter.folder}' updates tensors its base does not have: "
+                              f"{missing[:5]}; is '{self.adapter.base}' its base?")
 
     def adapted_names(self) -> set[str]:
-        """The adapted tensors under the names this reader answers to (after `rename`)."""
-        return {name for name, info in self.tensors.items() if info.name in self.adapter.updates}
+        """The adapted tensors under the names this reader answers to."""
+        return {name for name in self.tensors if name in self.adapter.updates}
 
     def get(self, name: str) -> torch.Tensor:
         tensor = super().get(name)
-        delta = self.adapter.delta(self.tensors[name].name)
+        delta = self.adapter.delta(name)
         return tensor if delta is None else (tensor.float() + delta).to(tensor.dtype)
 
     def stored(self, name: str) -> TensorInfo | None:
-        return None if self.tensors[name].name in self.adapter.updates else super().stored(name)
+        return None if name in self.adapter.updates else super().stored(name)

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import SourceError
+from .conversions import Conversion, ConvertedTensor, checkpoint_names
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -96,29 +98,33 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 
 class CheckpointReader:
-    """Lazy access to the tensors of a checkpoint made of one or more safetensors files."""
+    """Lazy access to the tensors of a checkpoint made of one or more safetensors files.
+
+    Tensors are addressed by their stored names until `read_as(model)` addresses them as `model` loads them (renamed
+    and converted with transformers' rules): then a converted tensor is a `ConvertedTensor`, computed when read."""
 
     def __init__(self, files: list[Path]):
         if not files:
             raise SourceError("no safetensors files given")
         self.files = list(files)
-        self.tensors: dict[str, TensorInfo] = {}
+        self._headers: dict[str, TensorInfo] = {}  # every stored tensor by its stored name
         for path in self.files:
             tensors, _ = read_header(path)
             for name, info in tensors.items():
-                if name in self.tensors:
-                    raise SourceError(f"tensor '{name}' appears in both '{self.tensors[name].file}' and '{path}'")
-                self.tensors[name] = info
+                if name in self._headers:
+                    raise SourceError(f"tensor '{name}' appears in both '{self._headers[name].file}' and '{path}'")
+                self._headers[name] = info
+        self.tensors: dict[str, TensorInfo | ConvertedTensor] = dict(self._headers)
+        self._converted: tuple[Conversion, dict[str, torch.Tensor]] | None = None  # the last group's unread outputs
 
-    def rename(self, renamer) -> None:
-        """Address tensors by `renamer(stored_name)` (the model's names) instead of their stored names."""
-        renamed = {}
-        for stored, info in self.tensors.items():
-            name = renamer(stored)
-            if name in renamed:
-                raise SourceError(f"tensors '{renamed[name].name}' and '{stored}' both map to '{name}'")
-            renamed[name] = info
-        self.tensors = renamed
+    def read_as(self, model: nn.Module) -> None:
+        """Address tensors by the names, and in the layout, that `model` (a meta model of this checkpoint's config)
+        has: the renamings and conversions transformers applies on load, from the stored tensors (not from an earlier
+        call's names)."""
+        names = checkpoint_names(model, self._headers, self._read_stored)
+        self.tensors = {name: converted or self._headers[stored]
+                        for name, (stored, converted) in names.items()}
+        self._converted = None
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -126,23 +132,43 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    def info(self, name: str) -> TensorInfo:
+    def info(self, name: str) -> TensorInfo | ConvertedTensor:
+        """The tensor's name, dtype and shape (and, when stored as it is read, where it lies), without reading it."""
         return self.tensors[name]
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh memory (no mapping of the file), uninitialised before the read fills it."""
+        """Read one tensor into fresh memory (no mapping of the file); a converted one is computed from its stored
+        tensors by transformers' rule, whose other outputs are kept until they are read (or another group is)."""
         info = self.tensors[name]
+        if isinstance(info, TensorInfo):
+            return self._read(info)
+        cached = self._converted
+        if cached is None or cached[0] is not info.conversion or name not in cached[1]:
+            self._converted = cached = (info.conversion, info.conversion.run(self._read_stored))
+        tensor = cached[1].pop(name)
+        if not cached[1]:
+            self._converted = None
+        return tensor
+
+    def stored(self, name: str) -> TensorInfo | None:
+        """Where the bytes that `get(name)` returns lie in a file, as they are: so a caller may copy or read them in
+        blocks itself. None when `get` computes the tensor instead (a converted tensor, or a subclass that changes it
+        on read)."""
+        info = self.tensors[name]
+        return info if isinstance(info, TensorInfo) else None
+
+    def _read_stored(self, stored_name: str) -> torch.Tensor:
+        return self._read(self._headers[stored_name])
+
+    @staticmethod
+    def _read(info: TensorInfo) -> torch.Tensor:
+        """Read one stored tensor into fresh memory, uninitialised before the read fills it."""
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         raw = torch.empty(info.nbytes, dtype=torch.uint8)
         with open(info.file, "rb", buffering=0) as handle:
             read_exactly(handle.fileno(), memoryview(raw.numpy()), info.start, info)
         return raw.view(info.dtype).reshape(info.shape)
-
-    def stored(self, name: str) -> TensorInfo | None:
-        """Where the bytes that `get(name)` returns lie in a file, as they are: so a caller may copy or read them in
-        blocks itself. None when `get` computes the tensor instead (a subclass that changes it on read)."""
-        return self.tensors[name]
 
 
 def read_exactly(fd: int, view: memoryview, offset: int, info: TensorInfo) -> None:
