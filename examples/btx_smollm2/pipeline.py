@@ -297,14 +297,14 @@ def stage_experts(study: Study) -> None:
 def stage_baselines(study: Study) -> None:
     """The user's alternatives to composing (each trained --moe-tokens on the mixed data) and the references."""
     args, domains, device = study.args, study.domains, study.device
-    experts = study.experts()
     work = args.workdir / "merged"
     if not study.done("dense data-matched"):
         study.fit("dense data-matched", load(study.seed, device), domains, study.total_tokens, args.seed + 10,
                   built_from_experts=False)
         release(device)
-    best = min(domains, key=lambda d: study.ledger.entries[f"expert {d}"]["perplexity"]["mixed"])
     if not study.done("best expert, continued"):
+        experts = study.experts()
+        best = min(domains, key=lambda d: study.ledger.entries[f"expert {d}"]["perplexity"]["mixed"])
         study.fit("best expert, continued", load(experts[best], device), domains, args.moe_tokens, args.seed + 11)
         study.ledger.record("best expert, continued", expert=best)
         release(device)
@@ -313,7 +313,7 @@ def stage_baselines(study: Study) -> None:
     for index, (label, options) in enumerate(merges.items()):
         if study.done(label):
             continue
-        folder = merge_experts(list(experts.values()), work / label.replace(" ", "-"), dtype="float32",
+        folder = merge_experts(list(study.experts().values()), work / label.replace(" ", "-"), dtype="float32",
                                overwrite=True, progress=False, **options)
         model = load(folder, device)
         study.evaluate(f"{label} (as merged)", model, train_tokens=0, train_seconds=0.0, built_from_experts=True)
@@ -424,8 +424,9 @@ def cost(entries: dict, label: str) -> tuple[int, float]:
     return tokens, seconds
 
 
-def markdown_table(results: dict[str, dict[str, float]], columns: list[str], digits: int = 3) -> str:
-    best = {c: min(r[c] for r in results.values() if c in r) for c in columns}
+def markdown_table(results: dict[str, dict[str, float]], columns: list[str], digits: int = 3,
+                   bold_lowest: bool = True) -> str:
+    best = {c: min(r[c] for r in results.values() if c in r) if bold_lowest else None for c in columns}
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for model, row in results.items():
         cells = [("–" if c not in row else f"**{row[c]:.{digits}f}**" if row[c] == best[c] else f"{row[c]:.{digits}f}")
@@ -480,13 +481,15 @@ def stage_eval(study: Study) -> None:
     costs = {label: dict(zip(("total_train_tokens", "gpu_seconds"), cost(entries, label))) for label in results}
     trained_dir = args.workdir / "trained"
     composed = [label for label in ("traditional", "btx", "bts") if (trained_dir / label / "config.json").is_file()]
-    timing = {}
     if "traditional" in composed and "btx" in composed and not args.skip_latency:
         prompt = study.data.validation[domains[0]][:1, :32]
         for label, folder in {"seed": study.seed, "traditional": trained_dir / "traditional",
                               "btx": trained_dir / "btx"}.items():
-            timing[label] = latency(folder, study.device, prompt, args.latency_tokens)
-            log(f"latency {label}: {timing[label]}")
+            if not (study.done(label) and "latency" in entries[label]):
+                study.ledger.record(label, latency=latency(folder, study.device, prompt, args.latency_tokens))
+                log(f"latency {label}: {entries[label]['latency']}")
+    timing = {label: entries[label]["latency"] for label in ("seed", "traditional", "btx")
+              if "latency" in entries.get(label, {})}
     special = {}
     for label, entry in entries.items():
         if "routing" in entry:
@@ -511,7 +514,7 @@ def stage_eval(study: Study) -> None:
              "Cost: training tokens and GPU-seconds behind each model (the experts' included where it was built "
              "from them):", "",
              markdown_table({k: {"tokens (M)": v["total_train_tokens"] / 1e6, "GPU-s": v["gpu_seconds"]}
-                             for k, v in costs.items()}, ["tokens (M)", "GPU-s"], digits=1)]
+                             for k, v in costs.items()}, ["tokens (M)", "GPU-s"], digits=1, bold_lowest=False)]
     experts = {d: results[f"expert {d}"][d] for d in domains if f"expert {d}" in results}
     if experts:
         relative = {label: {d: row[d] / experts[d] for d in experts} for label, row in results.items()

@@ -14,7 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
-COMPOSITIONS = ("traditional", "btx", "traditional, no seed", "btx, no seed", "bts")
+COMPOSITIONS = ("traditional", "btx", "bts")  # a label starting with one of these is a composition (its variants too)
+
+
+def is_composition(method: str) -> bool:
+    return method.startswith(COMPOSITIONS)
 
 
 def load_runs(paths: list[Path]) -> list[dict]:
@@ -47,11 +51,11 @@ def overtakes(runs: list[dict]) -> list[str]:
     """Per alternative: the budgets at which the best composition beats it on mixed perplexity."""
     lines = []
     for other in methods(runs):
-        if other in COMPOSITIONS:
+        if is_composition(other):
             continue
         wins = []
         for run in runs:
-            present = [m for m in COMPOSITIONS if m in run["results"]]
+            present = [m for m in methods(runs) if is_composition(m)]
             if present and min(run["results"][m]["mixed"] for m in present) < run["results"][other]["mixed"]:
                 wins.append(f"{run['settings']['expert_tokens'] / 1e6:g}M")
         lines.append(f"- {other}: the best composition is better at {', '.join(wins) if wins else 'no budget'}")
@@ -65,12 +69,16 @@ def plot(runs: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for method in methods(runs):
-        style = "-o" if method in COMPOSITIONS else "--s"
+    shown = [m for m in methods(runs) if m != "seed" and "alpha" not in m]  # the alpha study has its own table
+    colours = plt.get_cmap("tab10")
+    for index, method in enumerate(shown):
+        style = "-o" if is_composition(method) else "--s"
         for axis, key in zip(axes, ("total_train_tokens", "gpu_seconds")):
             xs = [run["costs"][method][key] / (1e6 if key == "total_train_tokens" else 1) for run in runs]
             ys = [run["results"][method]["mixed"] for run in runs]
-            axis.plot(xs, ys, style, label=method)
+            axis.plot(xs, ys, style, label=method, color=colours(index % 10))
+    for axis in axes:  # the seed costs nothing: a line, not a point on a log axis
+        axis.axhline(runs[0]["results"]["seed"]["mixed"], color="grey", linestyle=":", label="seed")
     for axis, label in zip(axes, ("total training tokens (M), experts included", "GPU-seconds, experts included")):
         axis.set_xscale("log")
         axis.set_xlabel(label)
