@@ -114,6 +114,10 @@ def train(model, data: Data, domains: list[str], tokens: int, args, lr: float, r
     controller = AutoAlphaCallback()
     controller.attach(model)
     model.train()
+    # --compile: dense models only (one graph, reused by every dense model of the process); a composition's routing
+    # makes shapes that change from step to step
+    forward = (torch.compile(model) if getattr(args, "compile", False) and not isinstance(model, MixtureKitForCausalLM)
+               else model)
     losses, alphas = [], []
     synchronize(device)
     start = time.perf_counter()
@@ -123,7 +127,7 @@ def train(model, data: Data, domains: list[str], tokens: int, args, lr: float, r
             group["lr"] = lr0 * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
         batch = batch.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = forward(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         optimizer.step()
@@ -589,6 +593,8 @@ def main() -> None:
                         help="what traditional/btx train in the MoE stage (the BTX paper trains everything)")
     parser.add_argument("--reuse", action="store_true",
                         help="skip every model the workdir's ledger already holds (resume a stage, add ablations)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the dense models' training (the first one pays the compile time)")
     parser.add_argument("--latency-tokens", type=int, default=64)
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--seed", type=int, default=0)

@@ -6,6 +6,8 @@
 #   bash examples/btx_smollm2/run_on_device.sh stash                  # carry some parts, run nothing
 #   DATA=study WORKDIR=/root/study/e1M bash examples/btx_smollm2/run_on_device.sh run [pipeline.py options]
 #   bash examples/btx_smollm2/run_on_device.sh assemble               # only stash and reassemble (other scripts)
+# LEDGER=file seeds an empty WORKDIR's ledger.json (models it lists are not trained again under --reuse: a budget
+# begun in an earlier session, e.g. LEDGER=docs/results/study/e5M/ledger.json ... run --stage baselines --reuse).
 # DATA names the folder under .carry/ (default btx_smollm2, which also holds the GGUF halves); the wheels in .whl
 # (pydantic, gguf and their dependencies) are installed once per machine. On a machine of your own, run pipeline.py.
 set -euo pipefail
@@ -39,8 +41,12 @@ case "${1:-}" in
 esac
 [ -f "$GGUF" ] || { echo "no $GGUF: carry both halves of the GGUF (stash calls on the same warm machine)"; exit 2; }
 [ -f "$STASH/$DATA/data.npz" ] || { echo "no $STASH/$DATA/data.npz: carry its parts first"; exit 2; }
+WORKDIR=${WORKDIR:-/root/btx_work}
+if [ -n "${LEDGER:-}" ] && [ ! -f "$WORKDIR/ledger.json" ]; then  # resume a budget begun in an earlier session
+    mkdir -p "$WORKDIR" && cp "$LEDGER" "$WORKDIR/ledger.json"
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-results}
 mkdir -p "$OUT"
-python3 examples/btx_smollm2/pipeline.py --data "$STASH/$DATA" --gguf "$GGUF" --workdir "${WORKDIR:-/root/btx_work}" \
+python3 examples/btx_smollm2/pipeline.py --data "$STASH/$DATA" --gguf "$GGUF" --workdir "$WORKDIR" \
     --out "$OUT" "${@:2}" 2>&1 | tee -a "$OUT/log.txt"
