@@ -20,7 +20,7 @@ import torch
 from ..errors import CompatibilityError, RecipeError, UnsupportedArchitectureError
 from ..recipe import Recipe, load_recipe
 from ..recipe.recipe import DEFAULT_BIAS_RATE
-from ..runtime.architecture import check_ffn_computes, decoder_layers, mlp_layout
+from ..runtime.architecture import check_ffn_computes, decoder_layers, mlp_layout, parallel_layer_lists
 from ..runtime.config import MixtureKitConfig
 from ..runtime.modeling import (
     MixtureKitForCausalLM, dense_model_class, resolve_layer_indices, resolve_router_layers, with_torch_dtype,
@@ -297,8 +297,9 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
     if recipe.method == "btx":
         router_layers = resolve_router_layers(recipe.router_layers, blocks[0], text_config.model_type)
     else:
+        parallel = parallel_layer_lists(dense, text_config)
         for index in resolve_layer_indices(recipe.router_layers_index, len(blocks)):
-            check_ffn_computes(blocks[index], mlp_layout(blocks[index], text_config.model_type),
+            check_ffn_computes(blocks[index], mlp_layout(blocks[index], text_config.model_type, parallel),
                                text_config.model_type)
     config = MixtureKitConfig(
         text_config=text_config, method=recipe.method, expert_names=[s.name for s in recipe.expert_sources],

@@ -77,6 +77,31 @@ def num_layers(config: PretrainedConfig) -> int:
     raise UnsupportedArchitectureError(f"{config.model_type}: the config gives no number of layers")
 
 
+def multimodal_refusal(config: PretrainedConfig) -> UnsupportedArchitectureError | None:
+    """The refusal for a multimodal wrapper registered as a causal LM (Gemma 3, Fuyu, GOT-OCR2), else None.
+
+    Such a config keeps its text model in a sub-config (`get_text_config()` is another config) beside other parts:
+    sub-configs (vision, audio) or fields of its own (Fuyu's patch_size). Its decoder blocks sit inside the wrapper."""
+    try:
+        text = config.get_text_config(decoder=True)
+    except ValueError:  # several text parts (MusicGen's encoder and decoder): no one text model to name
+        return None
+    if text is config:
+        return None
+    subs = [k for k in getattr(config, "sub_configs", None) or {} if hasattr(getattr(config, k, None), "to_dict")]
+    key = next((k for k in subs if getattr(config, k) is text), "text_config")
+    others = [k for k in subs if k != key]
+    if not others:
+        others = sorted(set(config.to_dict()) - set(PretrainedConfig().to_dict()) - set(text.to_dict()) - {key})
+        if not others:
+            return None  # a wrapper of nothing but its text model: not what this refusal is for
+        others = ["its own fields " + ", ".join(others)]
+    return UnsupportedArchitectureError(
+        f"'{config.model_type}' is a multimodal model (its config holds a {key} of model_type '{text.model_type}' "
+        f"beside {', '.join(others)}): compose checkpoints of its text model (model_type '{text.model_type}') instead"
+    )
+
+
 def _has_linear(module: nn.Module) -> bool:
     return any(isinstance(m, LINEAR_TYPES) for m in module.modules())
 
@@ -92,6 +117,17 @@ def decoder_layers(model: nn.Module, config: PretrainedConfig) -> tuple[str, nn.
         f"{type(model).__name__} ({config.model_type}): found no list of {count} decoder blocks; MixtureKit "
         "composes decoder-only models whose blocks are listed once per layer"
     )
+
+
+def parallel_layer_lists(model: nn.Module, config: PretrainedConfig) -> list[tuple[str, nn.ModuleList]]:
+    """The decoder list and every other list of one entry per layer holding Linears beside it (same parent), in
+    module order: more than one when a family keeps each layer's parts in parallel lists (XLM's `attentions` and
+    `ffns`) instead of blocks that hold them all."""
+    layers_name, _ = decoder_layers(model, config)
+    parent, count = layers_name.rpartition(".")[0], num_layers(config)
+    lists = model.get_submodule(parent).named_children() if parent else model.named_children()
+    return [(f"{parent}.{name}" if parent else name, module) for name, module in lists
+            if isinstance(module, nn.ModuleList) and len(module) == count and all(_has_linear(b) for b in module)]
 
 
 def ffn_child(block: nn.Module) -> str | None:
@@ -125,11 +161,17 @@ def _activation_child(children: dict[str, nn.Module], model_type: str, ffn: str)
     return next(iter(others)) if others else None
 
 
-def mlp_layout(block: nn.Module, model_type: str) -> MlpLayout:
+def mlp_layout(block: nn.Module, model_type: str,
+               parallel: list[tuple[str, nn.ModuleList]] | None = None) -> MlpLayout:
     """Derive how the block's FFN computes from its children; refuse, saying why, anything `traditional` would
-    get wrong. (`check_ffn_computes` confirms the result numerically.)"""
+    get wrong. (`check_ffn_computes` confirms the result numerically.) `parallel`: `parallel_layer_lists` of the
+    model, so that a block that is one of several parallel per-layer lists is refused as such."""
     child = ffn_child(block)
     block_linears = [n for n, m in block.named_children() if isinstance(m, LINEAR_TYPES)]
+    if child is None and parallel and len(parallel) > 1:
+        lists = ", ".join(f"{name} of {type(module[0]).__name__}" for name, module in parallel)
+        raise _refuse(model_type, f"its layers are not blocks that each hold attention and FFN but parallel "
+                      f"per-layer lists ({lists}), so there is no block whose FFN module the MoE block could replace")
     if child is None:
         if block_linears:
             raise _refuse(model_type, f"its FFN's Linears ({', '.join(block_linears)}) sit on the decoder block "

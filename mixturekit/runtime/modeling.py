@@ -25,7 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 from ..errors import CheckpointError, RecipeError, TrainingError, UnsupportedArchitectureError, did_you_mean
 from .architecture import (
     LINEAR_TYPES, decoder_layers, ffn_child, ffn_linear_names, is_mixture_of_experts, linear_names, mlp_layout,
-    resolve_names,
+    multimodal_refusal, resolve_names,
 )
 from .cache_argument import CACHE_ARGUMENT, output_cache, pop_cache
 from .config import MixtureKitConfig
@@ -99,6 +99,9 @@ def with_torch_dtype(config):
 
 
 def dense_model_class(text_config) -> type[PreTrainedModel]:
+    refusal = multimodal_refusal(text_config)
+    if refusal is not None:
+        raise refusal
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
     except KeyError:
