@@ -163,20 +163,132 @@ def test_a_wrapper_without_vision_sub_config_is_named_by_its_own_fields():
     assert multimodal_refusal(LlamaConfig()) is None  # a text model is its own text config
 
 
-def test_xlm_is_refused_for_keeping_attention_and_ffn_in_parallel_lists(tmp_path):
-    """XLM's layers are two parallel lists (attentions, ffns), not blocks: the refusal says so, instead of calling
-    its attention's projections an FFN's Linears; btx (which routes Linears of the first list) still composes."""
+def _tiny_xlm(folder):
     from transformers import AutoConfig
 
     config = AutoConfig.for_model("xlm", vocab_size=96, emb_dim=32, n_layers=2, n_heads=4, max_position_embeddings=64,
                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    xlm = save_model(make_model(config, 0), tmp_path / "xlm")
+    return save_model(make_model(config, 0), folder)
+
+
+def test_xlm_is_refused_for_keeping_attention_and_ffn_in_parallel_lists(tmp_path):
+    """XLM's layers are two parallel lists (attentions, ffns), not blocks: the refusal says so, instead of calling
+    its attention's projections an FFN's Linears."""
+    xlm = _tiny_xlm(tmp_path / "xlm")
     message = _compose_fails(_recipe([xlm, xlm]), tmp_path / "out", UnsupportedArchitectureError,
                              "'xlm' cannot be composed with `traditional`",
                              "not blocks that each hold attention and FFN",
                              "transformer.attentions of MultiHeadAttention", "transformer.ffns of TransformerFFN")
     assert "q_lin" not in message
-    compose(_recipe([xlm, xlm], "btx", num_experts_per_tok=2), tmp_path / "btx", progress=False)
+
+
+def test_xlm_btx_default_is_refused_not_routed_onto_attention(tmp_path):
+    """btx's default routes an FFN's Linears; XLM's blocks (its `attentions` list) hold none, so the default is
+    refused naming the parallel FFN list and what router_layers can name, instead of routing q/k/v/out by default.
+    Named in router_layers, the attention projections are routed (and the FFN averaged), as asked."""
+    from transformers import AutoModelForCausalLM
+
+    xlm = _tiny_xlm(tmp_path / "xlm")
+    message = _compose_fails(_recipe([xlm, xlm], "btx", num_experts_per_tok=2), tmp_path / "out",
+                             UnsupportedArchitectureError,
+                             "'xlm' has no FFN in its decoder blocks for btx to route by default",
+                             "transformer.ffns of TransformerFFN", "router_layers can name",
+                             "q_lin, k_lin, v_lin, out_lin")
+    assert message.count(". ") == 0  # one sentence
+    out = compose(_recipe([xlm, xlm], "btx", num_experts_per_tok=2, router_layers=["q_lin", "out_lin"]),
+                  tmp_path / "btx", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.router_layers == ["q_lin", "out_lin"]
+    assert [name for name, _ in model.routers()] == [
+        f"transformer.attentions.{i}.{linear}.router" for i in range(2) for linear in ("q_lin", "out_lin")]
+
+
+def test_xlm_bts_is_refused_as_its_blocks_do_not_end_a_layer(tmp_path):
+    """A stitch acts on a block's output, after the layer's residual; XLM's attention output is not that (its residual,
+    norms and FFN follow from other lists), so bts is refused in one sentence instead of stitching mid-layer."""
+    xlm = _tiny_xlm(tmp_path / "xlm")
+    recipe = {"method": "bts", "base": {"name": "hub", "source": str(xlm)},
+              "experts": [{"name": "e0", "source": str(xlm)}]}
+    message = _compose_fails(recipe, tmp_path / "out", UnsupportedArchitectureError,
+                             "bts cannot stitch 'xlm'", "parallel per-layer lists",
+                             "transformer.ffns of TransformerFFN", "end of a layer (after its residual)")
+    assert message.count(". ") == 0
+
+
+def _tiny_git(folder):
+    """Git: a text decoder (`git.encoder.layer`) and an image encoder with as many layers, registered first."""
+    from transformers import GitConfig
+
+    vision = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    config = GitConfig(vision_config=vision, vocab_size=96, hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
+    return save_model(make_model(config, 0), folder)
+
+
+def test_decoder_layers_are_the_text_decoders_not_a_vision_towers(tmp_path):
+    """Git's image encoder lists as many blocks as its text decoder, and first: the decoder blocks are the text
+    decoder's, so traditional speaks of GitLayer and btx's routers run on text input, one per routed Linear and
+    layer."""
+    from transformers import AutoModelForCausalLM
+
+    from mixturekit.runtime.architecture import decoder_layers
+
+    git = _tiny_git(tmp_path / "git")
+    dense = AutoModelForCausalLM.from_pretrained(git)
+    assert decoder_layers(dense, dense.config)[0] == "git.encoder.layer"
+    _compose_fails(_recipe([git, git]), tmp_path / "out", UnsupportedArchitectureError,
+                   "its decoder block (GitLayer) has no FFN module")
+    out = compose(_recipe([git, git], "btx", num_experts_per_tok=1, router_layers=["intermediate.dense",
+                                                                                    "output.dense"]),
+                  tmp_path / "btx", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    names = [name for name, _ in model.routers()]
+    assert names == [f"git.encoder.layer.{i}.{linear}.router" for i in range(2)
+                     for linear in ("intermediate.dense", "output.dense")]
+    tokens = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        output = model(input_ids=tokens, output_router_logits=True)
+    assert len(output.router_logits) == len(names)  # every router ran on the text
+    assert all(logits.shape == (2 * 5, 2) for logits in output.router_logits)
+
+
+def test_decoder_layers_skip_towers_by_config_or_name():
+    """Generic: a list under a submodule whose config is a vision sub-config, or named for a modality, is not the
+    decoder's, even when it comes first and has the decoder's length; `get_decoder()`'s module is preferred."""
+    from torch import nn
+    from transformers import PretrainedConfig
+
+    from mixturekit.runtime.architecture import decoder_layers
+
+    class Tower(nn.Module):
+        def __init__(self, config=None):
+            super().__init__()
+            self.config = config
+            self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+
+    class Sub(PretrainedConfig):
+        model_type = "toy_part"
+
+    class Toy(PretrainedConfig):
+        model_type = "toy"
+        sub_configs = {"part_config": Sub}
+
+    config = Toy(num_hidden_layers=2)
+    config.part_config = Sub()
+    model = nn.Module()
+    model.config = config
+    model.part = Tower(config.part_config)  # a sub-config's module: a tower by its config
+    model.audio_tower = Tower()  # a tower by its name
+    model.text = Tower(config)
+    assert decoder_layers(model, config)[0] == "text.layers"
+    model.other = Tower(config)
+    model.get_decoder = lambda: model.other
+    assert decoder_layers(model, config)[0] == "other.layers"
+    del model.text, model.other, model.get_decoder
+    with pytest.raises(UnsupportedArchitectureError, match="outside its vision/audio towers"):
+        decoder_layers(model, config)
 
 
 def test_output_exists_is_kept_unless_overwrite(llamas, tmp_path):

@@ -14,11 +14,8 @@ from family_sweep import METHODS, causal_lm_types, readme_section, readme_table,
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Failures known and not yet fixed, with what was found: the test fails when one closes, so it leaves this list.
 KNOWN_GAPS: set[str] = set()
-if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 24):
-    # transformers 5.17 (the oldest allowed): generate asks the Mamba hub's DynamicCache (linear-attention layers
-    # only) for get_seq_length, which it cannot answer; with a cache that counts its tokens (tried), the Mamba mixer
-    # then receives generate's attention-mask mapping where it expects a tensor. 5.24 generates with it.
-    KNOWN_GAPS |= {"mamba bts", "falcon_mamba bts"}
+# (On transformers 5.17 BTS over Mamba is refused when it generates, by `MixtureKitForCausalLM`: that release's
+# generate cannot track the length of a cache of recurrent layers only.)
 
 
 # Swept only on the README's release: on transformers 5.17 FalconH1's tiny model took over 12 minutes and ~18 GB in

@@ -20,7 +20,7 @@ import torch
 from ..errors import CompatibilityError, RecipeError, UnsupportedArchitectureError
 from ..recipe import Recipe, load_recipe
 from ..recipe.recipe import DEFAULT_BIAS_RATE
-from ..runtime.architecture import check_ffn_computes, decoder_layers, mlp_layout, parallel_layer_lists
+from ..runtime.architecture import check_ffn_computes, decoder_layers, mlp_layout, parallel_layer_lists, stitch_layers
 from ..runtime.config import MixtureKitConfig
 from ..runtime.modeling import (
     MixtureKitForCausalLM, dense_model_class, resolve_layer_indices, resolve_router_layers, with_torch_dtype,
@@ -294,10 +294,10 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
     dense, expected = check_dense_tensors(models, text_config)
     router_layers = None
     _, blocks = decoder_layers(dense, text_config)
+    parallel = parallel_layer_lists(dense, text_config)
     if recipe.method == "btx":
-        router_layers = resolve_router_layers(recipe.router_layers, blocks[0], text_config.model_type)
+        router_layers = resolve_router_layers(recipe.router_layers, blocks[0], text_config.model_type, parallel)
     else:
-        parallel = parallel_layer_lists(dense, text_config)
         for index in resolve_layer_indices(recipe.router_layers_index, len(blocks)):
             check_ffn_computes(blocks[index], mlp_layout(blocks[index], text_config.model_type, parallel),
                                text_config.model_type)
@@ -385,6 +385,8 @@ def _plan_streams(recipe: Recipe, models: list[LocalModel], by_name: dict[str, i
         denses[index], expected[index] = check_dense_tensors([model], config)
         configs.append(config)
         prefixes[index] = denses[index].base_model_prefix
+    for index in (hub, *streams):  # every source, so the refusal names the first that cannot be stitched
+        stitch_layers(denses[index], configs[index])
     _, hub_blocks = decoder_layers(denses[hub], configs[hub])
     points = stitch_points(len(hub_blocks), recipe.stitch_freq, recipe.stitch_layers_index)
     out_of_range = [p for p in points if p >= len(hub_blocks)]

@@ -1,18 +1,19 @@
 """Where a `transformers` causal LM keeps its blocks and FFNs, read off the model itself.
 
-The decoder blocks are the `nn.ModuleList` with one entry per hidden layer. A block's FFN is its child module under
-one of a few names (`mlp`, `feed_forward`, `ffn`, `mlp_block`), and how that FFN computes is derived from its
-children: its Linear layers (by shape: which reads the hidden size, which writes it), its one parameter-free
-activation module and an optional output dropout. Only a gated FFN's three Linears need names to tell the gate from
-the up projection (`GATE_UP_DOWN_NAMES`). `check_ffn_computes` confirms a derived layout numerically on a small copy
-of the FFN, so a family whose FFN does something else (adds the residual, normalises inside) is refused, not
-silently mis-composed.
+The decoder blocks are the `nn.ModuleList` with one entry per hidden layer, outside any vision or audio tower. A
+block's FFN is its child module under one of a few names (`mlp`, `feed_forward`, `ffn`, `mlp_block`), and how that FFN
+computes is derived from its children: its Linear layers (by shape: which reads the hidden size, which writes it), its
+one parameter-free activation module and an optional output dropout. Only a gated FFN's three Linears need names to
+tell the gate from the up projection (`GATE_UP_DOWN_NAMES`). `check_ffn_computes` confirms a derived layout
+numerically on a small copy of the FFN, so a family whose FFN does something else (adds the residual, normalises
+inside) is refused, not silently mis-composed.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -106,16 +107,75 @@ def _has_linear(module: nn.Module) -> bool:
     return any(isinstance(m, LINEAR_TYPES) for m in module.modules())
 
 
+# Words that name a vision or audio tower (in a module's name or its config's class or model type): its block lists
+# are the tower's, never the text decoder's.
+TOWER_WORDS = ("vision", "visual", "image", "img", "audio", "speech", "video")
+
+
+def _names_a_tower(text: str) -> bool:
+    return any(part.startswith(TOWER_WORDS) for part in re.split(r"[^a-z]+", text.lower()) if part)
+
+
+def _is_tower_config(sub: object, config: PretrainedConfig) -> bool:
+    """Whether a submodule's config is another part's than the text model's: one of `config`'s sub-configs other
+    than its text config (Git's vision_config), or a config named for a modality (`GitVisionConfig`)."""
+    if not isinstance(sub, PretrainedConfig) or sub is config or type(sub) is type(config):
+        return False  # the text model's config, or a copy of it (a decoder built from its own copy)
+    try:
+        text = config.get_text_config(decoder=True)
+    except ValueError:
+        text = config
+    if sub is text:
+        return False
+    parts = [getattr(config, key, None) for key in getattr(config, "sub_configs", None) or {}]
+    return any(sub is part for part in parts) or _names_a_tower(type(sub).__name__) or _names_a_tower(
+        str(getattr(sub, "model_type", "")))
+
+
+def _tower_names(model: nn.Module, config: PretrainedConfig) -> list[str]:
+    """Qualified names of the model's vision and audio towers: submodules whose config is a tower's, or whose own
+    name says so (`image_encoder`, `vision_model`, `audio_tower`)."""
+    towers: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(_within(name, tower) for tower in towers):
+            continue
+        if _is_tower_config(getattr(module, "config", None), config) or _names_a_tower(name.rpartition(".")[2]):
+            towers.append(name)
+    return towers
+
+
+def _within(name: str, parent: str) -> bool:
+    return not parent or name == parent or name.startswith(parent + ".")
+
+
+def _decoder_name(model: nn.Module) -> str | None:
+    """The qualified name of the text decoder transformers gives (`get_decoder()`), when it is a proper submodule."""
+    try:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    except Exception:  # noqa: BLE001  (a family whose lookup raises gives no preference)
+        return None
+    if decoder is None or decoder is model:
+        return None
+    return next((name for name, module in model.named_modules() if module is decoder), None)
+
+
 def decoder_layers(model: nn.Module, config: PretrainedConfig) -> tuple[str, nn.ModuleList]:
     """The qualified name and the list of the model's decoder blocks: the first list of one entry per layer whose
-    entries hold Linear layers."""
+    entries hold Linear layers, outside any vision or audio tower (`_tower_names`; Git's image encoder has as many
+    layers as its text decoder), and under the decoder transformers names (`get_decoder()`) where it holds one."""
     count = num_layers(config)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count and all(_has_linear(b) for b in module):
-            return name, module
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if isinstance(module, nn.ModuleList) and len(module) == count and all(_has_linear(b) for b in module)]
+    towers = _tower_names(model, config)
+    text = [(name, module) for name, module in candidates if not any(_within(name, tower) for tower in towers)]
+    decoder = _decoder_name(model)
+    under_decoder = [(name, module) for name, module in text if decoder is not None and _within(name, decoder)]
+    if under_decoder or text:
+        return (under_decoder or text)[0]
+    in_towers = f" outside its vision/audio towers ({', '.join(name for name, _ in candidates)})" if candidates else ""
     raise UnsupportedArchitectureError(
-        f"{type(model).__name__} ({config.model_type}): found no list of {count} decoder blocks; MixtureKit "
-        "composes decoder-only models whose blocks are listed once per layer"
+        f"{type(model).__name__} ({config.model_type}): found no list of {count} decoder blocks{in_towers}; "
+        "MixtureKit composes decoder-only models whose blocks are listed once per layer"
     )
 
 
@@ -128,6 +188,23 @@ def parallel_layer_lists(model: nn.Module, config: PretrainedConfig) -> list[tup
     lists = model.get_submodule(parent).named_children() if parent else model.named_children()
     return [(f"{parent}.{name}" if parent else name, module) for name, module in lists
             if isinstance(module, nn.ModuleList) and len(module) == count and all(_has_linear(b) for b in module)]
+
+
+def describe_parallel_lists(parallel: list[tuple[str, nn.ModuleList]]) -> str:
+    return ", ".join(f"{name} of {type(module[0]).__name__}" for name, module in parallel)
+
+
+def stitch_layers(model: nn.Module, config: PretrainedConfig) -> tuple[str, nn.ModuleList]:
+    """bts's blocks: `decoder_layers`, refused where a block's output is not the end of a layer. A stitch acts on a
+    block's output (the residual stream) and a stream is stepped one block at a time, so a family whose layers are
+    parallel per-layer lists (XLM: attention, then residual, norm and FFN from other lists) cannot be stitched."""
+    parallel = parallel_layer_lists(model, config)
+    if len(parallel) > 1:
+        raise UnsupportedArchitectureError(
+            f"bts cannot stitch '{config.model_type}': its layers are not blocks but parallel per-layer lists "
+            f"({describe_parallel_lists(parallel)}), so no block's output is the end of a layer (after its residual), "
+            "where stitches act and expert streams are stepped")
+    return decoder_layers(model, config)
 
 
 def ffn_child(block: nn.Module) -> str | None:
@@ -169,7 +246,7 @@ def mlp_layout(block: nn.Module, model_type: str,
     child = ffn_child(block)
     block_linears = [n for n, m in block.named_children() if isinstance(m, LINEAR_TYPES)]
     if child is None and parallel and len(parallel) > 1:
-        lists = ", ".join(f"{name} of {type(module[0]).__name__}" for name, module in parallel)
+        lists = describe_parallel_lists(parallel)
         raise _refuse(model_type, f"its layers are not blocks that each hold attention and FFN but parallel "
                       f"per-layer lists ({lists}), so there is no block whose FFN module the MoE block could replace")
     if child is None:
@@ -353,11 +430,19 @@ def linear_names(block: nn.Module) -> list[str]:
     return [name for name, module in block.named_modules() if isinstance(module, LINEAR_TYPES)]
 
 
-def ffn_linear_names(block: nn.Module) -> list[str]:
+def ffn_linear_names(block: nn.Module, model_type: str = "",
+                     parallel: list[tuple[str, nn.ModuleList]] | None = None) -> list[str]:
     """`btx`'s default: the block's FFN Linears (under its FFN child), or its Linears outside attention when the
-    FFN's Linears sit on the block itself (OPT-style `fc1`/`fc2`)."""
+    FFN's Linears sit on the block itself (OPT-style `fc1`/`fc2`). `parallel`: `parallel_layer_lists` of the model;
+    a block that is one of several parallel per-layer lists holds no FFN (XLM's is its attention), which is refused."""
     child = ffn_child(block)
     names = linear_names(block)
+    if child is None and parallel and len(parallel) > 1:
+        raise UnsupportedArchitectureError(
+            f"'{model_type}' has no FFN in its decoder blocks for btx to route by default: its layers are parallel "
+            f"per-layer lists ({describe_parallel_lists(parallel)}), so its blocks are the first list's "
+            f"({type(block).__name__}) and the FFN's Linears lie outside them; router_layers can name the blocks' own "
+            f"Linears ({', '.join(names)}) to route {type(block).__name__} instead")
     if child is not None and is_mixture_of_experts(getattr(block, child)):
         return []  # an MoE's router and experts are not an FFN's projections
     if child is not None:

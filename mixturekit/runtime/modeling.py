@@ -25,7 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 from ..errors import CheckpointError, RecipeError, TrainingError, UnsupportedArchitectureError, did_you_mean
 from .architecture import (
     LINEAR_TYPES, decoder_layers, ffn_child, ffn_linear_names, is_mixture_of_experts, linear_names, mlp_layout,
-    multimodal_refusal, resolve_names,
+    multimodal_refusal, parallel_layer_lists, resolve_names, stitch_layers,
 )
 from .cache_argument import CACHE_ARGUMENT, output_cache, pop_cache
 from .config import MixtureKitConfig
@@ -121,11 +121,13 @@ def resolve_layer_indices(requested: list[int] | None, num_blocks: int) -> list[
     return sorted(requested)
 
 
-def resolve_router_layers(requested: list[str] | None, block: nn.Module, model_type: str) -> list[str]:
-    """Map `router_layers` entries (full `mlp.up_proj` or a unique suffix like `up_proj`) onto the block's Linears."""
+def resolve_router_layers(requested: list[str] | None, block: nn.Module, model_type: str,
+                          parallel: list[tuple[str, nn.ModuleList]] | None = None) -> list[str]:
+    """Map `router_layers` entries (full `mlp.up_proj` or a unique suffix like `up_proj`) onto the block's Linears.
+    `parallel`: the model's `parallel_layer_lists`, for the default (`ffn_linear_names`)."""
     valid = linear_names(block)
     if requested is None:
-        default = ffn_linear_names(block)
+        default = ffn_linear_names(block, model_type, parallel)
         if not default:
             raise RecipeError(f"'{model_type}' has no dense FFN module whose Linears btx routes by default (an MoE, "
                               "a recurrent block, or Linears outside any FFN module); name them in router_layers "
@@ -201,9 +203,10 @@ def convert_dense_to_moe(dense: nn.Module, config: MixtureKitConfig, recorder: R
             ffn = getattr(layers[index], layout.child)
             setattr(layers[index], layout.child, SparseMoeBlock(ffn, layout, num_experts, top_k, recorder, **shared))
     elif config.method == "btx":
+        parallel = parallel_layer_lists(dense, text_config) if config.router_layers is None else None
         for index in indices:
             block = layers[index]
-            for name in resolve_router_layers(config.router_layers, block, text_config.model_type):
+            for name in resolve_router_layers(config.router_layers, block, text_config.model_type, parallel):
                 linear = block.get_submodule(name)
                 if not isinstance(linear, LINEAR_TYPES):
                     raise RecipeError(f"router_layers entry '{name}' is a {type(linear).__name__}, not a Linear")
@@ -329,7 +332,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
     def _build_streams(self, hub: PreTrainedModel) -> None:
         """bts: the hub (`dense`), one frozen base model per expert (`streams.<name>`), and the `stitches`."""
         config, text_config = self.config, self.config.text_config
-        _, hub_blocks = decoder_layers(hub, text_config)
+        _, hub_blocks = stitch_layers(hub, text_config)
         hub_blocks.__class__ = StitchedBlockList
         object.__setattr__(self, "_hub_blocks", hub_blocks)
         points = stitch_points(len(hub_blocks), None, config.stitch_layers_index)
@@ -345,7 +348,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
                 stream = MODEL_MAPPING[type(stream_config)](with_torch_dtype(stream_config))
             except KeyError:
                 raise UnsupportedArchitectureError(f"'{stream_config.model_type}' has no base model class") from None
-            _, blocks = decoder_layers(stream, stream_config)
+            _, blocks = stitch_layers(stream, stream_config)
             streams[name] = stream
             sizes.append(stream_config.hidden_size)
             self._stream_blocks[name] = blocks
@@ -448,6 +451,23 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         """The dense model's own preparation, given what `generate` passes under the installed release's names
         (`generate` reads `inputs_embeds` and `kwargs` from this signature)."""
         return self._dense.prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+    def _prefill(self, *args: Any, **kwargs: Any):
+        """transformers' own; a cache that cannot say how many tokens it holds is refused in one sentence rather than
+        failing inside `generate`: transformers 5.17's prefill asks for it, and its `DynamicCache` of recurrent layers
+        only (a Mamba hub's) has no attention layer to read it from. Later releases do not ask."""
+        try:
+            return super()._prefill(*args, **kwargs)
+        except ValueError as error:
+            if "get_seq_length" not in str(error):
+                raise
+            import transformers
+
+            raise UnsupportedArchitectureError(
+                f"'{self.config.text_config.model_type}' has only recurrent cache layers, and transformers "
+                f"{transformers.__version__}'s generate cannot track their length ({error}); generate with "
+                "transformers 5.24 or later (forward passes and training work on this release)"
+            ) from None
 
     @classmethod
     def is_custom_code(cls) -> bool:
