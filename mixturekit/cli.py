@@ -120,6 +120,9 @@ def evaluate_command(
     block_size: int = typer.Option(256, "--block-size"),
     max_blocks: int = typer.Option(64, "--max-blocks"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where to score (default: a GPU when there is one)."),
+    score_dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16 (default: "
+                                              "float32 on the CPU, the stored dtype on a GPU)."),
 ) -> None:
     """Perplexity per dataset and routing statistics, as a table (and JSON)."""
     import json
@@ -127,7 +130,8 @@ def evaluate_command(
     from .evaluation import evaluate, format_evaluation
 
     try:
-        results = evaluate(checkpoint, _named_data(data), block_size=block_size, max_blocks=max_blocks, progress=True)
+        results = evaluate(checkpoint, _named_data(data), block_size=block_size, max_blocks=max_blocks, progress=True,
+                           device=device, dtype=score_dtype)
     except MixtureKitError as error:
         _fail(error)
     typer.echo(format_evaluation(results))
@@ -179,6 +183,9 @@ def compare(
     max_blocks: int = typer.Option(64, "--max-blocks"),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the table as OUT.md and OUT.json."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace merges (or a composition) in --workdir."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where to score (default: a GPU when there is one)."),
+    score_dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16 (default: "
+                                              "float32 on the CPU, the stored dtype on a GPU)."),
 ) -> None:
     """Is this composition better than merging? Perplexity of each expert, the base, the linear and TIES merges of
     the experts, and the composition, on the same tokens."""
@@ -188,7 +195,8 @@ def compare(
 
     try:
         result = compare_to_merging(target, _named_data(data), workdir, recipe=recipe, base=base, density=density,
-                                    block_size=block_size, max_blocks=max_blocks, overwrite=overwrite)
+                                    block_size=block_size, max_blocks=max_blocks, overwrite=overwrite,
+                                    device=device, dtype=score_dtype)
     except MixtureKitError as error:
         _fail(error)
     table = format_comparison(result)

@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from .compose import compose
 from .errors import MixtureKitError, RecipeError
 from .evaluation import data_blocks, perplexity
-from .loading import load_tokenizer
+from .loading import load_for_scoring, load_tokenizer
 from .merging import merge_experts, model_sources
 from .recipe import ModelSource, Recipe, load_recipe
 from .runtime.config import require_composed
@@ -37,13 +38,16 @@ def compare_to_merging(
     text_column: str = "text",
     overwrite: bool = False,
     progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> dict[str, Any]:
     """Perplexity per dataset of `data` (and `mixed`, over all their tokens) of each expert, the base, the linear and
     TIES merges of the experts (written into `workdir`) and the composition.
 
     `target`: a composed checkpoint folder (its recipe is the one compose stored, or `recipe`), or a recipe, composed
     into `workdir/composed`. `base` (default the recipe's) makes the TIES merge; without one there is none. Returns
-    `{"data": {name: {"source", "tokens"}}, "models": [{"name", "kind", "path", "perplexity": {...}}]}`."""
+    `{"data": {name: {"source", "tokens"}}, "models": [{"name", "kind", "path", "perplexity": {...}}]}`. Models are scored
+    one at a time on `device` in `dtype`, as `mixturekit.load` loads (default a GPU when there is one)."""
     if not data:
         raise MixtureKitError("give at least one evaluation dataset (NAME=FILE, or a dataset name)")
     for source in data.values():  # before anything is merged: a misspelled file fails at once
@@ -78,7 +82,7 @@ def compare_to_merging(
     rows += [(name, "merge", path) for name, path in merged.items()]
     rows.append((f"composition ({recipe.method})", "composition", composed))
     models = [{"name": name, "kind": kind, "path": str(path),
-               "perplexity": _perplexity(path, blocks, batch_size)}
+               "perplexity": _perplexity(path, blocks, batch_size, device, dtype)}
               for name, kind, path in tqdm(rows, desc="scoring", unit="model", disable=not progress)]
     return {"data": {name: {"source": str(data[name]), "tokens": int(blocks[name][:, 1:].numel())} for name in data},
             "models": models}
@@ -125,7 +129,10 @@ def _loadable(spec: ModelSource) -> Path:
     return Path(spec.source).expanduser() if model.origin.startswith("lora:") else model.folder
 
 
-def _perplexity(path: Path, blocks: dict, batch_size: int) -> dict[str, float]:
-    from transformers import AutoModelForCausalLM
-
-    return perplexity(AutoModelForCausalLM.from_pretrained(path).eval(), blocks, batch_size)  # as `evaluate` loads
+def _perplexity(path: Path, blocks: dict, batch_size: int, device, dtype) -> dict[str, float]:
+    model = load_for_scoring(path, device=device, dtype=dtype)  # as `evaluate` loads
+    scores = perplexity(model, blocks, batch_size)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the next model scored gets the memory back
+    return scores

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from .errors import SourceError
 from .runtime.modeling import MixtureKitForCausalLM
@@ -73,16 +73,20 @@ def data_blocks(
 def evaluate(
     model_path: str | Path, data: dict[str, str | Path], block_size: int = 256, max_blocks: int = 64,
     batch_size: int = 8, text_column: str = "text", progress: bool = False,
+    device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """For each named dataset: token-level perplexity (from the logits, so a composed model's auxiliary loss does
     not count) and, for composed models, each router's load, load entropy (of the shares of slots, normalised: 1 =
-    balanced; not the analysis' mean token entropy) and dead experts."""
+    balanced; not the analysis' mean token entropy) and dead experts. `device`, `dtype`: as `mixturekit.load`
+    (default a GPU when there is one; float32 on the CPU)."""
     if looks_like_local_path(model_path) and not Path(model_path).expanduser().is_dir():
         raise SourceError(f"checkpoint folder '{model_path}' does not exist (looked for "
                           f"'{Path(model_path).expanduser().absolute()}'); check the path")
     for source in data.values():  # before the model loads: a misspelled file fails in a second, not a minute
         check_data_source(source)
-    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    from .loading import load_for_scoring
+
+    model = load_for_scoring(model_path, device=device, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     composed = isinstance(model, MixtureKitForCausalLM) and model.config.method != "bts"
     results = {}

@@ -23,16 +23,32 @@ def load(
     ("auto") elsewhere. A dense or unreadable checkpoint is refused before any weight is read (a `SourceError` that
     names the model_type found).
     """
-    from transformers import AutoModelForCausalLM
-
     require_composed(checkpoint)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+    model = load_for_scoring(checkpoint, device=device, dtype=dtype)
     if not isinstance(model, MixtureKitForCausalLM):
         raise SourceError(f"'{checkpoint}' loaded as {type(model).__name__}, not MixtureKitForCausalLM")
     return model
+
+
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+def load_for_scoring(
+    checkpoint: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+) -> Any:
+    """Any causal LM of `checkpoint` (dense or composed), in eval mode on `device`: default a GPU when there is one,
+    else the CPU; `dtype` default float32 on the CPU and the stored dtype ("auto") elsewhere, or one of
+    `DTYPE_NAMES`. What `load`, `evaluate` and `compare_to_merging` score with, so their numbers agree."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
+    elif isinstance(dtype, str) and dtype != "auto":
+        if dtype not in DTYPE_NAMES:
+            raise SourceError(f"unknown dtype '{dtype}' to load '{checkpoint}' in; valid: {', '.join(DTYPE_NAMES)}")
+        dtype = getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
 
 
 def load_tokenizer(checkpoint: str | Path, why: str = "") -> Any:

@@ -42,6 +42,26 @@ def test_cli_trains_routers_then_evaluates(demo, tmp_path):
     assert 0 < next(iter(report["code"]["routing"].values()))["load_entropy"] <= 1 and "load entropy" in evaluated.output
 
 
+def test_cli_eval_scores_in_the_dtype_asked_for_and_refuses_an_unknown_one(demo, tmp_path):
+    root, _, files = demo
+    runner = CliRunner()
+    scores = {}
+    for dtype in ("float32", "bfloat16"):
+        done = runner.invoke(app, ["eval", str(root / "btx"), "--data", f"code={files['code']}", "--block-size", "32",
+                                   "--device", "cpu", "--dtype", dtype, "--json", str(tmp_path / f"{dtype}.json")])
+        assert done.exit_code == 0, done.output
+        scores[dtype] = json.loads((tmp_path / f"{dtype}.json").read_text())["code"]["perplexity"]
+    default = runner.invoke(app, ["eval", str(root / "btx"), "--data", f"code={files['code']}", "--block-size", "32",
+                                  "--json", str(tmp_path / "default.json")])
+    assert default.exit_code == 0, default.output
+    # the default on a CPU is float32, exactly; bfloat16 scores the same model a little differently
+    assert json.loads((tmp_path / "default.json").read_text())["code"]["perplexity"] == scores["float32"]
+    assert scores["bfloat16"] != scores["float32"]
+    assert scores["bfloat16"] == pytest.approx(scores["float32"], rel=0.05)
+    wrong = runner.invoke(app, ["eval", str(root / "btx"), "--data", f"code={files['code']}", "--dtype", "fp8"])
+    assert wrong.exit_code != 0 and "unknown dtype 'fp8'" in wrong.output and "bfloat16" in wrong.output
+
+
 def test_cli_train_bad_data_is_a_clear_error(demo, tmp_path):
     root, result, files = demo
     bad = tmp_path / "bad.jsonl"
