@@ -293,8 +293,8 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
     text_config.dtype = dtype_name
     dense, expected = check_dense_tensors(models, text_config)
     router_layers = None
-    _, blocks = decoder_layers(dense, text_config)
-    parallel = parallel_layer_lists(dense, text_config)
+    layers_name, blocks = decoder_layers(dense, text_config)
+    parallel = parallel_layer_lists(dense, text_config, layers_name)
     if recipe.method == "btx":
         router_layers = resolve_router_layers(recipe.router_layers, blocks[0], text_config.model_type, parallel)
     else:
@@ -385,9 +385,9 @@ def _plan_streams(recipe: Recipe, models: list[LocalModel], by_name: dict[str, i
         denses[index], expected[index] = check_dense_tensors([model], config)
         configs.append(config)
         prefixes[index] = denses[index].base_model_prefix
-    for index in (hub, *streams):  # every source, so the refusal names the first that cannot be stitched
+    _, hub_blocks = stitch_layers(denses[hub], configs[hub])
+    for index in streams:  # each stream is stepped block by block beside the hub: refused as the hub would be
         stitch_layers(denses[index], configs[index])
-    _, hub_blocks = decoder_layers(denses[hub], configs[hub])
     points = stitch_points(len(hub_blocks), recipe.stitch_freq, recipe.stitch_layers_index)
     out_of_range = [p for p in points if p >= len(hub_blocks)]
     if out_of_range:

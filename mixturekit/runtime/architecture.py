@@ -107,6 +107,12 @@ def _has_linear(module: nn.Module) -> bool:
     return any(isinstance(m, LINEAR_TYPES) for m in module.modules())
 
 
+def _is_layer_list(module: nn.Module, count: int) -> bool:
+    """A list of one entry per layer whose entries hold Linear layers: what decoder blocks (or XLM's parallel
+    per-layer parts) look like."""
+    return isinstance(module, nn.ModuleList) and len(module) == count and all(_has_linear(b) for b in module)
+
+
 # Words that name a vision or audio tower (in a module's name or its config's class or model type): its block lists
 # are the tower's, never the text decoder's.
 TOWER_WORDS = ("vision", "visual", "image", "img", "audio", "speech", "video")
@@ -164,8 +170,7 @@ def decoder_layers(model: nn.Module, config: PretrainedConfig) -> tuple[str, nn.
     entries hold Linear layers, outside any vision or audio tower (`_tower_names`; Git's image encoder has as many
     layers as its text decoder), and under the decoder transformers names (`get_decoder()`) where it holds one."""
     count = num_layers(config)
-    candidates = [(name, module) for name, module in model.named_modules()
-                  if isinstance(module, nn.ModuleList) and len(module) == count and all(_has_linear(b) for b in module)]
+    candidates = [(name, module) for name, module in model.named_modules() if _is_layer_list(module, count)]
     towers = _tower_names(model, config)
     text = [(name, module) for name, module in candidates if not any(_within(name, tower) for tower in towers)]
     decoder = _decoder_name(model)
@@ -179,15 +184,17 @@ def decoder_layers(model: nn.Module, config: PretrainedConfig) -> tuple[str, nn.
     )
 
 
-def parallel_layer_lists(model: nn.Module, config: PretrainedConfig) -> list[tuple[str, nn.ModuleList]]:
+def parallel_layer_lists(model: nn.Module, config: PretrainedConfig,
+                         layers_name: str | None = None) -> list[tuple[str, nn.ModuleList]]:
     """The decoder list and every other list of one entry per layer holding Linears beside it (same parent), in
     module order: more than one when a family keeps each layer's parts in parallel lists (XLM's `attentions` and
-    `ffns`) instead of blocks that hold them all."""
-    layers_name, _ = decoder_layers(model, config)
+    `ffns`) instead of blocks that hold them all. `layers_name`: the decoder list's, when the caller has it."""
+    if layers_name is None:
+        layers_name, _ = decoder_layers(model, config)
     parent, count = layers_name.rpartition(".")[0], num_layers(config)
     lists = model.get_submodule(parent).named_children() if parent else model.named_children()
     return [(f"{parent}.{name}" if parent else name, module) for name, module in lists
-            if isinstance(module, nn.ModuleList) and len(module) == count and all(_has_linear(b) for b in module)]
+            if _is_layer_list(module, count)]
 
 
 def describe_parallel_lists(parallel: list[tuple[str, nn.ModuleList]]) -> str:
@@ -198,13 +205,14 @@ def stitch_layers(model: nn.Module, config: PretrainedConfig) -> tuple[str, nn.M
     """bts's blocks: `decoder_layers`, refused where a block's output is not the end of a layer. A stitch acts on a
     block's output (the residual stream) and a stream is stepped one block at a time, so a family whose layers are
     parallel per-layer lists (XLM: attention, then residual, norm and FFN from other lists) cannot be stitched."""
-    parallel = parallel_layer_lists(model, config)
+    layers_name, layers = decoder_layers(model, config)
+    parallel = parallel_layer_lists(model, config, layers_name)
     if len(parallel) > 1:
         raise UnsupportedArchitectureError(
             f"bts cannot stitch '{config.model_type}': its layers are not blocks but parallel per-layer lists "
             f"({describe_parallel_lists(parallel)}), so no block's output is the end of a layer (after its residual), "
             "where stitches act and expert streams are stepped")
-    return decoder_layers(model, config)
+    return layers_name, layers
 
 
 def ffn_child(block: nn.Module) -> str | None:

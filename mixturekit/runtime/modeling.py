@@ -203,7 +203,7 @@ def convert_dense_to_moe(dense: nn.Module, config: MixtureKitConfig, recorder: R
             ffn = getattr(layers[index], layout.child)
             setattr(layers[index], layout.child, SparseMoeBlock(ffn, layout, num_experts, top_k, recorder, **shared))
     elif config.method == "btx":
-        parallel = parallel_layer_lists(dense, text_config) if config.router_layers is None else None
+        parallel = parallel_layer_lists(dense, text_config, layers_name) if config.router_layers is None else None
         for index in indices:
             block = layers[index]
             for name in resolve_router_layers(config.router_layers, block, text_config.model_type, parallel):
