@@ -113,6 +113,12 @@ def export_command(
                                                         if layout == "per-expert" else ""))
 
 
+# Where `eval` and `compare` score models (as `mixturekit.load` loads them).
+SCORING_DEVICE = typer.Option(None, "--device", help="Where to score (default: a GPU when there is one).")
+SCORING_DTYPE = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16 (default: float32 on the CPU, "
+                             "the stored dtype on a GPU).")
+
+
 @app.command(name="eval")
 def evaluate_command(
     checkpoint: Path = typer.Argument(..., help="Model folder (composed or dense)."),
@@ -120,9 +126,8 @@ def evaluate_command(
     block_size: int = typer.Option(256, "--block-size"),
     max_blocks: int = typer.Option(64, "--max-blocks"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
-    device: Optional[str] = typer.Option(None, "--device", help="Where to score (default: a GPU when there is one)."),
-    score_dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16 (default: "
-                                              "float32 on the CPU, the stored dtype on a GPU)."),
+    device: Optional[str] = SCORING_DEVICE,
+    score_dtype: Optional[str] = SCORING_DTYPE,
 ) -> None:
     """Perplexity per dataset and routing statistics, as a table (and JSON)."""
     import json
@@ -183,9 +188,8 @@ def compare(
     max_blocks: int = typer.Option(64, "--max-blocks"),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the table as OUT.md and OUT.json."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace merges (or a composition) in --workdir."),
-    device: Optional[str] = typer.Option(None, "--device", help="Where to score (default: a GPU when there is one)."),
-    score_dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16 (default: "
-                                              "float32 on the CPU, the stored dtype on a GPU)."),
+    device: Optional[str] = SCORING_DEVICE,
+    score_dtype: Optional[str] = SCORING_DTYPE,
 ) -> None:
     """Is this composition better than merging? Perplexity of each expert, the base, the linear and TIES merges of
     the experts, and the composition, on the same tokens."""

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from .errors import SourceError
+from .loading import load_for_scoring
 from .runtime.modeling import MixtureKitForCausalLM
 from .runtime.routing_stats import RoutingStatistics, dead_threshold
 from .sources.paths import looks_like_local_path
@@ -84,8 +85,6 @@ def evaluate(
                           f"'{Path(model_path).expanduser().absolute()}'); check the path")
     for source in data.values():  # before the model loads: a misspelled file fails in a second, not a minute
         check_data_source(source)
-    from .loading import load_for_scoring
-
     model = load_for_scoring(model_path, device=device, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     composed = isinstance(model, MixtureKitForCausalLM) and model.config.method != "bts"

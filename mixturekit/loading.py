@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .errors import SourceError
+from .plan import DTYPES
 from .runtime.config import require_composed
 from .runtime.modeling import MixtureKitForCausalLM
 
@@ -30,24 +31,23 @@ def load(
     return model
 
 
-DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
-
-
 def load_for_scoring(
     checkpoint: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
 ) -> Any:
     """Any causal LM of `checkpoint` (dense or composed), in eval mode on `device`: default a GPU when there is one,
-    else the CPU; `dtype` default float32 on the CPU and the stored dtype ("auto") elsewhere, or one of
-    `DTYPE_NAMES`. What `load`, `evaluate` and `compare_to_merging` score with, so their numbers agree."""
+    else the CPU; `dtype` default float32 on the CPU and the stored dtype ("auto") elsewhere, or "auto" or a name of
+    a composition's dtypes (`plan.DTYPES`). What `load`, `evaluate` and `compare_to_merging` score with, so their
+    numbers agree."""
     from transformers import AutoModelForCausalLM
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
     elif isinstance(dtype, str) and dtype != "auto":
-        if dtype not in DTYPE_NAMES:
-            raise SourceError(f"unknown dtype '{dtype}' to load '{checkpoint}' in; valid: {', '.join(DTYPE_NAMES)}")
-        dtype = getattr(torch, dtype)
+        if dtype not in DTYPES:
+            valid = ", ".join(["auto", *DTYPES])
+            raise SourceError(f"unknown dtype '{dtype}' to load '{checkpoint}' in; valid: {valid}")
+        dtype = DTYPES[dtype]
     return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
 
 

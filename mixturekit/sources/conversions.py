@@ -19,6 +19,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
 from ..errors import CompatibilityError, SourceError
 
 
@@ -65,13 +68,6 @@ def checkpoint_names(
     `ConvertedTensor`) for one a converter computes. `read(stored_name)` gives a stored tensor's data, asked for only
     when a converter cannot tell its output shapes from `meta` tensors. A checkpoint already in the model's layout
     matches no rule and keeps its names."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            WeightConverter, WeightRenaming, dot_natural_key, rename_source_key,
-        )
-    except ImportError:  # a transformers release without conversion rules reads names as stored
-        return {name: (name, None) for name in stored}
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
