@@ -361,10 +361,10 @@ ALPHA_STUDY = {"traditional, alpha 0": {"alpha": 0.0}, "traditional, alpha 0.1":
 def stage_moe(study: Study) -> None:
     args, domains, device = study.args, study.domains, study.device
     composed_dir, trained_dir = args.workdir / "composed", args.workdir / "trained"
-    runs = {label: (label, {}) for label in composition_recipes(study)}
+    recipes = composition_recipes(study)
+    runs = {label: (label, {}) for label in recipes}
     if args.alpha_study:  # the same composition as `traditional`, loaded with another balance setting
         runs.update({label: ("traditional", overrides) for label, overrides in ALPHA_STUDY.items()})
-    recipes = composition_recipes(study)
     for label, (composition, overrides) in runs.items():
         if study.done(label):
             continue
