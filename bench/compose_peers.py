@@ -1,6 +1,6 @@
 """Compose speed and peak memory against the two peers: mergekit-moe and the original MixtureKit, on CPU.
 
-    python bench/compose_peers.py [--quick] [--repeats 3] [--workdir /tmp/mixturekit_bench_peers]
+    python bench/compose_peers.py [--quick | --host] [--experts 4] [--repeats 3] [--workdir /tmp/mixturekit_bench_peers]
                                   [--mergekit-python .peers/mergekit/bin/python]
                                   [--original-python .peers/original/bin/python] [--json FILE]
 
@@ -54,6 +54,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 FULL = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=10, num_attention_heads=16,
             num_key_value_heads=16, vocab_size=34048)
+# the Speed issue's GPU-host case: eight experts of about 1.2 GB (595.4M parameters each)
+HOST = dict(hidden_size=1536, intermediate_size=6144, num_hidden_layers=13, num_attention_heads=12,
+            num_key_value_heads=12, vocab_size=34048)
 QUICK = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=4, vocab_size=2000)
 EXPERTS = 4
@@ -184,12 +187,26 @@ def child_env(extra_path: Path | None = None) -> dict[str, str]:
     return env
 
 
+# Where /usr/bin/time is missing (a container image): a tiny Python that forks the command and reads its resource use
+# with wait4, as `time` does; forked from this small process, the command inherits no large high-water mark.
+WAIT4 = ("import os, sys\npid = os.fork()\nif pid == 0:\n    os.execvp(sys.argv[2], sys.argv[2:])\n"
+         "_, status, use = os.wait4(pid, 0)\nopen(sys.argv[1], 'w').write(f'{use.ru_maxrss} 0 {use.ru_utime} "
+         "{use.ru_stime}\\n')\nsys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
+def rusage_wrapper(report: Path) -> list[str]:
+    """The command prefix that writes `peak-KiB wall user sys` of the command to `report`."""
+    if Path("/usr/bin/time").is_file():
+        return ["/usr/bin/time", "-o", str(report), "-f", "%M %e %U %S"]
+    return [sys.executable, "-S", "-c", WAIT4, str(report)]
+
+
 def timed(argv: list[str], env: dict[str, str], workdir: Path) -> dict:
-    """Run `argv` under /usr/bin/time; wall seconds (measured here) and its peak RSS in bytes."""
+    """Run `argv` under /usr/bin/time (or `WAIT4`); wall seconds (measured here) and its peak RSS in bytes."""
     report = workdir / "time.out"
     report.unlink(missing_ok=True)
     start = time.perf_counter()
-    done = subprocess.run(["/usr/bin/time", "-o", str(report), "-f", "%M %e %U %S", *argv], env=env,
+    done = subprocess.run([*rusage_wrapper(report), *argv], env=env,
                           capture_output=True, text=True, cwd=str(workdir))
     wall = time.perf_counter() - start
     if done.returncode != 0:
@@ -223,8 +240,10 @@ def settle(files: list[Path], seconds: float) -> None:
 
 def versions(tool: str, python: str, env: dict[str, str]) -> dict:
     package = {"ours": "mixturekit", "mergekit-moe": "mergekit", "original": "mixturekit"}[tool.split(" ")[0]]
-    code = ("import json, platform, importlib.metadata as m; import torch, transformers, safetensors; "
-            f"print(json.dumps({{'package': m.version({package!r}), 'python': platform.python_version(), "
+    code = ("import json, platform, importlib.metadata as m; import torch, transformers, safetensors\n"
+            f"try:\n    version = m.version({package!r})\nexcept m.PackageNotFoundError:\n"
+            "    version = 'not installed (run from a checkout)'\n"
+            "print(json.dumps({'package': version, 'python': platform.python_version(), "
             "'torch': torch.__version__, 'transformers': transformers.__version__, "
             "'safetensors': safetensors.__version__}))")
     done = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, cwd="/")
@@ -241,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mixturekit_bench_peers"))
     parser.add_argument("--quick", action="store_true", help="~5 MB experts instead of 453 MiB")
+    parser.add_argument("--host", action="store_true",
+                        help="the GPU-host case: 1.19 GB experts (595.4M parameters) instead of 453 MiB")
+    parser.add_argument("--experts", type=int, default=EXPERTS, help=f"how many experts (default {EXPERTS})")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; each runs every tool once")
     parser.add_argument("--settle", type=float, help="seconds to wait before each run (default 5; 0 with --quick)")
     parser.add_argument("--ours-python", default=sys.executable, help="the Python that has this mixturekit")
@@ -254,15 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settle_s = args.settle if args.settle is not None else (0.0 if args.quick else 5.0)
-    fields, tag = (QUICK, "quick") if args.quick else (FULL, "full")
+    fields, tag = (QUICK, "quick") if args.quick else (HOST, "host") if args.host else (FULL, "full")
     workdir = args.workdir.absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    sources = [make_source(workdir / f"source-{tag}-{i}", fields, seed=2000 + i) for i in range(EXPERTS)]
+    sources = [make_source(workdir / f"source-{tag}-{i}", fields, seed=2000 + i) for i in range(args.experts)]
     inputs = [s / "model.safetensors" for s in sources]
     source_bytes = inputs[0].stat().st_size
     parameters = sum(int(__import__("math").prod(s)) for s in llama_shapes(fields).values())
-    print(f"sources: {EXPERTS} distinct random Llama models, {parameters / 1e6:.1f}M parameters, "
+    print(f"sources: {args.experts} distinct random Llama models, {parameters / 1e6:.1f}M parameters, "
           f"{source_bytes / 1e6:.1f} MB = {source_bytes / 2**20:.1f} MiB bfloat16 each ({fields}) in {workdir} "
           f"({time.perf_counter() - start:.1f} s)", flush=True)
     configs = write_configs(workdir, sources)
@@ -282,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                         if line.startswith("model name")), "") if Path("/proc/cpuinfo").is_file() else "",
            "memory_bytes": next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                                  if line.startswith("MemTotal:")), 0) if Path("/proc/meminfo").is_file() else 0,
-           "argv": sys.argv[1:], "settle_s": settle_s, "fields": fields, "source_bytes": source_bytes,
+           "argv": sys.argv[1:], "settle_s": settle_s,
+           "rusage": rusage_wrapper(workdir / "time.out")[0], "fields": fields, "source_bytes": source_bytes,
            "parameters": parameters, "tools": {}}
     for name, (python, _, path) in tools.items():
         env["tools"][name] = {"python": python, **versions(name, python, child_env(path))}

@@ -1,12 +1,13 @@
 """End-to-end benchmark: a whole composed model against its dense base, forward, training and generation.
 
-    python bench/end_to_end.py [--shapes issue e8 e16 wide] [--compile] [--json out.json]   # GPU, bf16
+    python bench/end_to_end.py [--shapes issue e8 e16 wide small] [--compile] [--json out.json]   # GPU, bf16
     python bench/end_to_end.py --quick --device cpu                                       # CPU, fp32, a smoke run
     python bench/end_to_end.py --package-root /path/to/other/checkout ...                 # time another version
 
-Shapes (Llama, 4 layers, vocab 49152, random weights, composed top-2; btx routes gate/up/down): `issue` d2048/f8192
+Shapes (Llama, 4 layers unless said, vocab 49152, random weights, composed top-2; btx routes gate/up/down): `issue` d2048/f8192
 with 16 heads / 4 KV heads and E=4 (the Speed issue's table), `e8` and `e16` the same with 8 and 16 experts, `wide`
-d4096/f14336 (32 heads / 8 KV heads) with E=4. Rows, each against the dense model in the same run:
+d4096/f14336 (32 heads / 8 KV heads) with E=4, `small` SmolLM2-135M's shape (d576/f1536, 9 heads / 3 KV heads, 30
+layers) with E=4. Rows, each against the dense model in the same run:
 
 * forward and forward+backward (loss and all gradients) of `btx` and `traditional` at 8x1024 and 1x32 tokens, the
   peak memory of forward+backward at 8x1024, and (with `--compile`) `torch.compile(model)` forward+backward;
@@ -53,6 +54,8 @@ SHAPES = {
     "e8": dict(COMMON, d=2048, f=8192, heads=16, kv_heads=4, experts=8),
     "e16": dict(COMMON, d=2048, f=8192, heads=16, kv_heads=4, experts=16),
     "wide": dict(COMMON, d=4096, f=14336, heads=32, kv_heads=8, experts=4),
+    # SmolLM2-135M's shape (the quality study's seed): narrow matmuls, 30 blocks
+    "small": dict(COMMON, d=576, f=1536, heads=9, kv_heads=3, experts=4, layers=30),
 }
 FULL = SHAPES["issue"]
 QUICK = dict(d=64, f=128, layers=2, vocab=512, heads=4, kv_heads=2, shapes=[(2, 32), (1, 8)], train_shape=(2, 32),

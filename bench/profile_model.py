@@ -1,9 +1,10 @@
 """Where a whole composed model's time goes on the GPU: training steps and decoding steps, kernel by kernel.
 
-    python bench/profile_model.py [--methods btx traditional] [--out profile.txt]
+    python bench/profile_model.py [--methods btx traditional] [--shape issue|small|...]
 
-Same model as bench/end_to_end.py (Llama d2048, f8192, 4 layers, E=4, k=2, bf16). For each method (and the dense
-model): the top CUDA kernels of one forward+backward at 8x1024 tokens, and, for one decoding step at batch 1 with a
+Same model as bench/end_to_end.py (default its `issue` shape: Llama d2048, f8192, 4 layers, E=4, k=2, bf16). For each
+method (and the dense model): the top CUDA kernels of one forward+backward at 8x1024 tokens, the step's wall time
+beside the GPU's busy time (their gap is host time: launches and Python), and, for one decoding step at batch 1 with a
 KV cache of 32 tokens, the number of kernel launches, the host-device synchronisations and the CPU time per step.
 """
 
@@ -21,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import synchronize  # noqa: E402
-from end_to_end import FULL, QUICK, composed_model, dense_model  # noqa: E402
+from end_to_end import QUICK, SHAPES, composed_model, dense_model  # noqa: E402
 
 from mixturekit.runtime.cache_argument import CACHE_ARGUMENT  # noqa: E402
 
@@ -67,9 +68,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["btx", "traditional"])
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--quick", action="store_true", help="a tiny model on the CPU (a smoke run)")
+    parser.add_argument("--shape", default="issue", choices=sorted(SHAPES))
     args = parser.parse_args()
     device = torch.device("cpu" if args.quick else "cuda")
-    dtype, spec = (torch.float32, QUICK) if args.quick else (torch.bfloat16, FULL)
+    dtype, spec = (torch.float32, QUICK) if args.quick else (torch.bfloat16, SHAPES[args.shape])
     batch, length = spec["train_shape"]
     ids = torch.randint(3, spec["vocab"], (batch, length), device=device)
     for name in ["dense", *args.methods]:
@@ -79,10 +81,18 @@ def main() -> None:
         for _ in range(2):
             model(input_ids=ids, labels=ids).loss.backward()
         synchronize(device)
+        start = time.perf_counter()
+        for _ in range(5):
+            model(input_ids=ids, labels=ids).loss.backward()
+        synchronize(device)
+        wall_ms = (time.perf_counter() - start) / 5 * 1e3
         with profile(activities=ACTIVITIES[device.type]) as prof:
             model(input_ids=ids, labels=ids).loss.backward()
             synchronize(device)
-        print(f"\n===== {name}: forward+backward {batch}x{length}, top CUDA kernels", flush=True)
+        busy_ms = sum(e.device_time_total for e in prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+        print(f"\n===== {name}: forward+backward {batch}x{length}: {wall_ms:.2f} ms a step unprofiled, GPU busy "
+              f"{busy_ms:.2f} ms of it (kernels' own time, profiled step); top CUDA kernels", flush=True)
         print(kernel_table(prof, args.rows), flush=True)
         model.zero_grad(set_to_none=True)
         model.eval()

@@ -1,6 +1,7 @@
 """`mixturekit train` router-only against the dense model of equal active parameters, both through a Trainer.
 
-    python bench/train_speed.py --workdir /root/train_speed --out OUT --tokenizer .carry/tokenizer [--tiny]
+    python bench/train_speed.py --workdir /root/train_speed --out OUT --tokenizer .carry/tokenizer [--tiny | --small]
+                                [--policy routers|full] [--compile]
 
 The Speed issue's goal row: "`mixturekit train` router-only, btx: at least 0.8x the tokens/s of the dense model of
 equal active parameters". bench/end_to_end.py times a bare AdamW step; this times what a user runs. Four random-weight
@@ -38,6 +39,9 @@ from mixturekit import compose  # noqa: E402
 
 SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=16,
              num_key_value_heads=4, vocab_size=49152, max_position_embeddings=4096)
+# SmolLM2-135M's shape (the quality study's seed), where a step is bound by launches more than by matmuls
+SMALL = dict(SHAPE, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+             num_key_value_heads=3)
 TINY = dict(SHAPE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
 TOP_K = 2
@@ -98,12 +102,16 @@ def main() -> None:
     parser.add_argument("--methods", default="btx,traditional")
     parser.add_argument("--run-timeout", type=float, default=240)
     parser.add_argument("--tiny", action="store_true", help="a tiny shape, runnable on CPU (a check of the script)")
+    parser.add_argument("--small", action="store_true", help="SmolLM2-135M's shape (d576, f1536, 30 layers)")
+    parser.add_argument("--policy", default="routers", help="the freeze policy of the composed runs (routers, full)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run each method with `compile: true` (regional compilation of the decoder blocks)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     header = environment(device)
     log(header)
-    fields = TINY if args.tiny else SHAPE
+    fields = TINY if args.tiny else SMALL if args.small else SHAPE
     sources = [make_source(args.workdir / f"expert{i}", fields, seed=i, dtype="bfloat16", device=device.type,
                            tokenizer=args.tokenizer) for i in range(4)]
     data = stdlib_text(args.workdir / "stdlib.jsonl", characters=200_000 if args.tiny else 3_000_000)
@@ -116,25 +124,28 @@ def main() -> None:
                             "dtype": "bfloat16", "seed": 0,
                             **({"router_layers": ["gate_proj", "up_proj", "down_proj"]} if method == "btx" else {})},
                            output=args.workdir / method, overwrite=True, progress=False)
-        config = {"model": str(composed), "data": str(data), "stage": "router", "block_size": args.block,
-                  "batch_size": args.batch, "max_steps": args.steps, "learning_rate": 1e-3, "seed": 0,
-                  "gradient_checkpointing": False}
-        folder = args.workdir / "runs" / method
-        shutil.rmtree(folder, ignore_errors=True)
-        result = launch_train(config, folder, 1, "bf16" if device.type == "cuda" else "no",
-                              timeout_s=args.run_timeout)
-        result["name"] = f"{method}, routers only (mixturekit train)"
-        if "history" in result:
-            result["tokens_per_second"] = steady_tokens_per_second(result["history"])
-        log(f"{method}: {result.get('tokens_per_second')} tokens/s" + ("" if "history" in result else
-                                                                        f"\n{result.get('error', '')[-2000:]}"))
-        rows.append(result)
+        for compiled in (False, True) if args.compile else (False,):
+            config = {"model": str(composed), "data": str(data), "stage": "router", "block_size": args.block,
+                      "batch_size": args.batch, "max_steps": args.steps, "learning_rate": 1e-3, "seed": 0,
+                      "gradient_checkpointing": False, "policy": args.policy, "compile": compiled}
+            folder = args.workdir / "runs" / f"{method}-{'compiled' if compiled else 'eager'}"
+            shutil.rmtree(folder, ignore_errors=True)
+            result = launch_train(config, folder, 1, "bf16" if device.type == "cuda" else "no",
+                                  timeout_s=args.run_timeout)
+            what = "routers only" if args.policy == "routers" else f"policy {args.policy}"
+            result["name"] = f"{method}, {what} (mixturekit train{', compile: true' if compiled else ''})"
+            if "history" in result:
+                result["tokens_per_second"] = steady_tokens_per_second(result["history"])
+            log(f"{result['name']}: {result.get('tokens_per_second')} tokens/s" + (
+                "" if "history" in result else f"\n{result.get('error', '')[-2000:]}"))
+            rows.append(result)
     dense = rows[0].get("tokens_per_second")
     for row in rows[1:]:
         if dense and row.get("tokens_per_second"):
             row["vs_dense_equal_active"] = row["tokens_per_second"] / dense
     (args.out / "train_speed.json").write_text(json.dumps({"header": header, "fields": fields, "block": args.block,
-                                                           "batch": args.batch, "steps": args.steps, "rows": rows},
+                                                           "batch": args.batch, "steps": args.steps,
+                                                           "policy": args.policy, "rows": rows},
                                                           indent=1))
     lines = [header, "", "| run | tokens/s | vs dense of equal active |", "|---|---:|---:|"]
     for row in rows:

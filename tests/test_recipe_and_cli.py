@@ -49,6 +49,20 @@ def test_original_mixturekit_config_is_accepted(tmp_path, experts, monkeypatch):
     assert model(input_ids=torch.randint(3, VOCAB, (1, 5))).logits.shape == (1, 5, VOCAB)
 
 
+
+def test_model_card_hashes_every_source_when_hashed_in_parallel(tmp_path, experts, monkeypatch):
+    """On a many-core host the sources are hashed by several threads at once; each card line is still its file's."""
+    import hashlib
+
+    from mixturekit import compose
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    recipe = {"method": "btx", "experts": [{"name": f"e{i}", "source": str(p)} for i, p in enumerate(experts)]}
+    card = (compose(recipe, tmp_path / "out", progress=False) / "README.md").read_text()
+    for folder in experts:
+        digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+        assert f"sha256 `{digest}`" in card
+
 def test_legacy_config_with_unknown_key_is_refused():
     from mixturekit import RecipeError
 

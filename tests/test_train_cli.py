@@ -268,3 +268,40 @@ def test_router_init_from_the_training_config_sets_the_routers_and_shows_progres
     before, after = load_file(root / "btx" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     routers = [name for name in before if name.endswith("router.weight")]
     assert routers and all((after[name] - before[name]).abs().max() > 1e-3 for name in routers)  # set, not trained
+
+
+def test_compile_true_trains_the_same_routers_and_saves_the_same_names(demo, tmp_path, monkeypatch):
+    """Regional compilation (each decoder block compiled in place) changes how blocks run, not what they learn or
+    what is saved. aot_eager: the same graphs as inductor's, without a C++ compiler on the test machine."""
+    from mixturekit.training import compilation
+
+    monkeypatch.setattr(compilation, "BACKEND", "aot_eager")
+    root, _, files = demo
+    runner, trained = CliRunner(), {}
+    for compiled in (False, True):
+        output = tmp_path / f"trained-{compiled}"
+        config = {"model": str(root / "btx"), "data": str(files["code"]), "output": str(output), "max_steps": 3,
+                  "block_size": 32, "batch_size": 4, "learning_rate": 0.05, "compile": compiled}
+        (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+        result = runner.invoke(app, ["train", str(tmp_path / "train.yaml")])
+        assert result.exit_code == 0, result.output
+        trained[compiled] = {}
+        for path in output.glob("*.safetensors"):
+            trained[compiled].update(load_file(path))
+    assert trained[True].keys() == trained[False].keys()
+    routers = [name for name in trained[False] if name.endswith("router.weight")]
+    assert routers
+    before = load_file(root / "btx" / "model.safetensors")
+    for name in routers:
+        assert not torch.equal(trained[True][name], before[name])  # the compiled run trained them
+        torch.testing.assert_close(trained[True][name], trained[False][name], atol=1e-5, rtol=1e-4)
+
+
+def test_compile_is_refused_for_the_trl_stages_naming_the_router_stage(demo, tmp_path):
+    root, _, files = demo
+    config = {"model": str(root / "btx"), "data": str(files["code"]), "output": str(tmp_path / "out"),
+              "stage": "sft", "compile": True}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "train.yaml")])
+    assert result.exit_code != 0 and "compile: true is for stage: router" in result.output
+    assert not (tmp_path / "out").exists()

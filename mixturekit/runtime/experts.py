@@ -188,7 +188,9 @@ def resolve_backend(backend: str, inputs: torch.Tensor, weight: torch.Tensor) ->
         raise ValueError(f"experts backend must be one of {BACKENDS}, got '{backend}'")
     if backend != "auto":
         return backend
-    usable_dtype = torch.float32 if inputs.device.type == "cpu" else torch.bfloat16
+    # float32 grouped_mm runs on CPU in eager code only: compiled code checks it against the CUDA rule (bf16)
+    cpu_float32 = inputs.device.type == "cpu" and not torch.compiler.is_compiling()
+    usable_dtype = torch.float32 if cpu_float32 else torch.bfloat16
     aligned = all(size * inputs.element_size() % 16 == 0 for size in weight.shape[1:])
     if hasattr(F, "grouped_mm") and inputs.dtype == usable_dtype and weight.dtype == usable_dtype and aligned:
         return "grouped_mm"

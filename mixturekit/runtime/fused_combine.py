@@ -6,11 +6,16 @@ copy for backward and runs three more passes. Here the forward reads each expert
 inverse permutation) and accumulates the weighted sum in float32; the backward writes each expert row's gradient
 (its token's output gradient times its weight) and that slot's weight gradient (the dot product of the two rows) in
 one pass. Rows are read and written whole, never added into by two programs: no atomics, deterministic.
+
+Eager code launches the kernels from an autograd Function; compiled code calls them as the `mixturekit::combine`
+operator (a `torch.library.triton_op` with its backward registered, registered at import), so `torch.compile`
+keeps them instead of running the reference.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 
@@ -85,11 +90,56 @@ class _FusedCombine(torch.autograd.Function):
         return rows_gradient, None, None, weights_gradient
 
 
+def _register_operator():
+    """The kernels as the `mixturekit::combine` operator and its backward, for compiled code."""
+    from torch.library import triton_op, wrap_triton
+
+    forward_kernel, backward_kernel = _triton_kernels()
+
+    @triton_op("mixturekit::combine", mutates_args=())
+    def combine(rows: torch.Tensor, position: torch.Tensor, order: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        num_tokens, top_k = weights.shape
+        out = rows.new_empty(num_tokens, rows.shape[1])
+        if num_tokens:
+            wrap_triton(forward_kernel)[(num_tokens,)](rows, position, weights, out, rows.shape[1], TOP_K=top_k,
+                                                       BLOCK=_BLOCK)
+        return out
+
+    @triton_op("mixturekit::combine_backward", mutates_args=())
+    def combine_backward(rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
+                         gradient: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows_gradient = torch.empty_like(rows)
+        weights_gradient = torch.empty_like(weights)
+        if rows.shape[0]:
+            wrap_triton(backward_kernel)[(rows.shape[0],)](rows, order, weights, gradient, rows_gradient,
+                                                           weights_gradient, rows.shape[1], TOP_K=weights.shape[1],
+                                                           BLOCK=_BLOCK)
+        return rows_gradient, weights_gradient
+
+    def setup_context(ctx, inputs, output):
+        rows, _, order, weights = inputs
+        ctx.save_for_backward(rows, order, weights)
+
+    def backward(ctx, gradient):
+        rows, order, weights = ctx.saved_tensors
+        rows_gradient, weights_gradient = combine_backward(rows, order, weights, gradient.contiguous())
+        return rows_gradient, None, None, weights_gradient
+
+    combine.register_autograd(backward, setup_context=setup_context)
+    return combine
+
+
+_OPERATOR = _register_operator() if torch.cuda.is_available() and importlib.util.find_spec("triton") else None
+
+
 def can_fuse_combine(rows: torch.Tensor) -> bool:
-    return rows.is_cuda and not torch.compiler.is_compiling() and _triton_kernels() is not None
+    return rows.is_cuda and _OPERATOR is not None
 
 
 def fused_combine(rows: torch.Tensor, position: torch.Tensor, order: torch.Tensor,
                   weights: torch.Tensor) -> torch.Tensor:
     """`out[t] = sum_j weights[t, j] * rows[position[t*k + j]]` (CUDA, Triton; `weights` float32 `[N, k]`)."""
+    if torch.compiler.is_compiling():
+        return _OPERATOR(rows.contiguous(), position, order, weights.float().contiguous())
     return _FusedCombine.apply(rows.contiguous(), position, order, weights.float().contiguous())

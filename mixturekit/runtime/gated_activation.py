@@ -3,13 +3,17 @@
 The two halves of the concatenated output are strided views, so PyTorch's elementwise kernels read them without
 vectorised loads, in two passes (the activation, then the product), and autograd keeps a third tensor for backward.
 On CUDA with Triton, a SiLU gate runs as one kernel each way that reads the halves where they lie, computes in
-float32 and keeps only the input for backward. Everything else (other activations, CPU, `torch.compile`, which fuses
-the reference itself) runs the reference below, which is also what the fused kernels are tested against.
+float32 and keeps only the input for backward. Eager code launches them from an autograd Function (a small step is
+bound by host time, and an operator's dispatch adds to it); compiled code calls them as the `mixturekit::silu_mul`
+operator, a `torch.library.triton_op` with its backward registered, so `torch.compile` keeps the kernels instead of
+falling back to the reference (it is registered at import, as `chosen_experts_kernel` explains). Everything else
+(other activations, CPU) runs the reference below, which is also what the fused kernels are tested against.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 from torch import nn
@@ -91,14 +95,51 @@ class _FusedSiluMul(torch.autograd.Function):
         return hidden_gradient
 
 
+def _register_operator():
+    """The kernels as the `mixturekit::silu_mul` operator and its backward, for compiled code."""
+    from torch.library import triton_op, wrap_triton
+
+    forward_kernel, backward_kernel = _triton_kernels()
+
+    @triton_op("mixturekit::silu_mul", mutates_args=())
+    def silu_mul(hidden: torch.Tensor) -> torch.Tensor:
+        rows, half = hidden.shape[0], hidden.shape[1] // 2
+        out = hidden.new_empty(rows, half)
+        if rows:
+            wrap_triton(forward_kernel)[_grid(rows, half)](hidden, out, half, BLOCK=_BLOCK)
+        return out
+
+    @triton_op("mixturekit::silu_mul_backward", mutates_args=())
+    def silu_mul_backward(hidden: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        hidden_gradient = torch.empty_like(hidden)
+        rows, half = hidden.shape[0], hidden.shape[1] // 2
+        if rows:
+            wrap_triton(backward_kernel)[_grid(rows, half)](hidden, gradient, hidden_gradient, half, BLOCK=_BLOCK)
+        return hidden_gradient
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def backward(ctx, gradient):
+        (hidden,) = ctx.saved_tensors
+        return silu_mul_backward(hidden, gradient.contiguous())
+
+    silu_mul.register_autograd(backward, setup_context=setup_context)
+    return silu_mul
+
+
+_OPERATOR = _register_operator() if torch.cuda.is_available() and importlib.util.find_spec("triton") else None
+
+
 def fused_silu_mul(hidden: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up` for a contiguous CUDA `[rows, 2f]` tensor, by the Triton kernels (they must be available)."""
+    if torch.compiler.is_compiling():
+        return _OPERATOR(hidden.contiguous())
     return _FusedSiluMul.apply(hidden.contiguous())
 
 
 def can_fuse(hidden: torch.Tensor, activation: nn.Module) -> bool:
-    return (hidden.is_cuda and hidden.dim() == 2 and isinstance(activation, SILU_TYPES)
-            and not torch.compiler.is_compiling() and _triton_kernels() is not None)
+    return hidden.is_cuda and hidden.dim() == 2 and isinstance(activation, SILU_TYPES) and _OPERATOR is not None
 
 
 def gated_activation(hidden: torch.Tensor, activation: nn.Module) -> torch.Tensor:

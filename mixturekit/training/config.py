@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import TrainingError
 from ..recipe.recipe import explain_validation_error
@@ -44,6 +44,17 @@ class TrainConfig(BaseModel):
         default=None, description="Recompute activations in backward (less memory, about a third more compute). "
         "Default: on for sft/dpo, off for router (turn it on for `policy: full` of a large model); off for LoRA "
         "under DeepSpeed ZeRO-3.")
+    compile: bool = Field(
+        default=False, description="router stage: compile each decoder block with torch.compile (regional; the first "
+        "steps pay the compile). Measured in docs/performance.md: it pays at small widths, where a step is bound by "
+        "launches.")
+
+    @model_validator(mode="after")
+    def _compile_is_for_the_router_stage(self) -> TrainConfig:
+        if self.compile and self.stage != "router":
+            raise ValueError(f"compile: true is for stage: router; stage {self.stage} trains through TRL, which "
+                             "compiles the whole model with its own `torch_compile` argument (not exposed here)")
+        return self
 
     @property
     def checkpointing(self) -> bool:

@@ -12,6 +12,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from ..errors import TrainingError
 from ..runtime.data_parallel import is_main_process
+from .compilation import compile_decoder_blocks
 from .callbacks import ThroughputCallback, add_routing_callbacks, save_model_and_log
 from .freeze import TrainableSummary, apply_freeze_policy
 
@@ -36,6 +37,7 @@ def train_routers(
     resume: bool | str = False,
     save_to: str | Path | None = None,
     tokenizer: Any = None,
+    compile_blocks: bool = False,
     **training_args: Any,
 ) -> TrainableSummary:
     """Train what the composition added (routers; stitches for bts) on fixed-length token blocks.
@@ -46,6 +48,7 @@ def train_routers(
     one, with the same result as an uninterrupted run. With `save_to`, the trained model (and `tokenizer`) is saved
     there by the trainer, which under `accelerate launch` gathers FSDP/ZeRO-3 shards and writes from one process.
     `batch_size` is per process: the global batch is `batch_size x processes x gradient_accumulation_steps`.
+    With `compile_blocks`, each decoder block is compiled in place first (`compilation`).
     """
     if policy is None:
         policy = "stitches" if model.config.method == "bts" else "routers"
@@ -58,6 +61,8 @@ def train_routers(
     if "input_ids" not in blocks.column_names:
         raise TrainingError(f"the dataset needs an `input_ids` column; it has {blocks.column_names}")
     summary = apply_freeze_policy(model, policy)
+    if compile_blocks:
+        compile_decoder_blocks(model)
     if progress and is_main_process():
         print(summary, flush=True)  # what trains, once, before the first step
     # The precision `accelerate launch --mixed_precision` (or its config) asked for; DeepSpeed checks they agree.

@@ -67,5 +67,5 @@ def _run_router_stage(config: TrainConfig, output: Path, resume: bool, progress:
     train_routers(model, blocks, output / "checkpoints", policy=config.policy, max_steps=config.max_steps,
                   learning_rate=config.learning_rate, batch_size=config.batch_size, seed=config.seed,
                   progress=progress, save_steps=config.save_steps, resume=resume, save_to=output, tokenizer=tokenizer,
-                  gradient_accumulation_steps=config.gradient_accumulation_steps,
+                  gradient_accumulation_steps=config.gradient_accumulation_steps, compile_blocks=config.compile,
                   **checkpointing_arguments(config.checkpointing))

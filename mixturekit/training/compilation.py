@@ -1,0 +1,28 @@
+"""Regional `torch.compile` for training: each decoder block compiled in place, the opt-in `compile: true`.
+
+A composed model's training step at a small width is bound by launches and Python, not by its matmuls: a btx block
+routes three projections, each with a router, a sort, a gather and a mix (docs/performance.md). Compiling the blocks
+fuses the small kernels around the grouped matmuls (the Triton combine and SiLU·mul stay, as operators). Compiling
+block by block rather than the whole model: every block of one class shares one graph, so the first step costs one
+block's compile, not the model's, and the module tree, its parameter names and the saved checkpoint are unchanged
+(`nn.Module.compile` swaps only how the block is called).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..runtime.architecture import decoder_layers
+
+# What `torch.compile` compiles with; tests on CPU use "aot_eager" (the same graphs, no C++ compiler).
+BACKEND = "inductor"
+
+
+def compile_decoder_blocks(model: torch.nn.Module) -> int:
+    """Compile each decoder block of a composed model in place; the number of blocks compiled."""
+    dense = getattr(model, "dense_model", model)
+    config = getattr(model.config, "text_config", model.config)
+    _, blocks = decoder_layers(dense, config)
+    for block in blocks:
+        block.compile(backend=BACKEND)
+    return len(blocks)
