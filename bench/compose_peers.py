@@ -30,13 +30,15 @@ tool once, in an order rotated by one each round, so a slow spell of the machine
 over all of them. Before every run: all the inputs are read (warm page cache), `sync`, then `--settle` seconds of
 wait (see bench/compose_speed.py: memory freed a moment ago is faster to write into). Every output is deleted right
 after its run. With `--imports` (default), each round also times each tool's imports alone (`python -c "import
-..."`), the fixed cost inside its total. Ours `fsync`s its output before renaming it into place; the peers do not
-`fsync` (their written pages may still be dirty when they exit; the `sync` before the next run absorbs that).
+..."`), the fixed cost inside its total. No tool `fsync`s its output (ours did until 2026-11-30: on the GPU host that was 6 of
+its 10 s, see docs/performance.md); written pages may still be dirty when a tool exits, and the `sync` before the next
+run absorbs that.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -280,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir.absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    sources = [make_source(workdir / f"source-{tag}-{i}", fields, seed=2000 + i) for i in range(args.experts)]
+    with concurrent.futures.ProcessPoolExecutor(min(args.experts, os.cpu_count() or 1)) as pool:  # numpy: one core
+        sources = list(pool.map(make_source, [workdir / f"source-{tag}-{i}" for i in range(args.experts)],
+                                [fields] * args.experts, [2000 + i for i in range(args.experts)]))
     inputs = [s / "model.safetensors" for s in sources]
     source_bytes = inputs[0].stat().st_size
     parameters = sum(int(__import__("math").prod(s)) for s in llama_shapes(fields).values())

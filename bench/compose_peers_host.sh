@@ -21,4 +21,4 @@ done
 nproc; free -g | head -2; df -h /tmp | tail -1
 python3 bench/compose_peers.py --host --experts "${EXPERTS:-8}" --repeats "${REPEATS:-3}" --workdir /tmp/compose-peers \
     --ours-python /tmp/python-ours --mergekit-python /tmp/python-mergekit --original-python /tmp/python-original \
-    --json "$OUT/compose-peers-host.json" 2>&1 | tee "$OUT/compose-peers-host.txt"
+    --json "$OUT/compose-peers-host.json" ${PEERS_FLAGS:-} 2>&1 | tee "$OUT/compose-peers-host.txt"

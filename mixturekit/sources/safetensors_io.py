@@ -287,7 +287,6 @@ class ShardWriter:
         if self._next != len(self.slots):
             self._handle.close()
             raise RuntimeError(f"shard {self.path.name} closed after {self._next} of {len(self.slots)} tensors")
-        os.fsync(self._handle.fileno())
         self._handle.close()
 
 
