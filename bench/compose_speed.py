@@ -11,12 +11,12 @@ each method and number of experts N, with the first N sources:
   time of the `compose` call alone (imports excluded) and its own peak RSS (`VmHWM` of /proc/self/status).
 * disk floor: in another fresh process (no torch), the least I/O that any composer has to do for the same case:
   read every byte of every input weight file once (`readinto` a reused 16 MiB buffer), then write files of exactly
-  the sizes of the composed output's safetensors shards, each written, flushed, `fsync`ed and closed as
-  `ShardWriter` does. The ratio compose s / floor s is the number to watch (target <= 1.3).
+  the sizes of the composed output's safetensors shards, each written, flushed and closed as `ShardWriter` does
+  (neither `fsync`s since 2026-11-30; the figures in docs/performance.md before that date include an `fsync` in both). The ratio compose s / floor s is the number to watch (target <= 1.3).
 
 Page cache: both runs of a cell start from the same state. With `--cache warm` (the default) the parent reads all of
 the cell's input files right before each run, so the inputs come from the page cache for both and the floor is
-mostly the write + fsync of the output; with `--cache cold` the parent instead evicts the inputs' pages
+mostly the write of the output; with `--cache cold` the parent instead evicts the inputs' pages
 (`posix_fadvise(DONTNEED)`, which needs no privileges), so both read from the disk (on a VM the host may still cache
 them). Compose runs first (its output's shard sizes are what the floor writes), its output is deleted, then the floor
 runs and its files are deleted. Before each run the parent also calls `sync` and waits `--settle` seconds (5 by
@@ -57,7 +57,7 @@ CHUNK = 16 * 2**20
 # ---------------------------------------------------------------------------------------------------------------
 
 def floor_child(job: dict) -> dict:
-    """Read every input file fully, then write, flush, fsync and close files of the output shards' sizes."""
+    """Read every input file fully, then write, flush and close files of the output shards' sizes."""
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
     start = time.perf_counter()
@@ -76,7 +76,6 @@ def floor_child(job: dict) -> dict:
                 handle.write(view[:step])
                 left -= step
             handle.flush()
-            os.fsync(handle.fileno())
         written += size
     end = time.perf_counter()
     return {"read_s": middle - start, "write_s": end - middle, "wall_s": end - start, "read_bytes": read,
