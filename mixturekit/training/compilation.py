@@ -19,10 +19,20 @@ BACKEND = "inductor"
 
 
 def compile_decoder_blocks(model: torch.nn.Module) -> int:
-    """Compile each decoder block of a composed model in place; the number of blocks compiled."""
+    """Compile each decoder block of a composed model in place; the number of blocks compiled.
+
+    Blocks share their code but not every constant: each router records its logits under its own name, which the
+    compiled graph holds, so every block compiles once (seconds each). Dynamo's default limit of 8 graphs per code
+    object would leave the blocks after the eighth in eager code (measured: `compile: true` then trained no faster
+    than eager at 30 blocks), so the limit is raised to the number of blocks (never lowered). The training forward
+    must not pass a KV cache (`train_routers` does not): its per-layer state would add a guard per block too.
+    """
     dense = getattr(model, "dense_model", model)
     config = getattr(model.config, "text_config", model.config)
     _, blocks = decoder_layers(dense, config)
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(blocks))
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * len(blocks))
     for block in blocks:
         block.compile(backend=BACKEND)
     return len(blocks)

@@ -17,9 +17,11 @@ from .callbacks import ThroughputCallback, add_routing_callbacks, save_model_and
 from .freeze import TrainableSummary, apply_freeze_policy
 
 
-def _collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def _collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """A batch of equal-length blocks; no KV cache in a training forward (it would only hold memory and, under
+    `compile: true`, add a guard per block)."""
     ids = torch.tensor([example["input_ids"] for example in examples], dtype=torch.long)
-    return {"input_ids": ids, "labels": ids}
+    return {"input_ids": ids, "labels": ids, "use_cache": False}
 
 
 def train_routers(
