@@ -30,9 +30,9 @@ tool once, in an order rotated by one each round, so a slow spell of the machine
 over all of them. Before every run: all the inputs are read (warm page cache), `sync`, then `--settle` seconds of
 wait (see bench/compose_speed.py: memory freed a moment ago is faster to write into). Every output is deleted right
 after its run. With `--imports` (default), each round also times each tool's imports alone (`python -c "import
-..."`), the fixed cost inside its total. No tool `fsync`s its output (ours did until 2026-11-30: on the GPU host that was 6 of
-its 10 s, see docs/performance.md); written pages may still be dirty when a tool exits, and the `sync` before the next
-run absorbs that.
+..."`), the fixed cost inside its total. No tool `fsync`s its output (ours did until 2026-11-30: on the GPU host
+that was most of its compose time, see docs/performance.md); written pages may still be dirty when a tool exits, and
+the `sync` before the next run absorbs that.
 """
 
 from __future__ import annotations

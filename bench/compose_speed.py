@@ -12,7 +12,8 @@ each method and number of experts N, with the first N sources:
 * disk floor: in another fresh process (no torch), the least I/O that any composer has to do for the same case:
   read every byte of every input weight file once (`readinto` a reused 16 MiB buffer), then write files of exactly
   the sizes of the composed output's safetensors shards, each written, flushed and closed as `ShardWriter` does
-  (neither `fsync`s since 2026-11-30; the figures in docs/performance.md before that date include an `fsync` in both). The ratio compose s / floor s is the number to watch (target <= 1.3).
+  (neither `fsync`s since 2026-11-30; the figures in docs/performance.md before that date include an `fsync` in
+  both). The ratio compose s / floor s is the number to watch (target <= 1.3).
 
 Page cache: both runs of a cell start from the same state. With `--cache warm` (the default) the parent reads all of
 the cell's input files right before each run, so the inputs come from the page cache for both and the floor is

@@ -4,10 +4,10 @@
     python bench/end_to_end.py --quick --device cpu                                       # CPU, fp32, a smoke run
     python bench/end_to_end.py --package-root /path/to/other/checkout ...                 # time another version
 
-Shapes (Llama, 4 layers unless said, vocab 49152, random weights, composed top-2; btx routes gate/up/down): `issue` d2048/f8192
-with 16 heads / 4 KV heads and E=4 (the Speed issue's table), `e8` and `e16` the same with 8 and 16 experts, `wide`
-d4096/f14336 (32 heads / 8 KV heads) with E=4, `small` SmolLM2-135M's shape (d576/f1536, 9 heads / 3 KV heads, 30
-layers) with E=4. Rows, each against the dense model in the same run:
+Shapes (Llama, 4 layers unless said, vocab 49152, random weights, composed top-2; btx routes gate/up/down): `issue`
+d2048/f8192 with 16 heads / 4 KV heads and E=4 (the Speed issue's table), `e8` and `e16` the same with 8 and 16
+experts, `wide` d4096/f14336 (32 heads / 8 KV heads) with E=4, `small` SmolLM2-135M's shape (d576/f1536, 9 heads /
+3 KV heads, 30 layers) with E=4. Rows, each against the dense model in the same run:
 
 * forward and forward+backward (loss and all gradients) of `btx` and `traditional` at 8x1024 and 1x32 tokens, the
   peak memory of forward+backward at 8x1024, and (with `--compile`) `torch.compile(model)` forward+backward;

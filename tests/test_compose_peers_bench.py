@@ -44,9 +44,9 @@ def test_without_gnu_time_a_forked_wait4_reads_the_command_peak_memory(tmp_path,
     monkeypatch.setattr(compose_peers, "rusage_wrapper",
                         lambda report: [sys.executable, "-S", "-c", compose_peers.WAIT4, str(report)])
     ballast = bytearray(400 * 2**20)
-    ballast[::4096] = b"x" * len(ballast[::4096])  # resident: the parent's high-water mark must not leak into the child's figure
-    result = compose_peers.timed([sys.executable, "-c", "b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
-                                 compose_peers.child_env(), tmp_path)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # resident: the parent's peak must not leak into the child's
+    allocate = "b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096])"
+    result = compose_peers.timed([sys.executable, "-c", allocate], compose_peers.child_env(), tmp_path)
     assert 200 * 2**20 < result["peak_rss"] < 380 * 2**20 and result["user_s"] >= 0
     with pytest.raises(RuntimeError, match=r"failed \(3\)"):
         compose_peers.timed([sys.executable, "-c", "raise SystemExit(3)"], compose_peers.child_env(), tmp_path)

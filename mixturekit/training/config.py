@@ -52,8 +52,9 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _compile_is_for_the_router_stage(self) -> TrainConfig:
         if self.compile and self.stage != "router":
-            raise ValueError(f"compile: true is for stage: router; stage {self.stage} trains through TRL, which "
-                             "compiles the whole model with its own `torch_compile` argument (not exposed here)")
+            raise ValueError(f"compile: true is for stage: router; stage {self.stage} trains through TRL, "
+                             "which compiles the whole model with its own `torch_compile` argument (not exposed "
+                             "here)")
         return self
 
     @property
