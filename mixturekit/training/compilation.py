@@ -3,9 +3,8 @@
 A composed model's training step at a small width is bound by launches and Python, not by its matmuls: a btx block
 routes three projections, each with a router, a sort, a gather and a mix (docs/performance.md). Compiling the blocks
 fuses the small kernels around the grouped matmuls (the Triton combine and SiLU·mul stay, as operators). Compiling
-block by block rather than the whole model: every block of one class shares one graph, so the first step costs one
-block's compile, not the model's, and the module tree, its parameter names and the saved checkpoint are unchanged
-(`nn.Module.compile` swaps only how the block is called).
+block by block rather than the whole model leaves the module tree, its parameter names and the saved checkpoint
+unchanged (`nn.Module.compile` swaps only how the block is called), and the loss and the optimiser as they are.
 """
 
 from __future__ import annotations
