@@ -3,12 +3,14 @@ scripts that run on the GPU, with the same steps and outputs."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mixturekit.demo.domains import build_domains
@@ -85,3 +87,55 @@ def test_the_pipeline_runs_and_reports_every_model(tmp_path):
     finished = subprocess.run(common[:7] + [str(tmp_path / "empty")] + common[8:] + ["--stage", "moe"],
                               capture_output=True, text=True)
     assert finished.returncode != 0 and "--stage experts" in finished.stderr
+
+
+class _Windows:
+    """The pipeline's `Data.batches` over one random stream (what `train` reads of it)."""
+
+    seq_len = 16
+
+    def __init__(self):
+        self.stream = torch.randint(3, 64, (4096,), generator=torch.Generator().manual_seed(5))
+
+    def batches(self, domains, tokens, batch_size, seed):
+        generator = torch.Generator().manual_seed(seed)
+        steps = tokens // (batch_size * self.seq_len)
+        for step in range(steps):
+            starts = torch.randint(0, self.stream.numel() - self.seq_len, (batch_size,), generator=generator)
+            yield step, steps, torch.stack([self.stream[s:s + self.seq_len] for s in starts.tolist()])
+
+
+def test_a_paused_training_resumes_to_the_uninterrupted_result(tmp_path):
+    """`--pause-after`: a model's training cut at every step and resumed from its saved state (weights, optimiser,
+    losses, step) ends where an uninterrupted run ends, with the same loss curve."""
+    sys.path.insert(0, str(EXAMPLE))
+    import pipeline
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+    def fresh():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config)
+
+    data, tokens = _Windows(), 6 * 4 * 16  # six steps of 4 windows
+
+    def run(workdir: Path, pause_at):
+        args = argparse.Namespace(workdir=workdir, reuse=True, pause_at=pause_at, batch_size=4)
+        model = fresh()
+        result = pipeline.train(model, data, ["all"], tokens, args, 1e-3, 1e-3, seed=7, label="dense, data-matched")
+        return model, result
+
+    whole, whole_result = run(tmp_path / "whole", None)
+    pieces, segments = None, 0
+    while pieces is None:
+        segments += 1
+        try:
+            pieces, pieces_result = run(tmp_path / "cut", 0.0)  # the deadline has passed: one step per segment
+        except pipeline.Paused:
+            assert (tmp_path / "cut" / "paused" / "dense-data-matched.pt").is_file()
+    assert segments == 6 and not list((tmp_path / "cut" / "paused").iterdir())  # the state is gone once done
+    assert pieces_result["loss_curve"] == pytest.approx(whole_result["loss_curve"], rel=1e-6)
+    assert pieces_result["train_tokens"] == whole_result["train_tokens"]
+    for (name, got), expected in zip(pieces.state_dict().items(), whole.state_dict().values()):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=name)

@@ -22,6 +22,11 @@ time limit resumes with `--reuse` and the study fits several device calls):
 4. eval: the tables (Markdown + JSON), the per-domain view against each domain's expert, a plot, inference latency of
    traditional against btx, and the routing report of the best composition.
 `scaling.py` beside this file plots several budgets' results.json together.
+
+A single model's training longer than one device call (the 20M budget's dense model, sparse upcycling from 10M) is
+cut with `--pause-after SECONDS`: when the process has run that long, the model being trained saves its training state
+(weights, optimiser, losses, step) under `--workdir/paused/` and the run stops cleanly; the same command with
+`--reuse` continues it from that step, with the result of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -46,6 +51,14 @@ from mixturekit import (  # noqa: E402
 STAGES = ("experts", "baselines", "moe", "eval")
 ROUTER_NAMES = ("router", "gate.weight", "stitches")  # parameters that get the higher learning rate
 DEAD_SHARE = 0.1  # an expert is dead under a tenth of the uniform share of a router's slots (mixturekit's rule)
+
+
+class Paused(Exception):
+    """A training stopped at `--pause-after`, its state saved for `--reuse` to continue."""
+
+
+def paused_state(args, label: str) -> Path:
+    return args.workdir / "paused" / (label.replace(", ", "-").replace(" ", "-") + ".pt")
 
 
 def log(message: str) -> None:
@@ -106,22 +119,47 @@ def trainable_groups(model: torch.nn.Module, lr: float, router_lr: float) -> lis
 def train(model, data: Data, domains: list[str], tokens: int, args, lr: float, router_lr: float, seed: int,
           label: str) -> dict:
     """AdamW, linear warm-up then cosine decay, bf16 autocast on CUDA; the loss of every step, tokens and seconds.
-    A model with `alpha_mode: auto` has its alpha adapted after every step, as `mixturekit train` does."""
+    A model with `alpha_mode: auto` has its alpha adapted after every step, as `mixturekit train` does.
+
+    Past `args.pause_at` (a `time.perf_counter()` deadline, None for none) it saves its state at the next step and
+    raises `Paused`; with `args.reuse`, a saved state of `label` is loaded first and training goes on from its step
+    (the batches before it are drawn, not trained on, so every later batch is the one an uninterrupted run sees)."""
     groups = trainable_groups(model, lr, router_lr)
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.95), fused=device.type == "cuda")
     base = [group["lr"] for group in optimizer.param_groups]
     controller = AutoAlphaCallback()
+    state_path, first_step, earlier_seconds, losses, alphas = paused_state(args, label), 0, 0.0, [], []
+    if getattr(args, "reuse", False) and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        first_step, earlier_seconds, alphas, controller.alpha = (state["step"], state["seconds"], state["alphas"],
+                                                                 state["alpha"])
+        losses = [torch.tensor(value) for value in state["losses"]]
+        log(f"resuming {label} at step {first_step} ({earlier_seconds:.0f} s trained before)")
     controller.attach(model)
     model.train()
     # --compile: dense models only (one graph, reused by every dense model of the process); a composition's routing
     # makes shapes that change from step to step
     forward = (torch.compile(model) if getattr(args, "compile", False) and not isinstance(model, MixtureKitForCausalLM)
                else model)
-    losses, alphas = [], []
+    pause_at = getattr(args, "pause_at", None)
     synchronize(device)
     start = time.perf_counter()
     for step, steps, batch in data.batches(domains, tokens, args.batch_size, seed):
+        if step < first_step:
+            continue
+        if pause_at is not None and step > first_step and time.perf_counter() >= pause_at:
+            synchronize(device)
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = state_path.with_suffix(".partial")
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "seconds": earlier_seconds + time.perf_counter() - start, "alphas": alphas,
+                        "alpha": controller.alpha, "losses": torch.stack(losses).float().cpu().tolist()}, partial)
+            partial.replace(state_path)  # whole or absent: a call killed while saving leaves the previous state
+            controller.detach()
+            raise Paused(f"paused {label} at step {step} of {steps}: run the same command with --reuse to continue")
         warm = min(1.0, (step + 1) / max(1, steps // 10))
         for group, lr0 in zip(optimizer.param_groups, base):
             group["lr"] = lr0 * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -137,8 +175,9 @@ def train(model, data: Data, domains: list[str], tokens: int, args, lr: float, r
         if controller.alpha is not None:
             alphas.append(controller.alpha)
     synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = earlier_seconds + time.perf_counter() - start
     controller.detach()
+    state_path.unlink(missing_ok=True)
     losses = torch.stack(losses).float().cpu().tolist()
     trained = len(losses) * args.batch_size * data.seq_len
     log(f"trained {label}: {len(losses)} steps, {trained:,} tokens, loss {losses[0]:.3f} -> "
@@ -599,7 +638,11 @@ def main() -> None:
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--pause-after", type=float, metavar="SECONDS",
+                        help="save the model in training and stop once the process has run this long (a device "
+                        "call's limit); --reuse continues it")
     args = parser.parse_args()
+    args.pause_at = None if args.pause_after is None else time.perf_counter() + args.pause_after
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -609,7 +652,11 @@ def main() -> None:
     log(f"seed: {study.seed}; domains: {', '.join(study.domains)}")
     stages = {"experts": stage_experts, "baselines": stage_baselines, "moe": stage_moe, "eval": stage_eval}
     for name in STAGES if args.stage == "all" else (args.stage,):
-        stages[name](study)
+        try:
+            stages[name](study)
+        except Paused as paused:
+            log(f"{paused} ({time.perf_counter() - started:.0f} s)")
+            return
         log(f"stage {name} done at {time.perf_counter() - started:.0f} s")
 
 
