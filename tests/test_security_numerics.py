@@ -47,7 +47,7 @@ def test_a_pickle_that_runs_code_is_refused_even_with_the_flag(tmp_path, monkeyp
     evil.mkdir()
     (evil / "config.json").write_text((good / "config.json").read_text())
     with open(evil / "pytorch_model.bin", "wb") as handle:
-        pickle.dump({"model.embed_tokens.weight": _Exploit()}, handle)
+        pickle.dump({"model.embed_tokens.weight": _Exploit()}, handle, protocol=2)  # as torch.save writes
     recipe = {"method": "btx", "allow_pickle": True,
               "experts": [{"name": "good", "source": str(good)}, {"name": "evil", "source": str(evil)}]}
     with pytest.raises(SourceError, match="weights_only=True"):
