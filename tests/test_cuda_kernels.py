@@ -130,3 +130,32 @@ def test_fused_silu_mul_and_combine_run_inside_compiled_code_with_their_gradient
         results.append((output, inputs[0].grad, inputs[1].grad))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
+
+
+def test_a_routed_training_step_and_its_balance_terms_never_wait_for_the_gpu():
+    """Forward, balance sums and backward of a routed Linear launch work and return: no host-device synchronisation
+    (CUDA's sync debug mode raises on one), so the host can queue the next kernels while the GPU runs."""
+    from mixturekit.runtime.routed_linear import RoutedLinear
+    from mixturekit.runtime.routing import RouterLogitsRecorder, balance_from_sums, router_sums
+
+    torch.manual_seed(0)
+    recorder = RouterLogitsRecorder()
+    layer = RoutedLinear(torch.nn.Linear(256, 512), num_experts=4, top_k=2, recorder=recorder).cuda().bfloat16()
+    tokens = torch.randn(1024, 256, device="cuda").bfloat16().requires_grad_(True)
+
+    def step():
+        with recorder.recording() as logits:
+            output = layer(tokens)
+        sums = router_sums(logits[0], 2)
+        balance = balance_from_sums(sums.probability_sum, sums.slots, sums.tokens, 2)
+        (output.float().square().mean() + 0.01 * balance).backward()
+
+    step()  # first call: kernels compiled and cached
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert layer.router.weight.grad is not None and torch.isfinite(layer.router.weight.grad.float()).all()

@@ -142,3 +142,17 @@ def test_aux_loss_is_weighted_by_the_share_of_label_tokens_the_trainer_counts():
     half = model(input_ids=tokens, labels=tokens, num_items_in_batch=torch.tensor(2 * items))
     assert half.aux_loss.item() == pytest.approx(alone.aux_loss.item(), rel=1e-6)
     assert half.loss.item() == pytest.approx(alone.loss.item() / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("top_k,experts", [(1, 4), (2, 8), (4, 16)])
+def test_slot_counts_are_the_bincount_of_the_choices_route_makes(top_k, experts):
+    """Counted without `bincount` (which synchronises on CUDA): the same counts, biased choices included."""
+    from mixturekit.runtime.routing import route, slot_counts
+
+    torch.manual_seed(top_k)
+    logits = torch.randn(333, experts)
+    bias = torch.randn(experts)
+    for selection_bias in (None, bias):
+        chosen = route(logits, top_k, selection_bias)[1].reshape(-1)
+        expected = torch.bincount(chosen, minlength=experts).float()
+        assert torch.equal(slot_counts(logits, top_k, selection_bias), expected)

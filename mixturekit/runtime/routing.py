@@ -193,10 +193,14 @@ def routed_tokens(router_logits: torch.Tensor, token_mask: torch.Tensor | None =
 
 def slot_counts(logits: torch.Tensor, top_k: int, expert_bias: torch.Tensor | None = None) -> torch.Tensor:
     """How many routed slots (token x k) chose each expert, as float `[E]`, from `[tokens, E]` logits (and the
-    selection bias, if any: the choice `route` makes)."""
+    selection bias, if any: the choice `route` makes).
+
+    By comparison with every expert index and a sum, not `torch.bincount`: on CUDA bincount reads the largest index
+    back to the host to size its output, a synchronisation per router in every training forward."""
     with torch.no_grad():
-        chosen = route(logits, top_k, expert_bias)[1].reshape(-1)
-        return torch.bincount(chosen, minlength=logits.shape[-1]).float()
+        chosen = route(logits, top_k, expert_bias)[1].reshape(-1, 1)
+        experts = torch.arange(logits.shape[-1], device=chosen.device)
+        return (chosen == experts).sum(dim=0).float()
 
 
 def router_sums(router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None,
@@ -204,7 +208,8 @@ def router_sums(router_logits: torch.Tensor, top_k: int, token_mask: torch.Tenso
     """The sums of one router's logits over the tokens where `token_mask` is true; the slots are those `route`
     chooses with `expert_bias` (the probabilities stay the unbiased ones)."""
     logits = routed_tokens(router_logits, token_mask)
-    tokens = torch.tensor(float(logits.shape[0]), device=logits.device)
+    # filled on the device: `torch.tensor(n, device=...)` copies from the host and waits for the stream to drain
+    tokens = torch.full((), float(logits.shape[0]), device=logits.device)
     return RouterSums(torch.softmax(logits, dim=-1).sum(dim=0), slot_counts(logits, top_k, expert_bias), tokens,
                       torch.logsumexp(logits, dim=-1).pow(2).sum())
 

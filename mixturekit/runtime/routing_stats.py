@@ -41,7 +41,7 @@ def dead_threshold(num_experts: int) -> float:
 
 
 class RoutingStatistics:
-    """Accumulates slot counts per router (no gradient, one `bincount` per router and step)."""
+    """Accumulates slot counts per router (no gradient, no synchronisation until `summary`)."""
 
     def __init__(self) -> None:
         self.counts: dict[str, torch.Tensor] = {}
