@@ -65,28 +65,43 @@ def _triton_kernels():
     return combine_forward, combine_backward
 
 
+def _no_wrap(kernel):
+    return kernel
+
+
+def _launch_forward(rows: torch.Tensor, position: torch.Tensor, weights: torch.Tensor, wrap=_no_wrap) -> torch.Tensor:
+    """The forward kernel over contiguous inputs; `wrap` is `wrap_triton` inside the operator, nothing in eager code."""
+    forward_kernel, _ = _triton_kernels()
+    num_tokens, top_k = weights.shape
+    out = rows.new_empty(num_tokens, rows.shape[1])
+    if num_tokens:
+        wrap(forward_kernel)[(num_tokens,)](rows, position, weights, out, rows.shape[1], TOP_K=top_k, BLOCK=_BLOCK)
+    return out
+
+
+def _launch_backward(rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, gradient: torch.Tensor,
+                     wrap=_no_wrap) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward kernel: each expert row's gradient and each slot's routing-weight gradient."""
+    _, backward_kernel = _triton_kernels()
+    rows_gradient = torch.empty_like(rows)
+    weights_gradient = torch.empty_like(weights)
+    if rows.shape[0]:
+        wrap(backward_kernel)[(rows.shape[0],)](rows, order, weights, gradient, rows_gradient, weights_gradient,
+                                                rows.shape[1], TOP_K=weights.shape[1], BLOCK=_BLOCK)
+    return rows_gradient, weights_gradient
+
+
 class _FusedCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: torch.Tensor, position: torch.Tensor, order: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
-        forward_kernel, _ = _triton_kernels()
-        num_tokens, top_k = weights.shape
-        width = rows.shape[1]
-        out = rows.new_empty(num_tokens, width)
-        if num_tokens:
-            forward_kernel[(num_tokens,)](rows, position, weights, out, width, TOP_K=top_k, BLOCK=_BLOCK)
         ctx.save_for_backward(rows, order, weights)
-        return out
+        return _launch_forward(rows, position, weights)
 
     @staticmethod
     def backward(ctx, gradient: torch.Tensor):
-        _, backward_kernel = _triton_kernels()
         rows, order, weights = ctx.saved_tensors
-        rows_gradient = torch.empty_like(rows)
-        weights_gradient = torch.empty_like(weights)
-        if rows.shape[0]:
-            backward_kernel[(rows.shape[0],)](rows, order, weights, gradient.contiguous(), rows_gradient,
-                                              weights_gradient, rows.shape[1], TOP_K=weights.shape[1], BLOCK=_BLOCK)
+        rows_gradient, weights_gradient = _launch_backward(rows, order, weights, gradient.contiguous())
         return rows_gradient, None, None, weights_gradient
 
 
@@ -94,28 +109,17 @@ def _register_operator():
     """The kernels as the `mixturekit::combine` operator and its backward, for compiled code."""
     from torch.library import triton_op, wrap_triton
 
-    forward_kernel, backward_kernel = _triton_kernels()
+    _triton_kernels()  # compiled here, at import: Dynamo cannot trace Triton's import
 
     @triton_op("mixturekit::combine", mutates_args=())
     def combine(rows: torch.Tensor, position: torch.Tensor, order: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
-        num_tokens, top_k = weights.shape
-        out = rows.new_empty(num_tokens, rows.shape[1])
-        if num_tokens:
-            wrap_triton(forward_kernel)[(num_tokens,)](rows, position, weights, out, rows.shape[1], TOP_K=top_k,
-                                                       BLOCK=_BLOCK)
-        return out
+        return _launch_forward(rows, position, weights, wrap_triton)
 
     @triton_op("mixturekit::combine_backward", mutates_args=())
     def combine_backward(rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
                          gradient: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows_gradient = torch.empty_like(rows)
-        weights_gradient = torch.empty_like(weights)
-        if rows.shape[0]:
-            wrap_triton(backward_kernel)[(rows.shape[0],)](rows, order, weights, gradient, rows_gradient,
-                                                           weights_gradient, rows.shape[1], TOP_K=weights.shape[1],
-                                                           BLOCK=_BLOCK)
-        return rows_gradient, weights_gradient
+        return _launch_backward(rows, order, weights, gradient, wrap_triton)
 
     def setup_context(ctx, inputs, output):
         rows, _, order, weights = inputs

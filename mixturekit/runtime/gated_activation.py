@@ -72,50 +72,55 @@ def _grid(rows: int, half: int) -> tuple[int, int]:
     return rows, (half + _BLOCK - 1) // _BLOCK
 
 
+def _no_wrap(kernel):
+    return kernel
+
+
+def _launch_forward(hidden: torch.Tensor, wrap=_no_wrap) -> torch.Tensor:
+    """The forward kernel over a contiguous `[rows, 2f]`; `wrap` is `wrap_triton` inside the operator."""
+    forward_kernel, _ = _triton_kernels()
+    rows, half = hidden.shape[0], hidden.shape[1] // 2
+    out = hidden.new_empty(rows, half)
+    if rows:
+        wrap(forward_kernel)[_grid(rows, half)](hidden, out, half, BLOCK=_BLOCK)
+    return out
+
+
+def _launch_backward(hidden: torch.Tensor, gradient: torch.Tensor, wrap=_no_wrap) -> torch.Tensor:
+    """The backward kernel: the gradient of both halves from the output's (contiguous) gradient."""
+    _, backward_kernel = _triton_kernels()
+    hidden_gradient = torch.empty_like(hidden)
+    rows, half = hidden.shape[0], hidden.shape[1] // 2
+    if rows:
+        wrap(backward_kernel)[_grid(rows, half)](hidden, gradient, hidden_gradient, half, BLOCK=_BLOCK)
+    return hidden_gradient
+
+
 class _FusedSiluMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor) -> torch.Tensor:
-        forward_kernel, _ = _triton_kernels()
-        rows, half = hidden.shape[0], hidden.shape[1] // 2
-        out = hidden.new_empty(rows, half)
-        if rows:
-            forward_kernel[_grid(rows, half)](hidden, out, half, BLOCK=_BLOCK)
         ctx.save_for_backward(hidden)
-        return out
+        return _launch_forward(hidden)
 
     @staticmethod
     def backward(ctx, gradient: torch.Tensor):
-        _, backward_kernel = _triton_kernels()
         (hidden,) = ctx.saved_tensors
-        gradient = gradient.contiguous()
-        hidden_gradient = torch.empty_like(hidden)
-        rows, half = hidden.shape[0], hidden.shape[1] // 2
-        if rows:
-            backward_kernel[_grid(rows, half)](hidden, gradient, hidden_gradient, half, BLOCK=_BLOCK)
-        return hidden_gradient
+        return _launch_backward(hidden, gradient.contiguous())
 
 
 def _register_operator():
     """The kernels as the `mixturekit::silu_mul` operator and its backward, for compiled code."""
     from torch.library import triton_op, wrap_triton
 
-    forward_kernel, backward_kernel = _triton_kernels()
+    _triton_kernels()  # compiled here, at import: Dynamo cannot trace Triton's import
 
     @triton_op("mixturekit::silu_mul", mutates_args=())
     def silu_mul(hidden: torch.Tensor) -> torch.Tensor:
-        rows, half = hidden.shape[0], hidden.shape[1] // 2
-        out = hidden.new_empty(rows, half)
-        if rows:
-            wrap_triton(forward_kernel)[_grid(rows, half)](hidden, out, half, BLOCK=_BLOCK)
-        return out
+        return _launch_forward(hidden, wrap_triton)
 
     @triton_op("mixturekit::silu_mul_backward", mutates_args=())
     def silu_mul_backward(hidden: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-        hidden_gradient = torch.empty_like(hidden)
-        rows, half = hidden.shape[0], hidden.shape[1] // 2
-        if rows:
-            wrap_triton(backward_kernel)[_grid(rows, half)](hidden, gradient, hidden_gradient, half, BLOCK=_BLOCK)
-        return hidden_gradient
+        return _launch_backward(hidden, gradient, wrap_triton)
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
