@@ -46,8 +46,8 @@ class TrainConfig(BaseModel):
         "under DeepSpeed ZeRO-3.")
     compile: bool = Field(
         default=False, description="router stage: compile each decoder block with torch.compile (regional; the first "
-        "steps pay the compile). Measured in docs/performance.md: it pays at small widths, where a step is bound by "
-        "launches.")
+        "step pays a few seconds per block). Its one GPU measurement gave no speed-up, with most blocks left eager by "
+        "a limit since raised; not re-timed (docs/performance.md, round four).")
 
     @model_validator(mode="after")
     def _compile_is_for_the_router_stage(self) -> TrainConfig:
