@@ -139,3 +139,34 @@ def test_a_paused_training_resumes_to_the_uninterrupted_result(tmp_path):
     assert pieces_result["train_tokens"] == whole_result["train_tokens"]
     for (name, got), expected in zip(pieces.state_dict().items(), whole.state_dict().values()):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_the_scaling_view_keeps_a_method_run_at_some_budgets_only(tmp_path):
+    """scaling.py over three budgets where one method (the alpha study) ran at two: its row stays, with a dash where
+    it did not run, and the verdicts are computed per budget from the numbers given."""
+    def run(tokens, results):
+        costs = {m: {"total_train_tokens": tokens * 4 + 1e6, "gpu_seconds": tokens / 1e5} for m in results}
+        return {"settings": {"expert_tokens": tokens}, "results": {m: {"mixed": v} for m, v in results.items()},
+                "costs": costs}
+
+    runs = [run(1e6, {"seed": 12.0, "ties merge": 7.0, "btx": 7.2, "btx, alpha 0": 6.9, "btx (as composed)": 9.0,
+                       "dense": 6.5}),
+            run(2.5e6, {"seed": 12.0, "ties merge": 7.0, "btx": 6.8}),
+            run(5e6, {"seed": 12.0, "ties merge": 6.5, "btx": 6.6, "btx, alpha 0": 6.4, "dense": 6.41})]
+    paths = []
+    for index, content in enumerate(reversed(runs)):  # given out of order: sorted by budget
+        paths.append(tmp_path / f"r{index}.json")
+        paths[-1].write_text(json.dumps(content))
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(EXAMPLE / "scaling.py"), *map(str, paths), "--out", str(out)], check=True,
+                   capture_output=True)
+    text = (out / "scaling.md").read_text()
+    assert "| method | 1M per expert | 2.5M per expert | 5M per expert |" in text
+    assert "| btx, alpha 0 | 6.900 | — | **6.400** |" in text
+    assert "| dense | **6.500** | — | 6.410 |" in text
+    assert "| btx | 7.200 | **6.800** | 6.600 |" in text
+    assert "(as composed)" not in text
+    assert "- ties merge: the best composition is better at 1M, 2.5M, 5M" in text
+    assert "- seed: the best composition is better at 1M, 2.5M, 5M" in text
+    assert "- dense: the best composition is better at 5M (run at 1M, 5M only)" in text
+    assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

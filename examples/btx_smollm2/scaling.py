@@ -1,8 +1,7 @@
 """The study's scaling view: mixed held-out perplexity per method against total training tokens and against
 GPU-seconds, over several budgets of expert training (one pipeline.py results.json per budget).
 
-    python examples/btx_smollm2/scaling.py docs/results/study/e1M/results.json docs/results/study/e5M/results.json \
-        --out docs/results/study/
+    python examples/btx_smollm2/scaling.py docs/results/study/e{1,2.5,5}M/results.json --out docs/results/study/
 
 Writes `scaling.png` and `scaling.md` (one row per method, one column per budget, and where composing overtakes
 each alternative, if it does).
@@ -27,10 +26,16 @@ def load_runs(paths: list[Path]) -> list[dict]:
 
 
 def methods(runs: list[dict]) -> list[str]:
-    """Trained models present in every run (not the as-composed / as-merged starting points, not single experts)."""
-    common = set.intersection(*(set(run["results"]) for run in runs))
-    order = list(runs[-1]["results"])
-    return [m for m in order if m in common and "(as " not in m and not m.startswith("expert ")]
+    """Trained models of any run (not the as-composed / as-merged starting points, not single experts), in the order
+    of the run that has the most; a method run at some budgets only (the alpha study) keeps its row."""
+    order = max((list(run["results"]) for run in runs), key=len)
+    order += [m for run in runs for m in run["results"] if m not in order]
+    return [m for m in order if "(as " not in m and not m.startswith("expert ")]
+
+
+def mixed(run: dict, method: str) -> float | None:
+    """Mixed held-out perplexity of a method in one run, None where that budget did not train it."""
+    return run["results"][method]["mixed"] if method in run["results"] else None
 
 
 def table(runs: list[dict]) -> str:
@@ -40,9 +45,9 @@ def table(runs: list[dict]) -> str:
     for method in methods(runs):
         cells = []
         for run in runs:
-            best = min(run["results"][m]["mixed"] for m in methods(runs))
-            value = run["results"][method]["mixed"]
-            cells.append(f"**{value:.3f}**" if value == best else f"{value:.3f}")
+            value = mixed(run, method)
+            best = min(v for m in methods(runs) if (v := mixed(run, m)) is not None)
+            cells.append("—" if value is None else f"**{value:.3f}**" if value == best else f"{value:.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -53,12 +58,17 @@ def overtakes(runs: list[dict]) -> list[str]:
     for other in methods(runs):
         if is_composition(other):
             continue
-        wins = []
+        wins, budgets = [], []
         for run in runs:
-            present = [m for m in methods(runs) if is_composition(m)]
-            if present and min(run["results"][m]["mixed"] for m in present) < run["results"][other]["mixed"]:
-                wins.append(f"{run['settings']['expert_tokens'] / 1e6:g}M")
-        lines.append(f"- {other}: the best composition is better at {', '.join(wins) if wins else 'no budget'}")
+            if mixed(run, other) is None:
+                continue
+            budget = f"{run['settings']['expert_tokens'] / 1e6:g}M"
+            budgets.append(budget)
+            present = [v for m in methods(runs) if is_composition(m) and (v := mixed(run, m)) is not None]
+            if present and min(present) < mixed(run, other):
+                wins.append(budget)
+        lines.append(f"- {other}: the best composition is better at {', '.join(wins) if wins else 'no budget'}"
+                     + ("" if len(budgets) == len(runs) else f" (run at {', '.join(budgets)} only)"))
     return lines
 
 
@@ -74,8 +84,9 @@ def plot(runs: list[dict], path: Path) -> Path:
     for index, method in enumerate(shown):
         style = "-o" if is_composition(method) else "--s"
         for axis, key in zip(axes, ("total_train_tokens", "gpu_seconds")):
-            xs = [run["costs"][method][key] / (1e6 if key == "total_train_tokens" else 1) for run in runs]
-            ys = [run["results"][method]["mixed"] for run in runs]
+            ran = [run for run in runs if method in run["results"]]
+            xs = [run["costs"][method][key] / (1e6 if key == "total_train_tokens" else 1) for run in ran]
+            ys = [run["results"][method]["mixed"] for run in ran]
             axis.plot(xs, ys, style, label=method, color=colours(index % 10))
     for axis in axes:  # the seed costs nothing: a line, not a point on a log axis
         axis.axhline(runs[0]["results"]["seed"]["mixed"], color="grey", linestyle=":", label="seed")
