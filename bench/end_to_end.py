@@ -235,7 +235,7 @@ def training_rows(spec: dict, device, dtype) -> list[dict]:
 GENERATION_ROUNDS = 3
 
 
-def generation_rows(spec: dict, device, dtype) -> list[dict]:
+def generation_rows(spec: dict, device, dtype, kinds: tuple[str, ...] = ("dynamic", "static")) -> list[dict]:
     """Tokens/s of greedy `generate()` as a user calls it (dynamic cache), and with a static cache at batch 1: the
     median of `GENERATION_ROUNDS` turns in which dense, btx and traditional generate one after another."""
     rows = []
@@ -245,7 +245,8 @@ def generation_rows(spec: dict, device, dtype) -> list[dict]:
               "traditional": composed_model(spec, "traditional", device, dtype).eval()}
     settings = dict(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"], do_sample=False,
                     pad_token_id=0)
-    cases = [(batch, {}) for batch in spec["gen_batches"]] + [(1, {"cache_implementation": "static"})]
+    cases = ([(batch, {}) for batch in spec["gen_batches"]] if "dynamic" in kinds else []) + (
+        [(1, {"cache_implementation": "static"})] if "static" in kinds else [])
     for batch, extra in cases:
         prompt = torch.randint(3, spec["vocab"], (batch, spec["prompt"]), device=device)
         row = dict(batch=batch, **extra)
@@ -273,7 +274,8 @@ def generation_rows(spec: dict, device, dtype) -> list[dict]:
 
 
 def run_shape(name: str, spec: dict, device, dtype, compile_models: bool,
-              rows: tuple[str, ...] = ("forward", "training", "generation")) -> dict:
+              rows: tuple[str, ...] = ("forward", "training", "generation"),
+              generation: tuple[str, ...] = ("dynamic", "static")) -> dict:
     results = {"shape": name, "spec": spec, "flop_ideal_btx": flop_ideal(spec)}
     print(f"\n=== shape {name}: d{spec['d']} f{spec['f']} E{spec['experts']} k{spec['top_k']}", flush=True)
     results["correctness"] = errors = correctness(spec, device, dtype)
@@ -288,7 +290,7 @@ def run_shape(name: str, spec: dict, device, dtype, compile_models: bool,
     if "training" in rows:
         results["training"] = training_rows(spec, device, dtype)
     if "generation" in rows:
-        results["generation"] = generation_rows(spec, device, dtype)
+        results["generation"] = generation_rows(spec, device, dtype, generation)
     return results
 
 
@@ -301,6 +303,8 @@ def main() -> None:
     parser.add_argument("--package-root", type=Path, help="time the mixturekit of another checkout")
     parser.add_argument("--rows", nargs="+", default=["forward", "training", "generation"],
                         choices=["forward", "training", "generation"])
+    parser.add_argument("--generation", nargs="+", default=["dynamic", "static"], choices=["dynamic", "static"],
+                        help="which generation rows: plain generate() at each batch, the static cache at batch 1")
     parser.add_argument("--few-token-limit-mib", type=float,
                         help="bytes of gathered expert weights up to which a decoding step skips the sort")
     parser.add_argument("--json", type=Path)
@@ -319,7 +323,8 @@ def main() -> None:
     print(results["environment"], "| mixturekit from", results["package"], flush=True)
     shapes = {"quick": QUICK} if args.quick else {name: SHAPES[name] for name in args.shapes}
     for name, spec in shapes.items():
-        results["shapes"].append(run_shape(name, spec, device, dtype, args.compile, tuple(args.rows)))
+        results["shapes"].append(run_shape(name, spec, device, dtype, args.compile, tuple(args.rows),
+                                           tuple(args.generation)))
         if args.json:  # written after every shape, so a run stopped at its time limit keeps what it measured
             args.json.write_text(json.dumps(results, indent=1))
 

@@ -153,3 +153,21 @@ def test_few_token_path_is_for_inference_only():
     with torch.no_grad():
         assert few_tokens(2, 2, 4, weight)
         assert not few_tokens(3, 2, 4, weight)  # more slots than experts: the sort is cheaper than the copies
+
+
+@pytest.mark.parametrize("rows,out_features,in_features", [
+    (2, 8192, 2048), (1, 2048, 8192), (2, 16384, 2048), (1, 4096, 14336), (1, 64, 16), (1, 2048, 100), (64, 2048, 8192),
+])
+def test_the_decoding_kernels_tiling_keeps_programs_and_bytes_in_flight(rows, out_features, in_features):
+    """The CUDA decoding kernel's tiling (a pure function, checked here on CPU): enough programs where the shape has
+    them, a power-of-two inner step no longer than the row needs, and the same bytes per step for narrow blocks."""
+    from mixturekit.runtime.chosen_experts_kernel import _MIN_INNER, _PROGRAMS_WANTED, _TILE_ELEMENTS, _tile
+
+    block_n, block_k = _tile(rows, out_features, in_features)
+    programs = rows * -(-out_features // block_n)
+    assert block_n in (8, 16, 32, 64)
+    assert programs >= _PROGRAMS_WANTED or block_n == 8
+    assert block_k & (block_k - 1) == 0 and 16 <= block_k
+    assert block_k <= max(16, 1 << (in_features - 1).bit_length())
+    if block_k < in_features:  # the row is long enough: every step loads a full tile, as large for 8 columns as 64
+        assert block_n * block_k == max(_TILE_ELEMENTS, block_n * _MIN_INNER)
