@@ -170,3 +170,28 @@ def test_the_scaling_view_keeps_a_method_run_at_some_budgets_only(tmp_path):
     assert "- seed: the best composition is better at 1M, 2.5M, 5M" in text
     assert "- dense: the best composition is better at 5M (run at 1M, 5M only)" in text
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parts_join_back_to_the_file_and_go_where_they_are_asked(tmp_path):
+    """prepare.py's parts (what the device tool carries): by size or by count, beside the input or at a target, stale
+    parts of an earlier, larger split removed, and their concatenation is the file."""
+    sys.path.insert(0, str(EXAMPLE))
+    from prepare import write_parts
+
+    source = tmp_path / "in" / "model.gguf"
+    source.parent.mkdir()
+    data = bytes(range(256)) * 4099 + b"x"  # 1,049,345 bytes: odd, just over 1 MiB
+    source.write_bytes(data)
+    target = tmp_path / "out" / "smollm2.gguf"
+    target.parent.mkdir()
+    (target.parent / "smollm2.gguf.part2").write_bytes(b"stale")
+    assert write_parts(source, count=2, target=target) == 2
+    parts = sorted(target.parent.glob("smollm2.gguf.part*"))
+    assert [p.name for p in parts] == ["smollm2.gguf.part0", "smollm2.gguf.part1"]
+    assert b"".join(p.read_bytes() for p in parts) == data
+    assert abs(parts[0].stat().st_size - parts[1].stat().st_size) <= 1
+    assert not list(source.parent.glob("*.part*"))  # nothing written beside the input
+    assert write_parts(source, mib=0.25) == 5
+    assert b"".join((source.parent / f"model.gguf.part{i}").read_bytes() for i in range(5)) == data
+    with pytest.raises(ValueError, match="size .* or their number"):
+        write_parts(source, mib=1, count=2)

@@ -432,14 +432,19 @@ def prepare_study(args, tokenizer) -> tuple[dict, dict, dict]:
     return arrays, counts, sources
 
 
-def write_parts(path: Path, mib: float) -> int:
-    """`path` as byte slices of at most `mib` MiB (`path.part0`, ...), stale parts of a larger file removed."""
-    for stale in path.parent.glob(f"{path.name}.part*"):
+def write_parts(path: Path, mib: float | None = None, count: int | None = None, target: Path | None = None) -> int:
+    """`path` as byte slices (`target.part0`, ...; `target` is `path` unless given) of at most `mib` MiB, or as
+    `count` slices of equal size (the last one shorter by a byte at most); stale parts of a larger file removed."""
+    if (mib is None) == (count is None):
+        raise ValueError("give the parts' size (mib) or their number (count), not both")
+    target = target or path
+    for stale in target.parent.glob(f"{target.name}.part*"):
         stale.unlink()
-    data, size = path.read_bytes(), int(mib * 2**20)
+    data = path.read_bytes()
+    size = int(mib * 2**20) if mib is not None else max(1, -(-len(data) // count))
     starts = range(0, len(data), size)
     for index, start in enumerate(starts):
-        path.with_name(f"{path.name}.part{index}").write_bytes(data[start:start + size])
+        target.with_name(f"{target.name}.part{index}").write_bytes(data[start:start + size])
     return len(starts)
 
 
@@ -496,13 +501,10 @@ def main() -> None:
     meta.update(counts=counts, tokenizer=str(tokenizer_folder), vocab_size=len(tokenizer),
                 eos_token_id=tokenizer.eos_token_id, seed=args.seed, sources=sources)
     if args.split_data:
-        meta["npz_parts"] = write_parts(args.out / "data.npz", args.split_data)
+        meta["npz_parts"] = write_parts(args.out / "data.npz", mib=args.split_data)
     (args.out / "data.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    if args.split_model:
-        data = smollm2_gguf().read_bytes()
-        half = len(data) // 2
-        (args.out / "smollm2.gguf.part0").write_bytes(data[:half])
-        (args.out / "smollm2.gguf.part1").write_bytes(data[half:])
+    if args.split_model:  # beside the other outputs, not beside the GGUF (in site-packages)
+        write_parts(smollm2_gguf(), count=2, target=args.out / "smollm2.gguf")
     print(f"wrote {args.out} (data.npz: {(args.out / 'data.npz').stat().st_size / 2**20:.1f} MiB)")
 
 
