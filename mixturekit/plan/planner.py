@@ -23,7 +23,8 @@ from ..recipe.recipe import DEFAULT_BIAS_RATE
 from ..runtime.architecture import check_ffn_computes, decoder_layers, mlp_layout, parallel_layer_lists, stitch_layers
 from ..runtime.config import MixtureKitConfig
 from ..runtime.modeling import (
-    MixtureKitForCausalLM, dense_model_class, resolve_layer_indices, resolve_router_layers, with_torch_dtype,
+    MixtureKitForCausalLM, dense_model_class, resolve_layer_indices, resolve_router_layers, saved_tensor_shapes,
+    with_torch_dtype,
 )
 from ..runtime.routing import Router
 from ..runtime.shared_expert import SHARED_EXPERT, SHARED_EXPERT_GATE, is_shared_expert_tensor, shared_expert_source
@@ -220,18 +221,13 @@ def _check_tensors(models: list[LocalModel], expected: dict[str, tuple[int, ...]
                 )
 
 
-def _dense_expected_tensors(dense) -> dict[str, tuple[int, ...]]:
-    tied = set(getattr(dense, "all_tied_weights_keys", {}) or {})
-    return {name: tuple(t.shape) for name, t in dense.state_dict().items() if name not in tied}
-
-
 def check_dense_tensors(models: list[LocalModel], config) -> tuple[torch.nn.Module, dict[str, tuple[int, ...]]]:
     """A weightless (meta) dense model of `config` and the tensors it saves by name and shape (tied ones left out).
     Each model's reader addresses its tensors as the model loads them (the renamings and conversions transformers
     applies on load) and is checked to hold every one of them with that shape: the first miss or mismatch is a
     CompatibilityError."""
     dense = _meta_dense(config)
-    expected = _dense_expected_tensors(dense)
+    expected = saved_tensor_shapes(dense)
     for model in models:
         model.reader.read_as(dense)
     _check_tensors(models, expected)

@@ -150,6 +150,12 @@ def resolve_router_layers(requested: list[str] | None, block: nn.Module, model_t
     return resolve_names(requested, valid, refuse)
 
 
+def saved_tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The tensors `save_pretrained` writes for `model`, by name and shape: its state dict less the tied weights."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
+
+
 def check_checkpoint(folder: Path) -> None:
     """Compare a composed checkpoint's tensor headers with what its config builds; raise naming the first problems."""
     from ..sources.resolve import weight_files
@@ -164,8 +170,7 @@ def check_checkpoint(folder: Path) -> None:
     reader = CheckpointReader(files)
     reader.read_as(expected_model)  # names as transformers loads them: its save reverts renamings of the families
     stored = reader.tensors
-    tied = set(getattr(expected_model, "all_tied_weights_keys", None) or {})
-    expected = {n: tuple(t.shape) for n, t in expected_model.state_dict().items() if n not in tied}
+    expected = saved_tensor_shapes(expected_model)
     problems = [f"tensor '{n}' has shape {list(stored[n].shape)}, the config needs {list(shape)}"
                 for n, shape in expected.items() if n in stored and stored[n].shape != shape]
     missing = [n for n in expected if n not in stored and not n.endswith(".inv_freq")]
