@@ -38,35 +38,40 @@ def mixed(run: dict, method: str) -> float | None:
     return run["results"][method]["mixed"] if method in run["results"] else None
 
 
+def budget(run: dict) -> str:
+    return f"{run['settings']['expert_tokens'] / 1e6:g}M"
+
+
 def table(runs: list[dict]) -> str:
-    budgets = [f"{run['settings']['expert_tokens'] / 1e6:g}M" for run in runs]
-    lines = ["| method | " + " | ".join(f"{b} per expert" for b in budgets) + " |",
+    names = methods(runs)
+    best = [min(v for m in names if (v := mixed(run, m)) is not None) for run in runs]
+    lines = ["| method | " + " | ".join(f"{budget(run)} per expert" for run in runs) + " |",
              "|---|" + "---:|" * len(runs)]
-    for method in methods(runs):
+    for method in names:
         cells = []
-        for run in runs:
+        for run, lowest in zip(runs, best):
             value = mixed(run, method)
-            best = min(v for m in methods(runs) if (v := mixed(run, m)) is not None)
-            cells.append("—" if value is None else f"**{value:.3f}**" if value == best else f"{value:.3f}")
+            cells.append("—" if value is None else f"**{value:.3f}**" if value == lowest else f"{value:.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def overtakes(runs: list[dict]) -> list[str]:
     """Per alternative: the budgets at which the best composition beats it on mixed perplexity."""
+    names = methods(runs)
+    best_composition = [min((v for m in names if is_composition(m) and (v := mixed(run, m)) is not None),
+                            default=None) for run in runs]
     lines = []
-    for other in methods(runs):
+    for other in names:
         if is_composition(other):
             continue
         wins, budgets = [], []
-        for run in runs:
+        for run, composed in zip(runs, best_composition):
             if mixed(run, other) is None:
                 continue
-            budget = f"{run['settings']['expert_tokens'] / 1e6:g}M"
-            budgets.append(budget)
-            present = [v for m in methods(runs) if is_composition(m) and (v := mixed(run, m)) is not None]
-            if present and min(present) < mixed(run, other):
-                wins.append(budget)
+            budgets.append(budget(run))
+            if composed is not None and composed < mixed(run, other):
+                wins.append(budget(run))
         lines.append(f"- {other}: the best composition is better at {', '.join(wins) if wins else 'no budget'}"
                      + ("" if len(budgets) == len(runs) else f" (run at {', '.join(budgets)} only)"))
     return lines
