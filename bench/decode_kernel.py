@@ -9,8 +9,9 @@ traditional's fused gate+up), this times the kernel under several tilings (outpu
 per loop step) and, beside it, cuBLAS's matvec over a dense weight of the same bytes (`F.linear` of one row by a
 `[k*out, in]` matrix): GPU time of 20 calls captured in one CUDA graph, median of the replays. Rows: `round three`
 (128 inner elements, the tiling before 2026-11-30's round five), `now` (`_tile`, what the library runs), and fixed
-inner sizes with the library's column rule. Output identical across tilings is checked (float32 sums in another order
-may differ in the last bf16 bit; the largest difference is printed).
+inner sizes with the library's column rule. The largest difference between a tiling's output and round three's is
+printed (float32 sums in another order may differ in the last bf16 bit); it is reported, not asserted: the CUDA
+kernel tests hold the library's tiling to the float64 reference.
 """
 
 from __future__ import annotations
@@ -70,15 +71,12 @@ def graph_time_us(fn, replays: int = 30) -> float:
 
 
 def tilings(library_tile):
-    def round_three(rows, out_features, in_features):
-        return library_tile(rows, out_features, in_features)[0], 128
-
     def fixed(inner):
         def rule(rows, out_features, in_features):
             return library_tile(rows, out_features, in_features)[0], inner
         return rule
 
-    return {"round three": round_three, "now": library_tile,
+    return {"round three": fixed(128), "now": library_tile,
             **{f"inner {inner}": fixed(inner) for inner in (256, 512, 1024, 2048)}}
 
 
