@@ -436,7 +436,7 @@ def write_parts(path: Path, mib: float | None = None, count: int | None = None, 
     """`path` as byte slices (`target.part0`, ...; `target` is `path` unless given) of at most `mib` MiB, or as
     `count` slices of equal size (the last one shorter by a byte at most); stale parts of a larger file removed."""
     if (mib is None) == (count is None):
-        raise ValueError("give the parts' size (mib) or their number (count), not both")
+        raise ValueError("give exactly one of the parts' size (mib) or their number (count)")
     target = target or path
     for stale in target.parent.glob(f"{target.name}.part*"):
         stale.unlink()
