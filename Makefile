@@ -48,7 +48,7 @@ $(OLDEST_VENV)/.installed: pyproject.toml | $(VENV)/.installed
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/mixturekit demo --workdir demo_output
+	$(BIN)/moekit demo --workdir demo_output
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""`mixturekit train` under `accelerate launch`: FSDP2 and DeepSpeed ZeRO-3 on every GPU there is, against one process
+"""`moekit train` under `accelerate launch`: FSDP2 and DeepSpeed ZeRO-3 on every GPU there is, against one process
 with the same global batch (the Several issue, run 1).
 
     python bench/accelerate_runs.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --data DIR --workdir /tmp/acc --out OUT
@@ -6,7 +6,7 @@ with the same global batch (the Several issue, run 1).
 SmolLM2-135M (from its GGUF) is branched into three experts by a short fine-tune on each domain of `--data` (the
 token arrays `examples/btx_smollm2/prepare.py` writes), then composed: btx and traditional (the seed as a fourth
 expert) and bts (the seed as hub). Router training (btx in fp32 and bf16, traditional), LoRA SFT (btx), LoRA DPO
-(traditional) and stitch training (bts) run through `mixturekit train` with the example accelerate configs unchanged
+(traditional) and stitch training (bts) run through `moekit train` with the example accelerate configs unchanged
 (`examples/accelerate/fsdp2.yaml`, `deepspeed_zero3.yaml`) on all GPUs with `batch_size` 8 / GPUs, and on one
 process with `batch_size` 8. The runs are compared, not timed, so several share the GPUs at once (`--parallel`).
 Written to OUT: `accelerate_runs.json` (loss curves, checks) and `accelerate_runs.md` (the table).
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from launching import launch_train, log  # noqa: E402
 
-from mixturekit import compose  # noqa: E402
+from moekit import compose  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of the plain launches only
 
@@ -66,7 +66,7 @@ def branch_experts(seed: Path, data: dict[str, np.ndarray], workdir: Path, steps
 
 
 def write_text_data(data: dict[str, np.ndarray], tokenizer_folder: Path, path: Path, documents: int) -> Path:
-    """Held-in text for `mixturekit train`: documents of 512 tokens from each domain, decoded, interleaved."""
+    """Held-in text for `moekit train`: documents of 512 tokens from each domain, decoded, interleaved."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
@@ -81,7 +81,7 @@ def write_text_data(data: dict[str, np.ndarray], tokenizer_folder: Path, path: P
 
 def launch(name: str, config: dict, workdir: Path, distributed: str | None, precision: str, processes: int,
            port: int, gpus: str | None) -> dict:
-    """One `mixturekit train` under `accelerate launch`; its loss curve and throughput (reused when done earlier)."""
+    """One `moekit train` under `accelerate launch`; its loss curve and throughput (reused when done earlier)."""
     folder = workdir / "runs" / name.replace(":", "-")
     if (folder / "result.json").exists():  # done by an earlier call on this machine
         return json.loads((folder / "result.json").read_text())
@@ -102,7 +102,7 @@ def logits_of(folder: Path, base_model: Path | None, batch: torch.Tensor,
               round_to_bf16: bool = False) -> tuple[torch.Tensor, list[str]]:
     """Logits (float32, one process) of a saved output: a full model, or a LoRA adapter on `base_model`; with
     `round_to_bf16`, every weight rounded to bfloat16 first (what a 16-bit save of the same weights would hold)."""
-    import mixturekit  # noqa: F401
+    import moekit  # noqa: F401
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -239,7 +239,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     gpus = max(1, torch.cuda.device_count())
-    from mixturekit.sources import convert_gguf
+    from moekit.sources import convert_gguf
 
     seed = convert_gguf(args.gguf, cache_dir=args.workdir / "gguf-cache")
     arrays = np.load(args.data / "data.npz")

@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from mixturekit import compose
-from mixturekit.demo.domains import DOMAIN_NAMES
-from mixturekit.demo.run import QUICK, _domains, load_model, train_all
-from mixturekit.demo.tiny_experts import encode_documents, validation_blocks
-from mixturekit.evaluation import perplexity
-from mixturekit.runtime.routing_stats import dead_threshold
-from mixturekit.runtime.routing import router_sums
-from mixturekit.training import train_routers
+from moekit import compose
+from moekit.demo.domains import DOMAIN_NAMES
+from moekit.demo.run import QUICK, _domains, load_model, train_all
+from moekit.demo.tiny_experts import encode_documents, validation_blocks
+from moekit.evaluation import perplexity
+from moekit.runtime.routing_stats import dead_threshold
+from moekit.runtime.routing import router_sums
+from moekit.training import train_routers
 
 SETTINGS = {
     "alpha 0": {"alpha": 0.0},

@@ -19,7 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mixturekit import MixtureKitConfig, MixtureKitForCausalLM  # noqa: E402
+from moekit import MixtureKitConfig, MixtureKitForCausalLM  # noqa: E402
 
 
 def _time(fn, repeats: int, device: str) -> float:

@@ -1,4 +1,4 @@
-"""Peak memory (RSS) of `mixturekit.compose` as the number of experts grows, on CPU.
+"""Peak memory (RSS) of `moekit.compose` as the number of experts grows, on CPU.
 
     python bench/compose_memory.py [--quick] [--workdir /tmp/mixturekit_bench] [--experts 2 4 6]
 
@@ -13,7 +13,7 @@ records, in that process:
   even when it itself never exceeds 10 MB. `ru_maxrss` is still recorded, as a cross-check, in the JSON.
 * wall time of the `compose` call alone (imports excluded), and the size of the checkpoint it wrote.
 
-A baseline process that only imports mixturekit and torch gives the RSS that every composition pays regardless.
+A baseline process that only imports moekit and torch gives the RSS that every composition pays regardless.
 """
 
 from __future__ import annotations
@@ -111,12 +111,12 @@ def _vm_hwm_bytes() -> int:
 def child(job: dict) -> dict:
     """Run in the fresh process: import, optionally compose, and report this process's own peak RSS."""
     import torch  # noqa: F401
-    import mixturekit
+    import moekit
 
     result: dict = {"import_peak_rss": _vm_hwm_bytes()}
     if job.get("recipe") is not None:
         start = time.perf_counter()
-        path = mixturekit.compose(job["recipe"], output=job["output"], overwrite=True, progress=False)
+        path = moekit.compose(job["recipe"], output=job["output"], overwrite=True, progress=False)
         result["wall_s"] = time.perf_counter() - start
         result["output"] = str(path)
     result["peak_rss"] = _vm_hwm_bytes()
@@ -126,7 +126,7 @@ def child(job: dict) -> dict:
 
 def run_in_subprocess(job: dict, python: str = sys.executable, package_root: Path | None = None) -> dict:
     """Run `child(job)` in a new interpreter and return what it reported (the last line of its stdout, JSON);
-    `package_root` is the checkout whose `mixturekit` it imports (this one by default)."""
+    `package_root` is the checkout whose `moekit` it imports (this one by default)."""
     root = str(package_root or REPO)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
            "TQDM_DISABLE": "1"}
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bases = [baseline() for _ in range(max(1, args.repeats))]
     base = sorted(b["peak_rss"] for b in bases)[len(bases) // 2]
-    print(f"import baseline (import mixturekit, torch): {_mb(base)} MB (MB = 10^6 bytes)")
+    print(f"import baseline (import moekit, torch): {_mb(base)} MB (MB = 10^6 bytes)")
     rows, raw = [], {"baseline": bases, "runs": []}
     for method in args.methods:
         reference = None

@@ -13,7 +13,7 @@ intermediate 4096, 10 layers, 16 heads (16 KV heads), vocab 34048, untied lm_hea
 The same recipe for all three: 4 experts, top-2 routing, the whole FFN of every block routed (Mixtral layout),
 routers random, bfloat16 output, and each tool's default shard size (one shard here):
 
-* ours: `python -m mixturekit compose recipe.yaml -o OUT` (method `traditional`, `router_init: random`).
+* ours: `python -m moekit compose recipe.yaml -o OUT` (method `traditional`, `router_init: random`).
 * mergekit-moe: `mergekit-moe config.yml OUT` with `gate_mode: random` (no model forward, no download),
   `base_model` = expert 0, `experts_per_token: 2`, `dtype: bfloat16`. Note mergekit-moe copies the non-FFN
   weights from `base_model`; ours and the original average them over the experts.
@@ -64,7 +64,7 @@ QUICK = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_at
 EXPERTS = 4
 CHUNK = 16 * 2**20
 TOOLS = ("ours", "mergekit-moe", "original")
-IMPORTS = {"ours": "import mixturekit, mixturekit.cli",
+IMPORTS = {"ours": "import moekit, moekit.cli",
            "mergekit-moe": "import mergekit.scripts.moe",
            "original": "import MixtureKit, MixtureKit.cli"}
 
@@ -169,7 +169,7 @@ def write_configs(workdir: Path, sources: list[Path]) -> dict[str, Path]:
 
 def command(tool: str, python: str, config: Path, output: Path) -> list[str]:
     if tool.startswith("ours"):
-        return [python, "-m", "mixturekit", "compose", str(config), "-o", str(output)]
+        return [python, "-m", "moekit", "compose", str(config), "-o", str(output)]
     if tool == "mergekit-moe":
         return [python, "-c", "import sys; from mergekit.scripts.moe import main; sys.argv[0] = 'mergekit-moe'; "
                 "main()", str(config), str(output)]
@@ -241,7 +241,7 @@ def settle(files: list[Path], seconds: float) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 def versions(tool: str, python: str, env: dict[str, str]) -> dict:
-    package = {"ours": "mixturekit", "mergekit-moe": "mergekit", "original": "mixturekit"}[tool.split(" ")[0]]
+    package = {"ours": "moekit", "mergekit-moe": "mergekit", "original": "mixturekit"}[tool.split(" ")[0]]
     code = ("import json, platform, importlib.metadata as m; import torch, transformers, safetensors\n"
             f"try:\n    version = m.version({package!r})\nexcept m.PackageNotFoundError:\n"
             "    version = 'not installed (run from a checkout)'\n"
@@ -267,10 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experts", type=int, default=EXPERTS, help=f"how many experts (default {EXPERTS})")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; each runs every tool once")
     parser.add_argument("--settle", type=float, help="seconds to wait before each run (default 5; 0 with --quick)")
-    parser.add_argument("--ours-python", default=sys.executable, help="the Python that has this mixturekit")
+    parser.add_argument("--ours-python", default=sys.executable, help="the Python that has this moekit")
     parser.add_argument("--mergekit-python", help="a Python with mergekit installed (skipped if not given)")
     parser.add_argument("--original-python", help="a Python with the original MixtureKit (skipped if not given)")
-    parser.add_argument("--baseline", type=Path, help="a folder holding another `mixturekit` package, run as a "
+    parser.add_argument("--baseline", type=Path, help="a folder holding another `moekit` package, run as a "
                         "fourth contender 'ours (baseline)' with --ours-python")
     parser.add_argument("--no-imports", dest="imports", action="store_false",
                         help="do not time each tool's imports alone")

@@ -1,4 +1,4 @@
-"""Speed of `mixturekit.compose` against the disk floor, on CPU, as the number of experts grows.
+"""Speed of `moekit.compose` against the disk floor, on CPU, as the number of experts grows.
 
     python bench/compose_speed.py [--quick] [--repeats 3] [--workdir /tmp/mixturekit_bench_speed] [--experts 2 4 8]
                                   [--cache warm|cold] [--json FILE]
@@ -7,7 +7,7 @@ Creates, once (cached in the work dir), random Llama-shaped source models saved 
 one distinct copy per expert slot, each drawn from its own seed (helpers from bench/compose_memory.py). Then, for
 each method and number of experts N, with the first N sources:
 
-* compose: `mixturekit.compose` in a fresh Python process (bench/compose_memory.py's child), which reports the wall
+* compose: `moekit.compose` in a fresh Python process (bench/compose_memory.py's child), which reports the wall
   time of the `compose` call alone (imports excluded) and its own peak RSS (`VmHWM` of /proc/self/status).
 * disk floor: in another fresh process (no torch), the least I/O that any composer has to do for the same case:
   read every byte of every input weight file once (`readinto` a reused 16 MiB buffer), then write files of exactly
@@ -197,14 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--methods", nargs="+", default=["traditional", "btx"])
     parser.add_argument("--dtype", default="bfloat16", help="dtype of the source models (and so of the output)")
-    parser.add_argument("--shard-size", default="2GB", help="the recipe's shard_size (mixturekit's default)")
+    parser.add_argument("--shard-size", default="2GB", help="the recipe's shard_size (moekit's default)")
     parser.add_argument("--cache", choices=["warm", "cold"], default="warm",
                         help="inputs read into (warm) or evicted from (cold) the page cache before every run")
     parser.add_argument("--settle", type=float, help="seconds to wait before every run, after the previous run's "
                         "output was deleted (default 5; 0 with --quick)")
     parser.add_argument("--repeats", type=int, default=1, help="compose/floor pairs per cell; the table shows medians")
     parser.add_argument("--json", type=Path, help="also write every raw measurement here")
-    parser.add_argument("--baseline", type=Path, help="a checkout (or a folder holding a `mixturekit` package) whose "
+    parser.add_argument("--baseline", type=Path, help="a checkout (or a folder holding a `moekit` package) whose "
                         "compose is timed beside this one's in every cell")
     parser.add_argument("--floor-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

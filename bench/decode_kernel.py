@@ -3,7 +3,7 @@
     python bench/decode_kernel.py [--json out.json]
 
 A static-cache decoding step runs as a CUDA graph, so what separates a composed model from the dense one there is GPU
-time, and most of it is `mixturekit::chosen_experts_matvec` reading the k chosen experts' weights. For each routed
+time, and most of it is `moekit::chosen_experts_matvec` reading the k chosen experts' weights. For each routed
 projection of the benchmark shapes (one token, top-2: btx's gate and up without the mix, the down projection with it,
 traditional's fused gate+up), this times the kernel under several tilings (output columns per program x inner elements
 per loop step) and, beside it, cuBLAS's matvec over a dense weight of the same bytes (`F.linear` of one row by a
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import environment  # noqa: E402
 
-from mixturekit.runtime import chosen_experts_kernel as kernel  # noqa: E402
+from moekit.runtime import chosen_experts_kernel as kernel  # noqa: E402
 
 # (label, experts, out_features, in_features, mix): one token, top-2
 CASES = [

@@ -35,7 +35,7 @@ import torch
 
 
 def _package_root() -> Path:
-    """The checkout whose `mixturekit` is timed: this one, or `--package-root` (read before the import)."""
+    """The checkout whose `moekit` is timed: this one, or `--package-root` (read before the import)."""
     if "--package-root" in sys.argv:
         return Path(sys.argv[sys.argv.index("--package-root") + 1]).resolve()
     return Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ sys.path.insert(0, str(_package_root()))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 from timing import environment, relative_error, synchronize, time_ms  # noqa: E402
 
-from mixturekit import MixtureKitConfig, MixtureKitForCausalLM  # noqa: E402
+from moekit import MixtureKitConfig, MixtureKitForCausalLM  # noqa: E402
 
 COMMON = dict(layers=4, vocab=49152, shapes=[(8, 1024), (1, 32)], train_shape=(8, 1024), prompt=32, new_tokens=128,
               gen_batches=[1, 32], top_k=2)
@@ -300,7 +300,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["issue"], choices=sorted(SHAPES))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) forward+backward")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--package-root", type=Path, help="time the mixturekit of another checkout")
+    parser.add_argument("--package-root", type=Path, help="time the moekit of another checkout")
     parser.add_argument("--rows", nargs="+", default=["forward", "training", "generation"],
                         choices=["forward", "training", "generation"])
     parser.add_argument("--generation", nargs="+", default=["dynamic", "static"], choices=["dynamic", "static"],
@@ -309,18 +309,18 @@ def main() -> None:
                         help="bytes of gathered expert weights up to which a decoding step skips the sort")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from mixturekit.runtime import experts
+    from moekit.runtime import experts
 
     if args.few_token_limit_mib is not None:
         experts.FEW_TOKEN_COPY_LIMIT_BYTES = int(args.few_token_limit_mib * 2**20)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    import mixturekit
+    import moekit
 
     results = {"environment": environment(device), "command": " ".join(sys.argv),
                "few_token_copy_limit_bytes": experts.FEW_TOKEN_COPY_LIMIT_BYTES,
-               "package": str(Path(mixturekit.__file__).parent), "shapes": []}
-    print(results["environment"], "| mixturekit from", results["package"], flush=True)
+               "package": str(Path(moekit.__file__).parent), "shapes": []}
+    print(results["environment"], "| moekit from", results["package"], flush=True)
     shapes = {"quick": QUICK} if args.quick else {name: SHAPES[name] for name in args.shapes}
     for name, spec in shapes.items():
         results["shapes"].append(run_shape(name, spec, device, dtype, args.compile, tuple(args.rows),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Speed issue's GPU call through the device tool: carry .whl (pydantic and its three dependencies, for Python 3.12)
-# and, for a before/after table, .baseline (another version's `mixturekit` package, e.g.
-# `git archive <commit> mixturekit | tar -x -C .baseline`). Runs the CUDA kernel tests and the bf16 smoke test before
+# and, for a before/after table, .baseline (another version's `moekit` package, e.g.
+# `git archive <commit> moekit | tar -x -C .baseline`). Runs the CUDA kernel tests and the bf16 smoke test before
 # any timing, then bench/end_to_end.py (SHAPES, default the issue's) for this checkout and the baseline, then the
 # whole-model profile. Everything lands in $OUT.
 set -uo pipefail
@@ -14,7 +14,7 @@ nvidia-smi -L
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py tests/test_expert_backends.py 2>&1 | tail -3
 python3 bench/gpu_smoke.py || exit 1
-if [ -d .baseline/mixturekit ] && [ -z "${SKIP_BASELINE:-}" ]; then
+if [ -d .baseline/moekit ] && [ -z "${SKIP_BASELINE:-}" ]; then
   python3 bench/end_to_end.py --shapes $SHAPES --package-root .baseline --json "$OUT/e2e-baseline.json" ${E2E_FLAGS:-}
 fi
 python3 bench/end_to_end.py --shapes $SHAPES --json "$OUT/e2e.json" ${E2E_FLAGS:-}

@@ -1,4 +1,4 @@
-"""`mixturekit train` under `accelerate launch` for the several-GPU benchmarks: one launch with its log history, wall
+"""`moekit train` under `accelerate launch` for the several-GPU benchmarks: one launch with its log history, wall
 time and peak memory per GPU (read from nvidia-smi while it runs), and the model FLOPs of a training token for MFU."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class GpuMemoryPeak:
 def launch_train(config: dict, folder: Path, processes: int, precision: str, distributed: str | Path | None = None,
                  port: int = 29500, gpus: str | None = None, extra: list[str] | None = None,
                  timeout_s: float | None = None) -> dict:
-    """One `mixturekit train CONFIG` under `accelerate launch` (`distributed`: an example config's key in CONFIGS or
+    """One `moekit train CONFIG` under `accelerate launch` (`distributed`: an example config's key in CONFIGS or
     an accelerate config file; None: DDP, or one process), its output in `folder/out`. Returns the log history (the output's trainer_state.json), wall time, peak GPU memory and,
     on failure, the end of the log."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def launch_train(config: dict, folder: Path, processes: int, precision: str, dis
         command += ["--config_file", str(CONFIGS.get(distributed, distributed))]
     elif processes > 1:
         command += ["--multi_gpu"]
-    command += [*(extra or []), "-m", "mixturekit.cli", "train", str(folder / "train.yaml")]
+    command += [*(extra or []), "-m", "moekit.cli", "train", str(folder / "train.yaml")]
     environment = {**os.environ, **SAFE_NCCL, "DS_ACCELERATOR": "cuda", "PYTHONUNBUFFERED": "1",
                    **({"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {})}
     started = time.perf_counter()
@@ -106,8 +106,8 @@ def training_flops_per_token(model_folder: Path, sequence_length: int) -> float:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import mixturekit  # noqa: F401
-    from mixturekit.training.freeze import parameter_roles
+    import moekit  # noqa: F401
+    from moekit.training.freeze import parameter_roles
 
     config = AutoConfig.from_pretrained(model_folder)
     with torch.device("meta"):

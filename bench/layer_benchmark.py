@@ -32,7 +32,7 @@ from moe_baselines import (  # noqa: E402
 )
 from timing import environment, matmul_peak_tflops, relative_error, time_ms  # noqa: E402
 
-from mixturekit.runtime.routed_linear import RoutedLinear  # noqa: E402
+from moekit.runtime.routed_linear import RoutedLinear  # noqa: E402
 
 FULL = dict(shapes=[(2048, 8192), (4096, 14336)], experts=[2, 4, 8], top_k=[1, 2], tokens=[32, 512, 8192],
             many_experts=[(2048, 8192, 32)], bts=dict(d=2048, f=8192, layers=4, streams=[2, 4], tokens=[(8, 1024)]))
@@ -184,7 +184,7 @@ def bts_rows(settings: dict, device, dtype) -> list[dict]:
     """(f) A BTS model of S streams (hub + S-1 experts, 4 blocks) against S forward passes of the dense model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mixturekit import MixtureKitConfig, MixtureKitForCausalLM
+    from moekit import MixtureKitConfig, MixtureKitForCausalLM
 
     spec, rows = settings["bts"], []
     config = LlamaConfig(hidden_size=spec["d"], intermediate_size=spec["f"], num_hidden_layers=spec["layers"],

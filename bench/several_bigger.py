@@ -4,8 +4,8 @@
         --phases prepare,train,reload,one-gpu
 
 Two random-weight experts of a Llama-3-8B shape (d4096, f14336, 32 layers, 32 heads / 8 KV heads; vocab 49152, the
-tokenizer the run carries) composed `traditional` (top-2 of 2) by `mixturekit compose`: about 13.0B parameters,
-208 GB of fp32 weights, gradients and AdamW state. `mixturekit train` (`policy: full`, bf16 mixed precision,
+tokenizer the run carries) composed `traditional` (top-2 of 2) by `moekit compose`: about 13.0B parameters,
+208 GB of fp32 weights, gradients and AdamW state. `moekit train` (`policy: full`, bf16 mixed precision,
 activation checkpointing) on the Python standard library's source, under `accelerate launch` with
 examples/accelerate/fsdp2.yaml and only rank 0 reading the weights (`fsdp_cpu_ram_efficient_loading: true`).
 Phases (each skipped when its result exists in the workdir, so a warm machine can take them over several calls):
@@ -70,9 +70,9 @@ def prepare(args) -> tuple[Path, Path]:
                   "experts": [{"name": f"e{i}", "source": str(s)} for i, s in enumerate(sources)]}
         (args.workdir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "mixturekit.cli", "compose", str(args.workdir / "recipe.yaml"),
+        subprocess.run([sys.executable, "-m", "moekit.cli", "compose", str(args.workdir / "recipe.yaml"),
                         "--output", str(composed)], check=True)
-        log(f"mixturekit compose: {time.perf_counter() - started:.0f} s")
+        log(f"moekit compose: {time.perf_counter() - started:.0f} s")
         for source in sources:
             shutil.rmtree(source)
     if not data.exists():
@@ -86,7 +86,7 @@ def held_out_loss(folder: Path, data: Path, block: int) -> dict:
     """In a fresh process: load `folder` on one GPU, list missing/unexpected tensors, mean loss on 4 blocks of
     held-out text (standard library modules after the training ones)."""
     code = f"""
-import json, torch, mixturekit
+import json, torch, moekit
 from transformers import AutoModelForCausalLM, AutoTokenizer
 device = "cuda" if torch.cuda.is_available() else "cpu"
 model, info = AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.bfloat16, device_map=device,

@@ -3,7 +3,7 @@
     python bench/several_scaling.py --workdir /root/scaling --out OUT --tokenizer .carry/tokenizer
 
 Four random-weight Llama experts (d2048, f8192, 16 layers, 16 heads / 4 KV heads, vocab 49152) composed E=4, k=2 as
-traditional and btx (about 3.5B parameters each, bf16 on disk), then `mixturekit train` (`policy: full`, AdamW, bf16
+traditional and btx (about 3.5B parameters each, bf16 on disk), then `moekit train` (`policy: full`, AdamW, bf16
 mixed precision, no activation checkpointing) under `accelerate launch` with the example configs unchanged, on 1
 process and on 2 with the same batch per GPU (weak scaling: `batch_size` is per process). The 1-GPU runs of the two
 methods go side by side, one per GPU. Tokens/s is the trainer's logged throughput after the first logged interval;
@@ -29,7 +29,7 @@ from compose_memory import make_source  # noqa: E402
 from launching import launch_train, log, steady_tokens_per_second, training_flops_per_token  # noqa: E402
 from timing import environment, matmul_peak_tflops  # noqa: E402
 
-from mixturekit import compose  # noqa: E402
+from moekit import compose  # noqa: E402
 
 SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
              num_key_value_heads=4, vocab_size=49152, max_position_embeddings=4096)

@@ -1,12 +1,12 @@
-"""`mixturekit train` router-only against the dense model of equal active parameters, both through a Trainer.
+"""`moekit train` router-only against the dense model of equal active parameters, both through a Trainer.
 
     python bench/train_speed.py --workdir /root/train_speed --out OUT --tokenizer .carry/tokenizer [--tiny | --small]
                                 [--policy routers|full] [--compile]
 
-The Speed issue's goal row: "`mixturekit train` router-only, btx: at least 0.8x the tokens/s of the dense model of
+The Speed issue's goal row: "`moekit train` router-only, btx: at least 0.8x the tokens/s of the dense model of
 equal active parameters". bench/end_to_end.py times a bare AdamW step; this times what a user runs. Four random-weight
 Llama experts of the issue's shape (d2048, f8192, 4 layers, 16 heads / 4 KV heads, vocab 49152, bf16 on disk) are
-composed E=4, k=2 as btx (gate/up/down routed) and traditional; each is trained by `mixturekit train` (`stage:
+composed E=4, k=2 as btx (gate/up/down routed) and traditional; each is trained by `moekit train` (`stage:
 router`, the default routers-only policy, bf16 mixed precision through `accelerate launch`, one process, 8 x 1024
 tokens a step). The baseline is a Llama of the same shape with FFN width k x f (the dense model of equal active
 parameters), every weight trained by transformers' `Trainer` with the same arguments (bf16, batch, AdamW, no
@@ -35,7 +35,7 @@ from launching import launch_train, log, steady_tokens_per_second  # noqa: E402
 from several_scaling import stdlib_text  # noqa: E402
 from timing import environment  # noqa: E402
 
-from mixturekit import compose  # noqa: E402
+from moekit import compose  # noqa: E402
 
 SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=16,
              num_key_value_heads=4, vocab_size=49152, max_position_embeddings=4096)
@@ -51,8 +51,8 @@ import json, sys
 import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
-from mixturekit.training.callbacks import ThroughputCallback
-from mixturekit.training.data import token_blocks, load_data
+from moekit.training.callbacks import ThroughputCallback
+from moekit.training.data import token_blocks, load_data
 from transformers import AutoTokenizer
 settings = json.loads(sys.argv[1])
 torch.manual_seed(0)
@@ -133,7 +133,7 @@ def main() -> None:
             result = launch_train(config, folder, 1, "bf16" if device.type == "cuda" else "no",
                                   timeout_s=args.run_timeout)
             what = "routers only" if args.policy == "routers" else f"policy {args.policy}"
-            result["name"] = f"{method}, {what} (mixturekit train{', compile: true' if compiled else ''})"
+            result["name"] = f"{method}, {what} (moekit train{', compile: true' if compiled else ''})"
             if "history" in result:
                 result["tokens_per_second"] = steady_tokens_per_second(result["history"])
             log(f"{result['name']}: {result.get('tokens_per_second')} tokens/s" + (

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import mixturekit  # noqa: E402,F401  (registers the architecture)
+import moekit  # noqa: E402,F401  (registers the architecture)
 
 torch.set_num_threads(2)
 
@@ -32,8 +32,8 @@ def no_loading_warnings(caplog):
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """The quick demo's composed models (with a real tokenizer) and its domains as JSONL `text` files."""
-    from mixturekit.demo import run_demo
-    from mixturekit.demo.run import _domains
+    from moekit.demo import run_demo
+    from moekit.demo.run import _domains
 
     root = tmp_path_factory.mktemp("demo")
     result = run_demo(root, quick=True, progress=False)

@@ -145,8 +145,8 @@ def check_method(method: str, models: list[torch.nn.Module], folders: list[Path]
     """The outcome of one method on one family: passed, refused: <reason>, or FAILED: <what>."""
     from transformers import AutoModelForCausalLM
 
-    import mixturekit
-    from mixturekit import MixtureKitError, compose
+    import moekit
+    from moekit import MixtureKitError, compose
 
     vocab = models[0].get_input_embeddings().weight.shape[0]
     tokens = _tokens(vocab)
@@ -196,7 +196,7 @@ def check_method(method: str, models: list[torch.nn.Module], folders: list[Path]
         return "refused on load: " + _reason(error)
     except Exception as error:  # noqa: BLE001
         return "FAILED: the composed model raised " + _one_line(error)
-    del mixturekit
+    del moekit
     # the family's own cached generation differs from its uncached one (RWKV, ...): nothing to hold ours to
     return "passed" if dense_cache_agrees else "passed (its dense model's cached generation differs from uncached)"
 

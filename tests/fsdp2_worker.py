@@ -25,7 +25,7 @@ def main(model_folder: str, batch_file: str, out_file: str, loading: str) -> Non
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
     from transformers import AutoModelForCausalLM
 
-    import mixturekit  # noqa: F401
+    import moekit  # noqa: F401
 
     rank = dist.get_rank()
     plugin = FullyShardedDataParallelPlugin(

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mixturekit import compose
-from mixturekit.analysis import (
+from moekit import compose
+from moekit.analysis import (
     AnalysisError, capture_routing, capture_routing_of_ids, dead_experts, dominant_expert_per_token, gate_strength, layer_agreement,
     mean_token_entropy, routing_by_label, utilisation,
 )
-from mixturekit.demo import run_demo
+from moekit.demo import run_demo
 
 TEXTS = ["def add(a, b):\n    return a + b", "The quick brown fox jumps.", "17 + 25 = 42"]
 LABELS = ["code", "prose", "arithmetic"]

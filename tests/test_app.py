@@ -16,13 +16,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from mixturekit import SourceError
-from mixturekit.analysis import AnalysisError, capture_routing
-from mixturekit.cli import app as cli
-from mixturekit.demo import run_demo
-from mixturekit.views import app as app_module
-from mixturekit.views.app import serve
-from mixturekit.views.html_report import render_report
+from moekit import SourceError
+from moekit.analysis import AnalysisError, capture_routing
+from moekit.cli import app as cli
+from moekit.demo import run_demo
+from moekit.views import app as app_module
+from moekit.views.app import serve
+from moekit.views.html_report import render_report
 
 PROMPT = "def add(a, b):\n    return a + b  # 17 < 25 & 'x'"
 TIMEOUT = 60  # seconds, per request
@@ -236,14 +236,14 @@ def test_close_releases_the_port(demo):
 
 def test_dense_checkpoint_is_refused(demo):
     root = demo[0]
-    with pytest.raises(AnalysisError, match=r"dense llama checkpoint, not a composed one.*mixturekit compose"):
+    with pytest.raises(AnalysisError, match=r"dense llama checkpoint, not a composed one.*moekit compose"):
         serve(root / "seed")
     with pytest.raises(SourceError, match="cannot read a model config"):
         serve(root / "no-such-folder")
 
 
 def test_cli_app_serves_until_ctrl_c(demo, monkeypatch):
-    """`mixturekit app` prints the URL and serves; Ctrl-C (simulated once a request is answered) stops it."""
+    """`moekit app` prints the URL and serves; Ctrl-C (simulated once a request is answered) stops it."""
     seen = {}
 
     def one_request_then_ctrl_c(self):

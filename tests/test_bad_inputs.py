@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mixturekit import (
+from moekit import (
     CompatibilityError, OutputError, RecipeError, SourceError, UnsupportedArchitectureError, compose, load_recipe,
 )
 from tiny_models import make_model, save_model, tiny_config
@@ -154,7 +154,7 @@ def test_a_wrapper_without_vision_sub_config_is_named_by_its_own_fields():
     """Fuyu keeps its image settings on the wrapper's config itself, not in a vision sub-config."""
     from transformers import FuyuConfig, LlamaConfig
 
-    from mixturekit.runtime.architecture import multimodal_refusal
+    from moekit.runtime.architecture import multimodal_refusal
 
     refusal = multimodal_refusal(FuyuConfig(text_config={"model_type": "persimmon", "hidden_size": 32,
                                                          "num_hidden_layers": 2, "num_attention_heads": 4}))
@@ -233,7 +233,7 @@ def test_decoder_layers_are_the_text_decoders_not_a_vision_towers(tmp_path):
     layer."""
     from transformers import AutoModelForCausalLM
 
-    from mixturekit.runtime.architecture import decoder_layers
+    from moekit.runtime.architecture import decoder_layers
 
     git = _tiny_git(tmp_path / "git")
     dense = AutoModelForCausalLM.from_pretrained(git)
@@ -260,7 +260,7 @@ def test_decoder_layers_skip_towers_by_config_or_name():
     from torch import nn
     from transformers import PretrainedConfig
 
-    from mixturekit.runtime.architecture import decoder_layers
+    from moekit.runtime.architecture import decoder_layers
 
     class Tower(nn.Module):
         def __init__(self, config=None):

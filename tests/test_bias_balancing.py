@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixturekit import MixtureKitConfig, MixtureKitForCausalLM, RecipeError, load_recipe
-from mixturekit.runtime import route
-from mixturekit.runtime.routing import router_sums
-from mixturekit.training import BiasBalanceCallback, bias_update
+from moekit import MixtureKitConfig, MixtureKitForCausalLM, RecipeError, load_recipe
+from moekit.runtime import route
+from moekit.runtime.routing import router_sums
+from moekit.training import BiasBalanceCallback, bias_update
 from tiny_models import VOCAB, tiny_config
 
 E = 4
@@ -191,7 +191,7 @@ def test_gradient_accumulation_counts_every_micro_batch_of_a_step():
 
 
 def test_trainer_moves_the_bias_and_save_load_keeps_it_exactly(tmp_path):
-    from mixturekit.training import train_routers
+    from moekit.training import train_routers
 
     model = _model("traditional", balance_bias_rate=0.05)
     blocks = torch.randint(3, VOCAB, (8, 16), generator=torch.Generator().manual_seed(7))
@@ -262,9 +262,9 @@ def test_recipe_round_trips_and_a_bad_config_value_is_refused():
 
 
 def test_compose_inspect_and_export_know_the_balance_mode(tmp_path):
-    from mixturekit import compose
-    from mixturekit.export import ExportError, export
-    from mixturekit.inspection import checkpoint_summary
+    from moekit import compose
+    from moekit.export import ExportError, export
+    from moekit.inspection import checkpoint_summary
     from tiny_models import make_model, save_model
 
     config = tiny_config("llama")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mixturekit import CompatibilityError, RecipeError, compose, load_recipe
+from moekit import CompatibilityError, RecipeError, compose, load_recipe
 from tiny_models import (
     VOCAB, make_model, padded_prompts, randomise_stitches, save_model, stitch_gradients, tiny_config,
 )
@@ -155,7 +155,7 @@ def test_inputs_embeds(trio):
 
 
 def test_inspect_shows_stitches_and_cost(trio):
-    from mixturekit import build_plan, plan_summary
+    from moekit import build_plan, plan_summary
 
     family, root, hub, folders = trio
     text = plan_summary(build_plan(_recipe(folders, stitch_layers_index=[1])))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mixturekit import CompatibilityError, compose
+from moekit import CompatibilityError, compose
 from tiny_models import VOCAB, make_model, padded_prompts, randomise_stitches, save_model, stitch_gradients, tiny_config
 
 # (hub family, expert family): each expert is wider (48 vs 32) and deeper (3 vs 2 blocks) than its hub.
@@ -161,7 +161,7 @@ def test_stitch_gradients_reach_every_stitch_and_checkpointing_keeps_them(pair):
 def test_inspect_shows_each_streams_family_width_and_depth(pair):
     from typer.testing import CliRunner
 
-    from mixturekit.cli import app
+    from moekit.cli import app
 
     root, hub, hub_folder, expert, expert_folder = pair
     out = compose(_recipe(hub_folder, {"e": expert_folder}), root / "inspect", progress=False, overwrite=True)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mixturekit.demo.domains import build_domains
-from mixturekit.demo.tiny_experts import train_tokenizer
+from moekit.demo.domains import build_domains
+from moekit.demo.tiny_experts import train_tokenizer
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "btx_smollm2"
 

@@ -1,7 +1,7 @@
 """The bad-input catalogue: every way a user can get a recipe, a source, an output or a checkpoint wrong.
 
 Each case asserts four things:
-  1. the exception is the named `mixturekit` error class;
+  1. the exception is the named `moekit` error class;
   2. its message names the problem (the `problem` fragments) AND what to do instead (the `fix` fragments);
   3. the output's parent folder lists exactly what it listed before (no output, no staging folder, no new parent);
   4. the sources are untouched (every file's sha256, size and mtime, every folder's mtime) and nothing was put in
@@ -28,11 +28,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import mixturekit
-from mixturekit import (
+import moekit
+from moekit import (
     CompatibilityError, MixtureKitError, OutputError, RecipeError, SourceError, compose,
 )
-from mixturekit.errors import CheckpointError
+from moekit.errors import CheckpointError
 from tiny_models import make_model, save_model, tiny_config
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ class _DiskFullHandle:
 
 def _disk_full_after(env: Env, budget: int) -> None:
     """Make the shard writer's file writes fail with ENOSPC once `budget` bytes are written (reads unaffected)."""
-    from mixturekit.sources import safetensors_io
+    from moekit.sources import safetensors_io
 
     remaining = [budget]
 
@@ -328,7 +328,7 @@ CASES: list[Case] = [
          ("{name: ..., source: ...}", "moe_method"),
          lambda env: env.compose({"method": "btx", "experts": _legacy(env)["experts"]})),
     Case("legacy-model-type-is-a-path", RecipeError, ("model_type '../../elsewhere'",), ("one folder name", "output"),
-         lambda env: _later(mixturekit.load_recipe, _legacy(env, model_type="../../elsewhere"))),
+         lambda env: _later(moekit.load_recipe, _legacy(env, model_type="../../elsewhere"))),
     Case("legacy-expert-name-not-a-string", RecipeError, ("experts[1]", "None"), ("with string values",),
          lambda env: env.compose({**_legacy(env), "experts": [
              {"expert_name": "a", "model_id": str(env.model("l0"))},

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig
 
-from mixturekit import MixtureKitConfig, MixtureKitForCausalLM
-from mixturekit.training import compilation, train_routers
+from moekit import MixtureKitConfig, MixtureKitForCausalLM
+from moekit.training import compilation, train_routers
 
 LAYERS = 12
 

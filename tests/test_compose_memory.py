@@ -25,9 +25,9 @@ FIELDS = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_
 MOST = 6
 CHILD = r"""
 import json, sys
-import torch, mixturekit
+import torch, moekit
 job = json.loads(sys.argv[1])
-mixturekit.compose(job["recipe"], output=job["output"], overwrite=True, progress=False)
+moekit.compose(job["recipe"], output=job["output"], overwrite=True, progress=False)
 with open("/proc/self/status") as status:
     peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 print(json.dumps({"peak_rss": peak}))

@@ -15,10 +15,10 @@ import os
 import pytest
 import torch
 
-from mixturekit import build_plan, compose
-from mixturekit.compose import composer, materialize_parts
-from mixturekit.sources import CheckpointReader, ShardWriter, TensorSlot
-from mixturekit.sources.safetensors_io import FileSlice
+from moekit import build_plan, compose
+from moekit.compose import composer, materialize_parts
+from moekit.sources import CheckpointReader, ShardWriter, TensorSlot
+from moekit.sources.safetensors_io import FileSlice
 from tiny_models import make_model, save_model, tiny_config
 
 

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from family_sweep import tiny_config
-from mixturekit import CompatibilityError, MixtureKitError, build_plan, compose, merge_experts
-from mixturekit.sources import CheckpointReader
+from moekit import CompatibilityError, MixtureKitError, build_plan, compose, merge_experts
+from moekit.sources import CheckpointReader
 from tiny_models import VOCAB, make_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # families' own warnings about tiny configs
@@ -197,7 +197,7 @@ def test_a_lora_adapter_applies_to_a_renamed_base_under_the_models_names(tmp_pat
     _needs("exaone", "transformer")
     from peft import LoraConfig, get_peft_model
 
-    from mixturekit.training.upstream_warnings import upstream_checkpointing_renames_silenced
+    from moekit.training.upstream_warnings import upstream_checkpointing_renames_silenced
 
     _, (base,) = _saved("exaone", tmp_path)
     torch.manual_seed(1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from mixturekit.demo import run_demo
+from moekit.demo import run_demo
 
 
 def test_quick_demo_trains_experts_that_beat_the_seed_and_composes_them(tmp_path):

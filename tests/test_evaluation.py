@@ -1,4 +1,4 @@
-"""Perplexity, computed in one place (`mixturekit.evaluation`) for `evaluate` and the demo."""
+"""Perplexity, computed in one place (`moekit.evaluation`) for `evaluate` and the demo."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mixturekit.evaluation import perplexity
+from moekit.evaluation import perplexity
 from tiny_models import VOCAB, make_model, tiny_config
 
 

@@ -80,7 +80,7 @@ def test_loading_fills_the_buffers_a_family_computes_in_its_init_weights(tmp_pat
     from transformers import AutoModelForCausalLM
 
     from family_sweep import build_models
-    from mixturekit import compose
+    from moekit import compose
 
     _, (dense,) = build_models("falcon_h1", count=1)
     dense.save_pretrained(tmp_path / "dense")

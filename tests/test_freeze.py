@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixturekit import MixtureKitConfig, MixtureKitForCausalLM, TrainingError
-from mixturekit.training.freeze import apply_freeze_policy, parameter_roles
+from moekit import MixtureKitConfig, MixtureKitForCausalLM, TrainingError
+from moekit.training.freeze import apply_freeze_policy, parameter_roles
 from tiny_models import VOCAB, tiny_config
 
 

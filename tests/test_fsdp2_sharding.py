@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mixturekit import compose
+from moekit import compose
 from processes import free_port
 from tiny_models import VOCAB, make_model, save_model, tiny_config
 

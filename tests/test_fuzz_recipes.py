@@ -17,9 +17,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixturekit import ModelSource, Recipe, RecipeError, load_recipe
-from mixturekit.recipe.legacy import LEGACY_KEYS, PASSTHROUGH_KEYS
-from mixturekit.recipe.recipe import DTYPES, METHODS
+from moekit import ModelSource, Recipe, RecipeError, load_recipe
+from moekit.recipe.legacy import LEGACY_KEYS, PASSTHROUGH_KEYS
+from moekit.recipe.recipe import DTYPES, METHODS
 
 RECIPE_FIELDS = sorted(Recipe.model_fields)
 SOURCE_FIELDS = sorted(ModelSource.model_fields)

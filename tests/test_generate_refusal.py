@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import GenerationMixin
 
-from mixturekit import UnsupportedArchitectureError, compose
-from mixturekit.runtime.modeling import MixtureKitForCausalLM
+from moekit import UnsupportedArchitectureError, compose
+from moekit.runtime.modeling import MixtureKitForCausalLM
 from tiny_models import make_model, save_model, tiny_config
 
 FIVE_SEVENTEEN = ("`get_seq_length` can only be called on Attention layers, and the current Cache seem to only "

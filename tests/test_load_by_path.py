@@ -1,5 +1,5 @@
 """Tools that take only a path load a composed checkpoint: `trust_remote_code=True` runs the two loader files,
-which import the installed mixturekit. Each check runs in a fresh process that never imports mixturekit itself."""
+which import the installed moekit. Each check runs in a fresh process that never imports moekit itself."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from mixturekit import compose
-from mixturekit.runtime.loader_files import AUTO_MAP, LOADER_FILES
+from moekit import compose
+from moekit.distribution import install_instruction
+from moekit.runtime.loader_files import AUTO_MAP, LOADER_FILES
 from tiny_models import VOCAB, make_model, save_model, tiny_config
 
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -52,7 +53,7 @@ def test_trust_remote_code_loads_through_the_installed_package_and_resaves_the_s
         from transformers import AutoModelForCausalLM
         path, work = sys.argv[1], sys.argv[2]
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
-        assert "mixturekit" in sys.modules and type(model).__module__.startswith("mixturekit.")
+        assert "moekit" in sys.modules and type(model).__module__.startswith("moekit.")
         with torch.no_grad():
             torch.save(model(input_ids=torch.load(work + "/tokens.pt")).logits, work + "/logits.pt")
         model.save_pretrained(work + "/resaved")
@@ -64,20 +65,21 @@ def test_trust_remote_code_loads_through_the_installed_package_and_resaves_the_s
     assert {p.name for p in resaved.glob("*.py")} == set(LOADER_FILES)
 
 
-def test_without_mixturekit_the_error_says_how_to_install_it(sources):
+def test_without_moekit_the_error_says_how_to_install_it(sources):
     root, folders = sources
     out = compose(_recipe(folders), root / "composed-missing", progress=False, overwrite=True)
     done = _run("""
         import importlib.abc, sys
         class NoMixtureKit(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "mixturekit":
-                    raise ModuleNotFoundError("No module named 'mixturekit'", name="mixturekit")
+                if name.split(".")[0] == "moekit":
+                    raise ModuleNotFoundError("No module named 'moekit'", name="moekit")
         sys.meta_path.insert(0, NoMixtureKit())
         from transformers import AutoModelForCausalLM
         AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
     """, str(out))
-    assert done.returncode != 0 and "pip install mixturekit" in done.stderr, done.stderr[-2000:]
+    assert done.returncode != 0 and install_instruction() in done.stderr, done.stderr[-2000:]
+    assert "a different project that cannot load it" not in done.stderr  # the other project is not installed here
 
 
 def test_the_recipe_can_leave_the_loader_files_out(sources):
@@ -85,7 +87,7 @@ def test_the_recipe_can_leave_the_loader_files_out(sources):
     out = compose(_recipe(folders, auto_map=False), root / "no-auto-map", progress=False, overwrite=True)
     assert "auto_map" not in json.loads((out / "config.json").read_text())
     assert not list(out.glob("*.py"))
-    assert AutoModelForCausalLM.from_pretrained(out) is not None  # after `import mixturekit`, as always
+    assert AutoModelForCausalLM.from_pretrained(out) is not None  # after `import moekit`, as always
 
 
 def test_pipeline_generates_from_a_path_in_a_fresh_process(demo):
@@ -123,8 +125,8 @@ def _lm_eval_word_perplexity(model_args: str, data: Path, tmp_path: Path) -> flo
 
 def test_lm_eval_cli_evaluates_a_composed_checkpoint_and_its_export_alike(demo, tmp_path):
     """The composed checkpoint by path (trust_remote_code) and its Mixtral export (plain transformers) give lm_eval
-    the same perplexity; the export also generates through `pipeline` without mixturekit."""
-    from mixturekit import export
+    the same perplexity; the export also generates through `pipeline` without moekit."""
+    from moekit import export
 
     root, _, files = demo
     composed = _lm_eval_word_perplexity(f"pretrained={root / 'traditional'},trust_remote_code=True", files["code"],
@@ -135,10 +137,10 @@ def test_lm_eval_cli_evaluates_a_composed_checkpoint_and_its_export_alike(demo, 
     done = _run("""
         import sys
         from transformers import pipeline
-        assert "mixturekit" not in sys.modules
+        assert "moekit" not in sys.modules
         out = pipeline("text-generation", model=sys.argv[1], device="cpu")("def add(a, b):", max_new_tokens=5,
                                                                            do_sample=False)
-        assert out[0]["generated_text"].startswith("def add(a, b):") and "mixturekit" not in sys.modules
+        assert out[0]["generated_text"].startswith("def add(a, b):") and "moekit" not in sys.modules
         print("ok")
     """, str(exported))
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]

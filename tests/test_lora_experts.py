@@ -10,8 +10,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from mixturekit import RecipeError, SourceError, compose
-from mixturekit.training.upstream_warnings import upstream_checkpointing_renames_silenced
+from moekit import RecipeError, SourceError, compose
+from moekit.training.upstream_warnings import upstream_checkpointing_renames_silenced
 from tiny_models import make_model, save_model, tiny_config
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -120,7 +120,7 @@ def test_adapters_with_a_shared_expert_compose_like_their_merged_experts(base_an
 
 
 def test_inspect_names_each_adapter_its_rank_and_the_base_it_adapts(base_and_adapters):
-    from mixturekit import build_plan, plan_summary
+    from moekit import build_plan, plan_summary
 
     base, folders = base_and_adapters
     plan = build_plan({"method": "traditional", "base": {"name": "base", "source": str(base)}, "base_as_expert": True,

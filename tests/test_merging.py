@@ -1,4 +1,4 @@
-"""Merge baselines (`merge_experts`: linear, TIES) and `mixturekit merge` / `mixturekit compare`.
+"""Merge baselines (`merge_experts`: linear, TIES) and `moekit merge` / `moekit compare`.
 
 TIES is held to a reference written here from the definition (Yadav et al. 2023, as mergekit implements it), element
 by element in float64, and to values worked out by hand; not to the library's own vectorised code."""
@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
-import mixturekit
-from mixturekit import CompatibilityError, MergeError, OutputError, merge_experts
-from mixturekit.cli import app
-from mixturekit.merging import ties_merge
+import moekit
+from moekit import CompatibilityError, MergeError, OutputError, merge_experts
+from moekit.cli import app
+from moekit.merging import ties_merge
 from tiny_models import COMMON, VOCAB, make_model, save_model, tiny_config
 
 
@@ -141,7 +141,7 @@ def test_linear_merge_is_the_weighted_mean_of_the_state_dicts(tmp_path, llamas, 
         expected = sum(wi * s[name].double() for wi, s in zip(w, sources)) / sum(w)
         torch.testing.assert_close(tensor.double(), expected, rtol=0, atol=1e-6, msg=name)
     if weights is None:  # the plain mean is the composer's averaging, bit for bit: a composition's shared weights
-        composed = mixturekit.compose({"method": "traditional", "experts": [
+        composed = moekit.compose({"method": "traditional", "experts": [
             {"name": f"e{i}", "source": str(p)} for i, p in enumerate(experts)]}, tmp_path / "composed", progress=False)
         shared = load_file(composed / "model.safetensors")
         for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
@@ -206,7 +206,7 @@ def test_integer_buffers_are_copied_and_float_ones_merged(tmp_path):
 
 
 def _nothing_written(output) -> bool:
-    return not output.exists() and not list(output.parent.glob(".mixturekit-partial-*"))
+    return not output.exists() and not list(output.parent.glob(".moekit-partial-*"))
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
@@ -273,7 +273,7 @@ def test_an_existing_output_is_refused_unless_overwrite(tmp_path, llamas):
 def test_a_failed_write_leaves_nothing(tmp_path, llamas, monkeypatch):
     import errno
 
-    from mixturekit import merging
+    from moekit import merging
 
     def disk_full(folder, *args, **kwargs):
         (folder / "model.safetensors").write_bytes(b"partial")
@@ -302,7 +302,7 @@ def test_cli_merge(tmp_path, llamas):
 
 
 def test_cli_compare_prints_and_writes_one_row_per_model(tmp_path):
-    from mixturekit.demo.tiny_experts import train_tokenizer
+    from moekit.demo.tiny_experts import train_tokenizer
 
     texts = {"code": [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(40)],
              "prose": [f"The river number {i} runs quietly past the old mill and the town." for i in range(40)]}
@@ -318,7 +318,7 @@ def test_cli_compare_prints_and_writes_one_row_per_model(tmp_path):
         data[name].write_text("".join(json.dumps({"text": t}) + "\n" for t in domain))
     recipe = {"method": "btx", "base": {"name": "seed", "source": str(folders["seed"])},
               "experts": [{"name": n, "source": str(folders[n])} for n in ("code", "prose")]}
-    composed = mixturekit.compose(recipe, tmp_path / "composed", progress=False)
+    composed = moekit.compose(recipe, tmp_path / "composed", progress=False)
     arguments = ["compare", str(composed), "--data", f"code={data['code']}", "--data", f"prose={data['prose']}",
                  "--workdir", str(tmp_path / "work"), "--block-size", "16", "--max-blocks", "4",
                  "--out", str(tmp_path / "comparison")]

@@ -1,6 +1,6 @@
 """`accelerate launch` with 2 CPU processes (gloo) trains exactly like 1 process with the same global batch.
 
-Both runs go through `mixturekit train` unchanged. The reference is the single-process run; what must match is the
+Both runs go through `moekit train` unchanged. The reference is the single-process run; what must match is the
 loss and the routing statistics logged at every step and the trained weights. A rank-local load-balancing loss (each
 rank's own f_i, or the aux loss counted once per rank) or statistics from rank 0 alone would all break the equality.
 """
@@ -26,14 +26,14 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 
 def launch(config: dict, folder: Path, processes: int) -> list[dict]:
-    """Run `mixturekit train` under `accelerate launch` on CPU; return the trainer's log history."""
+    """Run `moekit train` under `accelerate launch` on CPU; return the trainer's log history."""
     folder.mkdir(parents=True)
     path = folder / "train.yaml"
     path.write_text(yaml.safe_dump({**config, "output": str(folder / "out")}))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--num_processes", str(processes), "--main_process_port", str(free_port())]
     command += ["--multi_gpu"] if processes > 1 else []
-    command += ["-m", "mixturekit.cli", "train", str(path)]
+    command += ["-m", "moekit.cli", "train", str(path)]
     environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                    "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
@@ -130,9 +130,9 @@ def test_checkpointing_made_reentrant_by_the_trainer_is_refused_before_training(
     """TRL makes checkpointing reentrant for PEFT under ZeRO-3, which would drop the balance loss's gradient."""
     from types import SimpleNamespace
 
-    from mixturekit import TrainingError
-    from mixturekit.training.checkpointing import CHECKPOINTING_ARGUMENT
-    from mixturekit.training.trl_adapter import check_checkpointing_keeps_balance_gradient
+    from moekit import TrainingError
+    from moekit.training.checkpointing import CHECKPOINTING_ARGUMENT
+    from moekit.training.trl_adapter import check_checkpointing_keeps_balance_gradient
 
     root, _, _ = demo
     model = AutoModelForCausalLM.from_pretrained(root / "btx")
@@ -153,9 +153,9 @@ def test_trl_trainers_check_their_checkpointing_when_built(demo, tmp_path):
     from transformers import AutoTokenizer
     from trl import SFTConfig
 
-    from mixturekit import TrainingError
-    from mixturekit.training.checkpointing import CHECKPOINTING_ARGUMENT
-    from mixturekit.training.trl_adapter import ComposedSFTTrainer
+    from moekit import TrainingError
+    from moekit.training.checkpointing import CHECKPOINTING_ARGUMENT
+    from moekit.training.trl_adapter import ComposedSFTTrainer
 
     root, _, _ = demo
     model = AutoModelForCausalLM.from_pretrained(root / "btx")

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as transformers_logging
 
-from mixturekit import compose
+from moekit import compose
 from tiny_models import make_model, padded_prompts, save_model, tiny_config
 
 

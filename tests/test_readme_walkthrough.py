@@ -26,8 +26,8 @@ def walkthrough_blocks() -> list[tuple[str, str]]:
 
 def test_the_walkthrough_has_every_step():
     bash = "\n".join(code for language, code in walkthrough_blocks() if language == "bash")
-    for command in ("python branch.py", "mixturekit compose", "mixturekit train", "mixturekit eval",
-                    "mixturekit report", "mixturekit export"):
+    for command in ("python branch.py", "moekit compose", "moekit train", "moekit eval",
+                    "moekit report", "moekit export"):
         assert command in bash, command
 
 
@@ -57,10 +57,10 @@ def test_the_readme_walkthrough_runs_as_written(demo, tmp_path):
 
 
 def test_the_readme_training_config_is_valid():
-    """The README's sft/dpo config example is a valid `mixturekit train` config (no misspelled or removed key)."""
+    """The README's sft/dpo config example is a valid `moekit train` config (no misspelled or removed key)."""
     import yaml
 
-    from mixturekit.training.config import TrainConfig
+    from moekit.training.config import TrainConfig
 
     blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
     example = next(block for block in blocks if "stage: sft" in block)

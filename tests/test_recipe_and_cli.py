@@ -10,8 +10,9 @@ import yaml
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from mixturekit import Recipe, build_moe, load_recipe
-from mixturekit.cli import app
+from moekit.distribution import install_instruction
+from moekit import Recipe, build_moe, load_recipe
+from moekit.cli import app
 from tiny_models import VOCAB, make_model, save_model, tiny_config
 
 
@@ -54,7 +55,7 @@ def test_model_card_hashes_every_source_when_hashed_in_parallel(tmp_path, expert
     """On a many-core host the sources are hashed by several threads at once; each card line is still its file's."""
     import hashlib
 
-    from mixturekit import compose
+    from moekit import compose
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     recipe = {"method": "btx", "experts": [{"name": f"e{i}", "source": str(p)} for i, p in enumerate(experts)]}
@@ -64,7 +65,7 @@ def test_model_card_hashes_every_source_when_hashed_in_parallel(tmp_path, expert
         assert f"sha256 `{digest}`" in card
 
 def test_legacy_config_with_unknown_key_is_refused():
-    from mixturekit import RecipeError
+    from moekit import RecipeError
 
     with pytest.raises(RecipeError, match="unknown keys"):
         load_recipe({"moe_method": "btx", "experts": [{"expert_name": "a", "model_id": "x"}], "moe_layers": []})
@@ -84,8 +85,8 @@ def test_cli_inspect_compose_inspect(tmp_path, experts):
     assert composed.exit_code == 0, composed.output
     card = (tmp_path / "out" / "README.md").read_text()
     assert card.count("sha256") == 3
-    assert 'from_pretrained("out")' in card and ".mixturekit-partial" not in card  # the output, not the staging folder
-    assert "pip install mixturekit" in card and "trust_remote_code=True" in card
+    assert 'from_pretrained("out")' in card and ".moekit-partial" not in card  # the output, not the staging folder
+    assert install_instruction() in card and "trust_remote_code=True" in card
     inspected = runner.invoke(app, ["inspect", str(tmp_path / "out")])
     assert inspected.exit_code == 0 and "experts (3, top-1): e0, e1, e2" in inspected.output
     again = runner.invoke(app, ["compose", str(recipe_path), "-o", str(tmp_path / "out")])
@@ -104,7 +105,7 @@ def test_cli_reports_errors_without_traceback(tmp_path):
 
 
 def test_sharded_output_loads(tmp_path, experts):
-    from mixturekit import compose
+    from moekit import compose
 
     out = compose({"method": "btx", "experts": [{"name": f"e{i}", "source": str(p)} for i, p in enumerate(experts)],
                    "shard_size": "40KB"}, tmp_path / "sharded", progress=False)
@@ -119,9 +120,9 @@ def test_python_dash_m_runs_the_same_command_line():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "mixturekit", "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "moekit", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "Usage: mixturekit" in done.stdout and all(c in done.stdout for c in ("compose", "inspect", "export"))
+    assert "Usage: moekit" in done.stdout and all(c in done.stdout for c in ("compose", "inspect", "export"))
 
 
 def test_routing_loss_settings_go_from_the_recipe_into_the_checkpoint(tmp_path, experts):

@@ -1,5 +1,5 @@
 """The routing report: a self-contained HTML file checked as text and in real headless Chromium, the PNG plots, and
-the `mixturekit report` command. Models are the quick demo's, so the routing is a trained router's, not random."""
+the `moekit report` command. Models are the quick demo's, so the routing is a trained router's, not random."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from mixturekit import compose
-from mixturekit.analysis import AnalysisError, capture_routing
-from mixturekit.cli import app
-from mixturekit.demo import run_demo
-from mixturekit.views import expert_colours, render_report, write_report
-from mixturekit.views.plots import (
+from moekit import compose
+from moekit.analysis import AnalysisError, capture_routing
+from moekit.cli import app
+from moekit.demo import run_demo
+from moekit.views import expert_colours, render_report, write_report
+from moekit.views.plots import (
     plot_gate_strength, plot_routing_by_label, plot_token_strip, plot_utilisation_heatmap,
 )
 

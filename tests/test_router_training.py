@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mixturekit import MixtureKitConfig, MixtureKitForCausalLM, TrainingError, compose
-from mixturekit.runtime.routing import router_z_loss
-from mixturekit.training import AutoAlphaCallback, RoutingStatsCallback, train_routers
-from mixturekit.training.router_init import initialize_routers, router_inputs
+from moekit import MixtureKitConfig, MixtureKitForCausalLM, TrainingError, compose
+from moekit.runtime.routing import router_z_loss
+from moekit.training import AutoAlphaCallback, RoutingStatsCallback, train_routers
+from moekit.training.router_init import initialize_routers, router_inputs
 from tiny_models import VOCAB, tiny_config
 from toy_domains import domain_blocks, dominant_share, make_experts
 

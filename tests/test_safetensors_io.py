@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mixturekit import SourceError
-from mixturekit.sources import CheckpointReader, ShardWriter, TensorSlot
+from moekit import SourceError
+from moekit.sources import CheckpointReader, ShardWriter, TensorSlot
 
 
 def test_writer_output_reads_back_with_safetensors(tmp_path):

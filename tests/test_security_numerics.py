@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mixturekit import SourceError, compose
-from mixturekit.errors import RoutingNumericsError
-from mixturekit.runtime import Router, route, set_debug_checks
+from moekit import SourceError, compose
+from moekit.errors import RoutingNumericsError
+from moekit.runtime import Router, route, set_debug_checks
 from tiny_models import VOCAB, make_model, save_model, tiny_config
 
 
@@ -74,7 +74,7 @@ def test_bf16_hidden_states_of_large_magnitude_route_finitely():
 
 
 def test_nan_hidden_states_raise_with_debug_checks_and_name_the_router():
-    from mixturekit import MixtureKitConfig, MixtureKitForCausalLM
+    from moekit import MixtureKitConfig, MixtureKitForCausalLM
 
     composed = MixtureKitForCausalLM(MixtureKitConfig(text_config=tiny_config("llama"), method="btx",
                                                       expert_names=["a", "b"]))

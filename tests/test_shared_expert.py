@@ -13,12 +13,12 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from mixturekit import RecipeError, compose
-from mixturekit.export import ExportError, export
-from mixturekit.runtime import Router
-from mixturekit.runtime.architecture import decoder_layers
-from mixturekit.runtime.shared_expert import SharedExpertGate
-from mixturekit.training.freeze import apply_freeze_policy, parameter_roles
+from moekit import RecipeError, compose
+from moekit.export import ExportError, export
+from moekit.runtime import Router
+from moekit.runtime.architecture import decoder_layers
+from moekit.runtime.shared_expert import SharedExpertGate
+from moekit.training.freeze import apply_freeze_policy, parameter_roles
 from test_export import _run_plain
 from tiny_models import VOCAB, force_routing, make_model, save_model, tiny_config
 
@@ -98,7 +98,7 @@ def _btx_reference(composed_mlp, expert_mlp, base_mlp, hidden):
     """Run the expert's dense FFN with each routed Linear replaced by ½ · expert Linear + s · base Linear."""
     import copy
 
-    from mixturekit.runtime.routed_linear import RoutedLinear
+    from moekit.runtime.routed_linear import RoutedLinear
 
     reference = copy.deepcopy(expert_mlp)
     for name, routed in composed_mlp.named_modules():
@@ -238,7 +238,7 @@ def test_freeze_policies_and_the_balance_loss(qwen2, tmp_path):
 def test_inspect_shows_the_shared_expert(qwen2, tmp_path):
     from typer.testing import CliRunner
 
-    from mixturekit.cli import app
+    from moekit.cli import app
 
     root, folders = qwen2
     recipe = _recipe("traditional", folders[3], folders[:3], gate=True)
@@ -287,7 +287,7 @@ def test_export_of_a_shared_expert_without_a_native_home_is_refused(tmp_path):
 
 @pytest.mark.parametrize("method", ["traditional", "btx"])
 def test_lora_adapts_the_shared_expert_and_trains_its_gate_with_the_routers(qwen2, tmp_path, method):
-    from mixturekit.training.lora import apply_lora
+    from moekit.training.lora import apply_lora
 
     root, folders = qwen2
     out = compose(_recipe(method, folders[3], folders[:3], gate=True), tmp_path / "c", progress=False)

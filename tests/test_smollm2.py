@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mixturekit import compose
-from mixturekit.sources import convert_gguf
+from moekit import compose
+from moekit.sources import convert_gguf
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mixturekit import SourceError, compose
+from moekit import SourceError, compose
 from tiny_models import VOCAB, make_model, save_model, tiny_config
 
 

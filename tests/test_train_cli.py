@@ -1,4 +1,4 @@
-"""`mixturekit train` and `mixturekit eval` on a composed model with a real tokenizer; resuming a run."""
+"""`moekit train` and `moekit eval` on a composed model with a real tokenizer; resuming a run."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 from typer.testing import CliRunner
 
-from mixturekit.cli import app
-from mixturekit.training import train_routers
+from moekit.cli import app
+from moekit.training import train_routers
 from toy_domains import domain_blocks
 
 
@@ -193,8 +193,8 @@ def test_a_misspelled_local_path_is_an_error_at_once_naming_it(demo, tmp_path):
 
 
 def test_plain_text_in_a_jsonl_file_names_the_line_and_the_format(tmp_path):
-    from mixturekit import TrainingError
-    from mixturekit.training.data import load_data
+    from moekit import TrainingError
+    from moekit.training.data import load_data
 
     data = tmp_path / "notes.jsonl"
     data.write_text('{"text": "fine"}\nthis line is plain text\n')
@@ -203,8 +203,8 @@ def test_plain_text_in_a_jsonl_file_names_the_line_and_the_format(tmp_path):
 
 
 def test_config_typos_get_a_did_you_mean(tmp_path):
-    from mixturekit import RecipeError, TrainingError, load_recipe
-    from mixturekit.training.config import load_train_config
+    from moekit import RecipeError, TrainingError, load_recipe
+    from moekit.training.config import load_train_config
 
     (tmp_path / "t.yaml").write_text(yaml.safe_dump({"model": "m", "data": "d.jsonl", "output": "o", "stage": "routers"}))
     with pytest.raises(TrainingError, match=r"stage: .*'routers'.*did you mean 'router'"):
@@ -230,7 +230,7 @@ def test_full_policy_with_checkpointing_trains_every_weight_and_keeps_its_log(de
         def on_step_end(self, args, state, control, model=None, **kwargs):
             seen["checkpointing"] = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
-    from mixturekit.training import routers
+    from moekit.training import routers
 
     original = routers.Trainer
     routers.Trainer = lambda *a, callbacks=None, **k: original(*a, callbacks=[SeeCheckpointing()], **k)
@@ -273,7 +273,7 @@ def test_router_init_from_the_training_config_sets_the_routers_and_shows_progres
 def test_compile_true_trains_the_same_routers_and_saves_the_same_names(demo, tmp_path, monkeypatch):
     """Regional compilation (each decoder block compiled in place) changes how blocks run, not what they learn or
     what is saved. aot_eager: the same graphs as inductor's, without a C++ compiler on the test machine."""
-    from mixturekit.training import compilation
+    from moekit.training import compilation
 
     monkeypatch.setattr(compilation, "BACKEND", "aot_eager")
     root, _, files = demo

@@ -12,11 +12,11 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from mixturekit import TrainingError, compose
-from mixturekit.training.dpo import run_dpo
-from mixturekit.training.lora import apply_lora, load_lora, lora_config_for
-from mixturekit.training.sft import run_sft
-from mixturekit.training.upstream_warnings import upstream_checkpointing_renames_silenced
+from moekit import TrainingError, compose
+from moekit.training.dpo import run_dpo
+from moekit.training.lora import apply_lora, load_lora, lora_config_for
+from moekit.training.sft import run_sft
+from moekit.training.upstream_warnings import upstream_checkpointing_renames_silenced
 from tiny_models import VOCAB, make_model, save_model, tiny_config
 
 WORDS = ("hello how are you fine thanks what color is the sky blue red green a cat sat on mat dog ran to park "
@@ -267,8 +267,8 @@ def test_plain_trl_sft_trainer_trains_with_the_balance_loss(composed, tmp_path):
 
     from trl import SFTConfig, SFTTrainer
 
-    from mixturekit import RoutingStatsCallback
-    from mixturekit.training.upstream_warnings import upstream_checkpointing_renames_silenced
+    from moekit import RoutingStatsCallback
+    from moekit.training.upstream_warnings import upstream_checkpointing_renames_silenced
 
     model = _load(composed["btx"]).train()
     model.config.alpha = model.current_alpha = 0.5
@@ -289,8 +289,8 @@ def test_plain_trl_dpo_trainer_trains_with_lora(composed, tmp_path):
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from mixturekit import RoutingStatsCallback
-    from mixturekit.training.upstream_warnings import upstream_checkpointing_renames_silenced
+    from moekit import RoutingStatsCallback
+    from moekit.training.upstream_warnings import upstream_checkpointing_renames_silenced
 
     model = _load(composed["traditional"]).train()
     model.config.alpha = model.current_alpha = 0.5
@@ -319,7 +319,7 @@ def test_the_trl_range_required_is_the_range_tested_and_the_adapter_names_it():
     import trl
     from packaging.requirements import Requirement
 
-    from mixturekit.training.trl_adapter import TESTED_TRL, adapt_trainer
+    from moekit.training.trl_adapter import TESTED_TRL, adapt_trainer
 
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     (required,) = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "trl"]

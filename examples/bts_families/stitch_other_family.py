@@ -13,7 +13,7 @@ Steps (nothing is downloaded):
 2. expert: a model of --expert-family (default qwen3) with its own width and depth (--expert-hidden,
    --expert-layers), initialised at random and trained from scratch on --expert-domain only, saved with the hub's
    tokenizer files (so `compose` compares the vocabularies and accepts it);
-3. `mixturekit.compose` with method bts: the hub plus the expert as a stream, a stitch every --stitch-freq hub
+3. `moekit.compose` with method bts: the hub plus the expert as a stream, a stitch every --stitch-freq hub
    blocks; as composed it must give the hub's perplexity (the stitches start as the identity);
 4. the stitches alone trained on all domains for --stitch-tokens tokens (hub and expert frozen);
 5. per-domain and mixed validation perplexity of hub, expert, bts as composed and bts trained: results.md (a
@@ -34,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from mixturekit import MixtureKitForCausalLM, apply_freeze_policy, compose  # noqa: E402
+from moekit import MixtureKitForCausalLM, apply_freeze_policy, compose  # noqa: E402
 
 
 def _btx_pipeline():
@@ -54,8 +54,8 @@ def quick_setup(args) -> tuple[Path, Path]:
     them; returns (data folder in prepare.py's format, hub folder)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mixturekit.demo.domains import build_domains
-    from mixturekit.demo.tiny_experts import train_tokenizer
+    from moekit.demo.domains import build_domains
+    from moekit.demo.tiny_experts import train_tokenizer
 
     domains = build_domains(seed=args.seed, chars_per_domain=20_000)
     tokenizer = train_tokenizer([t for d in domains.values() for t in d.train], 320)

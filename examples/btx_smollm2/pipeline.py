@@ -12,10 +12,10 @@ perplexities, tokens and GPU-seconds in `--workdir/ledger.json` as soon as it is
 time limit resumes with `--reuse` and the study fits several device calls):
 1. experts: the seed's perplexity; the seed trained on each domain for --expert-tokens tokens (all parameters);
 2. baselines: with --moe-tokens of further training on the mixed data each (all parameters): the best single expert
-   continued; the linear average of the experts; their TIES merge (task vectors from the seed, `mixturekit.merge_experts`).
+   continued; the linear average of the experts; their TIES merge (task vectors from the seed, `moekit.merge_experts`).
    References: dense data-matched (the seed trained on the mixed data for N x expert-tokens + moe-tokens) and sparse
    upcycling (traditional of N+1 copies of the seed, trained in full for the same total);
-3. moe: compositions through `mixturekit.compose` trained --moe-tokens on the mixed data (--moe-policy): traditional
+3. moe: compositions through `moekit.compose` trained --moe-tokens on the mixed data (--moe-policy): traditional
    and btx (top-2) of the N experts with and without the seed; bts (the seed as hub, the N experts as streams; its
    stitches train). With --alpha-study also traditional at alpha 0, 0.1 and alpha_mode auto (the main runs use
    --alpha), with utilisation and dead experts per setting;
@@ -44,13 +44,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from mixturekit import (  # noqa: E402
+from moekit import (  # noqa: E402
     AutoAlphaCallback, MixtureKitForCausalLM, apply_freeze_policy, compose, merge_experts,
 )
 
 STAGES = ("experts", "baselines", "moe", "eval")
 ROUTER_NAMES = ("router", "gate.weight", "stitches")  # parameters that get the higher learning rate
-DEAD_SHARE = 0.1  # an expert is dead under a tenth of the uniform share of a router's slots (mixturekit's rule)
+DEAD_SHARE = 0.1  # an expert is dead under a tenth of the uniform share of a router's slots (moekit's rule)
 
 
 class Paused(Exception):
@@ -119,7 +119,7 @@ def trainable_groups(model: torch.nn.Module, lr: float, router_lr: float) -> lis
 def train(model, data: Data, domains: list[str], tokens: int, args, lr: float, router_lr: float, seed: int,
           label: str) -> dict:
     """AdamW, linear warm-up then cosine decay, bf16 autocast on CUDA; the loss of every step, tokens and seconds.
-    A model with `alpha_mode: auto` has its alpha adapted after every step, as `mixturekit train` does.
+    A model with `alpha_mode: auto` has its alpha adapted after every step, as `moekit train` does.
 
     Past `args.pause_at` (a `time.perf_counter()` deadline, None for none) it saves its state at the next step and
     raises `Paused`; with `args.reuse`, a saved state of `label` is loaded first and training goes on from its step
@@ -277,7 +277,7 @@ def release(device: torch.device) -> None:
 def seed_folder(args) -> Path:
     if args.model:
         return args.model
-    from mixturekit import convert_gguf
+    from moekit import convert_gguf
 
     return convert_gguf(args.gguf, cache_dir=args.workdir / "gguf-cache")
 
@@ -597,7 +597,7 @@ def write_routing_report(study: Study, folder: Path, label: str) -> None:
     try:
         from transformers import AutoTokenizer
 
-        from mixturekit import capture_routing, write_report
+        from moekit import capture_routing, write_report
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
         texts = [tokenizer.decode(study.data.validation[d][0][:160]) for d in study.domains]

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from mixturekit.demo.domains import arithmetic_documents, code_documents  # noqa: E402
+from moekit.demo.domains import arithmetic_documents, code_documents  # noqa: E402
 
 FORTUNES_DE = Path("/usr/share/games/fortunes/de")
 DOMAINS = ("code", "german", "arithmetic")
@@ -474,7 +474,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     if args.tokenizer is None:
-        from mixturekit import convert_gguf
+        from moekit import convert_gguf
 
         tokenizer_folder = convert_gguf(smollm2_gguf())
     else:
@@ -496,7 +496,7 @@ def main() -> None:
             print(f"{name:11s} {counts[name]}", flush=True)
         sources = {name: source for name, source in {
             "code": "Python standard library (os's folder)", "german": str(FORTUNES_DE),
-            "arithmetic": "mixturekit.demo.domains.arithmetic_documents"}.items() if name in args.domains}
+            "arithmetic": "moekit.demo.domains.arithmetic_documents"}.items() if name in args.domains}
     np.savez_compressed(args.out / "data.npz", **arrays)
     meta.update(counts=counts, tokenizer=str(tokenizer_folder), vocab_size=len(tokenizer),
                 eos_token_id=tokenizer.eos_token_id, seed=args.seed, sources=sources)

@@ -1,0 +1,48 @@
+"""MixtureKit: compose Mixture-of-Experts language models from dense Hugging Face checkpoints."""
+
+from .errors import (
+    CompatibilityError, MergeError, MixtureKitError, OutputError, RecipeError, SourceError, TrainingError,
+    UnsupportedArchitectureError,
+)
+from .recipe import ModelSource, Recipe, load_recipe
+from .plan import CompositionPlan, build_plan, plan_summary
+from .compose import compose
+from .export import ExportError, export  # eager: a lazy name would lose to the subpackage of the same name
+from .build_moe import build_moe
+from .runtime import MixtureKitConfig, MixtureKitForCausalLM, load_balancing_loss
+
+__version__ = "0.2.0"
+
+# What the README teaches beyond composing, loaded on first use: `import moekit` stays as light as registering the
+# model needs (training pulls in TRL, PEFT and datasets; the views matplotlib).
+_LAZY = {
+    "load": "loading",
+    "evaluate": "evaluation",
+    "merge_experts": "merging", "compare_to_merging": "comparison",
+    "convert_gguf": "sources",
+    "capture_routing": "analysis", "RoutingTrace": "analysis", "routing_by_label": "analysis",
+    "utilisation": "analysis", "dead_experts": "analysis",
+    "write_report": "views",
+    "apply_freeze_policy": "training", "train_routers": "training", "initialize_routers": "training",
+    "RoutingStatsCallback": "training", "AutoAlphaCallback": "training", "BiasBalanceCallback": "training",
+    "run_sft": "training", "run_dpo": "training",
+    "ComposedSFTTrainer": "training", "ComposedDPOTrainer": "training", "lora_config_for": "training",
+}
+
+__all__ = sorted([
+    "CompatibilityError", "CompositionPlan", "MergeError", "MixtureKitConfig", "MixtureKitError", "MixtureKitForCausalLM",
+    "ModelSource", "OutputError", "Recipe", "RecipeError", "SourceError", "TrainingError",
+    "UnsupportedArchitectureError",
+    "ExportError", "build_moe", "build_plan", "compose", "export", "load_balancing_loss", "load_recipe", "plan_summary",
+    *_LAZY,
+])
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'moekit' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value

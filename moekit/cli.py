@@ -1,0 +1,322 @@
+"""`moekit` command line: thin commands over the Python API."""
+
+from __future__ import annotations
+
+import atexit
+import gc
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import MixtureKitError
+
+app = typer.Typer(
+    help="Compose Mixture-of-Experts models from dense Hugging Face checkpoints.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _every_command() -> None:
+    # When a command returns, Python's shutdown ends with garbage collections over every object still alive: the
+    # hundreds of thousands that importing torch and transformers made. That took 0.7-0.8 s of a 4.8 s `compose` on
+    # a 2-core CPU (docs/performance.md). Frozen, they are skipped; they are still freed as the interpreter tears the
+    # modules down, only cycles among them are not looked for.
+    atexit.register(gc.freeze)
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def compose(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (overrides the recipe's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Compose the recipe into a checkpoint folder."""
+    from .compose import compose as run_compose
+    from .inspection import checkpoint_summary
+
+    try:
+        path = run_compose(recipe, output=output, overwrite=overwrite)
+    except MixtureKitError as error:
+        _fail(error)
+    typer.echo(checkpoint_summary(path))
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def inspect(target: Path = typer.Argument(..., help="Recipe YAML file, or a composed checkpoint folder.")) -> None:
+    """Print the plan of a recipe (nothing is written), or the structure of a composed checkpoint."""
+    from .inspection import checkpoint_summary
+    from .plan import build_plan, plan_summary
+    from .runtime.config import require_composed
+
+    try:
+        if target.is_dir():
+            require_composed(target, "`inspect` takes a recipe file or a composed checkpoint")
+            typer.echo(checkpoint_summary(target))
+        else:
+            typer.echo(plan_summary(build_plan(target)))
+    except MixtureKitError as error:
+        _fail(error)
+
+
+@app.command()
+def upgrade(checkpoint: Path = typer.Argument(..., help="A composed checkpoint folder, written by any release.")) -> None:
+    """Rewrite an older composed checkpoint's loader files in place, so that `trust_remote_code=True` loads it again
+    (weights and config are untouched)."""
+    from .runtime.config import require_composed
+    from .runtime.loader_files import refresh_loader_files
+
+    try:
+        require_composed(checkpoint, "`upgrade` rewrites a composed checkpoint's loader files")
+    except MixtureKitError as error:
+        _fail(error)
+    rewritten = refresh_loader_files(checkpoint)
+    typer.echo(f"rewrote {', '.join(rewritten)} in {checkpoint}" if rewritten
+               else f"{checkpoint}: loader files already current (or none: auto_map is off)")
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Training config YAML (model, stage, data, output, ...)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder (same config; "
+                                "max_steps and save_steps may change) from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Train what the composition added (routers, or stitches for bts); runs unchanged under `accelerate launch`."""
+    from .training.config import load_train_config
+    from .runtime.data_parallel import end_process_group, is_main_process
+    from .training.run import run_training
+
+    try:
+        path = run_training(load_train_config(config), resume=resume, overwrite=overwrite)
+    except MixtureKitError as error:
+        _fail(error)
+    if is_main_process():
+        typer.echo(f"wrote {path}")
+    end_process_group()
+
+
+@app.command(name="export")
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="Composed checkpoint folder."),
+    to: str = typer.Option("auto", "--to", help="auto | mixtral | qwen2_moe | qwen3_moe"),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    layout: str = typer.Option("per-expert", "--layout", help="per-expert (the Hub checkpoints' layout: llama.cpp's "
+                               "converter, vLLM, SGLang, TGI) | packed (transformers 5's own)"),
+) -> None:
+    """Write a native MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE) that serving engines run without custom code."""
+    from .export import export
+
+    try:
+        path = export(checkpoint, to, output, overwrite=overwrite, progress=True, layout=layout)
+    except MixtureKitError as error:
+        _fail(error)
+    import json
+
+    architecture = json.loads((path / "config.json").read_text())["architectures"][0]
+    typer.echo(f"wrote {path}: {architecture}, {layout} layout; loads with AutoModelForCausalLM (no moekit "
+               "needed) and in engines that run it" + ("; for llama.cpp, convert it with convert_hf_to_gguf.py"
+                                                        if layout == "per-expert" else ""))
+
+
+# Where `eval` and `compare` score models (as `moekit.load` loads them).
+SCORING_DEVICE = typer.Option(None, "--device", help="Where to score (default: a GPU when there is one).")
+SCORING_DTYPE = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16 (default: float32 on the CPU, "
+                             "the stored dtype on a GPU).")
+
+
+@app.command(name="eval")
+def evaluate_command(
+    checkpoint: Path = typer.Argument(..., help="Model folder (composed or dense)."),
+    data: list[str] = typer.Option(..., "--data", help="NAME=FILE (or a dataset name); repeat for several."),
+    block_size: int = typer.Option(256, "--block-size"),
+    max_blocks: int = typer.Option(64, "--max-blocks"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    device: Optional[str] = SCORING_DEVICE,
+    score_dtype: Optional[str] = SCORING_DTYPE,
+) -> None:
+    """Perplexity per dataset and routing statistics, as a table (and JSON)."""
+    import json
+
+    from .evaluation import evaluate, format_evaluation
+
+    try:
+        results = evaluate(checkpoint, _named_data(data), block_size=block_size, max_blocks=max_blocks, progress=True,
+                           device=device, dtype=score_dtype)
+    except MixtureKitError as error:
+        _fail(error)
+    typer.echo(format_evaluation(results))
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        typer.echo(f"wrote {json_path}")
+
+
+def _named_data(data: list[str]) -> dict[str, str]:
+    """`--data` values as {name: source}: NAME=FILE, or a file or dataset name named by its stem."""
+    return dict(item.split("=", 1) if "=" in item else (Path(item).stem, item) for item in data)
+
+
+@app.command()
+def merge(
+    experts: list[str] = typer.Argument(..., help="Dense checkpoints of one architecture: folders, .gguf files or "
+                                        "Hub ids."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder."),
+    method: str = typer.Option("linear", "--method", help="linear (weighted mean) | ties (TIES-Merging over --base)"),
+    base: Optional[str] = typer.Option(None, "--base", help="ties: the model the experts were fine-tuned from."),
+    density: float = typer.Option(0.2, "--density", help="ties: the fraction of each task vector kept, in (0, 1]."),
+    weight: Optional[list[float]] = typer.Option(None, "--weight", help="One weight per expert, in their order; "
+                                                 "repeat (default: equal)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the first expert's) | float32 | bfloat16 | float16"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Merge dense checkpoints into one dense checkpoint: the baseline a composition of them should beat."""
+    from .merging import merge_experts
+
+    try:
+        path = merge_experts(experts, output, method, base=base, density=density, weights=weight or None,
+                             dtype=dtype, overwrite=overwrite, progress=True)
+    except MixtureKitError as error:
+        _fail(error)
+    typer.echo(f"wrote {path}: a {method} merge of {len(experts)} models, dense (loads with AutoModelForCausalLM)")
+
+
+@app.command()
+def compare(
+    target: Path = typer.Argument(..., help="Composed checkpoint folder, or a recipe (composed into --workdir)."),
+    data: list[str] = typer.Option(..., "--data", help="NAME=FILE (or a dataset name); repeat for several."),
+    workdir: Path = typer.Option(..., "--workdir", "-w", help="Where the merges (and a recipe's composition) go."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="The recipe the checkpoint was composed from "
+                                          "(default: the one compose stored in it)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base of the TIES merge (default: the recipe's; "
+                                       "without one, no TIES merge)."),
+    density: float = typer.Option(0.2, "--density", help="TIES: the fraction of each task vector kept."),
+    block_size: int = typer.Option(256, "--block-size"),
+    max_blocks: int = typer.Option(64, "--max-blocks"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the table as OUT.md and OUT.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace merges (or a composition) in --workdir."),
+    device: Optional[str] = SCORING_DEVICE,
+    score_dtype: Optional[str] = SCORING_DTYPE,
+) -> None:
+    """Is this composition better than merging? Perplexity of each expert, the base, the linear and TIES merges of
+    the experts, and the composition, on the same tokens."""
+    import json
+
+    from .comparison import compare_to_merging, format_comparison
+
+    try:
+        result = compare_to_merging(target, _named_data(data), workdir, recipe=recipe, base=base, density=density,
+                                    block_size=block_size, max_blocks=max_blocks, overwrite=overwrite,
+                                    device=device, dtype=score_dtype)
+    except MixtureKitError as error:
+        _fail(error)
+    table = format_comparison(result)
+    typer.echo(table)
+    if out is not None:
+        out.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        typer.echo(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+@app.command()
+def report(
+    checkpoint: Path = typer.Argument(..., help="Composed checkpoint folder (with its tokenizer)."),
+    text: Optional[list[str]] = typer.Option(None, "--text", help="A text to analyse; repeat for several."),
+    file: Optional[list[Path]] = typer.Option(None, "--file", exists=True, dir_okay=False,
+                                              help="A UTF-8 text file to analyse; repeat for several."),
+    label: Optional[list[str]] = typer.Option(None, "--label",
+                                              help="One label (domain) per text: --text values first, then --file."),
+    max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Tokens analysed per text; longer texts are cut."),
+    output: Path = typer.Option(..., "--output", "-o", help="HTML file to write."),
+    png_dir: Optional[Path] = typer.Option(None, "--png-dir", help="Also write PNG figures into this folder."),
+) -> None:
+    """Write a self-contained HTML report (and PNGs) of how the model routes the tokens of some texts."""
+    from .analysis import capture_routing
+    from .runtime.config import require_composed
+    from .loading import load, load_tokenizer
+    from .views import write_report
+
+    sources = [f"--text {i + 1}" for i in range(len(text or []))] + [f"--file {f}" for f in file or []]
+    try:
+        texts = list(text or []) + [f.read_text(encoding="utf-8") for f in file or []]
+        if not texts:
+            raise MixtureKitError("give at least one --text TEXT or --file FILE to analyse")
+        empty = [source for source, content in zip(sources, texts) if not content.strip()]
+        if empty:
+            raise MixtureKitError(f"nothing to analyse in {', '.join(empty)}: every text must be non-empty")
+        require_composed(checkpoint, "a report shows how a Mixture-of-Experts routes tokens")
+        tokenizer = load_tokenizer(checkpoint, "a report needs one to split text into tokens")
+        model = load(checkpoint)
+        trace = capture_routing(model, tokenizer, texts, label or None, max_tokens=max_tokens)
+        paths = [write_report(trace, output, title=f"Routing of {checkpoint.resolve().name}")]
+        if png_dir is not None:
+            paths += _report_pngs(trace, png_dir)
+    except UnicodeDecodeError as error:
+        _fail(MixtureKitError(f"a --file is not UTF-8 text: {error}"))
+    except (MixtureKitError, OSError) as error:
+        _fail(error)
+    for source, cut in zip(sources, trace.truncated):
+        if cut:
+            typer.echo(f"note: {source} was truncated to its first {max_tokens} tokens (see --max-tokens)")
+    for path in paths:
+        typer.echo(f"wrote {path}")
+
+
+def _report_pngs(trace, folder: Path) -> list[Path]:
+    """The PNG figures that apply to this trace: routing figures for routed models, gate strengths for bts."""
+    from .views import plots
+
+    if trace.routes.empty:
+        return [plots.plot_gate_strength(trace, folder / "gate_strength.png")]
+    paths = [plots.plot_utilisation_heatmap(trace, folder / "utilisation.png")]
+    if any(label is not None for label in trace.labels):
+        paths.append(plots.plot_routing_by_label(trace, folder / "routing_by_label.png"))
+    return paths + [plots.plot_token_strip(trace, folder / f"token_strip_{i + 1}.png", text_index=i)
+                    for i in range(len(trace.texts))]
+
+
+@app.command(name="app")
+def app_command(
+    checkpoint: Path = typer.Argument(..., help="Composed checkpoint folder (with its tokenizer)."),
+    port: int = typer.Option(7860, "--port", help="Port to listen on (0: any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (the default: this machine only)."),
+    generate: int = typer.Option(0, "--generate", help="Default number of new tokens to generate before analysing."),
+) -> None:
+    """Serve a local page that shows how the model routes each token of a prompt you type (Ctrl-C stops it)."""
+    from .views.app import serve
+
+    try:
+        server = serve(checkpoint, host=host, port=port, generate_tokens=generate)
+    except (MixtureKitError, OSError) as error:
+        _fail(error)
+    try:
+        typer.echo(f"serving {checkpoint} at {server.url} (Ctrl-C to stop)")
+        server.wait()
+    except KeyboardInterrupt:
+        typer.echo("stopping")
+    finally:
+        server.close()
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("demo_output"), "--workdir", "-w", help="Where models and results go."),
+    quick: bool = typer.Option(False, "--quick", help="A much smaller run, for smoke tests."),
+) -> None:
+    """Train tiny domain experts offline, compose them, and print per-domain perplexities."""
+    from .demo import run_demo
+
+    run_demo(workdir, quick=quick)
+
+
+if __name__ == "__main__":
+    app()

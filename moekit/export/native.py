@@ -1,0 +1,189 @@
+"""Export a composed model to a native MoE architecture that serving engines run (no custom code needed).
+
+`traditional` over Llama/Mistral is Mixtral; over Qwen3 it is Qwen3-MoE; over Qwen2 it is Qwen2-MoE, whose shared
+expert is the composition's (`shared_expert: base`: ``½ · routed + s · shared`` is Qwen2-MoE's ``routed + sigmoid(gate ·
+x) · shared`` with the routed `down_proj` halved, and an ungated one gets a zero gate, sigmoid(0) = ½ exactly) or
+else switched off (zero weights, so it adds exactly zero). The composition's stacked experts are already the
+transformers 5 layout of those models, so the export streams tensors across, split per expert for the Hub layout
+that engines read unless `layout="packed"` (`expert_layout`), and writes the target's config. Routing matches too:
+softmax, top-k, renormalised (Mixtral always renormalises; the Qwen MoE configs get `norm_topk_prob: true`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from ..recipe import parse_size
+from ..errors import MixtureKitError
+from ..runtime.architecture import num_layers
+from ..runtime.config import MixtureKitConfig, require_composed, stored_model_type
+from ..sources.checkpoint_folder import (
+    check_output_folder, copy_tokenizer_files, new_staging_folder, swap_into_place, write_sharded,
+)
+from ..sources.resolve import weight_files
+from ..sources.safetensors_io import CheckpointReader, TensorSlot
+from ..runtime.shared_expert import ROUTED_SCALE, SHARED_EXPERT
+from .expert_layout import LAYOUTS, Piece, is_routed_down_proj, per_expert_pieces, piece_reader
+
+TARGETS = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe"}
+MAPPING_TABLE = "traditional over Llama or Mistral -> mixtral; over Qwen3 -> qwen3_moe; over Qwen2 -> qwen2_moe"
+
+
+class ExportError(MixtureKitError, ValueError):
+    """The composed model has no native equivalent in the requested architecture."""
+
+
+def _refuse_unmappable(config: MixtureKitConfig, target: str | None) -> list[int]:
+    """Raise with the reason when the composition cannot map; return the routed blocks."""
+    text = config.text_config
+    if config.method == "btx":
+        raise ExportError(
+            "a btx model has one router per projection; native MoE architectures route the whole FFN with one "
+            "router per block, so the same model cannot be written (sharing one router's decisions across gate/up/"
+            f"down would be a different model). Compose with method: traditional to export. ({MAPPING_TABLE})"
+        )
+    if config.method == "bts":
+        raise ExportError(f"a bts model (hub + expert streams + stitches) has no native MoE equivalent ({MAPPING_TABLE})")
+    expected = TARGETS.get(text.model_type)
+    if expected is None:
+        raise ExportError(f"no native MoE architecture for traditional over '{text.model_type}' ({MAPPING_TABLE})")
+    if target != expected:
+        raise ExportError(f"traditional over '{text.model_type}' exports to {expected}, not {target} ({MAPPING_TABLE})")
+    if getattr(config, "shared_expert", None) is not None and target != "qwen2_moe":
+        raise ExportError(
+            f"this composition has a shared expert, which {target} does not have (of the native targets only "
+            "Qwen2-MoE has one): compose over Qwen2 to export it, or compose without shared_expert")
+    blocks = num_layers(text)
+    routed = sorted(config.router_layers_index) if config.router_layers_index else list(range(blocks))
+    if target == "mixtral" and len(routed) != blocks:
+        raise ExportError(
+            f"Mixtral routes every block, but this model routes only blocks {routed} of {blocks}; compose with "
+            "router_layers_index covering every block (Qwen MoE targets can keep dense blocks via mlp_only_layers)"
+        )
+    for flag in ("mlp_bias", "attention_bias"):
+        if getattr(text, flag, False) and target == "mixtral":
+            raise ExportError(f"the base model has {flag}: true, which Mixtral does not support")
+    return routed
+
+
+def export_target(config: MixtureKitConfig) -> tuple[str | None, str]:
+    """The native architecture a composition exports to, or None and the reason it cannot (for `inspect`)."""
+    target = TARGETS.get(config.text_config.model_type)
+    try:
+        _refuse_unmappable(config, target)
+    except ExportError as error:
+        return None, str(error).split(" (traditional over")[0]
+    return target, f"moekit export CHECKPOINT --to {target} -o OUT"
+
+
+def _target_config(config: MixtureKitConfig, target: str, routed: list[int]):
+    text = config.text_config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map"):
+        text.pop(key, None)
+    blocks = num_layers(config.text_config)
+    fields = dict(text, num_experts_per_tok=config.num_experts_per_tok, router_aux_loss_coef=config.alpha,
+                  output_router_logits=False)
+    if target == "mixtral":
+        fields.update(num_local_experts=config.num_experts, router_jitter_noise=0.0)
+    else:
+        fields.update(num_experts=config.num_experts, norm_topk_prob=True, decoder_sparse_step=1,
+                      moe_intermediate_size=text["intermediate_size"],
+                      mlp_only_layers=[i for i in range(blocks) if i not in routed])
+        if target == "qwen2_moe":  # the composition's shared expert is the base's whole FFN; else a width-1 zero one
+            shared = getattr(config, "shared_expert", None) is not None
+            fields.update(shared_expert_intermediate_size=text["intermediate_size"] if shared else 1)
+    exported = AutoConfig.for_model(target, **fields)
+    exported.architectures = [{"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                               "qwen2_moe": "Qwen2MoeForCausalLM"}[target]]
+    return exported
+
+
+def _zero_shared_experts(routed: list[int], hidden: int, dtype: torch.dtype,
+                         gate_only: bool = False) -> list[tuple[TensorSlot, torch.Tensor]]:
+    """Qwen2-MoE's shared expert, switched off: a width-1 FFN with zero weights adds exactly zero. `gate_only`: just
+    the zero gate, for a composition's ungated shared expert (weight sigmoid(0) = ½, as it has)."""
+    out = []
+    for block in routed:
+        prefix = f"model.layers.{block}.mlp.{SHARED_EXPERT}"
+        expert = () if gate_only else (
+            (f"{prefix}.gate_proj.weight", (1, hidden)), (f"{prefix}.up_proj.weight", (1, hidden)),
+            (f"{prefix}.down_proj.weight", (hidden, 1)))
+        for name, shape in (*expert, (f"{prefix}_gate.weight", (1, hidden))):
+            out.append((TensorSlot(name, dtype, shape), torch.zeros(shape, dtype=dtype)))
+    return out
+
+
+def _selection_bias(name: str, reader: CheckpointReader, target: str) -> bool:
+    """Whether `name` is a router's selection bias (loss-free balancing), which the native checkpoint leaves out; a
+    bias that is not zero changes the routing, and no native target has a place for it, so it is refused."""
+    if not name.endswith(".expert_bias"):
+        return False
+    if reader.get(name).any():
+        raise ExportError(
+            f"router bias '{name}' is not zero: this model was trained with balance: bias (loss-free balancing), whose "
+            f"selection bias changes which experts run, and {target} has no such bias, so the export would route "
+            "differently; serve the composed checkpoint itself (it loads with transformers after `import moekit`)"
+        )
+    return True
+
+
+def export(
+    checkpoint: str | Path, to: str = "auto", output: str | Path | None = None, overwrite: bool = False,
+    shard_size: int | str = "2GB", progress: bool = False, layout: str = "per-expert",
+) -> Path:
+    """Write the composed checkpoint as a native MoE checkpoint (`to`: auto, mixtral, qwen2_moe, qwen3_moe),
+    streamed one tensor at a time into size-bounded shards, appearing atomically. `layout`: `per-expert` (the Hub
+    checkpoints' layout, which llama.cpp's converter and the serving engines read) or `packed` (transformers 5's own;
+    see `expert_layout`)."""
+    checkpoint = Path(checkpoint)
+    if stored_model_type(checkpoint) is None:
+        raise ExportError(f"'{checkpoint}' has no config.json: give a folder written by moekit compose")
+    require_composed(checkpoint, "only a composition has routers to export", ExportError)
+    config = MixtureKitConfig.from_pretrained(checkpoint)
+    if to != "auto" and to not in set(TARGETS.values()):
+        raise ExportError(f"unknown target '{to}'; valid: auto, mixtral, qwen2_moe, qwen3_moe ({MAPPING_TABLE})")
+    if layout not in LAYOUTS:
+        raise ExportError(f"unknown layout '{layout}'; valid: {', '.join(LAYOUTS)}")
+    target = TARGETS.get(config.text_config.model_type) if to == "auto" else to
+    routed = _refuse_unmappable(config, target)
+    if output is None:
+        raise ExportError("no output folder given (-o/--output)")
+    output = Path(output).expanduser().absolute()
+    check_output_folder(output, overwrite)
+    reader = CheckpointReader(weight_files(checkpoint))
+    exported_config = _target_config(config, target, routed)
+    dtype = next(info.dtype for info in reader.tensors.values() if info.dtype.is_floating_point)
+    staging = new_staging_folder(output)
+    try:
+        stored = [TensorSlot(name, info.dtype, info.shape) for name, info in reader.tensors.items()
+                  if not _selection_bias(name, reader, target)]
+        pieces = dict(per_expert_pieces(stored, target) if layout == "per-expert" else
+                      [(slot, Piece(slot.name)) for slot in stored])
+        shared = getattr(config, "shared_expert", None) is not None
+        if shared:  # ½ · routed: the routed experts' down_proj halved (exact), see the module docstring
+            pieces = {slot: piece._replace(scale=ROUTED_SCALE) if is_routed_down_proj(piece.source) else piece
+                      for slot, piece in pieces.items()}
+        extra = {}
+        if target == "qwen2_moe" and not (shared and config.shared_expert_gate):
+            extra = dict(_zero_shared_experts(routed, exported_config.hidden_size, dtype, gate_only=shared))
+        read = piece_reader(reader.get)
+        write_sharded(staging, list(pieces) + list(extra),
+                      lambda slot: [extra[slot]] if slot in extra else [read(pieces[slot])],
+                      parse_size(shard_size), progress, desc="exporting")
+        exported_config.save_pretrained(staging)
+        copy_tokenizer_files(checkpoint, staging)
+        (staging / "README.md").write_text(
+            f"---\nlibrary_name: transformers\ntags:\n- moekit\n- {target}\n---\n\n# {target} export\n\n"
+            f"Exported by MixtureKit from `{checkpoint.name}`, a `traditional` composition of "
+            f"{config.num_experts} `{config.text_config.model_type}` experts ({', '.join(config.expert_names)}), "
+            f"top-{config.num_experts_per_tok}{', with the base as shared expert' if shared else ''}. Loads with plain `transformers` (`{exported_config.architectures[0]}`)"
+            " and serving engines that run it; no custom code.\n", encoding="utf-8")
+        swap_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output

@@ -1,0 +1,50 @@
+"""`moekit inspect CHECKPOINT`: what a composed checkpoint holds and where it can be served, from its config
+alone (whether a folder is one at all is `runtime.config.require_composed`). It sits above `export` (it asks which native
+architecture the composition maps to), while the plan summary of a recipe stays in `plan/`."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+
+
+def checkpoint_summary(folder: Path) -> str:
+    """Summarise a composed checkpoint from its config alone (the model is built on the meta device)."""
+    import torch
+
+    from .export.native import export_target
+    from .plan.planner import tensor_roles
+    from .plan.summary import balance_line, layer_structure, millions, shared_expert_lines, stream_lines
+    from .runtime.config import MixtureKitConfig
+    from .runtime.modeling import MixtureKitForCausalLM
+
+    config = MixtureKitConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        composed = MixtureKitForCausalLM(config)
+    counts: Counter[str] = Counter()
+    names_by_origin: dict[str, list[str]] = {}
+    for name, (tensor, role, _) in tensor_roles(composed).items():
+        counts[role] += tensor.numel()
+        names_by_origin.setdefault("stack" if role == "stack" else role, []).append(name)
+    target, how = export_target(config)
+    export_line = f"serving export: {target} ({how})" if target else f"serving export: none: {how}"
+    if config.method == "bts":
+        return "\n".join([f"composed checkpoint: {folder}", *stream_lines(config, counts), export_line])
+    experts, k = config.num_experts, config.num_experts_per_tok
+    total = sum(counts.values())
+    active = total - counts["stack"] + counts["stack"] * k // experts
+    lines = [
+        f"composed checkpoint: {folder}",
+        f"method: {config.method}   architecture: {config.text_config.model_type}",
+        f"experts ({experts}, top-{k}): {', '.join(config.expert_names)}",
+        f"parameters: total {millions(total)}, active per token {millions(active)}",
+        f"  stacked experts {millions(counts['stack'])}, shared {millions(counts['shared'])}, "
+        f"routers {millions(counts['router'])}",
+        *shared_expert_lines(config, counts["shared_expert"], counts["shared_gate"]),
+        balance_line(config),
+        "structure:",
+        *layer_structure(names_by_origin),
+        export_line,
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""`moekit.load`: a composed checkpoint as a ready model, refused with a clear message when the folder holds
+something else. Plain `AutoModelForCausalLM.from_pretrained` loads one too (importing moekit registers it); this
+adds the check before any weight is read, and the device and dtype every view of the library uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import SourceError
+from .plan import DTYPES
+from .runtime.config import require_composed
+from .runtime.modeling import MixtureKitForCausalLM
+
+
+def load(
+    checkpoint: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+) -> MixtureKitForCausalLM:
+    """The composed model of `checkpoint` (a folder or Hub id), in eval mode on `device`.
+
+    `device`: default a GPU when there is one, else the CPU. `dtype`: default float32 on the CPU and the stored dtype
+    ("auto") elsewhere. A dense or unreadable checkpoint is refused before any weight is read (a `SourceError` that
+    names the model_type found).
+    """
+    require_composed(checkpoint)
+    model = load_for_scoring(checkpoint, device=device, dtype=dtype)
+    if not isinstance(model, MixtureKitForCausalLM):
+        raise SourceError(f"'{checkpoint}' loaded as {type(model).__name__}, not MixtureKitForCausalLM")
+    return model
+
+
+def load_for_scoring(
+    checkpoint: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+) -> Any:
+    """Any causal LM of `checkpoint` (dense or composed), in eval mode on `device`: default a GPU when there is one,
+    else the CPU; `dtype` default float32 on the CPU and the stored dtype ("auto") elsewhere, or "auto" or a name of
+    a composition's dtypes (`plan.DTYPES`). What `load`, `evaluate` and `compare_to_merging` score with, so their
+    numbers agree."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
+    elif isinstance(dtype, str) and dtype != "auto":
+        if dtype not in DTYPES:
+            valid = ", ".join(["auto", *DTYPES])
+            raise SourceError(f"unknown dtype '{dtype}' to load '{checkpoint}' in; valid: {valid}")
+        dtype = DTYPES[dtype]
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+
+
+def load_tokenizer(checkpoint: str | Path, why: str = "") -> Any:
+    """The tokenizer stored with `checkpoint`, or a `SourceError` that says the folder has none usable."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(checkpoint)
+    except (OSError, ValueError) as failure:
+        raise SourceError(f"'{checkpoint}' has no usable tokenizer{f' ({why})' if why else ''}: {failure}") \
+            from failure
