@@ -69,6 +69,29 @@ def inspect(target: Path = typer.Argument(..., help="Recipe YAML file, or a comp
 
 
 @app.command()
+def push(
+    checkpoint: Path = typer.Argument(..., help="A composed, exported or trained checkpoint folder."),
+    repo_id: str = typer.Argument(..., help="The Hub repository, e.g. my-org/code-math-moe."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (created if missing)."),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="The commit's message."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the files and print the card; upload nothing."),
+) -> None:
+    """Upload a checkpoint to the Hugging Face Hub in one commit, with a model card (sources, method, k, alpha, how to
+    load it, routing figures and evaluation results found beside the weights). Incomplete folders are refused."""
+    from .publishing import plan_upload, push as run_push
+
+    try:
+        if dry_run:
+            upload = plan_upload(checkpoint, repo_id)
+            typer.echo("\n".join(["would upload:", *upload.files, "README.md (the card below)", "", upload.card]))
+            return
+        typer.echo(f"uploaded: {run_push(checkpoint, repo_id, private=private, revision=revision, commit_message=commit_message)}")
+    except MixtureKitError as error:
+        _fail(error)
+
+
+@app.command()
 def upgrade(checkpoint: Path = typer.Argument(..., help="A composed checkpoint folder, written by any release.")) -> None:
     """Rewrite an older composed checkpoint's loader files in place, so that `trust_remote_code=True` loads it again
     (weights and config are untouched)."""
@@ -130,7 +153,7 @@ def export_command(
 
 
 # Where `eval` and `compare` score models (as `moekit.load` loads them).
-SCORING_DEVICE = typer.Option(None, "--device", help="Where to score (default: a GPU when there is one).")
+SCORING_DEVICE = typer.Option(None, "--device", help="Where to score: auto (CUDA, then MPS, then the CPU), cuda, mps or cpu.")
 SCORING_DTYPE = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16 (default: float32 on the CPU, "
                              "the stored dtype on a GPU).")
 
