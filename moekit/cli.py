@@ -28,6 +28,9 @@ def _every_command() -> None:
     atexit.register(gc.freeze)
 
 
+SCORING_DEVICE = typer.Option(None, "--device", help="Where to score: auto (CUDA, then MPS, then the CPU), cuda, mps or cpu.")
+
+
 def _fail(error: Exception) -> None:
     typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -92,6 +95,35 @@ def push(
 
 
 @app.command()
+def benchmark(
+    checkpoint: Path = typer.Argument(..., help="A composed checkpoint folder (its recipe names the experts and base)."),
+    tasks: str = typer.Option(..., "--tasks", help="lm-evaluation-harness tasks, comma-separated."),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="A folder of your own task YAML files."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="Examples per task (a fraction if below 1): a quick look."),
+    experts: bool = typer.Option(True, "--experts/--no-experts", help="Also score each expert (and the base)."),
+    export: bool = typer.Option(False, "--export", help="Also score the native export (Mixtral, Qwen MoE)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot examples per prompt."),
+    batch_size: int = typer.Option(1, "--batch-size", help="lm-eval's batch size."),
+    device: Optional[str] = SCORING_DEVICE,
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Default: as `moekit.load` chooses for the device."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the markdown table here."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the table and raw scores as JSON here."),
+) -> None:
+    """Accuracy on lm-evaluation-harness tasks for the composition, each of its experts and its base, in one table
+    (one row per model, one column per task, the best per column in bold)."""
+    from .benchmarking import benchmark as run_benchmark, write_benchmark
+
+    try:
+        table = run_benchmark(checkpoint, [t.strip() for t in tasks.split(",") if t.strip()], include_path=include_path,
+                              limit=limit, experts=experts, base=experts, export=export, device=device, dtype=dtype,
+                              batch_size=batch_size, num_fewshot=num_fewshot)
+    except MixtureKitError as error:
+        _fail(error)
+    write_benchmark(table, output, json_path)
+    typer.echo(table.markdown())
+
+
+@app.command()
 def upgrade(checkpoint: Path = typer.Argument(..., help="A composed checkpoint folder, written by any release.")) -> None:
     """Rewrite an older composed checkpoint's loader files in place, so that `trust_remote_code=True` loads it again
     (weights and config are untouched)."""
@@ -153,7 +185,6 @@ def export_command(
 
 
 # Where `eval` and `compare` score models (as `moekit.load` loads them).
-SCORING_DEVICE = typer.Option(None, "--device", help="Where to score: auto (CUDA, then MPS, then the CPU), cuda, mps or cpu.")
 SCORING_DTYPE = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16 (default: float32 on the CPU, "
                              "the stored dtype on a GPU).")
 
