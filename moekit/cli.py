@@ -28,6 +28,9 @@ def _every_command() -> None:
     atexit.register(gc.freeze)
 
 
+SCORING_DEVICE = typer.Option(None, "--device", help="Where to score: auto (CUDA, then MPS, then the CPU), cuda, mps or cpu.")
+
+
 def _fail(error: Exception) -> None:
     typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -66,6 +69,58 @@ def inspect(target: Path = typer.Argument(..., help="Recipe YAML file, or a comp
             typer.echo(plan_summary(build_plan(target)))
     except MixtureKitError as error:
         _fail(error)
+
+
+@app.command()
+def push(
+    checkpoint: Path = typer.Argument(..., help="A composed, exported or trained checkpoint folder."),
+    repo_id: str = typer.Argument(..., help="The Hub repository, e.g. my-org/code-math-moe."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (created if missing)."),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="The commit's message."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the files and print the card; upload nothing."),
+) -> None:
+    """Upload a checkpoint to the Hugging Face Hub in one commit, with a model card (sources, method, k, alpha, how to
+    load it, routing figures and evaluation results found beside the weights). Incomplete folders are refused."""
+    from .publishing import plan_upload, push as run_push
+
+    try:
+        if dry_run:
+            upload = plan_upload(checkpoint, repo_id)
+            typer.echo("\n".join(["would upload:", *upload.files, "README.md (the card below)", "", upload.card]))
+            return
+        typer.echo(f"uploaded: {run_push(checkpoint, repo_id, private=private, revision=revision, commit_message=commit_message)}")
+    except MixtureKitError as error:
+        _fail(error)
+
+
+@app.command()
+def benchmark(
+    checkpoint: Path = typer.Argument(..., help="A composed checkpoint folder (its recipe names the experts and base)."),
+    tasks: str = typer.Option(..., "--tasks", help="lm-evaluation-harness tasks, comma-separated."),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="A folder of your own task YAML files."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="Examples per task (a fraction if below 1): a quick look."),
+    experts: bool = typer.Option(True, "--experts/--no-experts", help="Also score each expert (and the base)."),
+    export: bool = typer.Option(False, "--export", help="Also score the native export (Mixtral, Qwen MoE)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot examples per prompt."),
+    batch_size: int = typer.Option(1, "--batch-size", help="lm-eval's batch size."),
+    device: Optional[str] = SCORING_DEVICE,
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Default: as `moekit.load` chooses for the device."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the markdown table here."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the table and raw scores as JSON here."),
+) -> None:
+    """Accuracy on lm-evaluation-harness tasks for the composition, each of its experts and its base, in one table
+    (one row per model, one column per task, the best per column in bold)."""
+    from .benchmarking import benchmark as run_benchmark, write_benchmark
+
+    try:
+        table = run_benchmark(checkpoint, [t.strip() for t in tasks.split(",") if t.strip()], include_path=include_path,
+                              limit=limit, experts=experts, base=experts, export=export, device=device, dtype=dtype,
+                              batch_size=batch_size, num_fewshot=num_fewshot)
+    except MixtureKitError as error:
+        _fail(error)
+    write_benchmark(table, output, json_path)
+    typer.echo(table.markdown())
 
 
 @app.command()
@@ -130,7 +185,6 @@ def export_command(
 
 
 # Where `eval` and `compare` score models (as `moekit.load` loads them).
-SCORING_DEVICE = typer.Option(None, "--device", help="Where to score (default: a GPU when there is one).")
 SCORING_DTYPE = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16 (default: float32 on the CPU, "
                              "the stored dtype on a GPU).")
 

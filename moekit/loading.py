@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .devices import default_dtype, resolve_device
 from .errors import SourceError
 from .plan import DTYPES
 from .runtime.config import require_composed
@@ -20,8 +21,8 @@ def load(
 ) -> MixtureKitForCausalLM:
     """The composed model of `checkpoint` (a folder or Hub id), in eval mode on `device`.
 
-    `device`: default a GPU when there is one, else the CPU. `dtype`: default float32 on the CPU and the stored dtype
-    ("auto") elsewhere. A dense or unreadable checkpoint is refused before any weight is read (a `SourceError` that
+    `device`: default (None or "auto") CUDA, then MPS, then the CPU. `dtype`: default as `devices.default_dtype`
+    says (float32 on the CPU, the stored dtype on CUDA, a dtype MPS runs on MPS). A dense or unreadable checkpoint is refused before any weight is read (a `SourceError` that
     names the model_type found).
     """
     require_composed(checkpoint)
@@ -34,15 +35,15 @@ def load(
 def load_for_scoring(
     checkpoint: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
 ) -> Any:
-    """Any causal LM of `checkpoint` (dense or composed), in eval mode on `device`: default a GPU when there is one,
-    else the CPU; `dtype` default float32 on the CPU and the stored dtype ("auto") elsewhere, or "auto" or a name of
+    """Any causal LM of `checkpoint` (dense or composed), in eval mode on `device`: default CUDA, then MPS, then the
+    CPU; `dtype` default as `devices.default_dtype` says, or "auto" or a name of
     a composition's dtypes (`plan.DTYPES`). What `load`, `evaluate` and `compare_to_merging` score with, so their
     numbers agree."""
     from transformers import AutoModelForCausalLM
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     if dtype is None:
-        dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
+        dtype = default_dtype(device, stored_dtype(checkpoint))
     elif isinstance(dtype, str) and dtype != "auto":
         if dtype not in DTYPES:
             valid = ", ".join(["auto", *DTYPES])
@@ -60,3 +61,17 @@ def load_tokenizer(checkpoint: str | Path, why: str = "") -> Any:
     except (OSError, ValueError) as failure:
         raise SourceError(f"'{checkpoint}' has no usable tokenizer{f' ({why})' if why else ''}: {failure}") \
             from failure
+
+
+def stored_dtype(checkpoint: str | Path) -> torch.dtype | None:
+    """The dtype a checkpoint's config records (`dtype`, or the older `torch_dtype`), None when unknown."""
+    from transformers import PretrainedConfig
+
+    try:
+        config = PretrainedConfig.get_config_dict(str(checkpoint))[0]
+    except (OSError, ValueError):
+        return None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    name = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    return value if isinstance(value, torch.dtype) else None

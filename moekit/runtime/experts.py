@@ -188,6 +188,8 @@ def resolve_backend(backend: str, inputs: torch.Tensor, weight: torch.Tensor) ->
         raise ValueError(f"experts backend must be one of {BACKENDS}, got '{backend}'")
     if backend != "auto":
         return backend
+    if inputs.device.type not in ("cpu", "cuda"):
+        return "loop"  # MPS and others: grouped_mm is a CPU and CUDA kernel; the loop is the portable path
     # float32 grouped_mm runs on CPU in eager code only: compiled code checks it against the CUDA rule (bf16)
     cpu_float32 = inputs.device.type == "cpu" and not torch.compiler.is_compiling()
     usable_dtype = torch.float32 if cpu_float32 else torch.bfloat16
