@@ -384,6 +384,12 @@ def convert_original(source: str | Path, output: str | Path, overwrite: bool = F
                                  text_config.hidden_size)
         _stream_sources(plan, model, names[1:], getattr(dense, "base_model_prefix", "model"))
         same_logits = same_logits and not notes
+        notes.append(
+            f"the original's bts model hands its expert layers the KV cache under the name `past_key_values`; from "
+            f"transformers 5.24 the decoder passes it as `cache`, so there its expert layers write into the hub's "
+            f"cache and attend over the hub's keys and values too, whenever a cache is on (a forward's default, and "
+            f"every generation; installed here: transformers {transformers.__version__}). The converted model equals "
+            "the original's with use_cache=False, where each expert stream attends over its own tokens, as in the paper")
     else:
         _routed_sources(plan, model, method, len(names))
     for name in expected:  # the rest keeps its name: attention, norms, embeddings, the hub
