@@ -29,7 +29,7 @@ import torch
 import transformers
 
 from .distribution import OTHER_DISTRIBUTION, OTHER_IMPORT_NAME, install_instruction
-from .errors import CheckpointError, MixtureKitError, SourceError, UnsupportedArchitectureError
+from .errors import CheckpointError, SourceError, UnsupportedArchitectureError
 from .runtime.config import MixtureKitConfig
 from .runtime.loader_files import AUTO_MAP
 from .runtime.stitch import BROADCAST, MERGE
@@ -205,7 +205,7 @@ class _Plan:
                                   f"model, e.g. '{unused[0]}': a layout this conversion does not know")
 
 
-def _routed_sources(plan: _Plan, model: torch.nn.Module, method: str, num_experts: int) -> None:
+def _routed_sources(plan: _Plan, model: torch.nn.Module, num_experts: int) -> None:
     from .runtime.moe_block import SparseMoeBlock
     from .runtime.routed_linear import RoutedLinear
 
@@ -292,7 +292,7 @@ def _stitch_sources(plan: _Plan, points: list[int], directions: list[str], exper
     return notes
 
 
-def _stream_sources(plan: _Plan, model: torch.nn.Module, names: list[str], prefix: str) -> None:
+def _stream_sources(plan: _Plan, names: list[str], prefix: str) -> None:
     """Our stream `streams.<name>.<rest>` is the dense model's `<prefix>.<rest>` of expert slot i in theirs; what
     their experts share with the hub (its final norm: no stream reaches it) comes from the hub."""
     for ours in plan.expected:
@@ -379,10 +379,12 @@ def convert_original(source: str | Path, output: str | Path, overwrite: bool = F
         model = MixtureKitForCausalLM(config)
     expected = saved_tensor_shapes(model)
     plan = _Plan(reader, expected, dtype)
+    # its build stores tied copies (an LM head tied to the embeddings) as tensors of their own; ours ties them on load
+    plan.used.update(name for name in getattr(model, "all_tied_weights_keys", None) or {} if plan.has(name))
     if method == "bts":
         notes += _stitch_sources(plan, config.stitch_layers_index, config.stitch_directions, len(names) - 1,
                                  text_config.hidden_size)
-        _stream_sources(plan, model, names[1:], getattr(dense, "base_model_prefix", "model"))
+        _stream_sources(plan, names[1:], getattr(dense, "base_model_prefix", "model"))
         same_logits = same_logits and not notes
         notes.append(
             f"the original's bts model hands its expert layers the KV cache under the name `past_key_values`; from "
@@ -391,7 +393,7 @@ def convert_original(source: str | Path, output: str | Path, overwrite: bool = F
             f"every generation; installed here: transformers {transformers.__version__}). The converted model equals "
             "the original's with use_cache=False, where each expert stream attends over its own tokens, as in the paper")
     else:
-        _routed_sources(plan, model, method, len(names))
+        _routed_sources(plan, model, len(names))
     for name in expected:  # the rest keeps its name: attention, norms, embeddings, the hub
         if name not in plan.outputs:
             if not plan.has(name):

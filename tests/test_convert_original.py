@@ -46,8 +46,8 @@ CASES = {
     # stitch_freq 1: after blocks 1 (broadcast), 2 (merge) and 3 (merge), the original's order
     "bts_two_merges": ({"moe_method": "bts", "stitch_freq": 1}, [0, 1], "random"),
     "bts_two_merges_identity": ({"moe_method": "bts", "stitch_freq": 1}, [0, 1], "random, identity at merges"),
-    # fresh builds of one model twice: no routers stored
-    "traditional_one_model": ({"moe_method": "traditional", "num_experts_per_tok": 1}, [0, 0], None),
+    # fresh builds of one model twice: no routers stored (expert 3 ties its LM head to its embeddings)
+    "traditional_one_model": ({"moe_method": "traditional", "num_experts_per_tok": 1}, [3, 3], None),
     # `gate_proj` (not `mlp.gate_proj`): its build routes it, its modeling file does not find it
     "btx_short_names": ({"moe_method": "btx", "num_experts_per_tok": 1,
                          "router_layers": ["gate_proj", "up_proj", "down_proj"]}, [0, 0], None),
@@ -103,9 +103,9 @@ def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     return done
 
 
-def _expert(seed: int, folder: Path) -> Path:
+def _expert(seed: int, folder: Path, tied: bool = False) -> Path:
     """A tiny Llama with a tokenizer (the original's build saves the first expert's tokenizer with the model)."""
-    save_model(make_model(tiny_config("llama", num_hidden_layers=BLOCKS), seed), folder)
+    save_model(make_model(tiny_config("llama", num_hidden_layers=BLOCKS, tie_word_embeddings=tied), seed), folder)
     tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w3"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="w0", bos_token="w1", eos_token="w2",
@@ -120,7 +120,7 @@ def original(tmp_path_factory):
     _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(root / "wheel"), OTHER_RELEASE])
     [wheel] = (root / "wheel").glob(f"{OTHER_DISTRIBUTION}-*.whl")
     _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(root / "site"), str(wheel)])
-    experts = {str(seed): str(_expert(seed, root / f"expert{seed}")) for seed in (0, 1, 2)}
+    experts = {str(seed): str(_expert(seed, root / f"expert{seed}", tied=seed == 3)) for seed in (0, 1, 2, 3)}
     built = _run([sys.executable, "-c", textwrap.dedent(BUILD_AND_SCORE), str(root / "site"), str(root / "built"),
                   json.dumps(CASES), json.dumps(experts), json.dumps(INPUT_IDS.tolist())], env=OFFLINE, cwd=root)
     folders = dict(line.split()[1:] for line in built.stdout.splitlines() if line.startswith("built "))
@@ -206,12 +206,13 @@ def test_a_merge_before_the_last_differs_by_the_originals_projected_expert_strea
 
 @pytest.mark.slow
 def test_builds_of_one_model_give_the_dense_model_where_the_original_does_not(original, converted):
-    dense = _logits(Path(original["experts"]["0"]))
     # traditional: no routers stored (its model draws them at each load); any router gives the dense model, in both
-    conversion = converted["traditional_one_model"]
+    conversion, tied = converted["traditional_one_model"], Path(original["experts"]["3"])
     assert not conversion.same_logits and "routers are not in the checkpoint" in conversion.notes[0]
-    torch.testing.assert_close(_logits(conversion.path), dense, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(original["logits"]["traditional_one_model"], dense, atol=1e-5, rtol=1e-5)
+    assert json.loads((conversion.path / "config.json").read_text())["text_config"]["tie_word_embeddings"]
+    torch.testing.assert_close(_logits(conversion.path), _logits(tied), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(original["logits"]["traditional_one_model"], _logits(tied), atol=1e-5, rtol=1e-5)
+    dense = _logits(Path(original["experts"]["0"]))
     # btx with `gate_proj`: its model never routes them and draws the dense projections at random; ours routes them
     conversion = converted["btx_short_names"]
     assert "are not paths inside a block" in conversion.notes[0]
