@@ -255,11 +255,17 @@ def original_stitch_directions(points: list[int], num_blocks: int) -> list[str]:
     return directions
 
 
-def _stitch_sources(plan: _Plan, points: list[int], directions: list[str], experts: int, hidden: int) -> list[str]:
+def _is_identity(matrix: torch.Tensor) -> bool:
+    return matrix.shape[0] == matrix.shape[-1] and torch.equal(matrix, torch.eye(matrix.shape[0], dtype=matrix.dtype))
+
+
+def _stitch_sources(plan: _Plan, points: list[int], directions: list[str], experts: int,
+                    hidden: int) -> tuple[list[str], bool]:
     """Ours at scale 1 are the paper's forms, which theirs compute: merge `softmax over [hub, experts] of w_gate_j
     h_hub`, per dimension; broadcast `(1 - g_i) h_i + g_i P_i(h_hub)`, `g_i = sigmoid(w_gate_{i+1} h_hub)` (their
-    w_gate_0 is unused there), their one `w_proj_i` serving both ways. Returns notes on where the functions differ."""
-    notes = []
+    w_gate_0 is unused there), their one `w_proj_i` serving both ways. Returns notes for the user, and whether the
+    two models compute different functions."""
+    notes, untrained, differs = [], True, False
     for k, (block, direction) in enumerate(zip(points, directions)):
         theirs, ours = f"model.layers.{block}.stitches", f"stitches.{k}"
         gates = [f"{theirs}.w_gate.{j}.weight" for j in range(experts + 1)]
@@ -271,12 +277,14 @@ def _stitch_sources(plan: _Plan, points: list[int], directions: list[str], exper
                 "first")
         for i, projection in enumerate(projections):
             plan.copy(f"{ours}.projections.{i}.weight", projection)
+        identity = all(_is_identity(plan.reader.get(p)) for p in projections)
+        untrained = untrained and identity and not any(plan.reader.get(g).any() for g in gates)
         if direction == MERGE:
             plan.stacked(f"{ours}.gate.weight", gates)
             plan.computed(f"{ours}.gate.bias", lambda: torch.zeros((experts + 1) * hidden))
             plan.computed(f"{ours}.scale", lambda: torch.ones(hidden))
-            if k < len(points) - 1 and any(not torch.equal(plan.reader.get(p), torch.eye(hidden, dtype=plan.reader.get(
-                    p).dtype)) for p in projections):
+            if k < len(points) - 1 and not identity:
+                differs = True
                 notes.append(
                     f"its stitch after block {block} merges into the hub before the last one, with projections that "
                     "are not the identity: the original then continues each expert stream from its projection into "
@@ -289,7 +297,13 @@ def _stitch_sources(plan: _Plan, points: list[int], directions: list[str], exper
                 plan.copy(f"{ours}.gates.{i}.weight", gates[i + 1])
                 plan.computed(f"{ours}.gates.{i}.bias", lambda: torch.zeros(hidden))
                 plan.computed(f"{ours}.scales.{i}", lambda: torch.ones(hidden))
-    return notes
+    if untrained:
+        notes.append(
+            "its stitches are as its build writes them (zero gates, identity projections), which is not the identity: "
+            "each broadcast mixes the expert streams half and half with the hub, and the last merge averages the hub "
+            "and the experts evenly; converted as they are. A moekit composition of the same models starts at the "
+            "hub's own logits instead (`moekit compose` with the recipe written beside the weights)")
+    return notes, differs
 
 
 def _stream_sources(plan: _Plan, names: list[str], prefix: str) -> None:
@@ -382,10 +396,11 @@ def convert_original(source: str | Path, output: str | Path, overwrite: bool = F
     # its build stores tied copies (an LM head tied to the embeddings) as tensors of their own; ours ties them on load
     plan.used.update(name for name in getattr(model, "all_tied_weights_keys", None) or {} if plan.has(name))
     if method == "bts":
-        notes += _stitch_sources(plan, config.stitch_layers_index, config.stitch_directions, len(names) - 1,
-                                 text_config.hidden_size)
+        stitch_notes, differs = _stitch_sources(plan, config.stitch_layers_index, config.stitch_directions,
+                                                len(names) - 1, text_config.hidden_size)
+        notes += stitch_notes
         _stream_sources(plan, names[1:], getattr(dense, "base_model_prefix", "model"))
-        same_logits = same_logits and not notes
+        same_logits = same_logits and not differs
         notes.append(
             f"the original's bts model hands its expert layers the KV cache under the name `past_key_values`; from "
             f"transformers 5.24 the decoder passes it as `cache`, so there its expert layers write into the hub's "
