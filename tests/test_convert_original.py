@@ -269,3 +269,23 @@ def test_refuses_a_moekit_checkpoint(tmp_path):
                           tmp_path / "ours", progress=False)
     with pytest.raises(MixtureKitError, match="already a moekit checkpoint"):
         convert_original(ours, tmp_path / "out")
+
+
+def test_stitch_directions_are_checked():
+    """The config field the conversion sets: one direction per stitch point, the last a merge."""
+    from moekit import MixtureKitConfig, MixtureKitForCausalLM, RecipeError
+
+    text = tiny_config("llama", num_hidden_layers=BLOCKS)
+    for directions in (["merge", "broadcast"], ["broadcast"], ["broadcast", "sideways"]):
+        config = MixtureKitConfig(text, method="bts", expert_names=["e1"], expert_configs=[text], num_experts_per_tok=1,
+                                  stitch_layers_index=[1, 3], stitch_directions=directions)
+        with pytest.raises(RecipeError, match="stitch_directions must give merge or broadcast for each of the 2"):
+            with torch.device("meta"):
+                MixtureKitForCausalLM(config)
+    config = MixtureKitConfig(text, method="bts", expert_names=["e1"], expert_configs=[text], num_experts_per_tok=1,
+                              stitch_layers_index=[1, 3], stitch_directions=["merge", "merge"])
+    with torch.device("meta"):
+        assert [s.direction for s in MixtureKitForCausalLM(config).stitches] == ["merge", "merge"]
+    config.stitch_directions = None  # the default: alternating back from the last merge
+    with torch.device("meta"):
+        assert [s.direction for s in MixtureKitForCausalLM(config).stitches] == ["broadcast", "merge"]
