@@ -139,6 +139,30 @@ def upgrade(checkpoint: Path = typer.Argument(..., help="A composed checkpoint f
                else f"{checkpoint}: loader files already current (or none: auto_map is off)")
 
 
+@app.command(name="convert-original")
+def convert_original_command(
+    checkpoint: Path = typer.Argument(..., help="A folder written by the original MixtureKit (the registry's "
+                                      "mixturekit 1.1.1): its build or train output, traditional, btx or bts."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Convert a checkpoint of the original MixtureKit (model code copied beside it, trust_remote_code) into a moekit
+    checkpoint, keeping its routers and stitches; says where the original's forward computes something else."""
+    from .convert_original import convert_original
+
+    try:
+        conversion = convert_original(checkpoint, output, overwrite=overwrite, progress=True)
+    except MixtureKitError as error:
+        _fail(error)
+    for note in conversion.notes:
+        typer.echo(f"note: {note}.")
+    if conversion.same_logits:
+        typer.echo("same logits as the original's model on these weights (float32; in 16-bit up to rounding: moekit "
+                   "computes router and stitch gates in float32)")
+    typer.echo(f"wrote {conversion.path}: a {conversion.method} moekit checkpoint; load it with `import moekit` and "
+               "AutoModelForCausalLM.from_pretrained (no trust_remote_code)")
+
+
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="Training config YAML (model, stage, data, output, ...)."),

@@ -71,7 +71,7 @@ def stream_lines(config, counts: Counter, origins: dict[str, str] | None = None)
         depths = matching_depths(points, hub_blocks, num_layers(stream))
         where = f" <- {origins[name]}" if name in origins else ""
         lines.append(f"  {name} ({shape(stream)}){where}; its blocks done at each stitch: {depths}")
-    directions = stitch_directions(len(points))
+    directions = getattr(config, "stitch_directions", None) or stitch_directions(len(points))
     lines += [
         "stitches after hub blocks: " + ", ".join(f"{p} ({d})" for p, d in zip(points, directions)),
         f"parameters: total {millions(sum(counts.values()))}, active per token {millions(sum(counts.values()))}",

@@ -35,6 +35,7 @@ class MixtureKitConfig(PretrainedConfig):
         output_router_logits: bool = False,
         expert_configs: list[PretrainedConfig | dict[str, Any]] | None = None,
         stitch_layers_index: list[int] | None = None,
+        stitch_directions: list[str] | None = None,
         stitch_dropout: float = 0.0,
         router_z_loss_coef: float = 0.0,
         alpha_mode: str = "fixed",
@@ -64,6 +65,9 @@ class MixtureKitConfig(PretrainedConfig):
         # blocks after which a stitch sits.
         self.expert_configs = [c.to_dict() if isinstance(c, PretrainedConfig) else dict(c) for c in expert_configs or []]
         self.stitch_layers_index = list(stitch_layers_index) if stitch_layers_index is not None else None
+        # bts: each stitch's direction (merge/broadcast), where it is not the default alternation back from the last
+        # merge (`stitch.stitch_directions`): set by `convert-original` for the original MixtureKit's order.
+        self.stitch_directions = list(stitch_directions) if stitch_directions is not None else None
         self.stitch_dropout = stitch_dropout
         # Router losses beside the Switch balance term: ST-MoE z-loss, and an automatic alpha (`alpha_mode: auto`)
         # that grows while any expert's share of slots is under `load_floor` (default half the uniform share).

@@ -359,7 +359,11 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
             self._stream_blocks[name] = blocks
             self._stream_depths[name] = matching_depths(points, len(hub_blocks), len(blocks))
         self.streams = nn.ModuleDict(streams)
-        self.stitches = build_stitches(points, text_config.hidden_size, sizes, config.stitch_dropout)
+        try:
+            self.stitches = build_stitches(points, text_config.hidden_size, sizes, config.stitch_dropout,
+                                           getattr(config, "stitch_directions", None))
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
         self._stitch_at = {point: k for k, point in enumerate(points)}
         self.stitch_points = points
 

@@ -107,6 +107,18 @@ class Stitch(nn.Module):
         return f"direction={self.direction}, hub_size={self.hub_size}, num_experts={self.num_experts}"
 
 
-def build_stitches(points: list[int], hub_size: int, expert_sizes: list[int], dropout: float = 0.0) -> nn.ModuleList:
-    """The stitches of a BTS model, one per stitch point, directions alternating back from the final merge."""
-    return nn.ModuleList(Stitch(d, hub_size, expert_sizes, dropout) for d in stitch_directions(len(points)))
+def check_directions(directions: list[str], count: int) -> list[str]:
+    """Explicit directions (one per stitch point, the last a merge), or a ValueError saying what would be valid."""
+    directions = list(directions)
+    if len(directions) != count or any(d not in (MERGE, BROADCAST) for d in directions) or directions[-1] != MERGE:
+        raise ValueError(f"stitch_directions must give {MERGE} or {BROADCAST} for each of the {count} stitch points, "
+                         f"the last {MERGE} (it joins the experts into the hub before the LM head), got {directions}")
+    return directions
+
+
+def build_stitches(points: list[int], hub_size: int, expert_sizes: list[int], dropout: float = 0.0,
+                   directions: list[str] | None = None) -> nn.ModuleList:
+    """The stitches of a BTS model, one per stitch point: directions alternating back from the final merge, or
+    `directions` as given (checkpoints converted from the original MixtureKit alternate forward from a broadcast)."""
+    directions = check_directions(directions, len(points)) if directions else stitch_directions(len(points))
+    return nn.ModuleList(Stitch(d, hub_size, expert_sizes, dropout) for d in directions)
