@@ -9,7 +9,13 @@ TORCH_SPEC ?= torch==2.13.0
 # own environment: a range we declare is a range we test.
 OLDEST_VENV := .venv-oldest
 
-.PHONY: install demo test test-oldest clean
+# The whole suite on a CUDA machine, in its own environment: the bfloat16, grouped_mm and Triton kernel tests that skip
+# on a CPU run there. TORCH_SPEC as above (PyPI serves torch==2.13.0 for Linux x86-64 as its CUDA build, which brings
+# Triton); override it for another release, e.g. `make test-gpu TORCH_SPEC=torch==2.14.1`. It refuses to start without a
+# GPU, and writes the per-test outcome to test-gpu.xml and the run's output to test-gpu.log.
+GPU_VENV := .venv-gpu
+
+.PHONY: install demo test test-oldest test-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,5 +63,13 @@ test-oldest: $(OLDEST_VENV)/.installed
 	$(OLDEST_VENV)/bin/python -c 'import transformers; print("oldest allowed: transformers", transformers.__version__)'
 	$(OLDEST_VENV)/bin/python -m pytest -q
 
+test-gpu:
+	$(MAKE) install VENV=$(GPU_VENV)
+	$(GPU_VENV)/bin/python -c 'import sys, torch; ok = torch.cuda.is_available(); \
+		print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name(0) if ok else "no GPU"); \
+		sys.exit(0 if ok else "make test-gpu needs a CUDA GPU (torch.cuda.is_available() is False); on a CPU run make test")'
+	$(GPU_VENV)/bin/python -m pytest -q -rs -p no:cacheprovider --junitxml=test-gpu.xml > test-gpu.log 2>&1; \
+		status=$$?; tail -n 60 test-gpu.log; exit $$status
+
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) demo_output
+	rm -rf $(VENV) $(OLDEST_VENV) $(GPU_VENV) demo_output test-gpu.xml test-gpu.log

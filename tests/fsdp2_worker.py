@@ -5,6 +5,12 @@ with one process. With `efficient`, only rank 0 reads the weights (`fsdp_cpu_ram
 ranks build the model empty and receive its shards from rank 0.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/fsdp2_worker.py MODEL BATCH.pt OUT.pt {efficient,full}
+
+FSDP2's warning that the wrapped model "returned a view tensor" (whose in-place use would skip the all-gather) is an
+error here. The process ends with `os._exit` once every rank has passed the barrier and the group is destroyed: FSDP2
+keeps the sharded model alive through hooks that PyTorch's C++ side holds, so the gloo process group (its three
+threads) outlives `destroy_process_group` and used to be destroyed during interpreter shutdown, where a joinable
+thread aborts the process ("terminate called without an active exception", SIGABRT), now and then under load.
 """
 
 from __future__ import annotations
@@ -12,12 +18,14 @@ from __future__ import annotations
 import os
 import sys
 import types
+import warnings
 
 import torch
 import torch.distributed as dist
 
 
 def main(model_folder: str, batch_file: str, out_file: str, loading: str) -> None:
+    warnings.filterwarnings("error", message=".*returned a view tensor.*")
     dist.init_process_group("gloo")
     os.environ["ACCELERATE_USE_FSDP"] = "true"  # what `accelerate launch` sets; transformers reads it when loading
     os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true" if loading == "efficient" else "false"
@@ -48,8 +56,14 @@ def main(model_folder: str, batch_file: str, out_file: str, loading: str) -> Non
         torch.save({"loss": mean_loss, "gradients": gradients, "sharded": sharded,
                     "parameters": sum(1 for _ in model.parameters())}, out_file)
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    try:
+        main(*sys.argv[1:5])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # see the module docstring: no interpreter shutdown with the group's threads still running

@@ -297,9 +297,16 @@ def test_output_exists_is_kept_unless_overwrite(llamas, tmp_path):
     (output / "keep.txt").write_text("mine")
     _compose_fails(_recipe(llamas), output, OutputError, "already exists", "overwrite")
     assert (output / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only what moekit wrote: a folder of the user's files is refused, naming them
+    with pytest.raises(OutputError, match=r"holds keep.txt, which moekit did not write.*move those files away"):
+        compose(_recipe(llamas), output, overwrite=True, progress=False)
+    assert [p.name for p in output.iterdir()] == ["keep.txt"] and (output / "keep.txt").read_text() == "mine"
+    (output / "keep.txt").unlink()  # an empty folder is replaced, and then the composed checkpoint
     compose(_recipe(llamas), output, overwrite=True, progress=False)
-    assert (output / "config.json").is_file() and not (output / "keep.txt").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
+    before = (output / "model.safetensors").read_bytes()
+    compose(_recipe(llamas, seed=11), output, overwrite=True, progress=False)
+    assert (output / "config.json").is_file() and (output / "model.safetensors").read_bytes() != before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder, old folder or journal left behind
 
 
 def test_no_output_given(llamas):

@@ -98,6 +98,19 @@ def test_unmappable_compositions_are_refused(tmp_path, case, message):
     assert not (tmp_path / "exported").exists()
 
 
+@pytest.mark.parametrize("flag", ["mlp_bias", "attention_bias"])
+def test_mixtral_export_of_a_base_with_biases_is_refused(tmp_path, flag):
+    """Mixtral has no bias in its experts or attention: a Llama base with one would lose it in the export."""
+    folders = [save_model(make_model(tiny_config("llama", **{flag: True}), seed), tmp_path / f"biased{seed}")
+               for seed in range(2)]
+    folder = compose({"method": "traditional", "experts": [{"name": f"e{i}", "source": str(f)}
+                                                           for i, f in enumerate(folders)]},
+                     tmp_path / "composed", progress=False)
+    with pytest.raises(ExportError, match=f"the base model has {flag}: true, which Mixtral does not support"):
+        export(folder, "auto", tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
+
+
 def test_bts_and_dense_are_refused(tmp_path):
     hub = save_model(make_model(tiny_config("llama"), 0), tmp_path / "hub")
     expert = save_model(make_model(tiny_config("llama"), 1), tmp_path / "expert")

@@ -21,6 +21,8 @@ from moekit import compose
 from processes import free_port
 from tiny_models import VOCAB, make_model, save_model, tiny_config
 
+from moekit import MixtureKitConfig, MixtureKitForCausalLM
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch was built without distributed")
 WORKER = Path(__file__).with_name("fsdp2_worker.py")
 
@@ -73,3 +75,20 @@ def test_fsdp2_on_two_processes_gives_one_process_loss_and_gradients(composition
     for name, gradient in gradients.items():
         torch.testing.assert_close(sharded["gradients"][name], gradient, rtol=1e-4, atol=1e-6,
                                    msg=lambda message, name=name: f"{name}: {message}")
+
+
+@pytest.mark.parametrize("method", ["traditional", "btx", "bts"])
+def test_no_output_of_a_training_forward_is_a_view(method):
+    """FSDP2 registers its pre-backward all-gather on the root module's outputs and warns when one is a view (an
+    in-place op on it would drop the hook: wrong gradients). Every output that requires grad must own its storage;
+    the two-process test above turns that warning into an error as well."""
+    experts = dict(expert_names=list("ab")) if method == "bts" else dict(expert_names=list("abc"), num_experts_per_tok=2)
+    model = MixtureKitForCausalLM(MixtureKitConfig(text_config=tiny_config("llama"), method=method, **experts)).train()
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    output = model(input_ids=ids, labels=ids, output_router_logits=True)
+    tensors = {name: value for name, value in output.items() if isinstance(value, torch.Tensor)}
+    tensors.update({f"router_logits[{i}]": t for i, t in enumerate(output.router_logits or ())})
+    grad_tensors = {name: t for name, t in tensors.items() if t.requires_grad}
+    assert {"loss", "logits", "last_hidden_state"} <= set(grad_tensors)
+    views = sorted(name for name, t in grad_tensors.items() if t._base is not None)
+    assert views == [], f"outputs that are views: {views}"

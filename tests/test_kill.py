@@ -23,8 +23,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moekit import compose
-from moekit.sources import STAGING_PREFIX
+from moekit import OutputError, compose
+from moekit.sources import JOURNAL_PREFIX, RETIRED_PREFIX, STAGING_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
 PASSES = 5
@@ -39,6 +39,11 @@ for line in sys.stdin:
         try:
             import torch
             torch.set_num_threads(1)
+            if job.get("kill_at"):  # SIGKILL this compose at a named step of the overwrite's swap
+                import signal
+                from moekit.sources import checkpoint_folder
+                checkpoint_folder._reached = (
+                    lambda step: step == job["kill_at"] and os.kill(os.getpid(), signal.SIGKILL))
             moekit.compose(job["recipe"], job["output"], overwrite=job["overwrite"], progress=False)
             os._exit(0)
         except BaseException:
@@ -83,8 +88,8 @@ class Worker:
             if line.startswith("{"):
                 return json.loads(line)
 
-    def start(self, recipe: dict, output: Path, overwrite: bool = False) -> int:
-        job = {"recipe": recipe, "output": str(output), "overwrite": overwrite}
+    def start(self, recipe: dict, output: Path, overwrite: bool = False, kill_at: str | None = None) -> int:
+        job = {"recipe": recipe, "output": str(output), "overwrite": overwrite, "kill_at": kill_at}
         self.process.stdin.write(json.dumps(job) + "\n")
         self.process.stdin.flush()
         return self._reply()["pid"]
@@ -192,3 +197,67 @@ def test_sigkill_during_overwrite_keeps_the_existing_checkpoint(experts, worker,
     compose(_recipe(experts, seed=7), output, overwrite=True, progress=False)
     assert _tensor_hashes(output) != original
     assert not (_staging_folders(tmp_path) - {staging}), "the successful overwrite left a staging folder"
+
+
+SWAP_STEPS = ["journal written", "old set aside", "new in place", "old removed"]
+
+
+@pytest.fixture(scope="module")
+def small_experts(tmp_path_factory) -> list[Path]:
+    from tiny_models import make_model, save_model, tiny_config
+
+    root = tmp_path_factory.mktemp("swap-experts")
+    return [save_model(make_model(tiny_config("llama"), seed), root / f"expert{seed}") for seed in range(2)]
+
+
+def _hidden(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("step", SWAP_STEPS)
+def test_sigkill_at_each_step_of_an_overwrite_leaves_a_checkpoint_or_a_journal_the_next_run_finishes(
+        small_experts, worker, tmp_path, step, caplog):
+    """Killed after each step of the swap: the old or the new checkpoint is whole at the output, or (between the two
+    renames) the journal names where both are; the next write to that output finishes the swap, says so, and
+    leaves no hidden folder behind."""
+    parent = tmp_path / "outputs"
+    output = parent / "composed"
+    old = _tensor_hashes(compose(_recipe(small_experts), output, progress=False))
+    new = _tensor_hashes(compose(_recipe(small_experts, seed=7), tmp_path / "new-reference", progress=False))
+    assert old != new
+    pid = worker.start(_recipe(small_experts, seed=7), output, overwrite=True, kill_at=step)
+    ended = worker.wait()
+    assert ended["signal"] == signal.SIGKILL, (step, ended, worker.log.read_text()[-3000:])
+    journal = parent / f"{JOURNAL_PREFIX}composed.json"
+    if step == "old set aside":  # the one instant the output path is empty: the journal says where both are
+        assert not output.exists()
+        record = json.loads(journal.read_text())
+        assert record["pid"] == pid and record["old"].startswith(RETIRED_PREFIX)
+        _assert_loads(parent / record["old"], old)
+        _assert_loads(parent / record["new"], new)
+    else:
+        _assert_loads(output, old if step == "journal written" else new)
+    assert journal.exists()  # each step before the last leaves the journal for the next run
+
+    caplog.set_level("WARNING", logger="moekit.sources.checkpoint_folder")
+    with pytest.raises(OutputError, match="already exists"):  # the next write to the output, without --overwrite
+        compose(_recipe(small_experts), output, progress=False)
+    assert f"an overwrite of '{output}' was interrupted (process {pid} was killed) and is now finished" in caplog.text
+    _assert_loads(output, new)
+    assert _hidden(parent) == [], "the repair left a hidden folder or the journal"
+
+
+def test_a_foreign_folder_is_refused_by_overwrite_naming_what_it_holds(small_experts, tmp_path):
+    output = tmp_path / "notes"
+    output.mkdir()
+    (output / "notes.txt").write_text("a user's notes")
+    (output / "drafts").mkdir()
+    with pytest.raises(OutputError, match=r"holds drafts/, notes.txt, which moekit did not write"):
+        compose(_recipe(small_experts), output, overwrite=True, progress=False)
+    assert sorted(p.name for p in output.iterdir()) == ["drafts", "notes.txt"]
+    assert (output / "notes.txt").read_text() == "a user's notes" and _hidden(tmp_path) == []
+    # a dense checkpoint that moekit did not write (a user's model) is refused too
+    plain = tmp_path / "plain"
+    AutoModelForCausalLM.from_pretrained(small_experts[0]).save_pretrained(plain)
+    with pytest.raises(OutputError, match="which moekit did not write"):
+        compose(_recipe(small_experts), plain, overwrite=True, progress=False)

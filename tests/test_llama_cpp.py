@@ -2,8 +2,10 @@
 
 Needs llama.cpp's Python side: `llama_cpp` (llama-cpp-python, built from its sdist) and the converter of a llama.cpp
 source tree (`LLAMA_CPP_DIR`, holding `convert_hf_to_gguf.py` and `gguf-py`; the llama-cpp-python sdist vendors one
-under `vendor/llama.cpp`). Building llama-cpp-python takes longer than CI allows, so CI skips this test; the figures
-of a run are in docs/performance.md ("Where exports run").
+under `vendor/llama.cpp`). PyPI has no wheel of llama-cpp-python and building its sdist takes over 20 minutes on 2
+cores, more than CI's whole suite, so CI does not install it and skips this test: the README reports its result as a
+recorded run, not as tested. docs/clients.md ("How to reproduce the llama.cpp rows") says how to run it, and holds
+the figures of the recorded run (`docs/results/llama-cpp/`).
 """
 
 from __future__ import annotations

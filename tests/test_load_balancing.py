@@ -8,6 +8,7 @@ import torch
 from moekit import MixtureKitConfig, MixtureKitForCausalLM, TrainingError, load_balancing_loss
 from moekit.runtime import route
 from moekit.runtime.routing import balance_from_sums, router_sums
+from balance_reference import balance_loss_float64
 from tiny_models import VOCAB, enable_activation_checkpointing, tiny_config
 
 E = 4
@@ -22,6 +23,49 @@ def test_uniform_routing_gives_one(top_k):
     confident = torch.full((8 * E, E), -30.0)
     confident[torch.arange(8 * E), torch.arange(8 * E) % E] = 30.0
     assert load_balancing_loss(confident, 1).item() == pytest.approx(1.0, abs=1e-6)
+
+
+# Four tokens whose probabilities are exact binary fractions (logits are their logarithms), worked by hand below.
+HAND_WORKED = [[1 / 2, 1 / 4, 1 / 8, 1 / 8],
+               [1 / 2, 1 / 8, 1 / 4, 1 / 8],
+               [1 / 8, 1 / 8, 1 / 4, 1 / 2],
+               [1 / 4, 1 / 2, 1 / 8, 1 / 8]]
+# P (mean probability per expert) = [11/32, 8/32, 6/32, 7/32] for both k.
+# k = 1: chosen 0, 0, 3, 1 -> f = [2/4, 1/4, 0, 1/4]; 4 * (22 + 8 + 0 + 7) / 128 = 37/32.
+# k = 2: chosen {0,1}, {0,2}, {3,2}, {1,0} -> slots [3, 2, 2, 1] of 8; 4 * (33 + 16 + 12 + 7) / 256 = 17/16.
+HAND_WORKED_LOSS = {1: 37 / 32, 2: 17 / 16}
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_non_uniform_logits_give_the_hand_worked_loss(top_k):
+    """Unequal probabilities and unequal slot counts: the loss depends on both (zero logits give 1 whatever the
+    counts are, so they cannot show a count or a probability taken wrongly)."""
+    exact = torch.tensor(HAND_WORKED, dtype=torch.float64).log()
+    assert load_balancing_loss(exact.float(), top_k).item() == pytest.approx(HAND_WORKED_LOSS[top_k], rel=1e-6)
+    assert balance_loss_float64(exact, top_k) == pytest.approx(HAND_WORKED_LOSS[top_k], rel=1e-12)
+
+
+def test_padding_does_not_count_in_the_hand_worked_loss():
+    """Padding rows in a [batch, seq, E] tensor, collapsed on expert 2, change neither f nor P once masked."""
+    padded = torch.tensor(HAND_WORKED + [[1 / 32, 1 / 16, 7 / 8, 1 / 32]] * 2, dtype=torch.float64).log().float()
+    padded = padded[[0, 1, 4, 2, 3, 5]].reshape(2, 3, E)  # one padding token at the end of each sequence
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    for top_k in (1, 2):
+        assert load_balancing_loss(padded, top_k, mask).item() == pytest.approx(HAND_WORKED_LOSS[top_k], rel=1e-6)
+        unmasked = load_balancing_loss(padded, top_k).item()
+        assert unmasked == pytest.approx(balance_loss_float64(padded, top_k), rel=1e-6)
+        assert abs(unmasked - HAND_WORKED_LOSS[top_k]) > 0.03
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_random_logits_match_the_float64_reference(top_k):
+    generator = torch.Generator().manual_seed(top_k)
+    logits = torch.randn(3, 9, 6, generator=generator) * 2
+    logits[..., 1] += 1.0  # a preferred expert: unequal counts
+    mask = torch.rand(3, 9, generator=generator) > 0.3
+    assert load_balancing_loss(logits, top_k).item() == pytest.approx(balance_loss_float64(logits, top_k), rel=1e-5)
+    assert load_balancing_loss(logits, top_k, mask).item() == pytest.approx(
+        balance_loss_float64(logits, top_k, mask), rel=1e-5)
 
 
 def test_collapse_gives_num_experts():
@@ -70,6 +114,29 @@ def test_model_aux_loss_is_alpha_times_sum_over_routers(method, routers):
     plain = model.dense_model(input_ids=tokens, labels=tokens).loss
     assert output.loss.item() == pytest.approx(plain.item() + 0.5 * routers, rel=1e-5)
     assert len(model(input_ids=tokens, output_router_logits=True).router_logits) == routers
+
+
+@pytest.mark.parametrize("method,routers", [("traditional", 2), ("btx", 6)])
+def test_model_aux_loss_with_real_routers_and_padding_is_the_float64_sum(method, routers):
+    """Non-uniform routers and left padding: alpha times the sum over routers of each router's float64 balance
+    loss over the non-padding tokens (each router's term differs, so a mean, a dropped router or counted padding
+    shows)."""
+    model = _model(method).eval()
+    generator = torch.Generator().manual_seed(7)
+    for _, router in model.routers():
+        router.weight.data = torch.randn(router.weight.shape, generator=generator) * 3
+    tokens = torch.randint(3, VOCAB, (2, 8), generator=generator)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0  # left padding of the first sequence
+    output = model(input_ids=tokens, attention_mask=mask, labels=tokens, output_router_logits=True)
+    assert len(output.router_logits) == routers
+    terms = [balance_loss_float64(logits, 2, mask) for logits in output.router_logits]
+    assert max(terms) - min(terms) > 0.01, terms
+    assert output.aux_loss.item() == pytest.approx(0.5 * sum(terms), rel=1e-5)
+    unmasked = 0.5 * sum(balance_loss_float64(logits, 2) for logits in output.router_logits)
+    assert abs(unmasked - output.aux_loss.item()) > 1e-3  # the padding would have changed it
+    plain = model.dense_model(input_ids=tokens, attention_mask=mask, labels=tokens).loss
+    assert output.loss.item() == pytest.approx(plain.item() + 0.5 * sum(terms), rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["traditional", "btx"])

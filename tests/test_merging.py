@@ -266,8 +266,14 @@ def test_an_existing_output_is_refused_unless_overwrite(tmp_path, llamas):
     with pytest.raises(OutputError, match="already exists"):
         merge_experts(llamas[1:3], output, progress=False)
     assert [p.name for p in output.iterdir()] == ["keep.txt"]
+    with pytest.raises(OutputError, match="holds keep.txt, which moekit did not write"):
+        merge_experts(llamas[1:3], output, overwrite=True, progress=False)
+    assert [p.name for p in output.iterdir()] == ["keep.txt"]
+    (output / "keep.txt").unlink()
     merge_experts(llamas[1:3], output, overwrite=True, progress=False)
-    assert not (output / "keep.txt").exists() and (output / "model.safetensors").is_file()
+    first = (output / "model.safetensors").read_bytes()
+    merge_experts(llamas[0:2], output, overwrite=True, progress=False)  # a merge moekit wrote is replaced
+    assert (output / "model.safetensors").read_bytes() != first
 
 
 def test_a_failed_write_leaves_nothing(tmp_path, llamas, monkeypatch):

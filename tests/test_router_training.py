@@ -69,19 +69,66 @@ def test_router_training_from_random_routers_moves_towards_the_domains(toy):
     assert all(after[d] > before[d] + 0.1 for d in after), (before, after)
 
 
-def test_hidden_init_points_rows_from_negative_to_positive_prompts(toy):
-    root, out = toy
+def test_hidden_init_points_rows_from_negative_to_positive_prompts(toy_folders):
+    """Composed from two copies of one expert, the model under uniform routing is that dense model, so each router's
+    input is the dense block's FFN input: the expected rows are unit vectors between the dense model's mean FFN
+    inputs over the two prompt sets, captured from plain transformers (not with `router_inputs`)."""
+    root, folders = toy_folders
+    out = compose({"method": "traditional", "experts": [
+        {"name": "a", "source": str(folders["a"])}, {"name": "b", "source": str(folders["a"])}]},
+        root / "copies", progress=False)
     model = AutoModelForCausalLM.from_pretrained(out)
     positive = {"a": domain_blocks("a", 8, 16, 30), "b": domain_blocks("b", 8, 16, 31)}
     negative = {"a": positive["b"], "b": positive["a"]}
     initialize_routers(model, None, "hidden", positive, negative)
-    means = {n: router_inputs(model, None, positive[n]) for n in positive}
-    for name, router in model.routers():
-        torch.testing.assert_close(router.weight.norm(dim=-1), torch.ones(2))
-        direction = means["a"][name].mean(0) - means["b"][name].mean(0)
+    dense = AutoModelForCausalLM.from_pretrained(folders["a"]).eval()
+    means = {domain: _dense_ffn_input_means(dense, blocks) for domain, blocks in positive.items()}
+    assert [name for name, _ in model.routers()] == [f"model.layers.{i}.mlp.gate" for i in range(len(means["a"]))]
+    for layer, (name, router) in enumerate(model.routers()):
+        direction = means["a"][layer] - means["b"][layer]
         expected = direction / direction.norm()
-        torch.testing.assert_close(router.weight[0], expected, atol=1e-5, rtol=0)
-        torch.testing.assert_close(router.weight[1], -expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(router.weight[0].double(), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(router.weight[1].double(), -expected, atol=1e-5, rtol=0)
+
+
+def _dense_ffn_input_means(dense, blocks: torch.Tensor) -> list[torch.Tensor]:
+    """Per block of the dense model, the float64 mean over every token of `blocks` of its FFN's input."""
+    sums: dict[int, torch.Tensor] = {}
+    hooks = [layer.mlp.register_forward_pre_hook(
+        lambda module, args, i=i: sums.__setitem__(i, sums.get(i, 0) + args[0].double().reshape(-1, args[0].shape[-1])
+                                                   .sum(0)))
+        for i, layer in enumerate(dense.model.layers)]
+    try:
+        with torch.no_grad():
+            for block in blocks:  # one sequence at a time, as the prompts are
+                dense(input_ids=block[None])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [sums[i] / blocks.numel() for i in sorted(sums)]
+
+
+def test_router_inputs_do_not_depend_on_the_routers(toy):
+    """Hidden states for initialisation come from uniform mixing of different experts: the same whatever the
+    routers held before (random, or forced onto one expert)."""
+    root, out = toy
+    model = AutoModelForCausalLM.from_pretrained(out)
+    blocks = domain_blocks("a", 4, 16, 30)
+    before = router_inputs(model, None, blocks)
+    for _, router in model.routers():
+        router.weight.data[0] += 100.0 * router.weight.data[0].sign()  # every token to expert a
+    forced = router_inputs(model, None, blocks)
+    assert before.keys() == forced.keys() and len(before) == 2
+    for name in before:
+        torch.testing.assert_close(forced[name], before[name], atol=1e-5, rtol=0)
+    # and the forced routing does change the second block's input outside the initialisation
+    second = model.routers()[1][1]
+    seen = []
+    handle = second.register_forward_pre_hook(lambda module, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=blocks[:1])
+    handle.remove()
+    assert (seen[0] - before[model.routers()[1][0]][:16]).abs().max() > 1e-3
 
 
 def test_router_init_refuses_missing_or_unknown_experts(toy):

@@ -172,6 +172,15 @@ def test_train_refuses_another_runs_output_and_resumes_only_the_same_run(demo, t
     replaced = runner.invoke(app, ["train", str(tmp_path / "t.yaml"), "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert not (tmp_path / "run" / "checkpoints" / "stale-marker").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no old run left aside
+
+    notes = tmp_path / "notes"  # --overwrite replaces a run, never a folder of the user's files
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    (tmp_path / "notes.yaml").write_text(yaml.safe_dump({**config, "output": str(notes)}))
+    refused = runner.invoke(app, ["train", str(tmp_path / "notes.yaml"), "--overwrite"])
+    assert refused.exit_code == 2 and "holds notes.txt, which moekit did not write" in refused.output, refused.output
+    assert [p.name for p in notes.iterdir()] == ["notes.txt"]
 
 
 def test_a_misspelled_local_path_is_an_error_at_once_naming_it(demo, tmp_path):

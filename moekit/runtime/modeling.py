@@ -549,6 +549,11 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
                     routing = TrainingRouting(names, slots, weighted.detach())
                     for hook in list(self._routing_hooks.values()):
                         hook(routing)
+        if hidden is not None and hidden.requires_grad and hidden._base is not None:
+            # The LM head's input is a view (a slice of the last block's output, and the view `with_auxiliary_loss`
+            # returns): FSDP2 hooks the root module's outputs for its pre-backward all-gather, and an in-place op on
+            # a view would drop that hook. A copy of [batch, length, hidden], a fraction of the logits' size.
+            hidden = hidden.clone()
         loss = outputs.loss
         if loss is not None and aux_loss is not None and (self.current_alpha > 0 or self.config.router_z_loss_coef):
             loss = loss + loss_weight * aux_loss.to(loss.device)

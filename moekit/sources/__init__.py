@@ -2,7 +2,8 @@
 time (staged beside the output, swapped into place whole)."""
 
 from .checkpoint_folder import (
-    STAGING_PREFIX, assign_shards, check_output_folder, copy_tokenizer_files, new_staging_folder, staged_output,
+    JOURNAL_PREFIX, RETIRED_PREFIX, STAGING_PREFIX, assign_shards, check_output_folder, copy_tokenizer_files,
+    describe_own_output, new_staging_folder, recover_interrupted_swap, refuse_foreign_output, staged_output,
     swap_into_place, write_sharded,
 )
 from .gguf import convert_gguf, default_cache_dir
@@ -10,7 +11,8 @@ from .resolve import LocalModel, resolve_source, weight_files
 from .safetensors_io import CheckpointReader, ShardWriter, TensorInfo, TensorSlot, read_header
 
 __all__ = [
-    "STAGING_PREFIX", "CheckpointReader", "LocalModel", "ShardWriter", "TensorInfo", "TensorSlot", "assign_shards",
-    "check_output_folder", "convert_gguf", "copy_tokenizer_files", "default_cache_dir", "new_staging_folder",
-    "read_header", "resolve_source", "staged_output", "swap_into_place", "weight_files", "write_sharded",
+    "JOURNAL_PREFIX", "RETIRED_PREFIX", "STAGING_PREFIX", "CheckpointReader", "LocalModel", "ShardWriter", "TensorInfo",
+    "TensorSlot", "assign_shards", "check_output_folder", "convert_gguf", "copy_tokenizer_files", "default_cache_dir",
+    "describe_own_output", "new_staging_folder", "read_header", "recover_interrupted_swap", "refuse_foreign_output",
+    "resolve_source", "staged_output", "swap_into_place", "weight_files", "write_sharded",
 ]

@@ -8,15 +8,17 @@ the fields that differ.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import yaml
 
-from ..errors import TrainingError
+from ..errors import OutputError, TrainingError
+from ..sources.checkpoint_folder import (
+    TRAINING_RECORD, new_staging_folder, recover_interrupted_swap, refuse_foreign_output, swap_into_place,
+)
 from .config import TrainConfig
 
-RECORD = "mixturekit_train.yaml"
+RECORD = TRAINING_RECORD
 CHANGEABLE_ON_RESUME = frozenset({"max_steps", "save_steps"})
 
 
@@ -31,6 +33,7 @@ def check_output(config: TrainConfig, resume: bool, overwrite: bool) -> None:
 
 def _check(config: TrainConfig, resume: bool, overwrite: bool) -> None:
     output = Path(config.output)
+    recover_interrupted_swap(output)
     if resume and overwrite:
         raise TrainingError("--resume continues the run in the output folder and --overwrite replaces it: pass one")
     if resume:
@@ -43,19 +46,29 @@ def _check(config: TrainConfig, resume: bool, overwrite: bool) -> None:
             f"output '{output}' already holds a run; choose another output folder, pass --resume to continue that "
             "run, or --overwrite to replace it"
         )
+    if output.is_dir() and overwrite:
+        try:
+            refuse_foreign_output(output)
+        except OutputError as error:
+            raise TrainingError(str(error)) from None
 
 
 def begin_run(config: TrainConfig, resume: bool, overwrite: bool) -> None:
-    """Once the model and the data have loaded: on the main process, clear the output (`overwrite`) and record the
-    config there; every rank waits for it."""
+    """Once the model and the data have loaded: on the main process, record the config in a new run folder at the
+    output, swapped in place of the old run (`overwrite`) as a checkpoint is, so a kill never leaves the output
+    empty; every rank waits for it."""
     from ..runtime.data_parallel import is_main_process, wait_for_all_ranks
 
     output = Path(config.output)
     if is_main_process() and not resume:
-        if output.is_dir() and overwrite:
-            shutil.rmtree(output)
-        output.mkdir(parents=True, exist_ok=True)
-        (output / RECORD).write_text(yaml.safe_dump(config.model_dump(), sort_keys=True), encoding="utf-8")
+        record = yaml.safe_dump(config.model_dump(), sort_keys=True)
+        if output.is_dir() and overwrite and any(output.iterdir()):
+            staging = new_staging_folder(output)
+            (staging / RECORD).write_text(record, encoding="utf-8")
+            swap_into_place(staging, output)
+        else:
+            output.mkdir(parents=True, exist_ok=True)
+            (output / RECORD).write_text(record, encoding="utf-8")
     wait_for_all_ranks()
 
 
