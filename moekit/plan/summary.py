@@ -54,7 +54,7 @@ def balance_line(config) -> str:
 
 def stream_lines(config, counts: Counter, origins: dict[str, str] | None = None) -> list[str]:
     """bts: the hub, each stream's shape, where the stitches sit, and what runs per token."""
-    from ..runtime.architecture import num_layers
+    from ..runtime.architecture import language_config, num_layers
     from ..runtime.stitch import matching_depths, stitch_directions
 
     origins = origins or {}
@@ -62,7 +62,8 @@ def stream_lines(config, counts: Counter, origins: dict[str, str] | None = None)
     hub_blocks = num_layers(text)
 
     def shape(c) -> str:
-        return f"{c.model_type}, hidden {c.hidden_size}, {num_layers(c)} blocks"
+        vision = f" + its vision path" if language_config(c) is not c else ""
+        return f"{c.model_type}, hidden {language_config(c).hidden_size}, {num_layers(c)} blocks{vision}"
 
     hub = origins.get("hub", f"{getattr(config, 'hub_name', 'hub')} ")
     lines = [f"method: bts   hub: {hub}({shape(text)})",

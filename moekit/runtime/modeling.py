@@ -20,12 +20,14 @@ from torch.utils.hooks import RemovableHandle
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers import DynamicCache
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, MODEL_MAPPING,
+)
 
 from ..errors import CheckpointError, RecipeError, TrainingError, UnsupportedArchitectureError, did_you_mean
 from .architecture import (
-    LINEAR_TYPES, decoder_layers, ffn_child, ffn_linear_names, is_mixture_of_experts, linear_names, mlp_layout,
-    multimodal_refusal, parallel_layer_lists, resolve_names, stitch_layers,
+    LINEAR_TYPES, decoder_layers, ffn_child, ffn_linear_names, is_mixture_of_experts, is_multimodal, linear_names,
+    mlp_layout, parallel_layer_lists, resolve_names, stitch_layers,
 )
 from .cache_argument import CACHE_ARGUMENT, output_cache, pop_cache
 from .config import MixtureKitConfig
@@ -99,15 +101,16 @@ def with_torch_dtype(config):
 
 
 def dense_model_class(text_config) -> type[PreTrainedModel]:
-    refusal = multimodal_refusal(text_config)
-    if refusal is not None:
-        raise refusal
+    """transformers' class for the base: its image-text model for a multimodal wrapper (LLaVA has no causal-LM
+    class; Gemma 3's is the same class), else its causal LM."""
+    if is_multimodal(text_config) and type(text_config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(text_config)]
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
     except KeyError:
         raise UnsupportedArchitectureError(
-            f"'{text_config.model_type}' has no causal-LM class in transformers; MixtureKit composes models that "
-            "AutoModelForCausalLM can build"
+            f"'{text_config.model_type}' has no causal-LM or image-text-to-text class in transformers; MixtureKit "
+            "composes models that AutoModelForCausalLM or AutoModelForImageTextToText can build"
         ) from None
 
 
@@ -359,7 +362,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
             self._stream_blocks[name] = blocks
             self._stream_depths[name] = matching_depths(points, len(hub_blocks), len(blocks))
         self.streams = nn.ModuleDict(streams)
-        self.stitches = build_stitches(points, text_config.hidden_size, sizes, config.stitch_dropout)
+        self.stitches = build_stitches(points, config.hidden_size, sizes, config.stitch_dropout)
         self._stitch_at = {point: k for k, point in enumerate(points)}
         self.stitch_points = points
 
