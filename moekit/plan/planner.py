@@ -384,6 +384,12 @@ def _without_vision(wrapper: torch.nn.Module, wrapper_config, text_config):
     """`vision: drop`: the text-only model of a multimodal wrapper's language model (weightless), and the function
     that names each of its tensors as the wrapper's files do (`model.layers.0...` is `model.language_model.layers.0...`,
     the LM head is the wrapper's). Refused where the wrapper's language model is not the text model's body."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(text_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UnsupportedArchitectureError(
+            f"vision: drop cannot write '{wrapper_config.model_type}''s language model alone: transformers has no "
+            f"causal-LM class for its text config ('{text_config.model_type}'); keep the vision tower (vision: keep)")
     text = _meta_dense(text_config)
     language = language_model_name(wrapper, wrapper_config)
     body, prefix = text.base_model, text.base_model_prefix

@@ -91,8 +91,8 @@ class MixtureKitConfig(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", bool(getattr(language, "tie_word_embeddings", False) if tie is None
                                                       else tie))
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(text_config, key, None)
-            kwargs.setdefault(key, getattr(language, key, None) if value is None else value)
+            # a wrapper's own are deprecated aliases of its text config's (Idefics 3 warns on reading them)
+            kwargs.setdefault(key, getattr(language, key, None))
         super().__init__(**kwargs)
 
     def expert_config_objects(self) -> list[PretrainedConfig]:

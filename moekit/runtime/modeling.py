@@ -460,6 +460,12 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         (`generate` reads `inputs_embeds` and `kwargs` from this signature)."""
         return self._dense.prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
+    def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
+        """The dense model's own check of `generate`'s inputs (an image-text base takes `pixel_values` and its
+        family's image arguments there), less the arguments only our forward takes (`output_router_logits`)."""
+        own = set(inspect.signature(self.forward).parameters) - set(inspect.signature(self._dense.forward).parameters)
+        self._dense._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in own})
+
     def _prefill(self, *args: Any, **kwargs: Any):
         """transformers' own; a cache that cannot say how many tokens it holds is refused in one sentence rather than
         failing inside `generate`: transformers 5.17's prefill asks for it, and its `DynamicCache` of recurrent layers
