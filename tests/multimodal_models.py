@@ -163,3 +163,25 @@ def make_image_text_model(config: PretrainedConfig, seed: int) -> torch.nn.Modul
 def image_inputs(model_type: str, config: PretrainedConfig, seed: int = 0) -> ImageInputs:
     torch.manual_seed(seed)
     return FAMILIES[model_type]()[1](config)
+
+
+def tiny_llava_processor():
+    """A LLaVA processor built offline: a word-level tokenizer over the tiny vocabulary (`w3`, `w4`, ..., `<image>` at
+    `IMAGE_TOKEN`), CLIP's image processor at the tiny vision tower's 32x32 pixels, and a chat template; it expands
+    `<image>` into the 16 image tokens `_llava`'s tower gives."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB) if i != IMAGE_TOKEN},
+             "<image>": IMAGE_TOKEN}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="[PAD]", unk_token="[PAD]",
+                                        extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+                "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}")
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", image_token="<image>",
+        num_additional_image_tokens=1, chat_template=template)

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from family_sweep import METHODS
-from multimodal_models import FAMILIES, image_inputs, make_image_text_model
+from multimodal_models import FAMILIES, image_inputs, make_image_text_model, tiny_llava_processor
 from multimodal_sweep import ATOL, build_family, check_method, logits, markdown_table, recipe, sweep
 
 import moekit  # noqa: F401  (registers the Auto classes)
@@ -136,3 +136,66 @@ def test_markdown_table_counts_outcomes():
                             MultimodalResult("c", "not built: ValueError: no")])
     assert table.startswith("1 of 3 image-text families pass all three methods") and "(2 have a tiny model" in table
     assert "| b | BForX | passed | refused: no | passed |" in table and "| c | — | not built: ValueError: no | | |" in table
+
+
+PIPELINE = """
+    import sys, json, torch
+    from PIL import Image
+    from transformers import pipeline
+    path, trust = sys.argv[1], sys.argv[2] == "remote"
+    image = Image.fromarray((torch.rand(40, 48, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    answer = pipeline("image-text-to-text", model=path, trust_remote_code=trust)(
+        text=[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "w5 w6"}]}],
+        generate_kwargs={"max_new_tokens": 4, "do_sample": False})
+    print(json.dumps({"answer": answer[0]["generated_text"][-1]["content"], "moekit": "moekit" in sys.modules}))
+"""
+
+
+def test_pipeline_answers_from_a_composed_checkpoint_in_a_fresh_process(families, tmp_path):
+    """The processor saved beside the dense source is written beside the composition, which then answers
+    `pipeline("image-text-to-text", model=path)` by path (trust_remote_code runs the loader files) in a process
+    that never imported moekit: as the dense model answers, for identical experts."""
+    from test_load_by_path import _run
+
+    _, get = families
+    _, folders = get("llava")
+    processor_source = tmp_path / "dense"
+    import shutil
+
+    shutil.copytree(folders[0], processor_source)
+    tiny_llava_processor().save_pretrained(processor_source)
+    out = compose(recipe("traditional", [processor_source] * 2), tmp_path / "composed", progress=False)
+    assert (out / "processor_config.json").is_file() and (out / "tokenizer.json").is_file()
+    dense = _run(PIPELINE, str(processor_source), "local")
+    composed = _run(PIPELINE, str(out), "remote")
+    assert dense.returncode == 0 and composed.returncode == 0, composed.stderr[-3000:] + dense.stderr[-2000:]
+    dense_answer = json.loads(dense.stdout.strip().splitlines()[-1])
+    composed_answer = json.loads(composed.stdout.strip().splitlines()[-1])
+    assert composed_answer["moekit"] and not dense_answer["moekit"]
+    assert composed_answer["answer"] == dense_answer["answer"] and composed_answer["answer"].strip()
+
+
+@pytest.mark.parametrize("method", ["btx", "bts"])
+def test_routing_report_works_on_a_multimodal_composition(families, tmp_path, method):
+    """`moekit report` on an image-text composition, with text prompts: every token routed (btx) or gated (bts) in
+    the trace, and the HTML written."""
+    from typer.testing import CliRunner
+
+    from moekit import capture_routing, load
+    from moekit.loading import load_tokenizer
+    from moekit.cli import app
+
+    _, get = families
+    _, folders = get("llava")
+    source = tmp_path / "dense"
+    import shutil
+
+    shutil.copytree(folders[0], source)
+    tiny_llava_processor().save_pretrained(source)
+    out = compose(recipe(method, [source, folders[1], folders[2]]), tmp_path / "composed", progress=False)
+    trace = capture_routing(load(out), load_tokenizer(out), ["w5 w6 w7 w8", "w9 w10"], ["a", "b"])
+    table = trace.gates if method == "bts" else trace.routes
+    assert set(table["text_index"]) == {0, 1} and set(table["token"]) >= {"w5", "w10"}
+    done = CliRunner().invoke(app, ["report", str(out), "--text", "w5 w6 w7", "-o", str(tmp_path / "report.html")])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "report.html").stat().st_size > 1000

@@ -190,9 +190,20 @@ def _write_side_files(plan: CompositionPlan, staging: Path, model_name: str) -> 
     plan.config.save_pretrained(staging)  # with auto_map, also the loader files it names
     copy_tokenizer_files(reference.folder, staging)
     if plan.config.is_multimodal:  # the image processor and the processor's settings (image tokens, chat template)
-        copy_processor_files(reference.folder, staging)
+        for folder in _processor_folders(plan):
+            copy_processor_files(folder, staging)
     (staging / "mixturekit_recipe.yaml").write_text(plan.recipe.to_yaml(), encoding="utf-8")
     write_model_card(plan, staging / "README.md", model_name)
+
+
+def _processor_folders(plan: CompositionPlan) -> list[Path]:
+    """Where the processor comes from, the last one's files winning: the reference model (bts: the hub), then the base
+    of a routed composition, where the recipe has one (the model the experts were fine-tuned from)."""
+    folders = [plan.models[plan.reference].folder]
+    base = plan.recipe.base
+    if plan.config.method != "bts" and base is not None:
+        folders += [model.folder for model in plan.models if model.name == base.name]
+    return folders
 
 
 def compose(
