@@ -8,6 +8,7 @@ positions). Every size is shrunk: text decoder, vision tower (image size, patch 
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
@@ -162,7 +163,8 @@ def make_image_text_model(config: PretrainedConfig, seed: int) -> torch.nn.Modul
 
 def image_inputs(model_type: str, config: PretrainedConfig, seed: int = 0) -> ImageInputs:
     torch.manual_seed(seed)
-    return FAMILIES[model_type]()[1](config)
+    build = FAMILIES.get(model_type) or (lambda: generic_family(model_type))
+    return build()[1](config)
 
 
 def tiny_llava_processor():
@@ -185,3 +187,47 @@ def tiny_llava_processor():
         image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", image_token="<image>",
         num_additional_image_tokens=1, chat_template=template)
+
+
+# The generic harness: any other image-text family, shrunk as `family_sweep` shrinks configs, fed a llava-style image
+# (`pixel_values` [1, channels, size, size]) and as many image tokens as its own mismatch error asks for.
+GENERIC_TOKEN_BASE = 80  # image/special token ids are moved into the shrunk vocabulary (96), from here up
+FEATURE_COUNT = re.compile(r"tokens:? (\d+), features:? (\d+)")
+GENERIC_IMAGE_TOKENS: dict[str, int] = {}  # per family, as `find_image_token_count` found it
+
+
+def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[PretrainedConfig], ImageInputs]]:
+    """A tiny config of any image-text family and its image inputs, or raise saying why the harness has none."""
+    from family_sweep import tiny_config
+
+    config = tiny_config(model_type)
+    token_fields = sorted(k for k, v in config.to_dict().items()
+                          if isinstance(v, int) and not isinstance(v, bool) and k.endswith(("_token_id", "_token_index"))
+                          and k not in ("pad_token_id", "bos_token_id", "eos_token_id"))
+    for offset, key in enumerate(token_fields):
+        setattr(config, key, GENERIC_TOKEN_BASE + offset)
+    image_token = next((getattr(config, k) for k in ("image_token_id", "image_token_index") if hasattr(config, k)), None)
+    vision = getattr(config, "vision_config", None)
+    size = getattr(vision, "image_size", None)
+    if image_token is None or not isinstance(size, int):
+        raise LookupError("the generic harness needs an image_token_id and a square vision_config.image_size")
+    channels = getattr(vision, "num_channels", 3)
+
+    def inputs(config) -> ImageInputs:
+        return ImageInputs(input_ids=_text_around([image_token] * GENERIC_IMAGE_TOKENS.get(model_type, 1)),
+                           pixel_values=torch.randn(1, channels, size, size))
+    return config, inputs
+
+
+def find_image_token_count(model_type: str, model: torch.nn.Module) -> None:
+    """Record how many image tokens the model's vision path produces, read from its own error for a wrong count
+    ("Image features and image tokens do not match, tokens: 1, features: 16")."""
+    try:
+        with torch.no_grad():
+            model(**image_inputs(model_type, model.config))
+        return
+    except ValueError as error:
+        match = FEATURE_COUNT.search(str(error))
+        if match is None:
+            raise
+    GENERIC_IMAGE_TOKENS[model_type] = int(match.group(2))

@@ -8,7 +8,9 @@ outcome, as in `family_sweep`:
            logits; the checkpoint also loads with AutoModelForCausalLM and answers text as the dense model does;
   refused  composing raised a `MixtureKitError`, whose first sentence is recorded as the reason;
   FAILED   anything else: the test fails on it.
-A family without a tiny model and image inputs in `multimodal_models` is listed as not built, with the reason.
+The families `multimodal_models.FAMILIES` names have hand-made tiny configs and inputs; every other one goes through
+its generic harness (configs shrunk as `family_sweep` does, a llava-style image, the image-token count read from the
+model's own error), and one it cannot build or feed is listed as not built, with the reason.
 
 `python tests/multimodal_sweep.py` prints the markdown table (`markdown_table`).
 """
@@ -20,13 +22,16 @@ import sys
 import tempfile
 import traceback
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from family_sweep import METHODS, _close, _one_line, _reason
-from multimodal_models import FAMILIES, image_inputs, make_image_text_model
+from transformers import AutoModelForImageTextToText
+
+from family_sweep import MAX_PARAMETERS, METHODS, _close, _one_line, _reason
+from multimodal_models import FAMILIES, find_image_token_count, generic_family, image_inputs, make_image_text_model
 
 # Logits of composed and dense models agree to float32 rounding of the routing's weighted sum; Qwen3.5's chunked
 # linear attention (the reference kernel on CPU) reorders sums more.
@@ -64,6 +69,17 @@ def greedy(model, inputs: dict, use_cache: bool) -> torch.Tensor:
                           pad_token_id=0)
 
 
+_DENSE_CACHE_AGREES: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def dense_cache_agrees(model, inputs: dict) -> bool:
+    """Whether the dense model's own cached greedy generation equals its uncached one (once per model: every method
+    compares against it)."""
+    if model not in _DENSE_CACHE_AGREES:
+        _DENSE_CACHE_AGREES[model] = torch.equal(greedy(model, inputs, True), greedy(model, inputs, False))
+    return _DENSE_CACHE_AGREES[model]
+
+
 def logits(model, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
@@ -71,7 +87,7 @@ def logits(model, inputs: dict) -> torch.Tensor:
 
 def check_method(method: str, model_type: str, models: list[torch.nn.Module], folders: list[Path], root: Path) -> str:
     """The outcome of one method on one image-text family: passed, refused: <reason>, or FAILED: <what>."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM
 
     from moekit import MixtureKitError, compose
 
@@ -102,7 +118,7 @@ def check_method(method: str, model_type: str, models: list[torch.nn.Module], fo
                         if "stitches" in name:
                             parameter.add_(0.1 * torch.randn_like(parameter))
             with torch.no_grad():
-                dense_agrees = torch.equal(greedy(models[0], inputs, True), greedy(models[0], inputs, False))
+                dense_agrees = dense_cache_agrees(models[0], inputs)
                 cached, uncached = greedy(composed, inputs, True), greedy(composed, inputs, False)
             if dense_agrees and not torch.equal(cached, uncached):
                 return "FAILED: greedy generation from an image with the cache differs from without"
@@ -121,10 +137,14 @@ def check_method(method: str, model_type: str, models: list[torch.nn.Module], fo
 
 def build_family(model_type: str, root: Path, count: int = 3) -> tuple[list[torch.nn.Module], list[Path]]:
     """Three tiny dense models of the family, saved under `root/model_type`; raises where none can be built."""
-    if model_type not in FAMILIES:
-        raise LookupError("no tiny config with processor-free image inputs in tests/multimodal_models.py")
-    config, _ = FAMILIES[model_type]()
+    config, _ = FAMILIES[model_type]() if model_type in FAMILIES else generic_family(model_type)
+    with torch.device("meta"):
+        size = sum(p.numel() for p in AutoModelForImageTextToText.from_config(config).parameters())
+    if size > MAX_PARAMETERS:
+        raise ValueError(f"the shrunk config still has {size:,} parameters (a size field this sweep does not know)")
     models = [make_image_text_model(config, seed) for seed in range(count)]
+    if model_type not in FAMILIES:
+        find_image_token_count(model_type, models[0])
     if not torch.isfinite(logits(models[0], image_inputs(model_type, config))).all():
         raise ValueError("the tiny dense model's logits with an image are not finite")
     folders = [root / model_type / f"dense{index}" for index in range(count)]

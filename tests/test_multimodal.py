@@ -19,7 +19,7 @@ import moekit  # noqa: F401  (registers the Auto classes)
 from moekit import MixtureKitError, compose
 
 NAMED = ["gemma3", "gemma4", "mistral3", "qwen3_vl", "qwen3_5", "llava"]
-OTHERS = [t for t in FAMILIES if t not in NAMED]
+OTHERS = [t for t in FAMILIES if t not in NAMED] + ["got_ocr2"]  # got_ocr2: through the generic harness
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +93,16 @@ def test_shared_weights_base_copies_the_bases_vision_tower(families, tmp_path):
             assert torch.equal(tensor, base[name]), name
 
 
-def test_vision_drop_writes_the_language_model_alone(families, tmp_path):
-    """Identical Gemma 3 copies composed with vision: drop: a text-only checkpoint (no vision tensor, the text
-    config) that answers text as the dense wrapper does."""
+@pytest.mark.parametrize("method", ["btx", "bts"])
+def test_vision_drop_writes_the_language_model_alone(families, tmp_path, method):
+    """Identical Gemma 3 copies (bts: initial stitches) composed with vision: drop: a text-only checkpoint (no vision
+    tensor, the text config) that answers text as the dense wrapper (the hub) does."""
     from transformers import AutoModelForCausalLM
 
     _, get = families
     models, folders = get("gemma3")
-    out = compose({**recipe("btx", [folders[0]] * 2), "vision": "drop"}, tmp_path / "out", progress=False)
+    sources = folders if method == "bts" else [folders[0]] * 2
+    out = compose({**recipe(method, sources), "vision": "drop"}, tmp_path / "out", progress=False)
     config = json.loads((out / "config.json").read_text())
     assert config["text_config"]["model_type"] == "gemma3_text"
     assert "AutoModelForImageTextToText" not in config["auto_map"]
