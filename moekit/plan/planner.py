@@ -398,12 +398,9 @@ def _without_vision(wrapper: torch.nn.Module, wrapper_config, text_config):
             f"vision: drop cannot take '{wrapper_config.model_type}''s language model out: its {language} is a "
             f"{type(wrapper.get_submodule(language)).__name__}, the text model "
             f"{type(text).__name__}'s body a {type(body).__name__}; keep the vision tower (vision: keep)")
-    heads = [(text.get_output_embeddings(), wrapper.get_output_embeddings())]
-    head_names = {}
-    for text_head, wrapper_head in heads:
-        if text_head is None or wrapper_head is None:
-            continue
-        head_names[_module_name(text, text_head)] = _module_name(wrapper, wrapper_head)
+    text_head, wrapper_head = text.get_output_embeddings(), wrapper.get_output_embeddings()
+    head_names = {} if text_head is None or wrapper_head is None else {
+        _module_name(text, text_head): _module_name(wrapper, wrapper_head)}
 
     def to_source(name: str) -> str:
         if name.startswith(prefix + "."):
