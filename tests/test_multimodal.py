@@ -59,6 +59,10 @@ def test_the_vision_tower_is_averaged_and_the_decoder_routed(families, tmp_path)
     _, get = families
     models, folders = get("gemma3")
     (folders[0] / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "SiglipImageProcessor"}))
+    from moekit import build_plan, plan_summary
+
+    assert "vision: kept (tower and projector float32 mean over the experts)" in plan_summary(
+        build_plan(recipe("traditional", folders)))
     out = compose(recipe("traditional", folders), tmp_path / "out", progress=False)
     assert (out / "preprocessor_config.json").is_file()
     config = json.loads((out / "config.json").read_text())

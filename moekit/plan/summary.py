@@ -52,6 +52,15 @@ def balance_line(config) -> str:
     return f"balance: loss ({switch})"
 
 
+def _vision_note(plan, shared_how: str) -> str:
+    """For image-text sources: whether the vision tower and projector are kept (and how) or dropped."""
+    from ..runtime.architecture import is_multimodal
+
+    if plan.config.is_multimodal:
+        return f"   vision: kept (tower and projector {shared_how})"
+    return "   vision: dropped (text-only)" if is_multimodal(plan.models[plan.reference].config) else ""
+
+
 def stream_lines(config, counts: Counter, origins: dict[str, str] | None = None) -> list[str]:
     """bts: the hub, each stream's shape, where the stitches sit, and what runs per token."""
     from ..runtime.architecture import language_config, num_layers
@@ -118,7 +127,8 @@ def plan_summary(plan: CompositionPlan) -> str:
     base = plan.recipe.base
     shared_how = "copied from base" if plan.recipe.shared_weights == "base" else "float32 mean over the experts"
     lines = [
-        f"method: {config.method}   architecture: {config.text_config.model_type}   dtype: {str(plan.dtype)[6:]}",
+        f"method: {config.method}   architecture: {config.text_config.model_type}   dtype: {str(plan.dtype)[6:]}"
+        + _vision_note(plan, shared_how),
         f"experts ({config.num_experts}, top-{config.num_experts_per_tok}): "
         + ", ".join(f"{plan.models[i].name} <- {source_description(plan.models[i])}" for i in plan.expert_models),
         f"parameters: total {millions(plan.total_parameters)}, active per token {millions(plan.active_parameters)}",
