@@ -130,37 +130,9 @@ def test_unsupported_family_is_named(tmp_path):
     del config
 
 
-@pytest.mark.parametrize("method", ["traditional", "btx", "bts"])
-def test_a_multimodal_wrapper_is_refused_naming_its_text_model(tmp_path, method):
-    """Gemma 3's causal-LM class is its image-text wrapper: one sentence says so and names the text model to compose,
-    instead of 'the config gives no number of layers' (its layer count sits in its text_config)."""
-    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
-
-    text = Gemma3TextConfig(**{k: v for k, v in tiny_config("gemma3_text").to_dict().items() if k != "model_type"})
-    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=16, patch_size=8)
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
-    wrapper = save_model(make_model(config, 0), tmp_path / "gemma3")
-    recipe = _recipe([wrapper, wrapper], method) if method != "bts" else {
-        "method": "bts", "base": {"name": "hub", "source": str(wrapper)},
-        "experts": [{"name": "e0", "source": str(wrapper)}]}
-    message = _compose_fails(recipe, tmp_path / "out", UnsupportedArchitectureError,
-                             "'gemma3' is a multimodal model", "text_config of model_type 'gemma3_text'",
-                             "vision_config", "compose checkpoints of its text model (model_type 'gemma3_text')")
-    assert "number of layers" not in message
-
-
-def test_a_wrapper_without_vision_sub_config_is_named_by_its_own_fields():
-    """Fuyu keeps its image settings on the wrapper's config itself, not in a vision sub-config."""
-    from transformers import FuyuConfig, LlamaConfig
-
-    from moekit.runtime.architecture import multimodal_refusal
-
-    refusal = multimodal_refusal(FuyuConfig(text_config={"model_type": "persimmon", "hidden_size": 32,
-                                                         "num_hidden_layers": 2, "num_attention_heads": 4}))
-    assert "'fuyu' is a multimodal model" in str(refusal) and "'persimmon'" in str(refusal)
-    assert "patch_size" in str(refusal) and "num_layers" not in str(refusal)
-    assert multimodal_refusal(LlamaConfig()) is None  # a text model is its own text config
+# Multimodal wrappers (Gemma 3, Fuyu, ...) were refused here; they compose now through their language model:
+# tests/test_multimodal.py holds them to the invariants, and its refusals (vision: drop without a text model) to
+# one sentence each.
 
 
 def _tiny_xlm(folder):

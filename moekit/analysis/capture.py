@@ -68,7 +68,7 @@ def _check_labels(labels: list[str | None] | None, count: int, what: str) -> lis
 
 
 def _token_limit(model: MixtureKitForCausalLM, max_tokens: int) -> int:
-    positions = getattr(model.config.text_config, "max_position_embeddings", None)
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)  # the language model's
     return min(max_tokens, positions) if positions else max_tokens
 
 

@@ -19,11 +19,13 @@ import torch
 from ..errors import RecipeError
 from ..plan import CompositionPlan, TensorPlan, build_plan
 from ..recipe import Recipe, load_recipe
-from ..runtime.loader_files import AUTO_MAP
+from ..runtime.loader_files import auto_map_for
 from ..runtime.stitch import build_stitches
 from ..sources import TensorSlot
 from ..sources.safetensors_io import FileSlice, TensorInfo, dtype_nbytes, read_exactly
-from ..sources.checkpoint_folder import check_output_folder, copy_tokenizer_files, staged_output, write_sharded
+from ..sources.checkpoint_folder import (
+    check_output_folder, copy_processor_files, copy_tokenizer_files, staged_output, write_sharded,
+)
 from .model_card import write_model_card
 
 
@@ -43,7 +45,7 @@ def initial_stitch_values(plan: CompositionPlan) -> dict[str, torch.Tensor]:
     sizes = [c.hidden_size for c in config.expert_config_objects()]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(plan.recipe.seed)
-        stitches = build_stitches(config.stitch_layers_index, config.text_config.hidden_size, sizes)
+        stitches = build_stitches(config.stitch_layers_index, config.hidden_size, sizes)
     return {f"stitches.{name}": value for name, value in stitches.state_dict().items()}
 
 
@@ -184,11 +186,24 @@ def _write_side_files(plan: CompositionPlan, staging: Path, model_name: str) -> 
     reference = plan.models[plan.reference]
     plan.config.architectures = ["MixtureKitForCausalLM"]
     if plan.recipe.auto_map:
-        plan.config.auto_map = dict(AUTO_MAP)
+        plan.config.auto_map = auto_map_for(plan.config.is_multimodal)
     plan.config.save_pretrained(staging)  # with auto_map, also the loader files it names
     copy_tokenizer_files(reference.folder, staging)
+    if plan.config.is_multimodal:  # the image processor and the processor's settings (image tokens, chat template)
+        for folder in _processor_folders(plan):
+            copy_processor_files(folder, staging)
     (staging / "mixturekit_recipe.yaml").write_text(plan.recipe.to_yaml(), encoding="utf-8")
     write_model_card(plan, staging / "README.md", model_name)
+
+
+def _processor_folders(plan: CompositionPlan) -> list[Path]:
+    """Where the processor comes from, the last one's files winning: the reference model (bts: the hub), then the base
+    of a routed composition, where the recipe has one (the model the experts were fine-tuned from)."""
+    folders = [plan.models[plan.reference].folder]
+    base = plan.recipe.base
+    if plan.config.method != "bts" and base is not None:
+        folders += [model.folder for model in plan.models if model.name == base.name]
+    return folders
 
 
 def compose(

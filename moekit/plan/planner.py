@@ -20,7 +20,10 @@ import torch
 from ..errors import CompatibilityError, RecipeError, UnsupportedArchitectureError
 from ..recipe import Recipe, load_recipe
 from ..recipe.recipe import DEFAULT_BIAS_RATE
-from ..runtime.architecture import check_ffn_computes, decoder_layers, mlp_layout, parallel_layer_lists, stitch_layers
+from ..runtime.architecture import (
+    check_ffn_computes, decoder_layers, is_multimodal, language_config, language_model_name, mlp_layout,
+    parallel_layer_lists, stitch_layers,
+)
 from ..runtime.config import MixtureKitConfig
 from ..runtime.modeling import (
     MixtureKitForCausalLM, dense_model_class, resolve_layer_indices, resolve_router_layers, saved_tensor_shapes,
@@ -285,9 +288,12 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
     dtype = DTYPES[recipe.dtype] if recipe.dtype != "auto" else source_dtype(ref_model)
     dtype_name = str(dtype).removeprefix("torch.")
 
-    text_config = copy.deepcopy(ref_model.config)
-    text_config.dtype = dtype_name
-    dense, expected = check_dense_tensors(models, text_config)
+    source_config = _with_dtype(ref_model.config, dtype_name)
+    dense, expected = check_dense_tensors(models, source_config)
+    text_config, to_source = source_config, _same_name
+    if recipe.vision == "drop" and is_multimodal(source_config):
+        text_config = _with_dtype(language_config(source_config), dtype_name)
+        dense, to_source = _without_vision(dense, source_config, text_config)
     router_layers = None
     layers_name, blocks = decoder_layers(dense, text_config)
     parallel = parallel_layer_lists(dense, text_config, layers_name)
@@ -317,19 +323,21 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
         if role == "stack":
             prefix = name[: -len(stack.relative)].rstrip(".")
             tensors.append(TensorPlan(name, shape, out_dtype, "stack", tuple(expert_models),
-                                      tuple(f"{prefix}.{n}" for n in stack.source.names), stack.source.transpose))
+                                      tuple(to_source(f"{prefix}.{n}") for n in stack.source.names),
+                                      stack.source.transpose))
         elif role == "router" and name.endswith(".expert_bias"):  # loss-free balancing's bias: float32, zero
             tensors.append(TensorPlan(name, shape, torch.float32, "new", init="zeros"))
         elif role == "router":
             tensors.append(TensorPlan(name, shape, dtype, "new", init=recipe.router_init))
         elif role == "shared_expert":  # the base's own dense tensor, under the shared expert's name
-            tensors.append(TensorPlan(name, shape, out_dtype, "copy", (base,), (shared_expert_source(name),)))
+            tensors.append(TensorPlan(name, shape, out_dtype, "copy", (base,), (to_source(shared_expert_source(name)),)))
         elif role == "shared_gate":  # zero: the shared expert starts at weight sigmoid(0) = 1/2
             tensors.append(TensorPlan(name, shape, dtype, "new", init="zeros"))
-        elif name in expected:  # otherwise a buffer the model computes itself
+        elif to_source(name) in expected:  # otherwise a buffer the model computes itself
             origin: Origin = "copy" if len(shared_models) == 1 else "average"
-            tensors.append(TensorPlan(name, shape, out_dtype, origin, shared_models, (name,)))
-    ignored = sorted(n for n in ref_model.reader.names() if n not in expected)
+            tensors.append(TensorPlan(name, shape, out_dtype, origin, shared_models, (to_source(name),)))
+    written = expected if text_config is source_config else {source for t in tensors for source in t.sources}
+    ignored = sorted(n for n in ref_model.reader.names() if n not in written)  # vision: drop: the tower's too
     _check_adapters(recipe, models, by_name, tensors)
     for note in notes:
         logger.warning(note)
@@ -362,6 +370,51 @@ def _check_adapters(recipe: Recipe, models: list[LocalModel], by_name: dict[str,
                 "streams keep every weight")
 
 
+def _with_dtype(config, dtype_name: str):
+    config = copy.deepcopy(config)
+    config.dtype = dtype_name
+    return config
+
+
+def _same_name(name: str) -> str:
+    return name
+
+
+def _without_vision(wrapper: torch.nn.Module, wrapper_config, text_config):
+    """`vision: drop`: the text-only model of a multimodal wrapper's language model (weightless), and the function
+    that names each of its tensors as the wrapper's files do (`model.layers.0...` is `model.language_model.layers.0...`,
+    the LM head is the wrapper's). Refused where the wrapper's language model is not the text model's body."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(text_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UnsupportedArchitectureError(
+            f"vision: drop cannot write '{wrapper_config.model_type}''s language model alone: transformers has no "
+            f"causal-LM class for its text config ('{text_config.model_type}'); keep the vision tower (vision: keep)")
+    text = _meta_dense(text_config)
+    language = language_model_name(wrapper, wrapper_config)
+    body, prefix = text.base_model, text.base_model_prefix
+    if type(wrapper.get_submodule(language)) is not type(body) or text.get_submodule(prefix) is not body:
+        raise UnsupportedArchitectureError(
+            f"vision: drop cannot take '{wrapper_config.model_type}''s language model out: its {language} is a "
+            f"{type(wrapper.get_submodule(language)).__name__}, the text model "
+            f"{type(text).__name__}'s body a {type(body).__name__}; keep the vision tower (vision: keep)")
+    text_head, wrapper_head = text.get_output_embeddings(), wrapper.get_output_embeddings()
+    head_names = {} if text_head is None or wrapper_head is None else {
+        _module_name(text, text_head): _module_name(wrapper, wrapper_head)}
+
+    def to_source(name: str) -> str:
+        if name.startswith(prefix + "."):
+            return language + name[len(prefix):]
+        owner, _, leaf = name.rpartition(".")
+        return f"{head_names[owner]}.{leaf}" if owner in head_names else name
+
+    return text, to_source
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(name for name, candidate in model.named_modules() if candidate is module)
+
+
 def _meta_dense(config) -> torch.nn.Module:
     with torch.device("meta"):
         return dense_model_class(config)(with_torch_dtype(copy.deepcopy(config)))
@@ -374,16 +427,25 @@ def _plan_streams(recipe: Recipe, models: list[LocalModel], by_name: dict[str, i
     notes = check_compatible(models, hub, same_architecture=False)
     dtype = DTYPES[recipe.dtype] if recipe.dtype != "auto" else source_dtype(models[hub])
     dtype_name = str(dtype).removeprefix("torch.")
-    configs, prefixes, denses, expected = [], {}, {}, {}
+    configs, prefixes, denses, expected, hub_source = [], {}, {}, {}, _same_name
     for index, model in enumerate(models):
-        config = copy.deepcopy(model.config)
-        config.dtype = dtype_name
+        config = _with_dtype(model.config, dtype_name)
         denses[index], expected[index] = check_dense_tensors([model], config)
-        configs.append(config)
         prefixes[index] = denses[index].base_model_prefix
+        # A multimodal expert is a stream of its language model alone (the image path is the hub's); a multimodal
+        # hub keeps its vision tower unless the recipe drops it.
+        if is_multimodal(config) and (index != hub or recipe.vision == "drop"):
+            source_config, config = config, _with_dtype(language_config(config), dtype_name)
+            if index == hub:
+                denses[index], hub_source = _without_vision(denses[index], source_config, config)
+            else:
+                stitch_layers(denses[index], source_config)  # stepped block by block beside the hub
+                prefixes[index] = language_model_name(denses[index], source_config)
+        configs.append(config)
     _, hub_blocks = stitch_layers(denses[hub], configs[hub])
     for index in streams:  # each stream is stepped block by block beside the hub: refused as the hub would be
-        stitch_layers(denses[index], configs[index])
+        if not is_multimodal(models[index].config):
+            stitch_layers(denses[index], configs[index])
     points = stitch_points(len(hub_blocks), recipe.stitch_freq, recipe.stitch_layers_index)
     out_of_range = [p for p in points if p >= len(hub_blocks)]
     if out_of_range:
@@ -418,8 +480,8 @@ def _plan_streams(recipe: Recipe, models: list[LocalModel], by_name: dict[str, i
                     f"({type(denses[index].base_model).__name__}) has '{relative}', which the causal-LM checkpoint of "
                     f"'{models[index].name}' does not hold (its base model is not the causal LM's body, as in "
                     "encoder and encoder-decoder families)")
-        elif name in hub_expected:
-            tensors.append(TensorPlan(name, shape, out_dtype, "copy", (hub,), (name,)))
+        elif hub_source(name) in hub_expected:
+            tensors.append(TensorPlan(name, shape, out_dtype, "copy", (hub,), (hub_source(name),)))
     for note in notes:
         logger.warning(note)
     _check_adapters(recipe, models, by_name, None)  # every stream keeps all its weights: only the base must match

@@ -52,9 +52,18 @@ def balance_line(config) -> str:
     return f"balance: loss ({switch})"
 
 
+def _vision_note(plan, shared_how: str) -> str:
+    """For image-text sources: whether the vision tower and projector are kept (and how) or dropped."""
+    from ..runtime.architecture import is_multimodal
+
+    if plan.config.is_multimodal:
+        return f"   vision: kept (tower and projector {shared_how})"
+    return "   vision: dropped (text-only)" if is_multimodal(plan.models[plan.reference].config) else ""
+
+
 def stream_lines(config, counts: Counter, origins: dict[str, str] | None = None) -> list[str]:
     """bts: the hub, each stream's shape, where the stitches sit, and what runs per token."""
-    from ..runtime.architecture import num_layers
+    from ..runtime.architecture import language_config, num_layers
     from ..runtime.stitch import matching_depths, stitch_directions
 
     origins = origins or {}
@@ -62,7 +71,8 @@ def stream_lines(config, counts: Counter, origins: dict[str, str] | None = None)
     hub_blocks = num_layers(text)
 
     def shape(c) -> str:
-        return f"{c.model_type}, hidden {c.hidden_size}, {num_layers(c)} blocks"
+        vision = f" + its vision path" if language_config(c) is not c else ""
+        return f"{c.model_type}, hidden {language_config(c).hidden_size}, {num_layers(c)} blocks{vision}"
 
     hub = origins.get("hub", f"{getattr(config, 'hub_name', 'hub')} ")
     lines = [f"method: bts   hub: {hub}({shape(text)})",
@@ -117,7 +127,8 @@ def plan_summary(plan: CompositionPlan) -> str:
     base = plan.recipe.base
     shared_how = "copied from base" if plan.recipe.shared_weights == "base" else "float32 mean over the experts"
     lines = [
-        f"method: {config.method}   architecture: {config.text_config.model_type}   dtype: {str(plan.dtype)[6:]}",
+        f"method: {config.method}   architecture: {config.text_config.model_type}   dtype: {str(plan.dtype)[6:]}"
+        + _vision_note(plan, shared_how),
         f"experts ({config.num_experts}, top-{config.num_experts_per_tok}): "
         + ", ".join(f"{plan.models[i].name} <- {source_description(plan.models[i])}" for i in plan.expert_models),
         f"parameters: total {millions(plan.total_parameters)}, active per token {millions(plan.active_parameters)}",

@@ -95,6 +95,10 @@ class Recipe(_Strict):
         "experts, as Qwen2-MoE and DeepSeek-MoE do; the block gives ½·routed + s·shared, s = ½ or a sigmoid gate."))
     shared_expert_gate: bool = Field(default=False, description=(
         "With shared_expert: weigh it per token by sigmoid(g·x), g starting at zero (s = ½); false: s = ½ always."))
+    vision: Literal["keep", "drop"] = Field(default="keep", description=(
+        "Image-text experts (Gemma 3, LLaVA, Qwen3-VL, ...): keep writes an image-text model (the decoder composed, "
+        "the vision tower and projector treated as the other non-routed weights, the processor beside it); drop "
+        "writes a text-only composition of the language model. Text models: no effect."))
     num_experts_per_tok: int | None = Field(default=None, description="k of top-k; default min(2, experts).")
     router_layers: list[str] | None = Field(
         default=None, description="btx: the Linear layers of a block to route, e.g. mlp.gate_proj; default: the MLP's."

@@ -1,6 +1,6 @@
 """Runtime: the composed model, registered with the transformers Auto classes on import."""
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from .config import MixtureKitConfig
 from .modeling import MixtureKitForCausalLM, convert_dense_to_moe
@@ -10,6 +10,8 @@ from .routing import Router, load_balancing_loss, route, set_debug_checks
 
 AutoConfig.register(MixtureKitConfig.model_type, MixtureKitConfig, exist_ok=True)
 AutoModelForCausalLM.register(MixtureKitConfig, MixtureKitForCausalLM, exist_ok=True)
+# A composition of image-text models takes `pixel_values` (its base wrapper's forward runs): one class for both.
+AutoModelForImageTextToText.register(MixtureKitConfig, MixtureKitForCausalLM, exist_ok=True)
 
 __all__ = [
     "MixtureKitConfig", "MixtureKitForCausalLM", "Router", "RoutedLinear", "SparseMoeBlock",

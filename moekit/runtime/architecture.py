@@ -70,37 +70,29 @@ class MlpLayout:
         return f"{self.kind} {up}/{self.down}" + (" (Conv1D)" if self.conv1d else "")
 
 
-def num_layers(config: PretrainedConfig) -> int:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    raise UnsupportedArchitectureError(f"{config.model_type}: the config gives no number of layers")
-
-
-def multimodal_refusal(config: PretrainedConfig) -> UnsupportedArchitectureError | None:
-    """The refusal for a multimodal wrapper registered as a causal LM (Gemma 3, Fuyu, GOT-OCR2), else None.
-
-    Such a config keeps its text model in a sub-config (`get_text_config()` is another config) beside other parts:
-    sub-configs (vision, audio) or fields of its own (Fuyu's patch_size). Its decoder blocks sit inside the wrapper."""
+def language_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The config of the model's language part: its nested text config in a multimodal wrapper (Gemma 3's, LLaVA's
+    `text_config`), else the config itself (also where several text parts make the choice ambiguous)."""
     try:
-        text = config.get_text_config(decoder=True)
+        return config.get_text_config(decoder=True)
     except ValueError:  # several text parts (MusicGen's encoder and decoder): no one text model to name
-        return None
-    if text is config:
-        return None
-    subs = [k for k in getattr(config, "sub_configs", None) or {} if hasattr(getattr(config, k, None), "to_dict")]
-    key = next((k for k in subs if getattr(config, k) is text), "text_config")
-    others = [k for k in subs if k != key]
-    if not others:
-        others = sorted(set(config.to_dict()) - set(PretrainedConfig().to_dict()) - set(text.to_dict()) - {key})
-        if not others:
-            return None  # a wrapper of nothing but its text model: not what this refusal is for
-        others = ["its own fields " + ", ".join(others)]
-    return UnsupportedArchitectureError(
-        f"'{config.model_type}' is a multimodal model (its config holds a {key} of model_type '{text.model_type}' "
-        f"beside {', '.join(others)}): compose checkpoints of its text model (model_type '{text.model_type}') instead"
-    )
+        return config
+
+
+def is_multimodal(config: PretrainedConfig) -> bool:
+    """Whether the config wraps its text model beside other parts (a vision or audio tower, a projector): the
+    wrapper is what is composed, through its language model."""
+    return language_config(config) is not config
+
+
+def num_layers(config: PretrainedConfig) -> int:
+    """The number of decoder blocks: the language model's, in a multimodal wrapper."""
+    for candidate in (language_config(config), config):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            value = getattr(candidate, key, None)
+            if isinstance(value, int):
+                return value
+    raise UnsupportedArchitectureError(f"{config.model_type}: the config gives no number of layers")
 
 
 def _has_linear(module: nn.Module) -> bool:
@@ -163,6 +155,18 @@ def _decoder_name(model: nn.Module) -> str | None:
     if decoder is None or decoder is model:
         return None
     return next((name for name, module in model.named_modules() if module is decoder), None)
+
+
+def language_model_name(model: nn.Module, config: PretrainedConfig) -> str:
+    """The qualified name of a multimodal wrapper's language model (`model.language_model`): the decoder transformers
+    names (`get_decoder()`), where bts streams and `vision: drop` find the decoder's tensors in the wrapper's files."""
+    name = _decoder_name(model)
+    if name is None:
+        raise UnsupportedArchitectureError(
+            f"'{config.model_type}' does not name its language model (get_decoder() gives no submodule of "
+            f"{type(model).__name__}), so its decoder cannot be taken out of the wrapper; compose it with vision: keep "
+            "and method traditional or btx")
+    return name
 
 
 def decoder_layers(model: nn.Module, config: PretrainedConfig) -> tuple[str, nn.ModuleList]:

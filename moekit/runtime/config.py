@@ -9,14 +9,17 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 from ..errors import MixtureKitError, SourceError
-from .loader_files import AUTO_MAP, write_loader_files
+from .architecture import language_config
+from .loader_files import names_loader_files, write_loader_files
 
 
 class MixtureKitConfig(PretrainedConfig):
     """Configuration of a composed model.
 
-    The base architecture is kept whole as `text_config`, so `transformers` builds it with its own classes and
-    `get_text_config()` (used for caches and generation) returns it. The fields here say which modules are replaced.
+    The base architecture is kept whole as `text_config`, so `transformers` builds it with its own classes. For a
+    multimodal base (Gemma 3, LLaVA, Qwen3-VL) that is the wrapper's whole config, vision tower included, and
+    `get_text_config()` (used for caches and generation) returns its language model's config; for a text model it
+    returns `text_config` itself. The fields here say which modules are replaced.
     """
 
     model_type = "mixturekit"
@@ -87,9 +90,13 @@ class MixtureKitConfig(PretrainedConfig):
         # sigmoid gate (`shared_expert_gate`) or by ½; the routed mix then weighs ½ (`runtime.shared_expert`).
         self.shared_expert = shared_expert
         self.shared_expert_gate = bool(shared_expert_gate)
-        kwargs.setdefault("tie_word_embeddings", bool(getattr(text_config, "tie_word_embeddings", False)))
+        language = language_config(text_config)
+        tie = getattr(text_config, "tie_word_embeddings", None)
+        kwargs.setdefault("tie_word_embeddings", bool(getattr(language, "tie_word_embeddings", False) if tie is None
+                                                      else tie))
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            kwargs.setdefault(key, getattr(text_config, key, None))
+            # a wrapper's own are deprecated aliases of its text config's (Idefics 3 warns on reading them)
+            kwargs.setdefault(key, getattr(language, key, None))
         super().__init__(**kwargs)
 
     def expert_config_objects(self) -> list[PretrainedConfig]:
@@ -104,13 +111,31 @@ class MixtureKitConfig(PretrainedConfig):
     def num_experts(self) -> int:
         return len(self.expert_names)
 
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PretrainedConfig:
+        """The language model's config: `text_config`, or the one nested in it when the base is a multimodal wrapper
+        (transformers' own lookup stops one level down, at the wrapper)."""
+        found = super().get_text_config(decoder=decoder, encoder=encoder)
+        if found is self.text_config:
+            return language_config(found)
+        return found
+
+    @property
+    def language_config(self) -> PretrainedConfig:
+        """The config of the composed decoder: `text_config`, or its language model's in a multimodal wrapper."""
+        return language_config(self.text_config)
+
+    @property
+    def is_multimodal(self) -> bool:
+        """Whether the composition keeps a multimodal wrapper (vision tower and projector beside the decoder)."""
+        return self.language_config is not self.text_config
+
     @property
     def vocab_size(self) -> int:
-        return self.text_config.vocab_size
+        return self.language_config.vocab_size
 
     @property
     def hidden_size(self) -> int:
-        return self.text_config.hidden_size
+        return self.language_config.hidden_size
 
     @property
     def num_hidden_layers(self) -> int:
@@ -122,7 +147,7 @@ class MixtureKitConfig(PretrainedConfig):
         """As `PretrainedConfig.save_pretrained`; a config whose `auto_map` is ours also writes the two loader files
         it names (`loader_files`), so a re-saved checkpoint loads with `trust_remote_code=True` as a composed one."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        if getattr(self, "auto_map", None) == AUTO_MAP:
+        if names_loader_files(getattr(self, "auto_map", None)):
             write_loader_files(save_directory)
 
     @classmethod

@@ -19,6 +19,18 @@ AUTO_MAP = {
     "AutoConfig": "configuration_mixturekit.MixtureKitConfig",
     "AutoModelForCausalLM": "modeling_mixturekit.MixtureKitForCausalLM",
 }
+# A composition of image-text models also loads by path as one (`pipeline("image-text-to-text", model=path)`): the
+# same class, which takes `pixel_values` where its base does.
+IMAGE_TEXT_AUTO_MAP = {**AUTO_MAP, "AutoModelForImageTextToText": "modeling_mixturekit.MixtureKitForCausalLM"}
+
+
+def auto_map_for(multimodal: bool) -> dict[str, str]:
+    return dict(IMAGE_TEXT_AUTO_MAP if multimodal else AUTO_MAP)
+
+
+def names_loader_files(auto_map: object) -> bool:
+    """Whether a config's `auto_map` is one of ours (and so names the loader files)."""
+    return auto_map in (AUTO_MAP, IMAGE_TEXT_AUTO_MAP)
 
 _TEMPLATE = '''"""A MixtureKit checkpoint: its {what} come from the installed `moekit` package.
 
@@ -61,7 +73,7 @@ def refresh_loader_files(folder: str | Path) -> list[str]:
     import json
 
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    if config.get("auto_map") != AUTO_MAP:
+    if not names_loader_files(config.get("auto_map")):
         return []
     stale = [name for name, text in LOADER_FILES.items()
              if not (Path(folder) / name).is_file() or (Path(folder) / name).read_text(encoding="utf-8") != text]

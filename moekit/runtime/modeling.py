@@ -20,12 +20,14 @@ from torch.utils.hooks import RemovableHandle
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers import DynamicCache
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, MODEL_MAPPING,
+)
 
 from ..errors import CheckpointError, RecipeError, TrainingError, UnsupportedArchitectureError, did_you_mean
 from .architecture import (
-    LINEAR_TYPES, decoder_layers, ffn_child, ffn_linear_names, is_mixture_of_experts, linear_names, mlp_layout,
-    multimodal_refusal, parallel_layer_lists, resolve_names, stitch_layers,
+    LINEAR_TYPES, decoder_layers, ffn_child, ffn_linear_names, is_mixture_of_experts, is_multimodal, linear_names,
+    mlp_layout, parallel_layer_lists, resolve_names, stitch_layers,
 )
 from .cache_argument import CACHE_ARGUMENT, output_cache, pop_cache
 from .config import MixtureKitConfig
@@ -99,15 +101,16 @@ def with_torch_dtype(config):
 
 
 def dense_model_class(text_config) -> type[PreTrainedModel]:
-    refusal = multimodal_refusal(text_config)
-    if refusal is not None:
-        raise refusal
+    """transformers' class for the base: its image-text model for a multimodal wrapper (LLaVA has no causal-LM
+    class; Gemma 3's is the same class), else its causal LM."""
+    if is_multimodal(text_config) and type(text_config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(text_config)]
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
     except KeyError:
         raise UnsupportedArchitectureError(
-            f"'{text_config.model_type}' has no causal-LM class in transformers; MixtureKit composes models that "
-            "AutoModelForCausalLM can build"
+            f"'{text_config.model_type}' has no causal-LM or image-text-to-text class in transformers; MixtureKit "
+            "composes models that AutoModelForCausalLM or AutoModelForImageTextToText can build"
         ) from None
 
 
@@ -360,7 +363,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
             self._stream_depths[name] = matching_depths(points, len(hub_blocks), len(blocks))
         self.streams = nn.ModuleDict(streams)
         try:
-            self.stitches = build_stitches(points, text_config.hidden_size, sizes, config.stitch_dropout,
+            self.stitches = build_stitches(points, config.hidden_size, sizes, config.stitch_dropout,
                                            getattr(config, "stitch_directions", None))
         except ValueError as error:
             raise RecipeError(str(error)) from None
@@ -460,6 +463,12 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         """The dense model's own preparation, given what `generate` passes under the installed release's names
         (`generate` reads `inputs_embeds` and `kwargs` from this signature)."""
         return self._dense.prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+    def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
+        """The dense model's own check of `generate`'s inputs (an image-text base takes `pixel_values` and its
+        family's image arguments there), less the arguments only our forward takes (`output_router_logits`)."""
+        own = set(inspect.signature(self.forward).parameters) - set(inspect.signature(self._dense.forward).parameters)
+        self._dense._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in own})
 
     def _prefill(self, *args: Any, **kwargs: Any):
         """transformers' own; a cache that cannot say how many tokens it holds is refused in one sentence rather than

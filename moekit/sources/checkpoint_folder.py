@@ -175,6 +175,20 @@ def copy_tokenizer_files(source: Path, folder: Path) -> None:
             shutil.copyfile(source / name, folder / name)
 
 
+# What `ProcessorMixin.save_pretrained` writes beside the tokenizer's files: the image (and video) processor's
+# settings and the processor's own (its class, image token counts, chat template).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json")
+
+
+def copy_processor_files(source: Path, folder: Path) -> None:
+    """The processor files of the checkpoint folder `source`, those it has, into `folder`: a composition of image-text
+    models is loaded with `AutoProcessor` as its source is."""
+    for name in PROCESSOR_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+
+
 def _remove_abandoned_staging(output: Path) -> None:
     """Staging folders of composes that were killed (their process is gone), and old folders an overwrite set aside
     and could not remove, are removed before a new one starts (after `recover_interrupted_swap`, which may still
