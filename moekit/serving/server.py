@@ -2,7 +2,7 @@
 
 vLLM pins its own torch and transformers, so it usually lives in an environment of its own (`make vllm-env`) with
 `moekit` installed there too (its plugin registers composed checkpoints, `vllm_plugin`). This command checks the
-checkpoint first (a bts composition is refused here, before vLLM starts), then replaces itself with `vllm serve`
+checkpoint first (btx and bts compositions are refused here, before vLLM starts), then replaces itself with `vllm serve`
 run by that environment's Python.
 """
 
@@ -36,14 +36,14 @@ def vllm_python(explicit: str | Path | None = None) -> str:
 
 
 def check_servable(checkpoint: str | Path) -> None:
-    """Refuse, before vLLM starts, what vLLM cannot run: a missing checkpoint, or a bts composition."""
+    """Refuse, before vLLM starts, what it does not serve: a missing checkpoint, a btx or bts composition."""
     folder = Path(checkpoint)
     if stored_model_type(folder) is None:
         raise SourceError(f"'{checkpoint}' holds no config.json: give a composed or exported checkpoint folder")
     if stored_model_type(folder) == MixtureKitConfig.model_type:
-        from ..runtime.backbone import refuse_unservable
+        from .vllm_plugin import refuse_in_vllm
 
-        refuse_unservable(MixtureKitConfig.from_pretrained(folder))
+        refuse_in_vllm(MixtureKitConfig.from_pretrained(folder))
 
 
 def vllm_serve_command(checkpoint: str | Path, host: str, port: int, python: str, extra: list[str]) -> list[str]:
