@@ -153,6 +153,20 @@ def test_the_comparison_tells_a_wrong_model_from_the_right_one(checkpoints, tmp_
         assert_same_model(reference, served["results"])
 
 
+@pytest.mark.parametrize("method", ["traditional", "btx"])
+def test_the_backbone_gives_the_hidden_states_the_lm_head_reads(checkpoints, method):
+    """`AutoModel` of a composed checkpoint (what vLLM builds) is the composed model without its LM head."""
+    folder = checkpoints[method]
+    backbone = AutoModel.from_pretrained(folder).eval()
+    causal = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokens = torch.tensor(prompts())
+    with torch.no_grad():
+        hidden = backbone(input_ids=tokens).last_hidden_state
+        logits = causal(input_ids=tokens).logits
+    assert type(backbone).__name__ == "MixtureKitModel"
+    torch.testing.assert_close(causal.get_output_embeddings()(hidden), logits, atol=0, rtol=0)
+
+
 def test_btx_and_bts_are_refused_before_any_weight_is_read(checkpoints, tmp_path):
     """bts streams cannot run in vLLM and btx is not proven to run as transformers does there: `moekit serve` and
     the model vLLM builds refuse both, vLLM reports the refusal, and transformers still builds btx's backbone."""

@@ -31,8 +31,8 @@ def refuse_unservable(config: MixtureKitConfig) -> None:
             f"a {config.method} composition cannot run as a decoder backbone (AutoModel, vLLM): its "
             f"{config.num_experts} expert streams are whole decoders beside the hub, with attention layers of their "
             "own that an engine serving one decoder gives no KV cache; serve it with transformers "
-            "(AutoModelForCausalLM after `import moekit`); only traditional and btx compositions serve in vLLM "
-            "(and traditional ones over Llama/Mistral/Qwen2/Qwen3 export to native MoE checkpoints: moekit export)")
+            "(AutoModelForCausalLM after `import moekit`), or compose with method: traditional, which serves in vLLM "
+            "and exports to native MoE checkpoints (moekit export)")
 
 
 class MixtureKitModel(PreTrainedModel):
