@@ -191,21 +191,22 @@ def test_a_fresh_environment_loads_by_path_beside_the_other_project(wheels, tmp_
     python = _fresh_environment(environment)
     work = tmp_path / "cwd"  # not the checkout: its moekit/ folder must not be importable from the working directory
     work.mkdir()
+    fresh = {k: v for k, v in OFFLINE.items() if k != "PYTHONPATH"}  # nothing of this environment's path leaks in
 
-    missing = _run(python, LOAD_AND_GENERATE, str(path), cwd=work)
+    missing = _run(python, LOAD_AND_GENERATE, str(path), cwd=work, env=fresh)
     assert missing.returncode != 0 and install_instruction() in missing.stderr, missing.stderr[-2000:]
 
     _pip_install(environment, other)  # the other project alone: the loader says that it is the wrong one
-    wrong = _run(python, LOAD_AND_GENERATE, str(path), cwd=work)
+    wrong = _run(python, LOAD_AND_GENERATE, str(path), cwd=work, env=fresh)
     assert wrong.returncode != 0, wrong.stdout
     assert (f"the `{OTHER_IMPORT_NAME}` package found here is the registry's `{OTHER_DISTRIBUTION}`, a different "
             "project") in wrong.stderr and install_instruction() in wrong.stderr, wrong.stderr[-2000:]
 
     _pip_install(environment, ours)  # both: ours loads and generates what this process generates
-    both = _run(python, LOAD_AND_GENERATE, str(path), cwd=work)
+    both = _run(python, LOAD_AND_GENERATE, str(path), cwd=work, env=fresh)
     assert both.returncode == 0, both.stderr[-3000:]
     assert f"moekit from {environment}" in both.stdout and f"tokens {expected}" in both.stdout, both.stdout
     assert (environment / "bin" / DISTRIBUTION).exists() and (environment / "bin" / OTHER_DISTRIBUTION).exists()
     listed = _run(python, "import importlib.metadata as m; print(sorted(d.metadata['Name'].lower() for d in "
-                  "m.distributions(path=[__import__('site').getsitepackages()[0]])))", cwd=work)
+                  "m.distributions(path=[__import__('site').getsitepackages()[0]])))", cwd=work, env=fresh)
     assert DISTRIBUTION in listed.stdout and OTHER_DISTRIBUTION in listed.stdout, listed.stdout

@@ -259,3 +259,17 @@ def test_moekit_serve_answers_chat_and_completion_requests(checkpoints, tmp_path
             server.wait()
         log.close()
     assert server.returncode is not None
+
+
+@pytest.mark.parametrize("family", ["gemma", "phi"])
+def test_a_traditional_composition_of_a_non_silu_family_is_refused(family, tmp_path):
+    """vLLM's fused MoE kernel computes silu(gate) * up: Gemma's GELU experts (or any other activation) would run as
+    another function, so they are refused before any weight is read, as bts is; no vLLM needed to check this."""
+    from moekit.serving.server import check_servable
+
+    sources = [save_model(make_model(tiny_config(family), seed), tmp_path / f"{family}{seed}") for seed in range(2)]
+    path = compose({"method": "traditional", "experts": [{"name": f"e{i}", "source": str(s)}
+                                                          for i, s in enumerate(sources)]}, tmp_path / "t",
+                   progress=False)
+    with pytest.raises(UnsupportedArchitectureError, match="fused MoE kernel applies SiLU"):
+        check_servable(path)

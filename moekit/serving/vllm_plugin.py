@@ -20,8 +20,24 @@ ARCHITECTURE = "MixtureKitForCausalLM"
 SERVED_METHODS = ("traditional",)
 
 
+# vLLM's fused MoE kernel applies a gated SiLU (silu(gate) * up) whatever the model's own activation.
+FUSED_ACTIVATIONS = ("silu", "swish")
+
+
 def refuse_in_vllm(config: MixtureKitConfig) -> None:
     """Raise, before any weight is read, for a composition vLLM does not serve, saying what to do instead."""
+    instead = ("serve it with transformers (AutoModelForCausalLM after `import moekit`)")
+    if config.is_multimodal:
+        raise UnsupportedArchitectureError(
+            f"an image-text composition ('{config.text_config.model_type}') is not served by vLLM here: only text "
+            f"decoders were proven against transformers; {instead}")
+    language = config.language_config
+    activation = getattr(language, "hidden_act", None) or getattr(language, "hidden_activation", None)
+    if config.method == "traditional" and activation not in FUSED_ACTIVATIONS:
+        raise UnsupportedArchitectureError(
+            f"a traditional composition of '{language.model_type}' (FFN activation {activation!r}) is not served by "
+            f"vLLM here: its fused MoE kernel applies SiLU ({', '.join(FUSED_ACTIVATIONS)} only), so the experts "
+            f"would compute another function; {instead}")
     if config.method not in SERVED_METHODS:
         raise UnsupportedArchitectureError(
             f"a {config.method} composition is not served by vLLM here (only {', '.join(SERVED_METHODS)}): "
