@@ -58,18 +58,63 @@ def causal_lm_types() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+# Fields the generic shrinking cannot reach, per family: Gemma 4 keeps a per-layer head_dim (`global_head_dim`, full
+# attention's) and per-layer input embeddings of their own size, and its last layers reuse earlier layers' KV cache
+# (`num_kv_shared_layers`): the tiny model keeps one layer of each kind and one that shares.
+_GEMMA4_TEXT = dict(global_head_dim=16, hidden_size_per_layer_input=8, vocab_size_per_layer_input=SIZES["vocab_size"],
+                    num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "full_attention"],
+                    num_kv_shared_layers=1, sliding_window=4)
+FAMILY_FIELDS: dict[str, dict] = {
+    "gemma4_text": _GEMMA4_TEXT,
+    "gemma4": dict(text_config=dict(model_type="gemma4_text", **{k: v for k, v in SIZES.items() if k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")}, **_GEMMA4_TEXT)),
+}
+
+
+def _field(config, key):
+    """The config's value of `key`, or None where it has none or keeps it per layer (Gemma 4's head_dim)."""
+    try:
+        return getattr(config, key, None)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError: a per-layer attribute
+        return None
+
+
+def _has(config, key) -> bool:
+    try:
+        return hasattr(config, key)
+    except RuntimeError:  # kept per layer: the config has it
+        return True
+
+
 def _layer_count(config) -> int | None:
-    return next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers")
-                 if isinstance(getattr(config, k, None), int)), None)
+    return next((_field(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers")
+                 if isinstance(_field(config, k), int)), None)
 
 
-def _shrink(config, defaults) -> None:
+def _kept_layers(defaults, layers: int) -> list[int]:
+    """The first layers, and the first of every kind a per-layer list names that they miss: a hybrid decoder
+    (linear attention beside full attention, Mamba beside attention) keeps one layer of each kind."""
+    keep = list(range(min(layers, SIZES["num_hidden_layers"])))
+    for value in vars(defaults).values():
+        if isinstance(value, list) and len(value) == layers and all(isinstance(v, str) for v in value):
+            keep += [value.index(kind) for kind in dict.fromkeys(value) if kind not in {value[i] for i in keep}]
+    return sorted(set(keep))
+
+
+def _shrink(config, defaults, given=frozenset()) -> None:
     layers = _layer_count(defaults)
-    for key, value in list(vars(defaults).items()):  # per-layer lists (layer_types, ...) keep their first layers
-        if isinstance(value, list) and layers and len(value) == layers > SIZES["num_hidden_layers"]:
-            setattr(config, key, value[: SIZES["num_hidden_layers"]])
+    keep = _kept_layers(defaults, layers) if layers and layers > SIZES["num_hidden_layers"] else None
+    for key, value in list(vars(defaults).items()):  # per-layer lists (layer_types, ...) keep the kept layers
+        if keep and key not in given and isinstance(value, list) and len(value) == layers:
+            setattr(config, key, [value[i] for i in keep])
     for key, value in SIZES.items():
-        if isinstance(getattr(config, key, None), int) and not isinstance(getattr(config, key), bool):
+        if key in given:
+            continue
+        if keep and key in ("num_hidden_layers", "n_layer", "num_layers"):
+            value = len(keep)
+        current = _field(config, key)
+        if isinstance(current, int) and not isinstance(current, bool):
             try:
                 setattr(config, key, value)
             except (AttributeError, TypeError, ValueError):
@@ -77,15 +122,18 @@ def _shrink(config, defaults) -> None:
     for key in getattr(config, "sub_configs", None) or {}:
         sub = getattr(config, key, None)
         if hasattr(sub, "to_dict"):
-            _shrink(sub, getattr(defaults, key, None) or sub)
+            sub_given = frozenset(FAMILY_FIELDS.get(getattr(config, "model_type", ""), {}).get(key, {}))
+            _shrink(sub, getattr(defaults, key, None) or sub, sub_given)
 
 
 def tiny_config(model_type: str):
     from transformers import AutoConfig
 
     defaults = AutoConfig.for_model(model_type)
-    config = AutoConfig.for_model(model_type, **{k: v for k, v in SIZES.items() if hasattr(defaults, k)})
-    _shrink(config, defaults)
+    family = FAMILY_FIELDS.get(model_type, {})
+    fields = {k: v for k, v in SIZES.items() if _has(defaults, k)}
+    config = AutoConfig.for_model(model_type, **{**fields, **family})
+    _shrink(config, defaults, frozenset(family))
     return config
 
 
