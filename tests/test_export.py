@@ -210,3 +210,15 @@ def test_qwen3_5_text_routing_part_of_its_blocks_is_refused(tmp_path):
                      tmp_path / "composed", progress=False)
     with pytest.raises(ExportError, match=r"Qwen3.5-MoE routes every block, but this model routes only blocks \[2\]"):
         export(folder, "auto", tmp_path / "exported")
+
+
+def test_gemma4_text_is_refused_with_why_its_moe_layer_differs(tmp_path):
+    from family_sweep import tiny_config as sweep_config
+
+    folders = [save_model(make_model(sweep_config("gemma4_text"), seed), tmp_path / f"g{seed}") for seed in range(2)]
+    folder = compose({"method": "traditional", "num_experts_per_tok": 2,
+                      "experts": [{"name": f"e{i}", "source": str(f)} for i, f in enumerate(folders)]},
+                     tmp_path / "composed", progress=False)
+    with pytest.raises(ExportError, match=r"Gemma 4's MoE layer .* each with an RMSNorm of its own"):
+        export(folder, "auto", tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()

@@ -41,6 +41,15 @@ CLASSES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", 
            "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM"}
 
 
+# Families whose own MoE sibling does not compute what a composition of them computes, and why.
+NO_EXACT_MAPPING = {
+    "gemma4_text": "Gemma 4's MoE layer (enable_moe_block) normalises its dense MLP's output and its experts' output "
+                   "each with an RMSNorm of its own (post_feedforward_layernorm_1 and _2) before adding them, where a "
+                   "composition (with or without a shared expert) adds the experts' outputs and normalises the sum: "
+                   "no choice of weights makes the two equal",
+}
+
+
 class ExportError(MixtureKitError, ValueError):
     """The composed model has no native equivalent in the requested architecture."""
 
@@ -57,6 +66,9 @@ def _refuse_unmappable(config: MixtureKitConfig, target: str | None) -> list[int
     if config.method == "bts":
         raise ExportError(f"a bts model (hub + expert streams + stitches) has no native MoE equivalent ({MAPPING_TABLE})")
     expected = TARGETS.get(text.model_type)
+    if text.model_type in NO_EXACT_MAPPING:
+        raise ExportError(f"traditional over '{text.model_type}' has no exact native MoE: "
+                          f"{NO_EXACT_MAPPING[text.model_type]} ({MAPPING_TABLE})")
     if expected is None:
         raise ExportError(f"no native MoE architecture for traditional over '{text.model_type}' ({MAPPING_TABLE})")
     if target != expected:
