@@ -44,7 +44,7 @@ def test_btx_over_attention_of_moe_experts_keeps_the_invariants(model_type, tmp_
     models, folders = _sources(model_type, tmp_path)
     reference = compose(_recipe([folders[0]] * 3), tmp_path / "identical", progress=False)
     composed = AutoModelForCausalLM.from_pretrained(reference).eval()
-    with torch.no_grad():  # routed projections sum top-k identical outputs times weights that sum to 1: float32 rounding
+    with torch.no_grad():  # routed projections sum identical outputs times weights that sum to 1: float32 rounding
         torch.testing.assert_close(composed(input_ids=TOKENS).logits, models[0](input_ids=TOKENS).logits,
                                    atol=1e-5, rtol=1e-4)
 

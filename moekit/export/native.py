@@ -1,8 +1,9 @@
 """Export a composed model to a native MoE architecture that serving engines run (no custom code needed).
 
-`traditional` over Llama/Mistral is Mixtral; over Qwen3 it is Qwen3-MoE; over Qwen2 it is Qwen2-MoE, and over Qwen3.5's
-text model (Gated DeltaNet beside attention) Qwen3.5-MoE's, whose shared expert is, in both, the composition's (`shared_expert: base`: ``½ · routed + s · shared`` is Qwen2-MoE's ``routed + sigmoid(gate ·
-x) · shared`` with the routed `down_proj` halved, and an ungated one gets a zero gate, sigmoid(0) = ½ exactly) or
+`traditional` over Llama/Mistral is Mixtral; over Qwen3 it is Qwen3-MoE; over Qwen2 it is Qwen2-MoE, and over
+Qwen3.5's text model (Gated DeltaNet beside attention) Qwen3.5-MoE's, whose shared expert is, in both, the
+composition's (`shared_expert: base`: ``½ · routed + s · shared`` is Qwen2-MoE's ``routed + sigmoid(gate · x) ·
+shared`` with the routed `down_proj` halved, and an ungated one gets a zero gate, sigmoid(0) = ½ exactly) or
 else switched off (zero weights, so it adds exactly zero). The composition's stacked experts are already the
 transformers 5 layout of those models, so the export streams tensors across, split per expert for the Hub layout
 that engines read unless `layout="packed"` (`expert_layout`), and writes the target's config. Routing matches too:
