@@ -104,7 +104,10 @@ _GEMMA4_TEXT = dict(global_head_dim=16, hidden_size_per_layer_input=8, vocab_siz
 # Mamba-2 mixers need heads that divide their width, and hybrids that place attention by period or index need one
 # attention layer within the tiny model's layers; granitemoehybrid is swept in its dense form (no routed experts).
 _MAMBA2 = dict(mamba_n_heads=4, mamba_d_state=8, mamba_chunk_size=8)
+# A BERT-style family's causal LM attends causally, and caches, only as a decoder (transformers warns otherwise).
+_DECODER = dict(is_decoder=True)
 FAMILY_FIELDS: dict[str, dict] = {
+    "bert-generation": _DECODER, "big_bird": _DECODER, "electra": _DECODER, "roformer": _DECODER,
     "gemma4_text": _GEMMA4_TEXT,
     "granitemoehybrid": dict(_MAMBA2, num_local_experts=0, shared_intermediate_size=48,
                              layer_types=["linear_attention", "full_attention"]),
@@ -138,12 +141,18 @@ def _layer_count(config) -> int | None:
                  if isinstance(_field(config, k), int)), None)
 
 
+def _is_attention(kind: str) -> bool:
+    return kind == "attention" or ("attention" in kind and "linear" not in kind)
+
+
 def _kept_layers(defaults, layers: int) -> list[int]:
-    """The first layers, and the first of every kind a per-layer list names that they miss: a hybrid decoder
-    (linear attention beside full attention, Mamba beside attention) keeps one layer of each kind."""
+    """The first layers, and where they hold no attention layer (a hybrid decoder whose first layers are all linear
+    attention or Mamba, whose cache transformers then cannot measure), the first of every kind a per-layer list names:
+    a shrunk Qwen3.5 keeps one layer of each kind."""
     keep = list(range(min(layers, SIZES["num_hidden_layers"])))
     for value in vars(defaults).values():
-        if isinstance(value, list) and len(value) == layers and all(isinstance(v, str) for v in value):
+        if (isinstance(value, list) and len(value) == layers and all(isinstance(v, str) for v in value)
+                and not any(_is_attention(value[i]) for i in keep) and any(map(_is_attention, value))):
             keep += [value.index(kind) for kind in dict.fromkeys(value) if kind not in {value[i] for i in keep}]
     return sorted(set(keep))
 
@@ -185,8 +194,6 @@ def tiny_config(model_type: str):
             fields.update({k: len(keep) for k in ("num_hidden_layers", "n_layer", "num_layers") if k in fields})
             fields.update({k: [v[i] for i in keep] for k, v in vars(defaults).items()  # kinds (RoPE per kind...)
                            if isinstance(v, list) and len(v) == layers})  # is derived from the kept ones
-    if _field(defaults, "is_decoder") is False:
-        fields["is_decoder"] = True  # a BERT-style family's causal LM attends causally (and caches) only as a decoder
     config = AutoConfig.for_model(model_type, **{**fields, **family})
     _shrink(config, defaults, frozenset(family))
     return config
