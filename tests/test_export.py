@@ -175,3 +175,63 @@ def test_cli_export_and_inspect_say_where_a_composition_can_be_served(tmp_path):
     assert wrong.exit_code == 2 and "valid: per-expert, packed" in wrong.output and not (tmp_path / "x").exists()
     refused = runner.invoke(app, ["export", str(btx), "-o", str(tmp_path / "nope")])
     assert refused.exit_code == 2 and "one router per projection" in refused.output
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_qwen3_5_text_exports_to_qwen3_5_moe(tmp_path, shared):
+    """Qwen3.5's text model (Gated DeltaNet layers beside attention) composed `traditional` is Qwen3.5-MoE's text model:
+    every block an MoE block whose sigmoid-gated shared expert is the composition's (`shared_expert: base`, gate
+    trained-looking) or a zero one; the same logits and greedy tokens in plain transformers."""
+    from family_sweep import tiny_config as sweep_config  # a tiny Qwen3.5 keeps a full-attention layer
+
+    config = sweep_config("qwen3_5_text")
+    assert set(config.layer_types) == {"linear_attention", "full_attention"}
+    folders = [save_model(make_model(config, seed), tmp_path / f"qwen3_5_{seed}") for seed in range(4)]
+    recipe = {"method": "traditional", "num_experts_per_tok": 2, "router_init_std": 0.5,
+              "experts": [{"name": f"e{i}", "source": str(f)} for i, f in enumerate(folders[:3])]}
+    if shared:
+        recipe.update(base={"name": "base", "source": str(folders[3])}, shared_expert="base", shared_expert_gate=True)
+    composed_folder = compose(recipe, tmp_path / "composed", progress=False)
+    composed = AutoModelForCausalLM.from_pretrained(composed_folder).eval()
+    if shared:  # a gate away from its initial value, so the export must carry it across
+        with torch.no_grad():
+            for name, parameter in composed.named_parameters():
+                if name.endswith("shared_expert_gate.weight"):
+                    parameter.normal_(0, 0.5)
+        composed.save_pretrained(tmp_path / "trained")
+        composed_folder = tmp_path / "trained"
+    exported = export(composed_folder, "auto", tmp_path / "exported")
+    written = json.loads((exported / "config.json").read_text())
+    assert written["model_type"] == "qwen3_5_moe_text" and written["num_experts"] == 3
+    assert written["shared_expert_intermediate_size"] == (48 if shared else 1)
+    tokens = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    result = _run_plain(exported, tokens, tmp_path)
+    assert result["class"] == "Qwen3_5MoeForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(result["logits"], composed(input_ids=tokens).logits, atol=1e-5, rtol=0)
+    generated = composed.generate(tokens[:1, :5], max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                  pad_token_id=0)
+    assert torch.equal(result["generated"], generated)
+
+
+def test_qwen3_5_text_routing_part_of_its_blocks_is_refused(tmp_path):
+    from family_sweep import tiny_config as sweep_config
+
+    folders = [save_model(make_model(sweep_config("qwen3_5_text"), seed), tmp_path / f"q{seed}") for seed in range(2)]
+    folder = compose({"method": "traditional", "router_layers_index": [2], "num_experts_per_tok": 2,
+                      "experts": [{"name": f"e{i}", "source": str(f)} for i, f in enumerate(folders)]},
+                     tmp_path / "composed", progress=False)
+    with pytest.raises(ExportError, match=r"Qwen3.5-MoE routes every block, but this model routes only blocks \[2\]"):
+        export(folder, "auto", tmp_path / "exported")
+
+
+def test_gemma4_text_is_refused_with_why_its_moe_layer_differs(tmp_path):
+    from family_sweep import tiny_config as sweep_config
+
+    folders = [save_model(make_model(sweep_config("gemma4_text"), seed), tmp_path / f"g{seed}") for seed in range(2)]
+    folder = compose({"method": "traditional", "num_experts_per_tok": 2,
+                      "experts": [{"name": f"e{i}", "source": str(f)} for i, f in enumerate(folders)]},
+                     tmp_path / "composed", progress=False)
+    with pytest.raises(ExportError, match=r"Gemma 4's MoE layer .* each with an RMSNorm of its own"):
+        export(folder, "auto", tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()

@@ -23,7 +23,8 @@ _ROUTER = re.compile(r"^(?P<block>.*\.layers\.\d+)\.mlp\.gate\.weight$")
 # per target: (expert prefix under the block, gate name, up name, down name, router name under the block)
 _NAMES = {"mixtral": ("block_sparse_moe.experts", "w1", "w3", "w2", "block_sparse_moe.gate.weight"),
           "qwen2_moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate.weight"),
-          "qwen3_moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate.weight")}
+          "qwen3_moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate.weight"),
+          "qwen3_5_moe_text": ("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate.weight")}
 
 
 class Piece(NamedTuple):

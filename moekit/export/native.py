@@ -1,8 +1,9 @@
 """Export a composed model to a native MoE architecture that serving engines run (no custom code needed).
 
-`traditional` over Llama/Mistral is Mixtral; over Qwen3 it is Qwen3-MoE; over Qwen2 it is Qwen2-MoE, whose shared
-expert is the composition's (`shared_expert: base`: ``½ · routed + s · shared`` is Qwen2-MoE's ``routed + sigmoid(gate ·
-x) · shared`` with the routed `down_proj` halved, and an ungated one gets a zero gate, sigmoid(0) = ½ exactly) or
+`traditional` over Llama/Mistral is Mixtral; over Qwen3 it is Qwen3-MoE; over Qwen2 it is Qwen2-MoE, and over
+Qwen3.5's text model (Gated DeltaNet beside attention) Qwen3.5-MoE's, whose shared expert is, in both, the
+composition's (`shared_expert: base`: ``½ · routed + s · shared`` is Qwen2-MoE's ``routed + sigmoid(gate · x) ·
+shared`` with the routed `down_proj` halved, and an ungated one gets a zero gate, sigmoid(0) = ½ exactly) or
 else switched off (zero weights, so it adds exactly zero). The composition's stacked experts are already the
 transformers 5 layout of those models, so the export streams tensors across, split per expert for the Hub layout
 that engines read unless `layout="packed"` (`expert_layout`), and writes the target's config. Routing matches too:
@@ -29,8 +30,25 @@ from ..sources.safetensors_io import CheckpointReader, TensorSlot
 from ..runtime.shared_expert import ROUTED_SCALE, SHARED_EXPERT
 from .expert_layout import LAYOUTS, Piece, is_routed_down_proj, per_expert_pieces, piece_reader
 
-TARGETS = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe"}
-MAPPING_TABLE = "traditional over Llama or Mistral -> mixtral; over Qwen3 -> qwen3_moe; over Qwen2 -> qwen2_moe"
+TARGETS = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe",
+           "qwen3_5_text": "qwen3_5_moe_text"}
+MAPPING_TABLE = ("traditional over Llama or Mistral -> mixtral; over Qwen3 -> qwen3_moe; over Qwen2 -> qwen2_moe; "
+                 "over Qwen3.5's text model -> qwen3_5_moe_text")
+# Targets whose MoE block has a sigmoid-gated shared expert beside the routed ones (the composition's, or a zero one)
+WITH_SHARED_EXPERT = ("qwen2_moe", "qwen3_5_moe_text")
+# Targets whose every block is an MoE (no mlp_only_layers): a composition must route every block
+EVERY_BLOCK = ("mixtral", "qwen3_5_moe_text")
+CLASSES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+           "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM"}
+
+
+# Families whose own MoE sibling does not compute what a composition of them computes, and why.
+NO_EXACT_MAPPING = {
+    "gemma4_text": "Gemma 4's MoE layer (enable_moe_block) normalises its dense MLP's output and its experts' output "
+                   "each with an RMSNorm of its own (post_feedforward_layernorm_1 and _2) before adding them, where a "
+                   "composition (with or without a shared expert) adds the experts' outputs and normalises the sum: "
+                   "no choice of weights makes the two equal",
+}
 
 
 class ExportError(MixtureKitError, ValueError):
@@ -49,20 +67,25 @@ def _refuse_unmappable(config: MixtureKitConfig, target: str | None) -> list[int
     if config.method == "bts":
         raise ExportError(f"a bts model (hub + expert streams + stitches) has no native MoE equivalent ({MAPPING_TABLE})")
     expected = TARGETS.get(text.model_type)
+    if text.model_type in NO_EXACT_MAPPING:
+        raise ExportError(f"traditional over '{text.model_type}' has no exact native MoE: "
+                          f"{NO_EXACT_MAPPING[text.model_type]} ({MAPPING_TABLE})")
     if expected is None:
         raise ExportError(f"no native MoE architecture for traditional over '{text.model_type}' ({MAPPING_TABLE})")
     if target != expected:
         raise ExportError(f"traditional over '{text.model_type}' exports to {expected}, not {target} ({MAPPING_TABLE})")
-    if getattr(config, "shared_expert", None) is not None and target != "qwen2_moe":
+    if getattr(config, "shared_expert", None) is not None and target not in WITH_SHARED_EXPERT:
         raise ExportError(
             f"this composition has a shared expert, which {target} does not have (of the native targets only "
-            "Qwen2-MoE has one): compose over Qwen2 to export it, or compose without shared_expert")
+            "Qwen2-MoE and Qwen3.5-MoE have one): compose over Qwen2 to export it, or compose without shared_expert")
     blocks = num_layers(text)
     routed = sorted(config.router_layers_index) if config.router_layers_index else list(range(blocks))
-    if target == "mixtral" and len(routed) != blocks:
+    if target in EVERY_BLOCK and len(routed) != blocks:
+        name = {"mixtral": "Mixtral", "qwen3_5_moe_text": "Qwen3.5-MoE"}[target]
         raise ExportError(
-            f"Mixtral routes every block, but this model routes only blocks {routed} of {blocks}; compose with "
-            "router_layers_index covering every block (Qwen MoE targets can keep dense blocks via mlp_only_layers)"
+            f"{name} routes every block, but this model routes only blocks {routed} of {blocks}; compose with "
+            "router_layers_index covering every block (Qwen2/Qwen3 MoE targets can keep dense blocks via "
+            "mlp_only_layers)"
         )
     for flag in ("mlp_bias", "attention_bias"):
         if getattr(text, flag, False) and target == "mixtral":
@@ -89,6 +112,10 @@ def _target_config(config: MixtureKitConfig, target: str, routed: list[int]):
                   output_router_logits=False)
     if target == "mixtral":
         fields.update(num_local_experts=config.num_experts, router_jitter_noise=0.0)
+    elif target == "qwen3_5_moe_text":  # its router always renormalises the top-k; every block is an MoE block
+        shared = getattr(config, "shared_expert", None) is not None
+        fields.update(num_experts=config.num_experts, moe_intermediate_size=text["intermediate_size"],
+                      shared_expert_intermediate_size=text["intermediate_size"] if shared else 1)
     else:
         fields.update(num_experts=config.num_experts, norm_topk_prob=True, decoder_sparse_step=1,
                       moe_intermediate_size=text["intermediate_size"],
@@ -97,14 +124,13 @@ def _target_config(config: MixtureKitConfig, target: str, routed: list[int]):
             shared = getattr(config, "shared_expert", None) is not None
             fields.update(shared_expert_intermediate_size=text["intermediate_size"] if shared else 1)
     exported = AutoConfig.for_model(target, **fields)
-    exported.architectures = [{"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                               "qwen2_moe": "Qwen2MoeForCausalLM"}[target]]
+    exported.architectures = [CLASSES[target]]
     return exported
 
 
 def _zero_shared_experts(routed: list[int], hidden: int, dtype: torch.dtype,
                          gate_only: bool = False) -> list[tuple[TensorSlot, torch.Tensor]]:
-    """Qwen2-MoE's shared expert, switched off: a width-1 FFN with zero weights adds exactly zero. `gate_only`: just
+    """Qwen2-MoE's (and Qwen3.5-MoE's) shared expert, switched off: a width-1 FFN with zero weights adds exactly zero. `gate_only`: just
     the zero gate, for a composition's ungated shared expert (weight sigmoid(0) = ½, as it has)."""
     out = []
     for block in routed:
@@ -135,7 +161,7 @@ def export(
     checkpoint: str | Path, to: str = "auto", output: str | Path | None = None, overwrite: bool = False,
     shard_size: int | str = "2GB", progress: bool = False, layout: str = "per-expert",
 ) -> Path:
-    """Write the composed checkpoint as a native MoE checkpoint (`to`: auto, mixtral, qwen2_moe, qwen3_moe),
+    """Write the composed checkpoint as a native MoE checkpoint (`to`: auto or one of TARGETS' values),
     streamed one tensor at a time into size-bounded shards, appearing atomically. `layout`: `per-expert` (the Hub
     checkpoints' layout, which llama.cpp's converter and the serving engines read) or `packed` (transformers 5's own;
     see `expert_layout`)."""
@@ -145,7 +171,8 @@ def export(
     require_composed(checkpoint, "only a composition has routers to export", ExportError)
     config = MixtureKitConfig.from_pretrained(checkpoint)
     if to != "auto" and to not in set(TARGETS.values()):
-        raise ExportError(f"unknown target '{to}'; valid: auto, mixtral, qwen2_moe, qwen3_moe ({MAPPING_TABLE})")
+        raise ExportError(f"unknown target '{to}'; valid: auto, {', '.join(sorted(set(TARGETS.values())))} "
+                          f"({MAPPING_TABLE})")
     if layout not in LAYOUTS:
         raise ExportError(f"unknown layout '{layout}'; valid: {', '.join(LAYOUTS)}")
     target = TARGETS.get(config.text_config.model_type) if to == "auto" else to
@@ -168,7 +195,7 @@ def export(
             pieces = {slot: piece._replace(scale=ROUTED_SCALE) if is_routed_down_proj(piece.source) else piece
                       for slot, piece in pieces.items()}
         extra = {}
-        if target == "qwen2_moe" and not (shared and config.shared_expert_gate):
+        if target in WITH_SHARED_EXPERT and not (shared and config.shared_expert_gate):
             extra = dict(_zero_shared_experts(routed, exported_config.hidden_size, dtype, gate_only=shared))
         read = piece_reader(reader.get)
         write_sharded(staging, list(pieces) + list(extra),

@@ -26,8 +26,8 @@ from ..runtime.architecture import (
 )
 from ..runtime.config import MixtureKitConfig
 from ..runtime.modeling import (
-    MixtureKitForCausalLM, dense_model_class, resolve_layer_indices, resolve_router_layers, saved_tensor_shapes,
-    with_torch_dtype,
+    MixtureKitForCausalLM, blocks_holding, dense_model_class, resolve_layer_indices, resolve_router_layers,
+    saved_tensor_shapes, with_torch_dtype,
 )
 from ..runtime.routing import Router
 from ..runtime.shared_expert import SHARED_EXPERT, SHARED_EXPERT_GATE, is_shared_expert_tensor, shared_expert_source
@@ -295,10 +295,14 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
         text_config = _with_dtype(language_config(source_config), dtype_name)
         dense, to_source = _without_vision(dense, source_config, text_config)
     router_layers = None
+    router_layers_index = recipe.router_layers_index or None
     layers_name, blocks = decoder_layers(dense, text_config)
     parallel = parallel_layer_lists(dense, text_config, layers_name)
     if recipe.method == "btx":
-        router_layers = resolve_router_layers(recipe.router_layers, blocks[0], text_config.model_type, parallel)
+        if router_layers_index is None:  # a hybrid decoder: route the named Linears in the blocks that have them
+            router_layers_index = blocks_holding(recipe.router_layers, list(blocks), text_config.model_type)
+        first = blocks[router_layers_index[0]] if router_layers_index else blocks[0]
+        router_layers = resolve_router_layers(recipe.router_layers, first, text_config.model_type, parallel)
     else:
         for index in resolve_layer_indices(recipe.router_layers_index, len(blocks)):
             check_ffn_computes(blocks[index], mlp_layout(blocks[index], text_config.model_type, parallel),
@@ -306,7 +310,7 @@ def build_plan(recipe: Recipe | dict | str | Path, cache_dir: Path | None = None
     config = MixtureKitConfig(
         text_config=text_config, method=recipe.method, expert_names=[s.name for s in recipe.expert_sources],
         num_experts_per_tok=recipe.top_k, router_layers=router_layers,
-        router_layers_index=recipe.router_layers_index or None, alpha=recipe.alpha, dtype=dtype_name,
+        router_layers_index=router_layers_index, alpha=recipe.alpha, dtype=dtype_name,
         alpha_mode=recipe.alpha_mode, load_floor=recipe.load_floor, alpha_max=recipe.alpha_max,
         router_z_loss_coef=recipe.router_z_loss_coef, experts_backend=recipe.experts_backend,
         shared_expert=recipe.shared_expert, shared_expert_gate=recipe.shared_expert_gate,

@@ -271,8 +271,10 @@ def mlp_layout(block: nn.Module, model_type: str,
     ffn = getattr(block, child)
     children = dict(ffn.named_children())
     if is_mixture_of_experts(ffn):
-        raise _refuse(model_type, f"its FFN is already a Mixture-of-Experts ({type(ffn).__name__}); compose from "
-                      "dense models")
+        others = [name for name in linear_names(block) if not name.startswith(child + ".")]
+        raise _refuse(model_type, f"its FFN is already a Mixture-of-Experts ({type(ffn).__name__}); compose such "
+                      f"experts with `btx` over the Linears beside it (router_layers: [{', '.join(others)}]), their "
+                      "MoE FFNs averaged, or whole with `bts`")
     required = [p for p in list(inspect.signature(ffn.forward).parameters.values())[1:]
                 if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if required:

@@ -131,6 +131,13 @@ def resolve_router_layers(requested: list[str] | None, block: nn.Module, model_t
     valid = linear_names(block)
     if requested is None:
         default = ffn_linear_names(block, model_type, parallel)
+        child = ffn_child(block)
+        if not default and child is not None and is_mixture_of_experts(getattr(block, child)):
+            attention = [name for name in valid if not name.startswith(child + ".")]
+            raise RecipeError(f"'{model_type}' has no dense FFN module whose Linears btx routes by default (an MoE, "
+                              "a recurrent block, or Linears outside any FFN module); its FFN is already a "
+                              f"Mixture-of-Experts ({type(getattr(block, child)).__name__}): name the Linears beside "
+                              f"it in router_layers (here: {', '.join(attention)}) and its experts are averaged")
         if not default:
             raise RecipeError(f"'{model_type}' has no dense FFN module whose Linears btx routes by default (an MoE, "
                               "a recurrent block, or Linears outside any FFN module); name them in router_layers "
@@ -151,6 +158,30 @@ def resolve_router_layers(requested: list[str] | None, block: nn.Module, model_t
         return RecipeError(f"router_layers entry '{entry}' {why} in '{model_type}'; valid names: {', '.join(valid)}")
 
     return resolve_names(requested, valid, refuse)
+
+
+def blocks_holding(requested: list[str] | None, blocks: list[nn.Module], model_type: str) -> list[int] | None:
+    """The blocks btx routes when the recipe names Linears but no router_layers_index: those that hold every named
+    Linear, when some blocks hold none (a hybrid's linear-attention or Mamba blocks beside its attention blocks, when
+    attention projections are named); None when every block holds them, or none does (resolving then says why)."""
+    if not requested:
+        return None
+
+    def holds(block: nn.Module, entry: str) -> bool:
+        valid = linear_names(block)
+        return entry in valid or sum(name.endswith("." + entry) for name in valid) == 1
+
+    held = [[holds(block, entry) for entry in requested] for block in blocks]
+    partial = [index for index, marks in enumerate(held) if any(marks) and not all(marks)]
+    if partial:
+        index = partial[0]
+        missing = [entry for entry, mark in zip(requested, held[index]) if not mark]
+        raise RecipeError(
+            f"router_layers names Linears that block {index} of '{model_type}' holds only in part (it has no "
+            f"{', '.join(missing)}); name Linears that each block holds all of or none of, or set "
+            f"router_layers_index (valid names in block {index}: {', '.join(linear_names(blocks[index]))})")
+    holding = [index for index, marks in enumerate(held) if all(marks)]
+    return holding if holding and len(holding) < len(blocks) else None
 
 
 def saved_tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
