@@ -152,7 +152,7 @@ def router_steps(folder: Path, device: str, dtype: torch.dtype, steps: int) -> d
         optimiser.zero_grad(set_to_none=True)
         synchronise(device)
         times.append(time.perf_counter() - start)
-        losses.append(round(float(output.loss), 4))
+        losses.append(round(float(output.loss.detach()), 4))
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
