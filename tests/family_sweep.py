@@ -263,13 +263,15 @@ CACHE_LIMITATIONS = {
     "cpmant": "transformers' CpmAntForCausalLM: given a prompt's last token alone with the cache of the rest, its "
               "forward fails on a shape mismatch in its attention, and its cached generation differs from uncached",
 }
-# BERT-style decoders built with is_decoder=True: on transformers 5.17 (the oldest release allowed) their own cached
-# generation differs from uncached; 5.24 and 5.25 agree, where the sweep checks our cache against theirs.
+# On transformers 5.17 (the oldest release allowed) these families' own cached generation differs from uncached
+# (BigBird and RoFormer are built as decoders since this session); 5.24 and 5.25 agree, and there our cache is checked.
 if tuple(int(part) for part in __import__("transformers").__version__.split(".")[:2]) < (5, 24):
     CACHE_LIMITATIONS.update({
         "big_bird": "transformers' BigBirdForCausalLM before 5.24: its cached greedy generation differs from uncached",
         "roformer": "transformers' RoFormerForCausalLM before 5.24: its cached greedy generation differs from "
                     "uncached",
+        "doge": "transformers' DogeForCausalLM before 5.24: its cached greedy generation differs from uncached",
+        "git": "transformers' GitForCausalLM before 5.24: its cached greedy generation differs from uncached",
     })
 
 
