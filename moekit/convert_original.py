@@ -33,7 +33,7 @@ from .errors import CheckpointError, SourceError, UnsupportedArchitectureError
 from .runtime.config import MixtureKitConfig
 from .runtime.loader_files import AUTO_MAP
 from .runtime.stitch import BROADCAST, MERGE
-from .sources.checkpoint_folder import check_output_folder, copy_tokenizer_files, staged_output, write_sharded
+from .sources.checkpoint_folder import card_front_matter, check_output_folder, copy_tokenizer_files, staged_output, write_sharded
 from .sources.resolve import weight_files
 from .sources.safetensors_io import CheckpointReader, TensorSlot
 
@@ -465,14 +465,7 @@ def _write_card(folder: Path, source: Path, original: dict, config: MixtureKitCo
              else f"top-{config.num_experts_per_tok} routing")
     findings = "\n".join(f"- {note}." for note in notes) or (
         "- Same function as the original's model on these weights (same logits in float32).")
-    text = f"""---
-library_name: transformers
-tags:
-- moekit
-- mixture-of-experts
-- {config.method}
----
-
+    text = card_front_matter(["moekit", "mixture-of-experts", config.method]) + f"""
 # Converted to MixtureKit {__version__} from the original MixtureKit
 
 A `{config.method}` model built by the original MixtureKit (the registry's `{OTHER_DISTRIBUTION}`, model_type

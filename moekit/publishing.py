@@ -15,6 +15,7 @@ import yaml
 
 from .distribution import install_instruction
 from .errors import OutputError
+from .sources.checkpoint_folder import card_front_matter
 
 COMPOSED_TYPE = "mixturekit"  # the checkpoint format's model_type (MixtureKitConfig.model_type)
 RECIPE_FILE = "mixturekit_recipe.yaml"
@@ -171,7 +172,7 @@ def hub_card(folder: str | Path, repo_id: str, files: dict[str, Path] | None = N
         extra = ""
     if not existing.startswith("---"):
         tags = ["moekit", "mixture-of-experts"] + ([config["method"]] if composed and config.get("method") else [])
-        existing = "---\nlibrary_name: transformers\ntags:\n" + "".join(f"- {t}\n" for t in tags) + "---\n\n" + existing
+        existing = card_front_matter(tags) + "\n" + existing
     return existing.rstrip() + "\n" + use + extra + _routing_figures(folder, files) + _evaluation_table(folder)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..distribution import install_instruction
 from ..plan import CompositionPlan
 from ..plan.summary import plan_summary
+from ..sources.checkpoint_folder import card_front_matter
 
 
 def _what_it_is(plan: CompositionPlan) -> str:
@@ -36,14 +37,7 @@ def write_model_card(plan: CompositionPlan, path: Path, model_name: str) -> None
         rows.append(f"| {model.name} | {role} | `{model.origin}` | {hashes} |")
     by_path = ("\nTools that take only a path load it with `trust_remote_code=True` when `moekit` is installed: the "
                "checkpoint's `auto_map` files only import it.\n" if plan.recipe.auto_map else "")
-    text = f"""---
-library_name: transformers
-tags:
-- moekit
-- mixture-of-experts
-- {config.method}
----
-
+    text = card_front_matter(["moekit", "mixture-of-experts", config.method]) + f"""
 # Composed with MixtureKit {__version__}
 
 {_what_it_is(plan)}

@@ -323,3 +323,8 @@ def _alive(pid: str) -> bool:
 
 def _reached(step: str) -> None:
     """A point between two steps of `swap_into_place`, named for the tests that kill a process there."""
+
+
+def card_front_matter(tags: Iterable[str]) -> str:
+    """The YAML header every model card this project writes starts with (the Hub reads library and tags from it)."""
+    return "---\nlibrary_name: transformers\ntags:\n" + "".join(f"- {tag}\n" for tag in tags) + "---\n"
