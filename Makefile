@@ -78,13 +78,16 @@ vllm-env: $(VLLM_VENV)/.installed
 demo: install
 	$(BIN)/moekit demo --workdir demo_output
 
+# Two test processes (pytest-xdist), a file each at a time: module fixtures such as the family sweep's stay in one.
+PYTEST_PARALLEL ?= -n 2 --dist loadfile
+
 test: install vllm-env
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
 test-oldest: $(OLDEST_VENV)/.installed
 	$(OLDEST_VENV)/bin/python -c 'import transformers; print("oldest allowed: transformers", transformers.__version__)'
 	# The vLLM leg runs once, in `make test`: vLLM's environment is the same for both, and it is the slowest file.
-	$(OLDEST_VENV)/bin/python -m pytest -q --ignore=tests/test_vllm.py
+	$(OLDEST_VENV)/bin/python -m pytest -q $(PYTEST_PARALLEL) --ignore=tests/test_vllm.py
 
 test-gpu:
 	$(MAKE) install VENV=$(GPU_VENV)

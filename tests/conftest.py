@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import moekit  # noqa: E402,F401  (registers the architecture)
 
-torch.set_num_threads(2)
+# Under `make test` two pytest-xdist workers share the machine's cores: one thread each keeps them from fighting.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(autouse=True)
