@@ -10,7 +10,7 @@ from typing import Any
 _WHERE = {
     "AutoAlphaCallback": "auto_alpha",
     "BiasBalanceCallback": "bias_balance", "bias_update": "bias_balance",
-    "RoutingStatsCallback": "callbacks", "find_composed_model": "callbacks",
+    "RoutingStatsCallback": "callbacks", "find_composed_model": "composed",
     "ComposedDPOTrainer": "trl_adapter", "run_dpo": "dpo",
     "POLICIES": "freeze", "TrainableSummary": "freeze", "apply_freeze_policy": "freeze", "parameter_roles": "freeze",
     "apply_lora": "lora", "load_lora": "lora", "lora_config_for": "lora",

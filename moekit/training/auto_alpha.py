@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..runtime.modeling import MixtureKitForCausalLM, TrainingRouting
-from .callbacks import find_composed_model
+from .composed import find_composed_model
 
 GROWTH, DECAY = 1.5, 0.95
 

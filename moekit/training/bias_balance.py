@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 
 from ..runtime.modeling import MixtureKitForCausalLM, TrainingRouting
 from ..runtime.routing import Router
-from .callbacks import find_composed_model
+from .composed import find_composed_model
 
 
 def bias_update(slots: torch.Tensor, rate: float) -> torch.Tensor:

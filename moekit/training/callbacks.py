@@ -15,15 +15,9 @@ from transformers import TrainerCallback
 
 from ..runtime.modeling import MixtureKitForCausalLM, TrainingRouting
 from ..runtime.routing_stats import RouterStats, RoutingStatistics, dead_threshold
+from .composed import find_composed_model
 
 logger = logging.getLogger(__name__)
-
-
-def find_composed_model(model) -> MixtureKitForCausalLM | None:
-    """The MixtureKit model inside whatever wraps it (PEFT, accelerate, DDP)."""
-    if isinstance(model, MixtureKitForCausalLM):
-        return model
-    return next((m for m in model.modules() if isinstance(m, MixtureKitForCausalLM)), None) if model else None
 
 
 class RoutingStatsCallback(TrainerCallback):

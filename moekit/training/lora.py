@@ -40,20 +40,11 @@ from ..runtime.moe_block import SparseMoeBlock
 from ..runtime.routed_linear import RoutedLinear
 from ..runtime.routing import Router
 from ..runtime.shared_expert import SHARED_EXPERT, SharedExpertGate
+from .composed import composed_model
 from .upstream_warnings import upstream_checkpointing_renames_silenced
 
 EXPERTS = "mlp.experts"  # the target name of a traditional block's stacked experts
 Targets = dict[str, dict[int, tuple[str, list[str]]]]  # block-relative name -> block index -> (kind, adapted names)
-
-
-def composed_model(model: nn.Module) -> MixtureKitForCausalLM:
-    """The `MixtureKitForCausalLM` inside `model` (itself, or wrapped by PEFT / accelerate)."""
-    if isinstance(model, MixtureKitForCausalLM):
-        return model
-    found = next((m for m in model.modules() if isinstance(m, MixtureKitForCausalLM)), None)
-    if found is None:
-        raise TrainingError(f"expected a composed MixtureKit model, got {type(model).__name__}")
-    return found
 
 
 def _block_targets(model: MixtureKitForCausalLM) -> tuple[str, Targets]:

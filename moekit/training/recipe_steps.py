@@ -19,7 +19,8 @@ from trl.data_utils import is_conversational
 from ..errors import TrainingError
 from .callbacks import save_model_and_log
 from .checkpointing import checkpointing_arguments
-from .lora import composed_model, lora_config_for
+from .composed import composed_model
+from .lora import lora_config_for
 from .upstream_warnings import upstream_checkpointing_renames_silenced
 
 

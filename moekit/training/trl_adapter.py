@@ -26,7 +26,8 @@ from trl.trainer.utils import FusedCausalLMOutput
 from ..errors import TrainingError
 from .callbacks import add_routing_callbacks
 from .checkpointing import CHECKPOINTING_ARGUMENT
-from .lora import composed_model, share_router_recorder
+from .composed import composed_model
+from .lora import share_router_recorder
 
 # The TRL range pyproject.toml requires (tests/test_trl_training.py checks that they agree): CI tests its newest release
 # (`make test`) and its oldest (`make test-oldest`), so a new TRL minor is tested by the next CI run rather than
