@@ -11,26 +11,26 @@ import torch
 import transformers
 
 from family_sweep import (
-    CACHE_LIMITATIONS, METHODS, causal_lm_types, read_expectations, readme_section, readme_table, sweep,
+    CACHE_LIMITATIONS, METHODS, causal_lm_types, read_expectations, sweep, sweep_section, sweep_table,
     unexpected_outcomes,
 )
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_PAGE = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"  # the generated family table
 # Failures known and not yet fixed, with what was found: the test fails when one closes, so it leaves this list.
 KNOWN_GAPS: set[str] = set()
 # (On transformers 5.17 BTS over Mamba is refused when it generates, by `MixtureKitForCausalLM`: that release's
 # generate cannot track the length of a cache of recurrent layers only.)
 
 
-# Swept only on the README's release: on transformers 5.17 FalconH1's tiny model took over 12 minutes and ~18 GB in
-# the sweep (its reference Mamba-2 path), in seconds on 5.24.
+# Swept only on the release the docs' table was swept with: on transformers 5.17 FalconH1's tiny model took over
+# 12 minutes and ~18 GB in the sweep (its reference Mamba-2 path), in seconds on 5.24.
 SLOW_ON_OTHER_RELEASES = {"falcon_h1"}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     types = causal_lm_types()
-    if _readme_release() != transformers.__version__:
+    if _table_release() != transformers.__version__:
         # on another release (make test-oldest) a known gap is not re-run
         types = [t for t in types if not any(gap.split()[0] == t for gap in KNOWN_GAPS)
                  and t not in SLOW_ON_OTHER_RELEASES]
@@ -42,7 +42,7 @@ def test_no_family_fails_outside_a_mixturekit_error(results):
     failures = {failure.split(": FAILED")[0]: failure for result in results for failure in result.failures}
     unexpected = [text for key, text in failures.items() if key not in KNOWN_GAPS]
     assert not unexpected, "\n".join(unexpected)
-    if _readme_release() == transformers.__version__:  # the gaps were found on that release
+    if _table_release() == transformers.__version__:  # the gaps were found on that release
         closed = sorted(KNOWN_GAPS - set(failures))
         assert not closed, f"these known gaps pass now: remove them from KNOWN_GAPS: {closed}"
 
@@ -89,27 +89,27 @@ def test_the_dense_families_pass_and_bts_spans_twenty(results):
     assert all(len(o) > len("refused: ") + 20 for r in refused for o in r.outcomes.values() if o.startswith("ref"))
 
 
-def _readme_release() -> str:
-    """The transformers release README's table was swept with."""
-    section = readme_section(README.read_text(encoding="utf-8"))
-    assert section, "README has no generated family sweep section"
+def _table_release() -> str:
+    """The transformers release docs/architectures.md's table was swept with."""
+    section = sweep_section(TABLE_PAGE.read_text(encoding="utf-8"))
+    assert section, f"{TABLE_PAGE} has no generated family sweep section"
     return section.splitlines()[1].removeprefix("Swept with transformers ").split(":")[0]
 
 
 @pytest.mark.slow
-def test_readme_architecture_table_is_the_sweeps(results):
-    if _readme_release() != transformers.__version__:
-        pytest.skip(f"README's table was swept with transformers {_readme_release()}, this is "
+def test_the_architecture_table_is_the_sweeps(results):
+    if _table_release() != transformers.__version__:
+        pytest.skip(f"docs/architectures.md's table was swept with transformers {_table_release()}, this is "
                     f"{transformers.__version__} (make test-oldest); the other tests here still sweep it")
-    assert readme_section(README.read_text(encoding="utf-8")) == readme_table(results), \
-        "README's table is stale: run `python tests/family_sweep.py`"
+    assert sweep_section(TABLE_PAGE.read_text(encoding="utf-8")) == sweep_table(results), \
+        "docs/architectures.md's table is stale: run `python tests/family_sweep.py`"
 
 
 def test_loading_fills_the_buffers_a_family_computes_in_its_init_weights(tmp_path):
     """FalconH1 computes each mixer's non-persistent `mup_vector` in its model's `_init_weights`: a composed checkpoint
     must load with the dense model's values (transformers skipped that call for models it took for custom code)."""
-    if _readme_release() != transformers.__version__:
-        pytest.skip(f"FalconH1 is in SLOW_ON_OTHER_RELEASES: checked on transformers {_readme_release()}")
+    if _table_release() != transformers.__version__:
+        pytest.skip(f"FalconH1 is in SLOW_ON_OTHER_RELEASES: checked on transformers {_table_release()}")
     from transformers import AutoModelForCausalLM
 
     from family_sweep import build_models

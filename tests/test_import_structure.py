@@ -119,12 +119,13 @@ def test_the_check_sees_a_cycle_and_a_private_import():
 
 def test_examples_and_readme_use_only_the_public_api():
     """DESIGN.md: the public API is `moekit/__init__.py`, and nothing else is imported from internals in examples
-    (the README's Python blocks included); every name they import from `moekit` exists there."""
+    (the Python blocks of the README and docs/ included); every name they import from `moekit` exists there."""
     import moekit
 
     root = PACKAGE_ROOT.parent
     sources = {str(path): path.read_text(encoding="utf-8") for path in sorted((root / "examples").rglob("*.py"))}
-    sources["README.md"] = "\n".join(re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S))
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        sources[str(page)] = "\n".join(re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S))
     internal, missing = [], []
     for where, text in sources.items():
         for target, names in re.findall(r"from (moekit[\w.]*) import ([^\n(]+|\([^)]*\))", text):

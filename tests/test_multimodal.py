@@ -144,6 +144,18 @@ def test_markdown_table_counts_outcomes():
     assert "| b | BForX | passed | refused: no | passed |" in table and "| c | — | not built: ValueError: no | | |" in table
 
 
+def test_the_sweep_rewrites_only_the_table_between_its_markers_in_the_docs():
+    """`python tests/multimodal_sweep.py` writes its table into docs/architectures.md, and nothing else there."""
+    from multimodal_sweep import TABLE_BEGIN, TABLE_END, TABLE_PAGE, with_table
+
+    page = TABLE_PAGE.read_text(encoding="utf-8")
+    table = page[page.index(TABLE_BEGIN) + len(TABLE_BEGIN) + 1:page.index(TABLE_END) - 1]
+    assert table.splitlines()[2] == "| model type | class | traditional | btx | bts |"
+    assert with_table(page, table) == page
+    before, after = page.split(f"{TABLE_BEGIN}\n{table}\n{TABLE_END}")
+    assert with_table(page, "1 of 1 ...") == f"{before}{TABLE_BEGIN}\n1 of 1 ...\n{TABLE_END}{after}"
+
+
 PIPELINE = """
     import sys, json, torch
     from PIL import Image

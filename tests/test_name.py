@@ -52,6 +52,8 @@ def _written_texts(tmp_path: Path) -> dict[str, str]:
     texts = {str(path.relative_to(ROOT)): path.read_text(encoding="utf-8")
              for path in sorted((ROOT / "moekit").rglob("*")) if path.suffix in (".py", ".html", ".j2", ".js")}
     texts["README.md"] = (ROOT / "README.md").read_text(encoding="utf-8")
+    texts.update({f"docs/{path.name}": path.read_text(encoding="utf-8")
+                  for path in sorted((ROOT / "docs").glob("*.md"))})
     sources = [save_model(make_model(tiny_config("llama"), seed), tmp_path / f"m{seed}") for seed in range(2)]
     out = moekit.compose({"method": "btx", "experts": [{"name": f"e{i}", "source": str(s)}
                                                        for i, s in enumerate(sources)]}, tmp_path / "out",
