@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,21 +55,31 @@ def vllm_python() -> Path:
     pytest.skip(message)
 
 
-def run_vllm(jobs: dict[str, tuple[Path, list[list[int]], int]], work: Path) -> dict[str, dict]:
-    """Greedy generation of each `name: (model, prompts, max_tokens)` in vLLM, all in one process of their own (one
-    import of vLLM, an engine per model, torn down before the next); per name, the outcome (`vllm_generate.py`): the
-    results, or vLLM's error for that model."""
+def start_vllm(jobs: dict[str, tuple[Path, list[list[int]], int]], work: Path) -> subprocess.Popen:
+    """Start greedy generation of each `name: (model, prompts, max_tokens)` in vLLM, all in one process of its own
+    (one import of vLLM, an engine per model, torn down before the next); `finish_vllm` collects it."""
     jobs_file = work / "vllm-jobs.json"
     jobs_file.write_text(json.dumps([{"model": str(model), "prompts": prompts, "max_tokens": max_tokens,
                                       "out": str(work / f"{name}-vllm.json")}
                                      for name, (model, prompts, max_tokens) in jobs.items()]))
-    started = time.perf_counter()
-    process = subprocess.run([str(vllm_python()), str(WORKER), str(jobs_file)], capture_output=True, text=True,
-                             timeout=300 * len(jobs))
+    with (work / "vllm.log").open("w") as log:
+        return subprocess.Popen([str(vllm_python()), str(WORKER), str(jobs_file)], stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
+def finish_vllm(process: subprocess.Popen, names: list[str], work: Path) -> dict[str, dict]:
+    """Per name, the outcome of its job (`vllm_generate.py`): the results, or vLLM's error for that model; raises
+    with vLLM's output if the process itself failed."""
+    try:
+        process.wait(timeout=300 * len(names))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     if process.returncode != 0:
-        raise RuntimeError(f"the vLLM process failed (exit {process.returncode}):\n{process.stderr[-6000:]}")
-    print(f"vLLM on {', '.join(jobs)}: {time.perf_counter() - started:.1f} s")
-    return {name: json.loads((work / f"{name}-vllm.json").read_text()) for name in jobs}
+        output = (work / "vllm.log").read_text()[-6000:]
+        raise RuntimeError(f"the vLLM process failed (exit {process.returncode}):\n{output}")
+    return {name: json.loads((work / f"{name}-vllm.json").read_text()) for name in names}
 
 
 def results(outcome: dict) -> list[dict]:
@@ -151,14 +162,31 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 SERVED = ["mixtral", "qwen2_moe", "qwen3_moe", "traditional", "btx"]
 
 
+@dataclass
+class Runs:
+    references: dict[str, list[dict]]  # transformers' greedy generations, per served model
+    served: dict[str, dict]  # vLLM's outcome per model (`finish_vllm`)
+
+
 @pytest.fixture(scope="module")
-def served(checkpoints, tmp_path_factory) -> dict[str, dict]:
+def runs(checkpoints, tmp_path_factory) -> Runs:
     """Every vLLM run of this file in one vLLM process: the served models, the dense one (for the wrong-model check)
-    and, last, bts (refused: one token asked for)."""
+    and, last, bts (refused: one token asked for); transformers' references are computed while it runs."""
     vllm_python()
     jobs = {name: (checkpoints[name], prompts(), NEW_TOKENS) for name in [*SERVED, "dense"]}
     jobs["bts"] = (checkpoints["bts"], prompts(), 1)
-    return run_vllm(jobs, tmp_path_factory.mktemp("vllm-runs"))
+    work = tmp_path_factory.mktemp("vllm-runs")
+    started = time.perf_counter()
+    process = start_vllm(jobs, work)
+    try:
+        references = {name: transformers_reference(checkpoints[name], prompts()) for name in SERVED}
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    served = finish_vllm(process, list(jobs), work)
+    print(f"vLLM on {', '.join(jobs)} (transformers' references meanwhile): {time.perf_counter() - started:.0f} s")
+    return Runs(references, served)
 
 
 def float32_rounding(model_folder: Path, reference: list[dict]) -> float:
@@ -174,29 +202,28 @@ def float32_rounding(model_folder: Path, reference: list[dict]) -> float:
             tokens = generated["tokens"]
             logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
             exact = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
-            largest = max(largest, (exact - torch.tensor(generated["logprobs"], dtype=torch.float64)).abs().max().item())
+            float32 = torch.tensor(generated["logprobs"], dtype=torch.float64)
+            largest = max(largest, (exact - float32).abs().max().item())
     return largest
 
 
 @pytest.mark.parametrize("name", SERVED)
-def test_vllm_generates_what_transformers_generates(checkpoints, served, name):
+def test_vllm_generates_what_transformers_generates(checkpoints, runs, name):
     """Exported native MoEs run by vLLM's own models; composed traditional ones by its Transformers backend with
     vLLM's fused experts, btx ones there with their routed Linears as they are."""
-    folder = checkpoints[name]
-    reference = transformers_reference(folder, prompts())
-    rounding = float32_rounding(folder, reference)
+    reference = runs.references[name]
+    rounding = float32_rounding(checkpoints[name], reference)
     assert rounding < LOGPROB_TOLERANCE, f"float32 alone moves {name}'s log-probabilities by {rounding:.1e}"
-    compared, largest = assert_same_model(reference, results(served[name]))
+    compared, largest = assert_same_model(reference, results(runs.served[name]))
     assert compared == NEW_TOKENS * PROMPTS
     print(f"{name}: {compared} tokens equal, largest log-probability difference {largest:.1e} "
           f"(transformers float32 against float64: {rounding:.1e})")
 
 
-def test_the_comparison_tells_a_wrong_model_from_the_right_one(checkpoints, served):
+def test_the_comparison_tells_a_wrong_model_from_the_right_one(runs):
     """The dense model the composition started from, served by vLLM, fails the comparison with the composed model."""
-    reference = transformers_reference(checkpoints["traditional"], prompts())
     with pytest.raises(AssertionError, match="differ"):
-        assert_same_model(reference, results(served["dense"]))
+        assert_same_model(runs.references["traditional"], results(runs.served["dense"]))
 
 
 @pytest.mark.parametrize("method", ["traditional", "btx"])
@@ -230,9 +257,9 @@ def test_bts_is_refused_before_any_weight_is_read(checkpoints):
         export(checkpoints["bts"], "mixtral", checkpoints["bts"].parent / "bts-mixtral")
 
 
-def test_vllm_reports_the_bts_refusal_before_reading_weights(served):
+def test_vllm_reports_the_bts_refusal_before_reading_weights(runs):
     """In vLLM's own process the refusal comes while the model is built, before its weights are read."""
-    outcome = served["bts"]
+    outcome = runs.served["bts"]
     assert "nor can it be exported" in outcome.get("error", ""), outcome
     assert outcome["loaded_weights"] is False
 

@@ -36,7 +36,8 @@ def vllm_python(explicit: str | Path | None = None) -> str:
 
 
 def check_servable(checkpoint: str | Path) -> None:
-    """Refuse, before vLLM starts, what it does not serve: a missing checkpoint, a bts composition (`refuse_in_vllm`)."""
+    """Refuse, before vLLM starts, what it does not serve: a missing checkpoint, a bts composition
+    (`refuse_in_vllm`)."""
     folder = Path(checkpoint)
     if stored_model_type(folder) is None:
         raise SourceError(f"'{checkpoint}' holds no config.json: give a composed or exported checkpoint folder")
