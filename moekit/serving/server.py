@@ -2,8 +2,8 @@
 
 vLLM pins its own torch and transformers, so it usually lives in an environment of its own (`make vllm-env`) with
 `moekit` installed there too (its plugin registers composed checkpoints, `vllm_plugin`). This command checks the
-checkpoint first (btx and bts compositions are refused here, before vLLM starts), then replaces itself with `vllm serve`
-run by that environment's Python.
+checkpoint first (bts compositions, and what vLLM cannot compute as transformers does, are refused here, before
+vLLM starts), then replaces itself with `vllm serve` run by that environment's Python.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def vllm_python(explicit: str | Path | None = None) -> str:
 
 
 def check_servable(checkpoint: str | Path) -> None:
-    """Refuse, before vLLM starts, what it does not serve: a missing checkpoint, a btx or bts composition."""
+    """Refuse, before vLLM starts, what it does not serve: a missing checkpoint, a bts composition
+    (`refuse_in_vllm`)."""
     folder = Path(checkpoint)
     if stored_model_type(folder) is None:
         raise SourceError(f"'{checkpoint}' holds no config.json: give a composed or exported checkpoint folder")

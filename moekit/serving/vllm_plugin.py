@@ -15,9 +15,9 @@ from ..errors import UnsupportedArchitectureError
 
 ARCHITECTURE = "MixtureKitForCausalLM"
 # What vLLM is proven to run as transformers does (tests/test_vllm.py: greedy tokens equal, log-probabilities within
-# 1e-4). btx runs there, but its log-probabilities differed from transformers' by 2.2e-4 (tokens equal), the cause
-# not yet found, so it is refused rather than served unproven; bts cannot run there at all (`runtime.backbone`).
-SERVED_METHODS = ("traditional",)
+# 1e-4): traditional through vLLM's fused MoE layer, btx with its routed Linears run as they are. bts cannot run there
+# at all (`runtime.backbone`).
+SERVED_METHODS = ("traditional", "btx")
 
 
 # vLLM's fused MoE kernel applies a gated SiLU (silu(gate) * up) whatever the model's own activation.
@@ -38,15 +38,17 @@ def refuse_in_vllm(config: MixtureKitConfig) -> None:
             f"a traditional composition of '{language.model_type}' (FFN activation {activation!r}) is not served by "
             f"vLLM here: its fused MoE kernel applies SiLU ({', '.join(FUSED_ACTIVATIONS)} only), so the experts "
             f"would compute another function; {instead}")
+    if config.method == "bts":
+        raise UnsupportedArchitectureError(
+            "a bts composition is not served by vLLM: its expert streams are whole decoders beside the hub, with "
+            "attention layers of their own, which vLLM (one decoder, one KV cache) cannot hold; nor can it be "
+            "exported to a native MoE that vLLM serves (a hub with stitched streams has no native equivalent); "
+            "serve it with transformers (AutoModelForCausalLM after `import moekit`), or compose with method: "
+            "traditional, which serves in vLLM and exports to native MoE checkpoints (moekit export)")
     if config.method not in SERVED_METHODS:
         raise UnsupportedArchitectureError(
-            f"a {config.method} composition is not served by vLLM here (only {', '.join(SERVED_METHODS)}): "
-            + ("its expert streams are whole decoders with attention of their own, which vLLM cannot hold; "
-               if config.method == "bts" else
-               "it runs in vLLM's Transformers backend, but its log-probabilities differ from transformers' by more "
-               "than the 1e-4 the tests hold served models to; ")
-            + "serve it with transformers (AutoModelForCausalLM after `import moekit`), or compose with "
-              "method: traditional, which serves in vLLM and exports to native MoE checkpoints (moekit export)")
+            f"a {config.method} composition is not served by vLLM here (only {', '.join(SERVED_METHODS)}); "
+            f"{instead}")
 # vLLM's Transformers backend with fused experts: traditional's stacked experts follow transformers' experts
 # convention and run in vLLM's fused MoE kernel; btx's routed Linears run as they are.
 VLLM_CLASS = "vllm.model_executor.models.transformers:TransformersMoEForCausalLM"
