@@ -171,3 +171,50 @@ def test_the_decoding_kernels_tiling_keeps_programs_and_bytes_in_flight(rows, ou
     assert block_k <= max(16, 1 << (in_features - 1).bit_length())
     if block_k < in_features:  # the row is long enough: every step loads a full tile, as large for 8 columns as 64
         assert block_n * block_k == max(_TILE_ELEMENTS, block_n * _MIN_INNER)
+
+
+@pytest.mark.parametrize("tokens,top_k,with_bias", [(1, 1, False), (1, 2, True), (2, 2, False), (3, 1, True)])
+def test_the_decoding_path_for_token_rows_equals_a_loop_over_slots(tokens, top_k, with_bias):
+    """`chosen_experts_output` with one row per token (shared by its k slots, no copy) against a float64 loop over
+    slots: each slot's row through its chosen expert, then each token's k outputs mixed by its routing weights."""
+    experts, d_in, d_out = 4, 16, 24
+    generator = torch.Generator().manual_seed(tokens * 10 + top_k)
+    rows = torch.randn(tokens, d_in, generator=generator)
+    weight = torch.randn(experts, d_out, d_in, generator=generator)
+    bias = torch.randn(experts, d_out, generator=generator) if with_bias else None
+    chosen = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
+    mix = torch.softmax(torch.randn(tokens, top_k, generator=generator), dim=-1)
+    per_slot = [[weight[e].double() @ rows[t].double() + (bias[e].double() if with_bias else 0) for e in chosen[t]]
+                for t in range(tokens)]
+    want_slots = torch.stack([out for token in per_slot for out in token])
+    want_mixed = torch.stack([sum(mix[t, j].double() * per_slot[t][j] for j in range(top_k)) for t in range(tokens)])
+    got_slots = experts_module.chosen_experts_token_linear(rows, weight, bias, chosen)
+    torch.testing.assert_close(got_slots.double(), want_slots, atol=1e-5, rtol=1e-5)
+    got_mixed = experts_module.chosen_experts_output(rows, weight, bias, chosen, mix)
+    assert got_mixed.dtype == torch.float32 and got_mixed.shape == (tokens, d_out)
+    torch.testing.assert_close(got_mixed.double(), want_mixed, atol=1e-5, rtol=1e-5)
+    # one row per slot (the down projection's input) takes the gathered-weights reference; the same numbers
+    slot_rows = rows.repeat_interleave(top_k, dim=0)
+    torch.testing.assert_close(experts_module.chosen_experts_output(slot_rows, weight, bias, chosen, mix), got_mixed,
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_mixing_16_bit_slots_rounds_once_from_float32():
+    generator = torch.Generator().manual_seed(0)
+    slots = torch.randn(6, 10, generator=generator).bfloat16()
+    weights = torch.softmax(torch.randn(3, 2, generator=generator), dim=-1)
+    want = (slots.double().view(3, 2, 10) * weights.double().unsqueeze(-1)).sum(1)
+    got = experts_module.mix_slots(slots, weights)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=2 ** -8)  # one bf16 rounding of the exact sum
+    torch.testing.assert_close(experts_module.mix_slots(slots.float(), weights).double(), want, atol=1e-6, rtol=0)
+
+
+def test_the_copy_limit_counts_one_expert_of_every_parameter(monkeypatch):
+    weight, bias = torch.randn(4, 8, 6), torch.randn(4, 8)
+    one_expert = (8 * 6 + 8) * 4  # bytes
+    with torch.no_grad():
+        monkeypatch.setattr(experts_module, "FEW_TOKEN_COPY_LIMIT_BYTES", 2 * one_expert)
+        assert experts_module.few_tokens_at_inference(1, 2, 4, weight, bias, None)
+        monkeypatch.setattr(experts_module, "FEW_TOKEN_COPY_LIMIT_BYTES", 2 * one_expert - 1)
+        assert not experts_module.few_tokens_at_inference(1, 2, 4, weight, bias, None)

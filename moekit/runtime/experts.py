@@ -92,14 +92,17 @@ def few_tokens_at_inference(num_tokens: int, top_k: int, num_experts: int, *para
     they fit in `FEW_TOKEN_COPY_LIMIT_BYTES`, and not while compiling (a static-cache decode is CUDA-graphed, so
     launches are cheap and copies are not)."""
     slots = num_tokens * top_k
+    if slots > num_experts:
+        return False
     present = [p for p in parameters if p is not None]
-    if slots > num_experts or (torch.is_grad_enabled() and any(p.requires_grad for p in present)):
+    if torch.is_grad_enabled() and any(p.requires_grad for p in present):
         return False
     if can_run_kernel(present[0]):
         return True
     if torch.compiler.is_compiling():
         return False
-    return slots * sum(p[0].numel() * p.element_size() for p in present) <= FEW_TOKEN_COPY_LIMIT_BYTES
+    # one expert's bytes from the shape (indexing `p[0]` would dispatch an operator per parameter and step)
+    return slots * sum(p.numel() // p.shape[0] * p.element_size() for p in present) <= FEW_TOKEN_COPY_LIMIT_BYTES
 
 
 def chosen_experts_output(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -109,8 +112,10 @@ def chosen_experts_output(inputs: torch.Tensor, weight: torch.Tensor, bias: torc
     else returned per slot (`[N*k, out]`)."""
     if can_run_kernel(inputs):
         return chosen_experts_matvec(inputs, weight, bias, experts, mix)
-    rows = inputs if inputs.shape[0] == experts.numel() else slot_inputs(inputs, experts.shape[-1])
-    output = chosen_experts_linear(rows, weight, bias, experts.reshape(-1))
+    if inputs.shape[0] == experts.numel():
+        output = chosen_experts_linear(inputs, weight, bias, experts.reshape(-1))
+    else:
+        output = chosen_experts_token_linear(inputs, weight, bias, experts)
     return output if mix is None else mix_slots(output, mix)
 
 
@@ -124,6 +129,19 @@ def chosen_experts_linear(
     return output if bias is None else output + bias.index_select(0, experts)
 
 
+def chosen_experts_token_linear(
+    tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, experts: torch.Tensor
+) -> torch.Tensor:
+    """`chosen_experts_linear` where each token's row serves its k slots (`tokens [N, in]`, `experts [N, k]`): the k
+    chosen weights of a token stacked as one `[k*out, in]` matrix times its row, so the row is not copied k times.
+    Returns `[N*k, out]` in slot order."""
+    num_tokens, top_k = experts.shape
+    flat = experts.reshape(-1)
+    chosen = weight.index_select(0, flat).view(num_tokens, top_k * weight.shape[1], weight.shape[2])
+    output = torch.bmm(chosen, tokens.unsqueeze(-1)).view(num_tokens * top_k, weight.shape[1])
+    return output if bias is None else output + bias.index_select(0, flat)
+
+
 def mix_slots(slot_outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Each token's k slot outputs (`[N*k, out]` in slot order) mixed by its routing weights `[N, k]`.
 
@@ -134,6 +152,8 @@ def mix_slots(slot_outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     """
     num_tokens, top_k = weights.shape
     slots = slot_outputs.view(num_tokens, top_k, -1)
+    if slots.dtype == torch.float32 and weights.dtype == torch.float32:  # no conversions to dispatch (decoding)
+        return (slots * weights.unsqueeze(-1)).sum(dim=1)
     return (slots.float() * weights.float().unsqueeze(-1)).sum(dim=1).to(slot_outputs.dtype)
 
 

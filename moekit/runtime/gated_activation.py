@@ -140,6 +140,8 @@ def fused_silu_mul(hidden: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up` for a contiguous CUDA `[rows, 2f]` tensor, by the Triton kernels (they must be available)."""
     if torch.compiler.is_compiling():
         return _OPERATOR(hidden.contiguous())
+    if not (hidden.requires_grad and torch.is_grad_enabled()):  # decoding: the kernel without the Function's host time
+        return _launch_forward(hidden.contiguous())
     return _FusedSiluMul.apply(hidden.contiguous())
 
 

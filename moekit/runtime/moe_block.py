@@ -27,6 +27,7 @@ class StackedExperts(nn.Module):
         self.num_experts = num_experts
         self.gated = layout.kind == "gated"
         self.up_name = "gate_up_proj" if self.gated else "up_proj"
+        self.up_bias_name = f"{self.up_name}_bias"
         up_rows = 2 * intermediate_size if self.gated else intermediate_size
         self.register_parameter(self.up_name, nn.Parameter(torch.empty(num_experts, up_rows, hidden_size)))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
@@ -54,7 +55,9 @@ class StackedExperts(nn.Module):
         The signature of transformers' experts modules (`experts(hidden_states, top_k_index, top_k_weights)`), so
         tools that swap a fused kernel in for a model's experts (vLLM's Transformers backend) find ours as theirs.
         A few tokens at inference skip the sort (`forward_chosen`); otherwise slots are grouped by expert."""
-        if few_tokens_at_inference(hidden_states.shape[0], top_k_index.shape[-1], self.num_experts, *self.parameters()):
+        if few_tokens_at_inference(hidden_states.shape[0], top_k_index.shape[-1], self.num_experts,
+                                   getattr(self, self.up_name), self.down_proj, getattr(self, self.up_bias_name),
+                                   self.down_proj_bias):
             return self.forward_chosen(hidden_states, top_k_index, top_k_weights)
         plan = dispatch(top_k_index, top_k_weights, self.num_experts)
         return combine(self.forward_groups(gather_slots(hidden_states, plan), plan.groups), plan)
@@ -62,13 +65,13 @@ class StackedExperts(nn.Module):
     def forward_groups(self, sorted_inputs: torch.Tensor, groups: Groups) -> torch.Tensor:
         """Rows already sorted into contiguous per-expert groups, each through its expert (no mixing)."""
         up = getattr(self, self.up_name)
-        hidden = grouped_linear(sorted_inputs, up, groups, getattr(self, f"{self.up_name}_bias"), self.backend)
+        hidden = grouped_linear(sorted_inputs, up, groups, getattr(self, self.up_bias_name), self.backend)
         return grouped_linear(self.activate(hidden), self.down_proj, groups, self.down_proj_bias, self.backend)
 
     def forward_chosen(self, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each token's k slots through their own experts, mixed by `weights` (few tokens at inference; no sort)."""
         up = getattr(self, self.up_name)
-        hidden = chosen_experts_output(tokens, up, getattr(self, f"{self.up_name}_bias"), experts)
+        hidden = chosen_experts_output(tokens, up, getattr(self, self.up_bias_name), experts)
         return chosen_experts_output(self.activate(hidden), self.down_proj, self.down_proj_bias, experts, weights)
 
 

@@ -83,6 +83,8 @@ def float32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         else:  # decoding: the same product without the autograd Function's host time
             logits = torch.mm(flat, weight.t(), out_dtype=torch.float32)
         return logits.view(*hidden.shape[:-1], weight.shape[0])
+    if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.linear(hidden, weight)  # no conversions to dispatch: a decoding step calls this once per router
     return F.linear(hidden.float(), weight.float())
 
 
@@ -161,7 +163,7 @@ def route(
 
     Returns (weights `[N, k]` float32, expert indices `[N, k]`).
     """
-    logits = router_logits.float()
+    logits = router_logits if router_logits.dtype == torch.float32 else router_logits.float()
     if expert_bias is None:
         # The top k of the softmax are the top k logits, and their renormalised probabilities are the softmax of those
         # k logits alone: two kernels instead of four, which matters when decoding one token at a time.
