@@ -146,7 +146,8 @@ def _capture(
                                        "weights": weights[position].tolist(),
                                        "probs": probabilities[position].tolist(), "dominant": names[top[0]]})
             for k, stitch in enumerate(stitches):
-                streams = (["hub"] + names) if stitch.direction == MERGE else names
+                running = [n for n in names if n not in set(getattr(config, "disabled_experts", None) or ())]
+                streams = (["hub"] + running) if stitch.direction == MERGE else running
                 for stream, gate in zip(streams, stitch.last_gates or []):
                     means, stds = gate[0].float().mean(-1).cpu(), gate[0].float().std(-1).cpu()
                     for position, token in enumerate(tokens):
