@@ -1,0 +1,159 @@
+"""Lifecycle of experts (DESIGN.md invariant): removing an expert gives exactly the model with that expert's router
+logit masked out (top-k over the rest), and opting it out at inference is the same function.
+
+The reference for "masked" is built here, independently of `disable_experts`: a forward hook that sets the expert's
+column of every router's logits to -inf (traditional, btx), or that stream's merge-gate bias to -1e30 so its softmax
+weight underflows to exactly 0 (bts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moekit import compose, export
+from moekit.editing import EditError, remove_experts
+from moekit.errors import MixtureKitError
+from moekit.runtime import Router
+from tiny_models import ARCHITECTURES, VOCAB, make_model, randomise_stitches, save_model, tiny_config
+
+ROUTED = ["traditional", "btx"]
+BTS_FAMILIES = ["llama", "qwen3", "gpt2"]
+
+
+def _tokens(batch=2, length=9, seed=3):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _recipe(method, folders, k=2):
+    experts = [{"name": f"e{i}", "source": str(f)} for i, f in enumerate(folders)]
+    if method == "bts":
+        return {"method": "bts", "base": {"name": "hub", "source": str(folders[0])}, "experts": experts}
+    return {"method": method, "experts": experts, "num_experts_per_tok": k}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def family(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    config = tiny_config(request.param)
+    return request.param, root, [save_model(make_model(config, s), root / f"dense{s}") for s in range(3)]
+
+
+def _composed(method, root, folders):
+    """A composed checkpoint of three different experts (bts: with random stitches, so streams reach the output)."""
+    out = compose(_recipe(method, folders), root / f"composed-{method}", progress=False, overwrite=True)
+    if method != "bts":
+        return out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    randomise_stitches(model, seed=1)
+    model.save_pretrained(root / f"stitched-{method}")
+    return root / f"stitched-{method}"
+
+
+def _masked_reference(model, expert: int):
+    """Hooks that mask `expert` by hand: its router column at -inf, or its merge-gate chunk's bias at -1e30."""
+    if model.config.method == "bts":
+        hub = model.config.hidden_size
+        with torch.no_grad():
+            for stitch in model.stitches:
+                if stitch.direction == "merge":
+                    stitch.gate.bias[(expert + 1) * hub:(expert + 2) * hub] = -1e30
+        return []
+
+    def mask(module, args, output):
+        output = output.clone()
+        output[..., expert] = float("-inf")
+        return output
+    return [router.register_forward_hook(mask) for _, router in model.routers()]
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+def _check_remove_equals_mask(method, root, folders, tmp_path):
+    composed = _composed(method, root, folders)
+    tokens = _tokens()
+    reference = AutoModelForCausalLM.from_pretrained(composed).eval()
+    full = _logits(reference, tokens)
+    handles = _masked_reference(reference, expert=1)
+    masked = _logits(reference, tokens)
+    for handle in handles:
+        handle.remove()
+    assert (masked - full).abs().max() > 1e-4, "masking expert e1 changed nothing: the test would be vacuous"
+
+    smaller = remove_experts(composed, "e1", tmp_path / "removed")
+    removed = AutoModelForCausalLM.from_pretrained(smaller).eval()
+    assert removed.config.expert_names == ["e0", "e2"]
+    assert removed.config.edits == [{"operation": "remove", "experts": ["e1"]}]
+    torch.testing.assert_close(_logits(removed, tokens), masked, atol=1e-6, rtol=0)
+
+    opted_out = AutoModelForCausalLM.from_pretrained(composed).eval()
+    opted_out.disable_experts(["e1"])
+    torch.testing.assert_close(_logits(opted_out, tokens), masked, atol=1e-6, rtol=0)
+    assert sum(p.numel() for p in removed.parameters()) < sum(p.numel() for p in opted_out.parameters())
+
+
+@pytest.mark.parametrize("method", ROUTED)
+def test_remove_equals_masked_router_logit(family, method, tmp_path):
+    _, root, folders = family
+    _check_remove_equals_mask(method, root, folders, tmp_path)
+
+
+@pytest.mark.parametrize("model_type", BTS_FAMILIES)
+def test_bts_remove_equals_stream_left_out_of_stitches(model_type, tmp_path):
+    config = tiny_config(model_type)
+    folders = [save_model(make_model(config, s), tmp_path / f"dense{s}") for s in range(3)]
+    _check_remove_equals_mask("bts", tmp_path, folders, tmp_path)
+
+
+def test_opt_out_is_saved_generates_and_can_be_undone(tmp_path):
+    config = tiny_config("llama")
+    folders = [save_model(make_model(config, s), tmp_path / f"dense{s}") for s in range(3)]
+    composed = compose(_recipe("traditional", folders), tmp_path / "composed", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(composed).eval()
+    tokens = _tokens()
+    full = _logits(model, tokens)
+    model.disable_experts(["e2"])
+    masked = _logits(model, tokens)
+    model.save_pretrained(tmp_path / "opted-out")
+    assert json.loads((tmp_path / "opted-out" / "config.json").read_text())["disabled_experts"] == ["e2"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "opted-out").eval()
+    torch.testing.assert_close(_logits(reloaded, tokens), masked, atol=0, rtol=0)
+    with torch.no_grad():  # greedy generation never routes a token to the opted-out expert
+        chosen = []
+        hooks = [r.register_forward_hook(lambda m, a, o: chosen.append(torch.topk(o, 2).indices))
+                 for _, r in reloaded.routers()]
+        reloaded.generate(tokens[:1], max_new_tokens=4, do_sample=False)
+        for h in hooks:
+            h.remove()
+    assert chosen and all((c != 2).all() for c in chosen)
+    reloaded.enable_experts()
+    torch.testing.assert_close(_logits(reloaded, tokens), full, atol=0, rtol=0)
+    with pytest.raises(MixtureKitError, match="unknown expert"):
+        reloaded.disable_experts(["nope"])
+    with pytest.raises(MixtureKitError, match="needs at least 2"):
+        reloaded.disable_experts(["e0", "e1"])
+    assert reloaded.config.disabled_experts == []
+    with pytest.raises(MixtureKitError, match="opted out"):
+        export(tmp_path / "opted-out", to="mixtral", output=tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
+
+
+def test_bad_removals_are_refused_and_write_nothing(tmp_path):
+    config = tiny_config("llama")
+    folders = [save_model(make_model(config, s), tmp_path / f"dense{s}") for s in range(3)]
+    composed = compose(_recipe("traditional", folders), tmp_path / "composed", progress=False)
+    with pytest.raises(EditError, match="no expert named 'e9'.*e0, e1, e2"):
+        remove_experts(composed, "e9", tmp_path / "out")
+    with pytest.raises(EditError, match="leave 1 of 3 experts.*top-2"):
+        remove_experts(composed, ["e0", "e1"], tmp_path / "out")
+    with pytest.raises(EditError, match="not a composed one"):
+        remove_experts(folders[0], "e0", tmp_path / "out")
+    with pytest.raises(MixtureKitError, match="already exists"):
+        remove_experts(composed, "e0", folders[1])
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".moekit-partial-*"))
