@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moekit import compose, export
-from moekit.editing import EditError, remove_experts
+from moekit.editing import EditError, add_expert, remove_experts
 from moekit.errors import MixtureKitError
 from moekit.runtime import Router
 from tiny_models import ARCHITECTURES, VOCAB, make_model, randomise_stitches, save_model, tiny_config
@@ -157,3 +157,41 @@ def test_bad_removals_are_refused_and_write_nothing(tmp_path):
         remove_experts(composed, "e0", folders[1])
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".moekit-partial-*"))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi"])
+@pytest.mark.parametrize("method", ROUTED)
+def test_added_copy_of_the_base_keeps_the_dense_model_and_remove_undoes_add(model_type, method, tmp_path):
+    config = tiny_config(model_type)
+    dense = make_model(config, 0)
+    folders = [save_model(dense, tmp_path / "dense0"), save_model(make_model(config, 1), tmp_path / "dense1")]
+    tokens = _tokens()
+    copies = compose(_recipe(method, [folders[0]] * 2), tmp_path / "copies", progress=False)
+    grown = add_expert(copies, "third", folders[0], tmp_path / "grown")
+    model = AutoModelForCausalLM.from_pretrained(grown).eval()
+    assert model.config.expert_names == ["e0", "e1", "third"]
+    with torch.no_grad():  # random rows for the old experts, zero for the new: any routing gives the dense model
+        torch.testing.assert_close(_logits(model, tokens), _logits(dense.eval(), tokens), atol=1e-5, rtol=0)
+
+    mixed = compose(_recipe(method, folders), tmp_path / "mixed", progress=False)
+    original = _logits(AutoModelForCausalLM.from_pretrained(mixed).eval(), tokens)
+    added = add_expert(mixed, "new", folders[1], tmp_path / "added")
+    back = remove_experts(added, "new", tmp_path / "back")
+    restored = AutoModelForCausalLM.from_pretrained(back).eval()
+    torch.testing.assert_close(_logits(restored, tokens), original, atol=0, rtol=0)
+    assert [e["operation"] for e in restored.config.edits] == ["add", "remove"]
+    assert "## Edits" in (back / "README.md").read_text()
+
+
+def test_adding_another_base_or_a_known_name_is_refused(tmp_path):
+    folders = [save_model(make_model(tiny_config("llama"), s), tmp_path / f"dense{s}") for s in range(2)]
+    composed = compose(_recipe("traditional", folders), tmp_path / "composed", progress=False)
+    other = save_model(make_model(tiny_config("qwen2"), 0), tmp_path / "qwen2")
+    wider = save_model(make_model(tiny_config("llama", intermediate_size=64), 0), tmp_path / "wider")
+    with pytest.raises(EditError, match="qwen2 model, but this composition's base is llama"):
+        add_expert(composed, "x", other, tmp_path / "out")
+    with pytest.raises(EditError, match="intermediate_size 64"):
+        add_expert(composed, "x", wider, tmp_path / "out")
+    with pytest.raises(EditError, match="already in this checkpoint"):
+        add_expert(composed, "e0", folders[0], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 """Editing composed checkpoints: remove, add and prune experts, each an exact operation on the routing, streamed
 like compose and recorded in the config's `edits` and the model card."""
 
+from .add import add_expert
 from .remove import EditError, remove_experts
 
-__all__ = ["EditError", "remove_experts"]
+__all__ = ["EditError", "add_expert", "remove_experts"]
