@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moekit import compose, export
-from moekit.editing import EditError, add_expert, remove_experts
+from moekit.editing import EditError, add_expert, prune_experts, remove_experts
 from moekit.errors import MixtureKitError
 from moekit.runtime import Router
 from tiny_models import ARCHITECTURES, VOCAB, make_model, randomise_stitches, save_model, tiny_config
@@ -195,3 +195,61 @@ def test_adding_another_base_or_a_known_name_is_refused(tmp_path):
     with pytest.raises(EditError, match="already in this checkpoint"):
         add_expert(composed, "e0", folders[0], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _save_word_tokenizer(folder):
+    """A word-level tokenizer over the tiny vocabulary (`t0` ... `t95`), so the CLI can read text data."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", pad_token="t0").save_pretrained(folder)
+
+
+def test_prune_drops_the_unused_expert_and_its_export_loads(tmp_path):
+    """An opted-out expert is routed no slot, so pruning one expert must drop it: the pruned checkpoint is the
+    opted-out model exactly, and its Mixtral export gives its logits."""
+    config = tiny_config("llama")
+    folders = [save_model(make_model(config, s), tmp_path / f"dense{s}") for s in range(4)]
+    _save_word_tokenizer(folders[0])
+    composed = compose(_recipe("traditional", folders), tmp_path / "composed", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(composed)
+    model.disable_experts(["e2"])
+    model.save_pretrained(tmp_path / "opted-out")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "opted-out" / name).write_bytes((composed / name).read_bytes())
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(" ".join(f"t{(7 * j + i) % VOCAB}" for i in range(12)) for j in range(6)))
+    tokens = _tokens()
+    opted_out = _logits(model.eval(), tokens)
+
+    path, usage = prune_experts(tmp_path / "opted-out", 1, data, tmp_path / "pruned")
+    assert usage["e2"] == 0 and all(usage[n] > 0 for n in ("e0", "e1", "e3"))
+    assert abs(sum(usage.values()) - 1) < 1e-9
+    pruned = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert pruned.config.expert_names == ["e0", "e1", "e3"] and pruned.config.disabled_experts == []
+    assert pruned.config.edits[-1]["operation"] == "prune"
+    torch.testing.assert_close(_logits(pruned, tokens), opted_out, atol=1e-6, rtol=0)
+    exported = export(path, to="mixtral", output=tmp_path / "mixtral")
+    native = AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert native.config.num_local_experts == 3
+    torch.testing.assert_close(_logits(native, tokens), opted_out, atol=1e-5, rtol=0)
+
+    from typer.testing import CliRunner
+    from moekit.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["edit", str(tmp_path / "opted-out"), "--prune", "1", "--data", str(data),
+                                 "-o", str(tmp_path / "pruned-cli")])
+    assert result.exit_code == 0, result.output
+    assert "e2 0.000" in result.output and "experts (3, top-2): e0, e1, e3" in result.output
+    assert "prune: e2" in result.output
+    result = runner.invoke(app, ["edit", str(path), "--add", f"back={folders[2]}", "-o", str(tmp_path / "added")])
+    assert result.exit_code == 0, result.output
+    assert "back (added from" in result.output and "e0 (composed)" in result.output
+    result = runner.invoke(app, ["edit", str(path), "--remove", "e0", "--remove", "e1", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "leave 1 of 3 experts" in result.output
+    result = runner.invoke(app, ["edit", str(path), "--prune", "1", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--prune needs --data" in result.output
+    assert not (tmp_path / "x").exists()
