@@ -253,3 +253,51 @@ def test_prune_drops_the_unused_expert_and_its_export_loads(tmp_path):
     result = runner.invoke(app, ["edit", str(path), "--prune", "1", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--prune needs --data" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_compose_with_data_router_sends_each_domain_to_its_expert(tmp_path):
+    """`router_init: data` in the recipe: compose fits the routers from a text file per expert, no training; on
+    held-out toy-domain text each domain's (token, router) pairs go mostly to its own expert (random routers: about
+    half)."""
+    from moekit import load_recipe
+    from moekit.editing.router_fit import fit_routers_from_data
+    from toy_domains import domain_blocks, dominant_share, make_experts
+
+    folders = make_experts(tmp_path)
+    for folder in folders.values():
+        _save_word_tokenizer(folder)
+    files = {}
+    for index, domain in enumerate(("a", "b")):
+        files[domain] = tmp_path / f"{domain}.txt"
+        files[domain].write_text("\n".join(" ".join(f"t{t}" for t in row.tolist())
+                                           for row in domain_blocks(domain, 48, 16, seed=30 + index)))
+    recipe = {"method": "traditional", "num_experts_per_tok": 1,
+              "experts": [{"name": d, "source": str(folders[d])} for d in ("a", "b")]}
+    held_out = {"a": domain_blocks("a", 32, 16, 20), "b": domain_blocks("b", 32, 16, 21)}
+
+    def shares(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        return [dominant_share(model, held_out[d], i) for i, d in enumerate(("a", "b"))]
+
+    random = shares(compose(recipe, tmp_path / "random", progress=False))
+    fitted_recipe = {**recipe, "router_init": "data", "router_data": {d: str(f) for d, f in files.items()}}
+    fitted = compose(fitted_recipe, tmp_path / "fitted", progress=False)
+    fitted_shares = shares(fitted)
+    assert all(share >= 0.8 for share in fitted_shares), (fitted_shares, random)
+    assert sum(random) / 2 < 0.75, random  # random routers: about chance, so the fit is what routes by domain
+    config = json.loads((fitted / "config.json").read_text())
+    assert config["edits"] == [] and "fitted without training" in (fitted / "README.md").read_text()
+    assert not list(tmp_path.glob(".moekit-partial-*"))
+    # the same fit on a checkpoint already composed: recorded as an edit, and the same routers
+    refit = fit_routers_from_data(tmp_path / "random", files, tmp_path / "refit")
+    assert json.loads((refit / "config.json").read_text())["edits"][0]["operation"] == "fit_routers"
+    assert shares(refit) == fitted_shares
+
+    with pytest.raises(MixtureKitError, match="router_data with a file for every expert"):
+        load_recipe({**recipe, "router_init": "data", "router_data": {"a": str(files["a"])}})
+    with pytest.raises(MixtureKitError, match="router_data is read only with router_init: data"):
+        load_recipe({**recipe, "router_data": {d: str(f) for d, f in files.items()}})
+    with pytest.raises(MixtureKitError, match="router_data files not found"):
+        compose({**fitted_recipe, "router_data": {"a": str(files["a"]), "b": str(tmp_path / "none.txt")}},
+                tmp_path / "nothing", progress=False)
+    assert not (tmp_path / "nothing").exists()

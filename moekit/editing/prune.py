@@ -65,9 +65,10 @@ def least_used(usage: dict[str, float], count: int) -> list[str]:
 
 
 def prune_experts(checkpoint: str | Path, count: int, data: str | Path | list[str] | torch.Tensor,
-                  output: str | Path, overwrite: bool = False, progress: bool = False) -> tuple[Path, dict[str, float]]:
+                  output: str | Path, overwrite: bool = False, progress: bool = False,
+                  device: str | None = None) -> tuple[Path, dict[str, float]]:
     """Drop the `count` least used experts over `data` (a file, texts or token ids); returns the output and the
-    usage it decided by."""
+    usage it decided by. `device`: where the model runs over the data."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     require_composed(checkpoint, "only a composition has experts to prune", EditError)
@@ -80,6 +81,8 @@ def prune_experts(checkpoint: str | Path, count: int, data: str | Path | list[st
                         f"most {config.num_experts - config.num_experts_per_tok}")
     texts = read_texts(data) if isinstance(data, (str, Path)) else data
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    if device is not None:
+        model.to(device)
     tokenizer = None if isinstance(texts, torch.Tensor) else AutoTokenizer.from_pretrained(checkpoint)
     usage = expert_usage(model, texts, tokenizer)
     del model

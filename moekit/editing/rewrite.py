@@ -50,12 +50,12 @@ def _chunks(info: TensorInfo, kind: ExpertRows, num_experts: int) -> tuple[int, 
 
 
 def edited_checkpoint(
-    checkpoint: str | Path, output: str | Path, keep: list[int], edit: dict, added: NewExpert | None = None,
+    checkpoint: str | Path, output: str | Path, keep: list[int], edit: dict | None, added: NewExpert | None = None,
     overwrite: bool = False, shard_size: int | str = "2GB", progress: bool = False,
     replaced: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `checkpoint` with only the experts at indices `keep` (in that order), then `added`, to `output`;
-    `edit` is appended to the config's `edits`. `replaced`: whole tensors (router weights) written instead of the
+    `edit` is appended to the config's `edits` (None: nothing is recorded). `replaced`: whole tensors (router weights) written instead of the
     stored ones, by name. Nothing is written when anything is refused."""
     checkpoint = Path(checkpoint)
     output = Path(output).expanduser().absolute()
@@ -94,6 +94,9 @@ def edited_checkpoint(
         else:
             slots.append(TensorSlot(name, info.dtype, info.shape))
             parts[name] = (lambda info=info: iter([FileSlice(info.file, info.start, info.nbytes, info.dtype)]))
+    unmatched = sorted(set(replaced or {}) - set(reader.tensors))
+    if unmatched:
+        raise CheckpointError(f"the checkpoint has no tensor {unmatched[0]!r} to replace; it does not match its config")
     if added is not None and added.stream_config is not None:
         raise CheckpointError("adding a bts expert stream is not supported; recompose with the new expert")
     edited = _edited_config(config, keep, new_names, added, edit)
@@ -128,7 +131,7 @@ def _edited_config(config: MixtureKitConfig, keep: list[int], new_names: list[st
         edited.expert_configs = [config.expert_configs[i] for i in keep] + (
             [added.stream_config] if added and added.stream_config else [])
     edited.disabled_experts = [n for n in config.disabled_experts if n in new_names]
-    edited.edits = [*config.edits, edit]
+    edited.edits = [*config.edits, edit] if edit is not None else list(config.edits)
     return edited
 
 
@@ -136,6 +139,9 @@ def _write_card(source: Path, target: Path, config: MixtureKitConfig) -> None:
     """The source's model card with an `## Edits` section listing every edit (replaced if it had one)."""
     text = source.read_text(encoding="utf-8") if source.is_file() else "# Composed with MixtureKit\n"
     text = text.split("\n## Edits\n")[0].rstrip() + "\n"
+    if not config.edits:
+        target.write_text(text, encoding="utf-8")
+        return
     lines = [f"- {_describe(edit)}" for edit in config.edits]
     text += ("\n## Edits\n\nApplied by `moekit edit` after composing, oldest first (also in config.json, `edits`). "
              f"The experts now are: {', '.join(f'`{n}`' for n in config.expert_names)}.\n\n" + "\n".join(lines) + "\n")
