@@ -218,6 +218,8 @@ def edit(
     prune: Optional[int] = typer.Option(None, "--prune", help="Drop this many least used experts (needs --data)."),
     data: Optional[Path] = typer.Option(None, "--data", help="--prune: texts to count routing on (.txt lines or "
                                         ".jsonl with a text field)."),
+    by: str = typer.Option("usage", "--by", help="--prune: usage (share of routed slots) or reap (routing weight x "
+                           "expert output norm)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
     """Remove, add or prune experts of a composed checkpoint, writing a new one (the source is left as it is)."""
@@ -239,8 +241,9 @@ def edit(
         else:
             if data is None:
                 raise EditError("--prune needs --data FILE: the texts whose routing decides which experts go")
-            path, usage = prune_experts(checkpoint, prune, data, output, overwrite=overwrite, progress=True)
-            typer.echo("routed-slot share: " + ", ".join(f"{n} {s:.3f}" for n, s in usage.items()))
+            path, scores = prune_experts(checkpoint, prune, data, output, overwrite=overwrite, progress=True, by=by)
+            typer.echo(f"{'REAP saliency' if by == 'reap' else 'routed-slot share'}: "
+                       + ", ".join(f"{n} {s:.3g}" for n, s in scores.items()))
     except MixtureKitError as error:
         _fail(error)
     typer.echo(checkpoint_summary(path))

@@ -64,8 +64,8 @@ def edit_lines(config) -> list[str]:
             what = f"  {edit.get('operation')}: {', '.join(edit.get('experts', []))}"
             if edit.get("source"):
                 what += f" from {edit['source']} (router rows: {edit.get('router_init')})"
-            if edit.get("usage"):
-                what += " (routed-slot share " + ", ".join(f"{n} {s:.3f}" for n, s in edit["usage"].items()) + ")"
+            if edit.get("scores"):
+                what += f" ({edit.get('by')}: " + ", ".join(f"{n} {s:.3g}" for n, s in edit["scores"].items()) + ")"
             lines.append(what)
         added = {n: e["source"] for e in edits if e.get("operation") == "add" for n in e.get("experts", [])}
         lines.append("expert provenance: " + ", ".join(

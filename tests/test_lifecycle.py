@@ -8,6 +8,7 @@ weight underflows to exactly 0 (bts)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -243,7 +244,8 @@ def test_prune_drops_the_unused_expert_and_its_export_loads(tmp_path):
     result = runner.invoke(app, ["edit", str(tmp_path / "opted-out"), "--prune", "1", "--data", str(data),
                                  "-o", str(tmp_path / "pruned-cli")])
     assert result.exit_code == 0, result.output
-    assert "e2 0.000" in result.output and "experts (3, top-2): e0, e1, e3" in result.output
+    assert re.search(r"routed-slot share: .*e2 0\b", result.output), result.output
+    assert "experts (3, top-2): e0, e1, e3" in result.output
     assert "prune: e2" in result.output
     result = runner.invoke(app, ["edit", str(path), "--add", f"back={folders[2]}", "-o", str(tmp_path / "added")])
     assert result.exit_code == 0, result.output
@@ -301,3 +303,51 @@ def test_compose_with_data_router_sends_each_domain_to_its_expert(tmp_path):
         compose({**fitted_recipe, "router_data": {"a": str(files["a"]), "b": str(tmp_path / "none.txt")}},
                 tmp_path / "nothing", progress=False)
     assert not (tmp_path / "nothing").exists()
+
+
+def test_reap_saliency_matches_the_dense_experts_own_ffns(tmp_path):
+    """REAP's saliency, recomputed by hand: each block's input captured, routed in float64 from the router weights,
+    each chosen expert's output taken from its own dense model's FFN; pruning by it drops the lowest."""
+    from moekit.editing import expert_saliency
+
+    config = tiny_config("llama")
+    models = [make_model(config, s) for s in range(3)]
+    folders = [save_model(m, tmp_path / f"dense{s}") for s, m in enumerate(models)]
+    composed = compose(_recipe("traditional", folders), tmp_path / "composed", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(composed).eval()
+    tokens = _tokens(batch=3, length=10)
+    inputs = {}
+    handles = [module.register_forward_pre_hook(lambda m, a, name=name: inputs.setdefault(name, []).append(a[0]))
+               for name, module in model.routed_modules()]
+    with torch.no_grad():
+        for row in tokens:
+            model(input_ids=row[None])
+    for handle in handles:
+        handle.remove()
+    expected = torch.zeros(3, dtype=torch.float64)
+    for name, module in model.routed_modules():
+        layer = int(name.split(".")[2])
+        x = torch.cat([h.reshape(-1, h.shape[-1]) for h in inputs[name]])
+        probabilities = torch.softmax(x.double() @ module.gate.weight.double().T, dim=-1)
+        top, chosen = probabilities.topk(2, dim=-1)
+        weights = top / top.sum(-1, keepdim=True)
+        with torch.no_grad():
+            outputs = torch.stack([m.model.layers[layer].mlp(x).double() for m in models], dim=1)  # [N, E, d]
+        sums, counts = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+        for slot in range(2):
+            norms = outputs[torch.arange(x.shape[0]), chosen[:, slot]].norm(dim=-1)
+            sums.index_add_(0, chosen[:, slot], weights[:, slot] * norms)
+            counts.index_add_(0, chosen[:, slot], torch.ones(x.shape[0], dtype=torch.float64))
+        expected += sums / counts.clamp(min=1)
+    expected /= len(model.routed_modules())
+    saliency = expert_saliency(model, tokens)
+    torch.testing.assert_close(torch.tensor(list(saliency.values()), dtype=torch.float64), expected, rtol=1e-4, atol=0)
+    lowest = min(saliency, key=saliency.get)
+    path, scores = prune_experts(composed, 1, tokens, tmp_path / "pruned", by="reap")
+    pruned = json.loads((path / "config.json").read_text())
+    assert lowest not in pruned["expert_names"] and pruned["edits"][0]["by"] == "REAP saliency"
+    with pytest.raises(EditError, match="prune by must be one of usage, reap"):
+        prune_experts(composed, 1, tokens, tmp_path / "x", by="size")
+    with pytest.raises(EditError, match="prune at most 1"):
+        prune_experts(composed, 2, tokens, tmp_path / "x")
+    assert not (tmp_path / "x").exists()

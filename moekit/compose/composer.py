@@ -254,6 +254,6 @@ def _compose_with_fitted_routers(plan: CompositionPlan, target: Path, overwrite:
                 thread.join()
             _write_side_files(plan, staging, target.name)
         return fit_routers_from_data(unfitted, data, target, overwrite=overwrite, progress=progress, record=False,
-                                     limit=recipe.router_data_texts)
+                                     **({"limit": recipe.router_data_texts} if recipe.router_data_texts else {}))
     finally:
         shutil.rmtree(unfitted.parent, ignore_errors=True)

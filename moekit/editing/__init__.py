@@ -2,7 +2,7 @@
 like compose and recorded in the config's `edits` and the model card."""
 
 from .add import add_expert
-from .prune import expert_usage, prune_experts
+from .prune import expert_saliency, expert_usage, prune_experts
 from .remove import EditError, remove_experts
 
-__all__ = ["EditError", "add_expert", "expert_usage", "prune_experts", "remove_experts"]
+__all__ = ["EditError", "add_expert", "expert_saliency", "expert_usage", "prune_experts", "remove_experts"]

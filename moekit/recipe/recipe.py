@@ -116,7 +116,8 @@ class Recipe(_Strict):
     router_data: dict[str, str] | None = Field(default=None, description=(
         "router_init data: for every expert, a file of texts from its domain (.txt, one per line, or .jsonl with a "
         "text field); a few hundred sequences are enough."))
-    router_data_texts: int = Field(default=256, ge=1, description="router_init data: texts read per expert at most.")
+    router_data_texts: int | None = Field(default=None, ge=1, description=(
+        "router_init data: texts read per expert at most (default 256)."))
     router_init_std: float = Field(default=0.02, gt=0, allow_inf_nan=False, description="Std of the random router initialisation.")
     alpha: float = Field(default=0.01, ge=0, allow_inf_nan=False, description="Load-balancing loss coefficient.")
     alpha_mode: Literal["fixed", "auto"] = Field(
