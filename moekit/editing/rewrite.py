@@ -149,5 +149,11 @@ def _write_card(source: Path, target: Path, config: MixtureKitConfig) -> None:
 
 
 def _describe(edit: dict) -> str:
-    details = ", ".join(f"{key} {value}" for key, value in edit.items() if key != "operation")
+    def shown(value) -> str:
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+        return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    details = "; ".join(f"{key.replace('_', ' ')}: {shown(value)}" for key, value in edit.items()
+                        if key != "operation")
     return f"{edit.get('operation', 'edit')}: {details}"
