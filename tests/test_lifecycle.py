@@ -250,6 +250,17 @@ def test_prune_drops_the_unused_expert_and_its_export_loads(tmp_path):
     result = runner.invoke(app, ["edit", str(path), "--add", f"back={folders[2]}", "-o", str(tmp_path / "added")])
     assert result.exit_code == 0, result.output
     assert "back (added from" in result.output and "e0 (composed)" in result.output
+    from transformers import AutoTokenizer
+    from moekit.analysis.capture import capture_routing_of_ids
+    from moekit.views.html_report import render_report
+
+    for folder, shown in ((tmp_path / "added", ["e2 pruned", "back added"]), (tmp_path / "opted-out", ["e2 opted out"])):
+        edited = AutoModelForCausalLM.from_pretrained(folder).eval()
+        trace = capture_routing_of_ids(edited, AutoTokenizer.from_pretrained(folder), tokens)
+        assert trace.expert_history == shown
+        assert "experts edited: " + ", ".join(shown) in render_report(trace)
+        if folder.name == "opted-out":  # the opted-out expert has probability 0 and is never chosen
+            assert all(row[2] == 0 for row in trace.routes["probs"]) and all(2 not in e for e in trace.routes["experts"])
     result = runner.invoke(app, ["edit", str(path), "--remove", "e0", "--remove", "e1", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "leave 1 of 3 experts" in result.output
     result = runner.invoke(app, ["edit", str(path), "--prune", "1", "-o", str(tmp_path / "x")])
