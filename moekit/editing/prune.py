@@ -97,7 +97,7 @@ def expert_saliency(model, texts: list[str] | torch.Tensor, tokenizer=None, max_
             tokens = args[0].reshape(-1, args[0].shape[-1])
             logits = float32_logits(tokens, router.weight)
             if router.disabled_experts:
-                logits = logits.masked_fill(router._disabled_mask(logits.device), float("-inf"))
+                logits = logits.masked_fill(router.disabled_mask(logits.device), float("-inf"))
             weights, indices = route(logits, module.top_k, router.selection_bias)
             norms = _slot_outputs(module, tokens, indices).float().norm(dim=-1).reshape(indices.shape)
             flat = indices.reshape(-1).cpu()

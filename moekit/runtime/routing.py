@@ -118,7 +118,7 @@ class Router(nn.Module):
         object.__setattr__(self, "disabled_experts", tuple(sorted(set(indices))))
         object.__setattr__(self, "_disabled_masks", {})
 
-    def _disabled_mask(self, device: torch.device) -> torch.Tensor:
+    def disabled_mask(self, device: torch.device) -> torch.Tensor:
         """`[E]` bool, true for the disabled experts, made once per device (no host copy in every forward)."""
         mask = self._disabled_masks.get(device)
         if mask is None:
@@ -161,7 +161,7 @@ class Router(nn.Module):
             )
         logits = float32_logits(hidden_states, self.weight)
         if self.disabled_experts:
-            logits = logits.masked_fill(self._disabled_mask(logits.device), float("-inf"))
+            logits = logits.masked_fill(self.disabled_mask(logits.device), float("-inf"))
         if self.recorder is not None:
             self.recorder.record(self.qualified_name, logits, self.selection_bias)
         return logits
