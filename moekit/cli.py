@@ -218,20 +218,31 @@ def edit(
     prune: Optional[int] = typer.Option(None, "--prune", help="Drop this many least used experts (needs --data)."),
     data: Optional[Path] = typer.Option(None, "--data", help="--prune: texts to count routing on (.txt lines or "
                                         ".jsonl with a text field)."),
+    router_data: Optional[list[str]] = typer.Option(None, "--router-data", help="NAME=FILE for every expert: refit "
+                                                    "every router from each expert's texts (no training)."),
     by: str = typer.Option("usage", "--by", help="--prune: usage (share of routed slots) or reap (routing weight x "
                            "expert output norm)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
-    """Remove, add or prune experts of a composed checkpoint, writing a new one (the source is left as it is)."""
-    from .editing import EditError, add_expert, prune_experts, remove_experts
+    """Remove, add or prune experts of a composed checkpoint, or refit its routers from each expert's texts, writing
+    a new checkpoint (the source is left as it is)."""
+    from .editing import EditError, add_expert, fit_routers_from_data, prune_experts, remove_experts
     from .inspection import checkpoint_summary
 
     try:
-        chosen = [flag for flag, value in (("--remove", remove), ("--add", add), ("--prune", prune)) if value]
+        chosen = [flag for flag, value in (("--remove", remove), ("--add", add), ("--prune", prune),
+                                           ("--router-data", router_data)) if value]
         if len(chosen) != 1:
-            raise EditError(f"give exactly one of --remove NAME, --add NAME=SOURCE, --prune N --data FILE "
-                            f"(got {', '.join(chosen) or 'none'})")
-        if remove:
+            raise EditError(f"give exactly one of --remove NAME, --add NAME=SOURCE, --prune N --data FILE, "
+                            f"--router-data NAME=FILE (got {', '.join(chosen) or 'none'})")
+        if router_data:
+            pairs = [entry.partition("=") for entry in router_data]
+            bad = [entry for entry, (name, sep, file) in zip(router_data, pairs) if not (name and sep and file)]
+            if bad:
+                raise EditError(f"--router-data takes NAME=FILE (an expert and its texts), got {bad[0]!r}")
+            path = fit_routers_from_data(checkpoint, {name: Path(file) for name, _, file in pairs}, output,
+                                         overwrite=overwrite, progress=True)
+        elif remove:
             path = remove_experts(checkpoint, list(remove), output, overwrite=overwrite, progress=True)
         elif add:
             name, sep, source = add.partition("=")

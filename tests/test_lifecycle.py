@@ -263,6 +263,17 @@ def test_prune_drops_the_unused_expert_and_its_export_loads(tmp_path):
             assert all(row[2] == 0 for row in trace.routes["probs"]) and all(2 not in e for e in trace.routes["experts"])
     result = runner.invoke(app, ["edit", str(path), "--remove", "e0", "--remove", "e1", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "leave 1 of 3 experts" in result.output
+    result = runner.invoke(app, ["edit", str(tmp_path / "added"), "-o", str(tmp_path / "refit")]
+                           + [f"--router-data={n}={data}" for n in ("e0", "e1", "e3", "back")])
+    assert result.exit_code == 0, result.output
+    refit = AutoModelForCausalLM.from_pretrained(tmp_path / "refit")
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "added")
+    for (name, router), (_, old) in zip(refit.routers(), before.routers()):
+        assert not torch.equal(router.weight, old.weight), name  # every router refitted, the rest kept
+    assert all(torch.equal(p, before.state_dict()[n]) for n, p in refit.state_dict().items() if "gate" not in n)
+    assert "fit_routers: e0, e1, e3, back" in result.output
+    result = runner.invoke(app, ["edit", str(path), "--router-data", f"e0={data}", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "missing ['e1', 'e3']" in result.output
     result = runner.invoke(app, ["edit", str(path), "--prune", "1", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--prune needs --data" in result.output
     assert not (tmp_path / "x").exists()
