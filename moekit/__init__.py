@@ -24,6 +24,8 @@ _LAZY = {
     "utilisation": "analysis", "dead_experts": "analysis",
     "write_report": "views", "RoutingReport": "views",
     "push": "publishing", "benchmark": "benchmarking",
+    "remove_experts": "editing", "add_expert": "editing", "prune_experts": "editing",
+    "fit_routers_from_data": "editing", "EditError": "editing",
     "apply_freeze_policy": "training", "train_routers": "training", "initialize_routers": "training",
     "RoutingStatsCallback": "training", "AutoAlphaCallback": "training", "BiasBalanceCallback": "training",
     "run_sft": "training", "run_dpo": "training",

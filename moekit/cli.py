@@ -208,6 +208,59 @@ def export_command(
                                                         if layout == "per-expert" else ""))
 
 
+@app.command()
+def edit(
+    checkpoint: Path = typer.Argument(..., help="Composed checkpoint folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder (the edited checkpoint)."),
+    remove: Optional[list[str]] = typer.Option(None, "--remove", help="Expert to remove (repeatable)."),
+    add: Optional[str] = typer.Option(None, "--add", help="NAME=SOURCE: a dense checkpoint of the same base to add "
+                                      "as an expert (zero router rows)."),
+    prune: Optional[int] = typer.Option(None, "--prune", help="Drop this many least used experts (needs --data)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="--prune: texts to count routing on (.txt lines or "
+                                        ".jsonl with a text field)."),
+    router_data: Optional[list[str]] = typer.Option(None, "--router-data", help="NAME=FILE for every expert: refit "
+                                                    "every router from each expert's texts (no training)."),
+    by: str = typer.Option("usage", "--by", help="--prune: usage (share of routed slots) or reap (routing weight x "
+                           "expert output norm)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Remove, add or prune experts of a composed checkpoint, or refit its routers from each expert's texts, writing
+    a new checkpoint (the source is left as it is)."""
+    from .editing import EditError, add_expert, fit_routers_from_data, prune_experts, remove_experts
+    from .inspection import checkpoint_summary
+
+    try:
+        chosen = [flag for flag, value in (("--remove", remove), ("--add", add), ("--prune", prune),
+                                           ("--router-data", router_data)) if value]
+        if len(chosen) != 1:
+            raise EditError(f"give exactly one of --remove NAME, --add NAME=SOURCE, --prune N --data FILE, "
+                            f"--router-data NAME=FILE (got {', '.join(chosen) or 'none'})")
+        if router_data:
+            pairs = [entry.partition("=") for entry in router_data]
+            bad = [entry for entry, (name, sep, file) in zip(router_data, pairs) if not (name and sep and file)]
+            if bad:
+                raise EditError(f"--router-data takes NAME=FILE (an expert and its texts), got {bad[0]!r}")
+            path = fit_routers_from_data(checkpoint, {name: Path(file) for name, _, file in pairs}, output,
+                                         overwrite=overwrite, progress=True)
+        elif remove:
+            path = remove_experts(checkpoint, list(remove), output, overwrite=overwrite, progress=True)
+        elif add:
+            name, sep, source = add.partition("=")
+            if not sep or not name or not source:
+                raise EditError(f"--add takes NAME=SOURCE (a name and a dense checkpoint), got {add!r}")
+            path = add_expert(checkpoint, name, source, output, overwrite=overwrite, progress=True)
+        else:
+            if data is None:
+                raise EditError("--prune needs --data FILE: the texts whose routing decides which experts go")
+            path, scores = prune_experts(checkpoint, prune, data, output, overwrite=overwrite, progress=True, by=by)
+            typer.echo(f"{'REAP saliency' if by == 'reap' else 'routed-slot share'}: "
+                       + ", ".join(f"{n} {s:.3g}" for n, s in scores.items()))
+    except MixtureKitError as error:
+        _fail(error)
+    typer.echo(checkpoint_summary(path))
+    typer.echo(f"wrote {path}")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
     context: typer.Context,

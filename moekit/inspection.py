@@ -29,8 +29,9 @@ def checkpoint_summary(folder: Path) -> str:
         names_by_origin.setdefault("stack" if role == "stack" else role, []).append(name)
     target, how = export_target(config)
     export_line = f"serving export: {target} ({how})" if target else f"serving export: none: {how}"
+    history = edit_lines(config)
     if config.method == "bts":
-        return "\n".join([f"composed checkpoint: {folder}", *stream_lines(config, counts), export_line])
+        return "\n".join([f"composed checkpoint: {folder}", *stream_lines(config, counts), *history, export_line])
     experts, k = config.num_experts, config.num_experts_per_tok
     total = sum(counts.values())
     active = total - counts["stack"] + counts["stack"] * k // experts
@@ -45,6 +46,28 @@ def checkpoint_summary(folder: Path) -> str:
         balance_line(config),
         "structure:",
         *layer_structure(names_by_origin),
+        *history,
         export_line,
     ]
     return "\n".join(lines)
+
+
+def edit_lines(config) -> list[str]:
+    """The experts opted out and the edits made since composing (`moekit edit`), each expert's provenance."""
+    lines = []
+    if getattr(config, "disabled_experts", None):
+        lines.append(f"opted out at inference (disabled_experts): {', '.join(config.disabled_experts)}")
+    edits = getattr(config, "edits", None) or []
+    if edits:
+        lines.append("edits since composing (oldest first):")
+        for edit in edits:
+            what = f"  {edit.get('operation')}: {', '.join(edit.get('experts', []))}"
+            if edit.get("source"):
+                what += f" from {edit['source']} (router rows: {edit.get('router_init')})"
+            if edit.get("scores"):
+                what += f" ({edit.get('by')}: " + ", ".join(f"{n} {s:.3g}" for n, s in edit["scores"].items()) + ")"
+            lines.append(what)
+        added = {n: e["source"] for e in edits if e.get("operation") == "add" for n in e.get("experts", [])}
+        lines.append("expert provenance: " + ", ".join(
+            f"{n} (added from {added[n]})" if n in added else f"{n} (composed)" for n in config.expert_names))
+    return lines

@@ -39,6 +39,8 @@ class RoutingTrace:
     gates: pd.DataFrame
     truncated: list[bool] = field(default_factory=list)
     max_tokens: int = 0
+    # The model's expert history (`moekit edit`, opt-out): e.g. "law added", "e1 removed", "math opted out".
+    expert_history: list[str] = field(default_factory=list)
 
     @property
     def routers(self) -> list[str]:
@@ -146,7 +148,8 @@ def _capture(
                                        "weights": weights[position].tolist(),
                                        "probs": probabilities[position].tolist(), "dominant": names[top[0]]})
             for k, stitch in enumerate(stitches):
-                streams = (["hub"] + names) if stitch.direction == MERGE else names
+                running = [n for n in names if n not in set(getattr(config, "disabled_experts", None) or ())]
+                streams = (["hub"] + running) if stitch.direction == MERGE else running
                 for stream, gate in zip(streams, stitch.last_gates or []):
                     means, stds = gate[0].float().mean(-1).cpu(), gate[0].float().std(-1).cpu()
                     for position, token in enumerate(tokens):
@@ -159,4 +162,12 @@ def _capture(
             stitch.record_gates, stitch.last_gates = False, None
         model.train(was_training)
     return RoutingTrace(config.method, names, list(texts), labels, pd.DataFrame(route_rows), pd.DataFrame(gate_rows),
-                        truncated, max_tokens)
+                        truncated, max_tokens, expert_history(config))
+
+
+def expert_history(config) -> list[str]:
+    """What happened to the experts since composing, from the config: added, removed or pruned, opted out."""
+    verbs = {"add": "added", "remove": "removed", "prune": "pruned"}
+    history = [f"{name} {verbs[edit['operation']]}" for edit in getattr(config, "edits", None) or []
+               if edit.get("operation") in verbs for name in edit.get("experts", [])]
+    return history + [f"{name} opted out" for name in getattr(config, "disabled_experts", None) or []]

@@ -220,6 +220,8 @@ def compose(
     target = Path(recipe.output).expanduser().absolute()
     check_output_folder(target, overwrite)
     plan = build_plan(recipe, cache_dir=cache_dir)
+    if recipe.router_init == "data":
+        return _compose_with_fitted_routers(plan, target, overwrite, progress)
     with staged_output(target, "composed checkpoint", sum(t.nbytes for t in plan.tensors)) as staging:
         hashing = _hash_sources_in_background(plan)
         _write_tensors(plan, staging, progress)
@@ -227,3 +229,31 @@ def compose(
             thread.join()
         _write_side_files(plan, staging, target.name)
     return target
+
+
+def _compose_with_fitted_routers(plan: CompositionPlan, target: Path, overwrite: bool, progress: bool) -> Path:
+    """`router_init: data`: compose into a hidden folder beside the output, fit every router from each expert's
+    sample there (`editing.router_fit`), and write the output from it with the fitted rows, atomically."""
+    import shutil
+
+    from ..editing.router_fit import fit_routers_from_data
+    from ..sources.checkpoint_folder import new_staging_folder
+
+    recipe = plan.recipe
+    data = {name: Path(path).expanduser() for name, path in (recipe.router_data or {}).items()}
+    missing = [f"{name}: {path}" for name, path in data.items() if not path.is_file()]
+    if missing:
+        raise RecipeError(f"router_data files not found ({'; '.join(missing)}); give a .txt or .jsonl file of each "
+                          "expert's domain texts")
+    unfitted = new_staging_folder(target) / "unfitted"
+    try:
+        with staged_output(unfitted, "composed checkpoint", sum(t.nbytes for t in plan.tensors)) as staging:
+            hashing = _hash_sources_in_background(plan)
+            _write_tensors(plan, staging, progress)
+            for thread in hashing:
+                thread.join()
+            _write_side_files(plan, staging, target.name)
+        return fit_routers_from_data(unfitted, data, target, overwrite=overwrite, progress=progress, record=False,
+                                     **({"limit": recipe.router_data_texts} if recipe.router_data_texts else {}))
+    finally:
+        shutil.rmtree(unfitted.parent, ignore_errors=True)

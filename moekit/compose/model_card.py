@@ -17,6 +17,11 @@ def _what_it_is(plan: CompositionPlan) -> str:
                 f"{config.num_experts} frozen expert streams joined by {len(config.stitch_layers_index)} stitch "
                 "layers. The stitches are stored at their initial values, where the model gives exactly the hub's "
                 "logits: train them before use.")
+    if plan.recipe.router_init == "data":
+        return (f"A `{config.method}` Mixture-of-Experts over {config.num_experts} `{config.text_config.model_type}` "
+                f"models, top-{config.num_experts_per_tok} routing. The routers were fitted without training from a "
+                "sample of each expert's domain (`router_init: data`, `router_data` in the recipe below): usable as "
+                "composed; training them may still improve the routing.")
     return (f"A `{config.method}` Mixture-of-Experts over {config.num_experts} `{config.text_config.model_type}` "
             f"models, top-{config.num_experts_per_tok} routing. The routers are stored in this checkpoint with "
             f"their initial values (`{plan.recipe.router_init}`): train them before relying on the routing.")

@@ -58,6 +58,12 @@ class ExportError(MixtureKitError, ValueError):
 def _refuse_unmappable(config: MixtureKitConfig, target: str | None) -> list[int]:
     """Raise with the reason when the composition cannot map; return the routed blocks."""
     text = config.text_config
+    disabled = list(getattr(config, "disabled_experts", None) or [])
+    if disabled:
+        raise ExportError(
+            f"experts {disabled} are opted out (config disabled_experts), which no native MoE config can hold: "
+            f"write a checkpoint without them first (moekit edit CHECKPOINT --remove {disabled[0]} -o OUT, the same "
+            "function), then export that; or enable them again (model.enable_experts())")
     if config.method == "btx":
         raise ExportError(
             "a btx model has one router per projection; native MoE architectures route the whole FFN with one "

@@ -23,6 +23,7 @@ _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # Numeric fields: YAML reads `yes`/`true` as a bool, which pydantic would silently take as 1.
 _NUMERIC_FIELDS = (
     "num_experts_per_tok", "router_layers_index", "router_init_std", "alpha", "shard_size", "seed", "stitch_freq",
+    "router_data_texts",
     "stitch_layers_index", "stitch_dropout", "load_floor", "alpha_max", "router_z_loss_coef", "balance_bias_rate",
 )
 
@@ -109,9 +110,14 @@ class Recipe(_Strict):
     # Two steps set routers, each with the setting it can act on: composing reads no data (the plan comes from configs
     # and headers alone), so the recipe chooses random or zero routers; the training config's `router_init`
     # (keep|data|hidden) fits them from data before the router stage, where data exists.
-    router_init: Literal["random", "zeros"] = Field(default="random", description=(
-        "Initial router weights written by compose; the training config's router_init (data, hidden) can refit them "
-        "from data before training."))
+    router_init: Literal["random", "zeros", "data"] = Field(default="random", description=(
+        "Initial router weights written by compose; data: fitted from `router_data` (a sample of each expert's "
+        "domain) without training. The training config's router_init (data, hidden) can refit them before training."))
+    router_data: dict[str, str] | None = Field(default=None, description=(
+        "router_init data: for every expert, a file of texts from its domain (.txt, one per line, or .jsonl with a "
+        "text field); a few hundred sequences are enough."))
+    router_data_texts: int | None = Field(default=None, ge=1, description=(
+        "router_init data: texts read per expert at most (default 256)."))
     router_init_std: float = Field(default=0.02, gt=0, allow_inf_nan=False, description="Std of the random router initialisation.")
     alpha: float = Field(default=0.01, ge=0, allow_inf_nan=False, description="Load-balancing loss coefficient.")
     alpha_mode: Literal["fixed", "auto"] = Field(
@@ -224,6 +230,17 @@ class Recipe(_Strict):
         if self.balance_bias_rate is not None and self.balance != "bias":
             raise ValueError(f"balance_bias_rate applies to balance: bias only, but balance is '{self.balance}': set "
                              "balance: bias, or remove balance_bias_rate")
+        if self.router_init == "data" and self.method == "bts":
+            raise ValueError("router_init: data fits routers, and bts has none (its stitches start as the identity on "
+                             "the hub); use random or zeros")
+        if self.router_init == "data":
+            experts = [m.name for m in self.expert_sources]
+            given = sorted(self.router_data or {})
+            if sorted(experts) != given:
+                raise ValueError(f"router_init: data needs router_data with a file for every expert ({experts}), got "
+                                 f"{given or 'none'}")
+        elif self.router_data:
+            raise ValueError("router_data is read only with router_init: data; set it, or remove router_data")
         if self.hub is not None and self.hub not in names:
             raise ValueError(f"hub '{self.hub}' is not one of the models: {names}")
         return self

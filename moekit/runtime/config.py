@@ -49,6 +49,8 @@ class MixtureKitConfig(PretrainedConfig):
         shared_expert_gate: bool = False,
         balance: str = "loss",
         balance_bias_rate: float = 0.001,
+        disabled_experts: list[str] | None = None,
+        edits: list[dict[str, Any]] | None = None,
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
@@ -90,6 +92,10 @@ class MixtureKitConfig(PretrainedConfig):
         # sigmoid gate (`shared_expert_gate`) or by ½; the routed mix then weighs ½ (`runtime.shared_expert`).
         self.shared_expert = shared_expert
         self.shared_expert_gate = bool(shared_expert_gate)
+        # Experts opted out at inference (`MixtureKitForCausalLM.disable_experts`): routed as if removed.
+        self.disabled_experts = list(disabled_experts or [])
+        # What `moekit edit` did to this checkpoint since it was composed, oldest first (`editing`).
+        self.edits = [dict(edit) for edit in edits or []]
         language = language_config(text_config)
         tie = getattr(text_config, "tie_word_embeddings", None)
         kwargs.setdefault("tie_word_embeddings", bool(getattr(language, "tie_word_embeddings", False) if tie is None

@@ -286,6 +286,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         self.apply_default_freeze()
         self.set_balance(getattr(config, "balance", "loss"))
         self.set_experts_backend(config.experts_backend)
+        self.disable_experts(getattr(config, "disabled_experts", None) or [])
         # The weight of the balance term: `config.alpha`, unless a training controller changes it between steps
         # (`training.AutoAlphaCallback`, for `alpha_mode: auto`; it keeps its state in the trainer's checkpoints).
         self.current_alpha = float(config.alpha)
@@ -322,6 +323,39 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         for name, router in self.routers():
             object.__setattr__(router, "qualified_name", name)
             router.use_selection_bias(balance == "bias")
+
+    def disable_experts(self, names: list[str]) -> None:
+        """Opt these experts out at inference, in addition to those already out (FlexOlmo's opt-out): every router
+        masks their logits to -inf before top-k, and bts leaves their streams out of every stitch (the merge's
+        softmax runs over the hub and the other streams). The model is then the same function as the checkpoint
+        `moekit edit --remove` writes without them. Recorded in `config.disabled_experts`, so it is saved."""
+        names = list(names)
+        known = list(self.config.expert_names)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise RecipeError(f"cannot disable unknown expert(s) {unknown}; the experts are {known}"
+                              f"{did_you_mean(str(unknown[0]), known)}")
+        disabled = [n for n in known if n in set(names) | set(self.config.disabled_experts or ())]
+        needed = 1 if self.config.method == "bts" else self.config.num_experts_per_tok
+        if len(known) - len(disabled) < needed:
+            raise RecipeError(
+                f"cannot disable {disabled}: {len(known) - len(disabled)} of {len(known)} experts would remain, and "
+                + ("bts needs at least one expert stream" if self.config.method == "bts" else
+                   f"top-{self.config.num_experts_per_tok} routing needs at least {needed} (num_experts_per_tok)"))
+        self.config.disabled_experts = disabled
+        indices = [known.index(n) for n in disabled]
+        for _, router in self.routers():
+            router.disable_experts(indices)
+
+    def enable_experts(self, names: list[str] | None = None) -> None:
+        """Opt experts back in (`names`, or every disabled one when None)."""
+        known = list(self.config.expert_names)
+        unknown = [n for n in names or [] if n not in known]
+        if unknown:
+            raise RecipeError(f"cannot enable unknown expert(s) {unknown}; the experts are {known}")
+        keep = [] if names is None else [n for n in self.config.disabled_experts if n not in set(names)]
+        self.config.disabled_experts = []
+        self.disable_experts(keep)
 
     def routing_biases(self) -> dict[str, torch.Tensor | None]:
         """Each router's selection bias by name (None under `balance: loss`): what `route` needs besides the logits
@@ -417,7 +451,10 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
             cache = arguments[CACHE_ARGUMENT] = DynamicCache(config=self.config.text_config)
         caches = self._stream_caches(cache) if use_cache else {}
         states = []
+        disabled = set(getattr(self.config, "disabled_experts", None) or ())
         for name, stream in self.streams.items():
+            if name in disabled:  # opted out: it reaches no stitch, so it need not run
+                continue
             inputs = {k: arguments[k] for k in ("attention_mask", "position_ids", "cache_position") if k in arguments}
             if "input_ids" in arguments:
                 inputs["input_ids"] = arguments["input_ids"]
@@ -451,10 +488,12 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         for name, state in states:
             state.advance_to(self._stream_depths[name][k])
         stitch, experts = self.stitches[k], [state.hidden for _, state in states]
+        names = list(self.streams)
+        active = [names.index(name) for name, _ in states]
         if stitch.direction == MERGE:
-            hub = stitch.merge(hub, experts)
+            hub = stitch.merge(hub, experts, active)
         else:
-            for (_, state), updated in zip(states, stitch.broadcast(hub, experts)):
+            for (_, state), updated in zip(states, stitch.broadcast(hub, experts, active)):
                 state.hidden = updated
         return replace_output(output, hub)
 

@@ -110,6 +110,24 @@ class Router(nn.Module):
         object.__setattr__(self, "recorder", recorder)
         object.__setattr__(self, "qualified_name", "")
         object.__setattr__(self, "bias_routing", False)
+        # Experts opted out at inference (`disable_experts`): their logits are -inf, so top-k runs over the rest.
+        object.__setattr__(self, "disabled_experts", ())
+        object.__setattr__(self, "_disabled_masks", {})
+
+    def disable_experts(self, indices: list[int] | tuple[int, ...]) -> None:
+        """Mask these experts' logits to -inf from now on (an empty list enables every expert again): the same
+        routing, weights and output as a router without their rows (`moekit edit --remove`)."""
+        object.__setattr__(self, "disabled_experts", tuple(sorted(set(indices))))
+        object.__setattr__(self, "_disabled_masks", {})
+
+    def disabled_mask(self, device: torch.device) -> torch.Tensor:
+        """`[E]` bool, true for the disabled experts, made once per device (no host copy in every forward)."""
+        mask = self._disabled_masks.get(device)
+        if mask is None:
+            mask = torch.zeros(self.num_experts, dtype=torch.bool)
+            mask[list(self.disabled_experts)] = True
+            mask = self._disabled_masks[device] = mask.to(device)
+        return mask
 
     def use_selection_bias(self, enabled: bool) -> None:
         """Route with `expert_bias` (and save it with the weights) or not."""
@@ -144,6 +162,8 @@ class Router(nn.Module):
                 f"rows {bad}: an earlier layer overflowed or the input is corrupt; try float32 or bfloat16 over float16"
             )
         logits = float32_logits(hidden_states, self.weight)
+        if self.disabled_experts:
+            logits = logits.masked_fill(self.disabled_mask(logits.device), float("-inf"))
         if self.recorder is not None:
             self.recorder.record(self.qualified_name, logits, self.selection_bias)
         return logits

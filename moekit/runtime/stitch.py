@@ -84,18 +84,27 @@ class Stitch(nn.Module):
     def _delta(self, delta: torch.Tensor) -> torch.Tensor:
         return F.dropout(delta, self.dropout, self.training) if self.dropout else delta
 
-    def merge(self, hub: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
+    def merge(self, hub: torch.Tensor, experts: list[torch.Tensor], active: list[int] | None = None) -> torch.Tensor:
+        """`active`: the indices of the streams in `experts` (None: all, in order); the softmax runs over the hub and
+        those alone, so a stream left out gives what a stitch without its gate rows and projection gives."""
+        active = list(range(self.num_experts)) if active is None else list(active)
         logits = self.gate(hub).float().unflatten(-1, (self.num_experts + 1, self.hub_size))
+        if len(active) != self.num_experts:
+            logits = logits[..., [0] + [i + 1 for i in active], :]
         gates = torch.softmax(logits, dim=-2)  # per dimension, over [hub, expert_1..N]
-        candidates = [hub] + [projection(h) for projection, h in zip(self.projections, experts)]
+        candidates = [hub] + [self.projections[i](h) for i, h in zip(active, experts)]
         mixed = sum(gates[..., i, :] * c.float() for i, c in enumerate(candidates))
         if self.record_gates:
-            self.last_gates = [gates[..., i, :].detach() for i in range(self.num_experts + 1)]
+            self.last_gates = [gates[..., i, :].detach() for i in range(len(active) + 1)]
         return hub + self.scale * self._delta(mixed.to(hub.dtype) - hub)
 
-    def broadcast(self, hub: torch.Tensor, experts: list[torch.Tensor]) -> list[torch.Tensor]:
+    def broadcast(self, hub: torch.Tensor, experts: list[torch.Tensor], active: list[int] | None = None
+                  ) -> list[torch.Tensor]:
+        """`active`: the indices of the streams in `experts` (None: all, in order)."""
+        active = list(range(self.num_experts)) if active is None else list(active)
         updated, recorded = [], []
-        for gate, projection, scale, h in zip(self.gates, self.projections, self.scales, experts):
+        for i, h in zip(active, experts):
+            gate, projection, scale = self.gates[i], self.projections[i], self.scales[i]
             g = torch.sigmoid(gate(hub).float()).to(h.dtype)
             recorded.append(g.detach())
             updated.append(h + scale * self._delta(g * (projection(hub).to(h.dtype) - h)))

@@ -27,6 +27,12 @@ FUSED_ACTIVATIONS = ("silu", "swish")
 def refuse_in_vllm(config: MixtureKitConfig) -> None:
     """Raise, before any weight is read, for a composition vLLM does not serve, saying what to do instead."""
     instead = ("serve it with transformers (AutoModelForCausalLM after `import moekit`)")
+    disabled = list(getattr(config, "disabled_experts", None) or [])
+    if disabled:
+        raise UnsupportedArchitectureError(
+            f"experts {disabled} are opted out (config disabled_experts), which vLLM's MoE does not read: write a "
+            f"checkpoint without them (moekit edit CHECKPOINT --remove {disabled[0]} -o OUT, the same function) and "
+            f"serve that, or {instead}")
     if config.is_multimodal:
         raise UnsupportedArchitectureError(
             f"an image-text composition ('{config.text_config.model_type}') is not served by vLLM here: only text "

@@ -181,6 +181,7 @@ def report_context(trace: RoutingTrace, title: str = "MixtureKit routing report"
     agreement = layer_agreement(trace) if len(trace.routes) else float("nan")
     return {
         "title": title, "method": trace.method, "experts": names,
+        "expert_history": list(getattr(trace, "expert_history", None) or []),
         "expert_colours": list(zip(names, expert_colours(len(names)))), "routers": routers,
         "texts": _texts(trace, tokens), "token_count": len(tokens), "max_tokens": trace.max_tokens,
         "stitch_count": len({k["stitch"] for k in data["gateKeys"]}),
