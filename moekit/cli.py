@@ -187,7 +187,7 @@ def train(
 @app.command(name="export")
 def export_command(
     checkpoint: Path = typer.Argument(..., help="Composed checkpoint folder."),
-    to: str = typer.Option("auto", "--to", help="auto | mixtral | qwen2_moe | qwen3_moe | qwen3_5_moe_text"),
+    to: str = typer.Option("auto", "--to", help="auto | mixtral | qwen2_moe | qwen3_moe | qwen3_5_moe_text | qwen3_vl_moe | qwen3_5_moe"),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     layout: str = typer.Option("per-expert", "--layout", help="per-expert (the Hub checkpoints' layout: llama.cpp's "
