@@ -184,3 +184,13 @@ def test_report_command_refuses_images_it_cannot_read(llava, tmp_path):
     unreadable = runner.invoke(app, ["report", str(composed["btx"]), "--text", "w5", "--image", str(not_an_image),
                                      "-o", str(tmp_path / "c.html")])
     assert unreadable.exit_code == 2 and "cannot read an image" in unreadable.output
+
+
+def test_the_image_goes_where_the_text_has_its_image_token(llava):
+    _, composed, _ = llava
+    path = composed["btx"]
+    trace = capture_routing(load(path), load_tokenizer(path), ["w5 <image> w6"], images=[_picture()],
+                            processor=load_processor(path))
+    rows = trace.routes.drop_duplicates("position").sort_values("position")
+    assert list(rows["token"]) == ["w5"] + [IMAGE_TOKEN_LABEL] * IMAGE_FEATURES + ["w6"]
+    assert list(rows["image"]) == [False] + [True] * IMAGE_FEATURES + [False]
