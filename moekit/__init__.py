@@ -16,11 +16,11 @@ __version__ = "0.2.0"
 # What the README teaches beyond composing, loaded on first use: `import moekit` stays as light as registering the
 # model needs (training pulls in TRL, PEFT and datasets; the views matplotlib).
 _LAZY = {
-    "load": "loading",
+    "load": "loading", "load_processor": "loading",
     "evaluate": "evaluation",
     "merge_experts": "merging", "compare_to_merging": "comparison",
     "convert_gguf": "sources",
-    "capture_routing": "analysis", "RoutingTrace": "analysis", "routing_by_label": "analysis",
+    "capture_routing": "analysis", "capture_routing_of_inputs": "analysis", "RoutingTrace": "analysis", "routing_by_label": "analysis",
     "utilisation": "analysis", "dead_experts": "analysis",
     "write_report": "views", "RoutingReport": "views",
     "push": "publishing", "benchmark": "benchmarking",

@@ -187,7 +187,7 @@ def train(
 @app.command(name="export")
 def export_command(
     checkpoint: Path = typer.Argument(..., help="Composed checkpoint folder."),
-    to: str = typer.Option("auto", "--to", help="auto | mixtral | qwen2_moe | qwen3_moe | qwen3_5_moe_text"),
+    to: str = typer.Option("auto", "--to", help="auto | mixtral | qwen2_moe | qwen3_moe | qwen3_5_moe_text | qwen3_vl_moe | qwen3_5_moe"),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     layout: str = typer.Option("per-expert", "--layout", help="per-expert (the Hub checkpoints' layout: llama.cpp's "
@@ -384,6 +384,10 @@ def report(
                                               help="A UTF-8 text file to analyse; repeat for several."),
     label: Optional[list[str]] = typer.Option(None, "--label",
                                               help="One label (domain) per text: --text values first, then --file."),
+    image: Optional[list[Path]] = typer.Option(
+        None, "--image", exists=True, dir_okay=False,
+        help="An image file read with a text (image-text compositions): the first --image goes with the first text "
+             "(--text values first, then --file), and so on; texts after the last --image are read alone."),
     max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Tokens analysed per text; longer texts are cut."),
     output: Path = typer.Option(..., "--output", "-o", help="HTML file to write."),
     png_dir: Optional[Path] = typer.Option(None, "--png-dir", help="Also write PNG figures into this folder."),
@@ -391,7 +395,7 @@ def report(
     """Write a self-contained HTML report (and PNGs) of how the model routes the tokens of some texts."""
     from .analysis import capture_routing
     from .runtime.config import require_composed
-    from .loading import load, load_tokenizer
+    from .loading import load, load_processor, load_tokenizer
     from .views import write_report
 
     sources = [f"--text {i + 1}" for i in range(len(text or []))] + [f"--file {f}" for f in file or []]
@@ -402,10 +406,18 @@ def report(
         empty = [source for source, content in zip(sources, texts) if not content.strip()]
         if empty:
             raise MixtureKitError(f"nothing to analyse in {', '.join(empty)}: every text must be non-empty")
+        if len(image or []) > len(texts):
+            raise MixtureKitError(f"{len(image)} --image for {len(texts)} texts: give at most one image per text")
         require_composed(checkpoint, "a report shows how a Mixture-of-Experts routes tokens")
         tokenizer = load_tokenizer(checkpoint, "a report needs one to split text into tokens")
         model = load(checkpoint)
-        trace = capture_routing(model, tokenizer, texts, label or None, max_tokens=max_tokens)
+        images = processor = None
+        if image:
+            images = list(image) + [None] * (len(texts) - len(image))
+            if model.config.is_multimodal:  # else capture_routing says why images cannot be read
+                processor = load_processor(checkpoint, "--image needs it to turn the image into the model's inputs")
+        trace = capture_routing(model, tokenizer, texts, label or None, max_tokens=max_tokens, images=images,
+                                processor=processor)
         paths = [write_report(trace, output, title=f"Routing of {checkpoint.resolve().name}")]
         if png_dir is not None:
             paths += _report_pngs(trace, png_dir)

@@ -63,6 +63,24 @@ def load_tokenizer(checkpoint: str | Path, why: str = "") -> Any:
             from failure
 
 
+def load_processor(checkpoint: str | Path, why: str = "") -> Any:
+    """The processor (image processor, image tokens, chat template) composed beside an image-text checkpoint, or a
+    `SourceError` that says it is missing and where it comes from."""
+    from transformers import AutoProcessor
+
+    missing = (f"'{checkpoint}' has no processor{f' ({why})' if why else ''}: compose writes the sources' "
+               "preprocessor_config.json and processor_config.json beside the checkpoint when the source folders "
+               "hold them (save the processor with the expert, e.g. processor.save_pretrained(folder), and compose "
+               "again, or copy those files into the checkpoint)")
+    try:
+        processor = AutoProcessor.from_pretrained(checkpoint)
+    except (OSError, ValueError, KeyError, TypeError) as failure:
+        raise SourceError(f"{missing}; loading it said: {failure}") from failure
+    if getattr(processor, "image_processor", None) is None:
+        raise SourceError(missing)
+    return processor
+
+
 def stored_dtype(checkpoint: str | Path) -> torch.dtype | None:
     """The dtype a checkpoint's config records (`dtype`, or the older `torch_dtype`), None when unknown."""
     from transformers import PretrainedConfig

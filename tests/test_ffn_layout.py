@@ -141,3 +141,66 @@ def test_with_a_shared_expert_the_base_keeps_its_own_activation_parameters(tmp_p
     for name, parameter in activations.items():
         wanted = 0.3 if ".shared_expert." in name else 0.5
         assert torch.allclose(parameter.float(), torch.full_like(parameter.float(), wanted)), name
+
+
+def _granitemoehybrid(**overrides):
+    from transformers import AutoModelForCausalLM
+
+    from family_sweep import tiny_config
+
+    config = tiny_config("granitemoehybrid")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _attention_block(model):
+    return next(layer for layer in model.model.layers if getattr(layer, "self_attn", None) is not None)
+
+
+def test_granitemoehybrid_dense_form_ffn_is_its_shared_mlp():
+    """Without routed experts a GraniteMoeHybrid block's whole FFN is `shared_mlp`, whose `input_linear` writes gate
+    then up rows (2 x its width) and `output_linear` reads them back: a gated FFN, confirmed on the probe."""
+    model = _granitemoehybrid()
+    assert model.config.num_local_experts == 0
+    for block in model.model.layers:  # Mamba and attention blocks alike keep shared_mlp as their FFN
+        layout = mlp_layout(block, "granitemoehybrid")
+        assert (layout.child, layout.kind, layout.up, layout.down) == \
+            ("shared_mlp", "gated", ("input_linear",), "output_linear")
+        check_ffn_computes(block, layout, "granitemoehybrid")
+    ffn = _attention_block(model).shared_mlp
+    x = torch.randn(3, model.config.hidden_size, dtype=torch.float64)
+    ffn = ffn.double()
+    gate, up = F.linear(x, ffn.input_linear.weight).chunk(2, dim=-1)
+    reference = F.linear(F.silu(gate) * up, ffn.output_linear.weight)
+    assert model.config.hidden_act == "silu" and torch.allclose(ffn(x), reference, atol=1e-12)
+
+
+def test_granitemoehybrid_moe_form_keeps_shared_mlp_beside_its_experts():
+    """Beside routed experts `shared_mlp` is an always-on shared expert, not the block's FFN: not picked as one."""
+    model = _granitemoehybrid(num_local_experts=2, num_experts_per_tok=1, intermediate_size=16)
+    with pytest.raises(UnsupportedArchitectureError, match="has no FFN module"):
+        mlp_layout(_attention_block(model), "granitemoehybrid")
+
+
+def test_granitemoehybrid_dense_form_composes_like_the_dense_model(tmp_path):
+    """traditional and btx over identical copies of the dense form: the dense model's logits (any router weights)."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit import compose
+
+    dense = _granitemoehybrid()
+    dense.save_pretrained(tmp_path / "dense")
+    tokens = torch.randint(3, dense.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = dense(input_ids=tokens).logits
+    for method in ("traditional", "btx"):
+        recipe = {"method": method, "num_experts_per_tok": 2, "router_init_std": 0.5,
+                  "experts": [{"name": name, "source": str(tmp_path / "dense")} for name in "abc"]}
+        folder = compose(recipe, tmp_path / method, progress=False)
+        composed = AutoModelForCausalLM.from_pretrained(folder).eval()
+        names = [name for name, _ in composed.named_parameters() if "shared_mlp" in name]
+        assert any("experts" in name or "router" in name for name in names), (method, names)
+        with torch.no_grad():
+            torch.testing.assert_close(composed(input_ids=tokens).logits, expected, atol=1e-5, rtol=0)

@@ -5,6 +5,9 @@
 Linear weight per expert and projection (Mixtral: `block_sparse_moe.experts.N.w1/w3/w2` and `block_sparse_moe.gate`;
 Qwen-MoE: `mlp.experts.N.gate_proj/up_proj/down_proj`). Engines written against the Hub checkpoints read the second;
 llama.cpp's converter (0.3.36) reads only it for Mixtral, and transformers 5 converts it to the packed layout on load.
+Qwen3-VL-MoE's Hub checkpoints are the exception: they keep one tensor per block and projection, stored transposed
+(`gate_up_proj [E, d, 2f]`, `down_proj [E, f, d]`), which transformers transposes back on load where the shape differs
+from its own; `per-expert` writes that layout for it.
 """
 
 from __future__ import annotations
@@ -20,21 +23,25 @@ from ..sources.safetensors_io import TensorSlot
 LAYOUTS = ("per-expert", "packed")
 _PACKED = re.compile(r"^(?P<block>.*\.layers\.\d+)\.mlp\.experts\.(?P<kind>gate_up_proj|down_proj)$")
 _ROUTER = re.compile(r"^(?P<block>.*\.layers\.\d+)\.mlp\.gate\.weight$")
+TRANSPOSED_PACKED = ("qwen3_vl_moe",)  # targets whose Hub layout is the packed one, transposed
 # per target: (expert prefix under the block, gate name, up name, down name, router name under the block)
 _NAMES = {"mixtral": ("block_sparse_moe.experts", "w1", "w3", "w2", "block_sparse_moe.gate.weight"),
           "qwen2_moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate.weight"),
           "qwen3_moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate.weight"),
-          "qwen3_5_moe_text": ("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate.weight")}
+          "qwen3_5_moe_text": ("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate.weight"),
+          "qwen3_5_moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate.weight")}
 
 
 class Piece(NamedTuple):
     """An output tensor as a slice of a stored one: `expert` of `source` (None: the whole tensor), rows `rows`,
-    multiplied by `scale` (a routed `down_proj` beside a shared expert: ½)."""
+    multiplied by `scale` (a routed `down_proj` beside a shared expert: ½), its last two dimensions swapped if
+    `transposed` (Qwen3-VL-MoE's Hub layout)."""
 
     source: str
     expert: int | None = None
     rows: slice = slice(None)
     scale: float = 1.0
+    transposed: bool = False
 
 
 def is_routed_down_proj(name: str) -> bool:
@@ -46,6 +53,10 @@ def is_routed_down_proj(name: str) -> bool:
 def per_expert_pieces(slots: list[TensorSlot], target: str) -> list[tuple[TensorSlot, Piece]]:
     """The per-expert layout of `slots` (packed tensors split per expert and projection, routers renamed), each
     output slot with the piece of a stored tensor it holds; other tensors pass through unchanged."""
+    if target in TRANSPOSED_PACKED:
+        return [(TensorSlot(slot.name, slot.dtype, (*slot.shape[:-2], slot.shape[-1], slot.shape[-2])),
+                 Piece(slot.name, transposed=True)) if _PACKED.match(slot.name) else (slot, Piece(slot.name))
+                for slot in slots]
     experts, gate, up, down, router = _NAMES[target]
     out = []
     for slot in slots:
@@ -81,6 +92,8 @@ def piece_reader(get: Callable[[str], torch.Tensor]) -> Callable[[Piece], torch.
         tensor = last[piece.source]
         if piece.expert is not None:
             tensor = tensor[piece.expert][piece.rows].contiguous()
+        if piece.transposed:
+            tensor = tensor.transpose(-1, -2).contiguous()
         return tensor if piece.scale == 1.0 else tensor * piece.scale
 
     return read

@@ -8,6 +8,10 @@ else switched off (zero weights, so it adds exactly zero). The composition's sta
 transformers 5 layout of those models, so the export streams tensors across, split per expert for the Hub layout
 that engines read unless `layout="packed"` (`expert_layout`), and writes the target's config. Routing matches too:
 softmax, top-k, renormalised (Mixtral always renormalises; the Qwen MoE configs get `norm_topk_prob: true`).
+
+The image-text wrappers export whole: `traditional` over Qwen3-VL is Qwen3-VL-MoE (its router always renormalises the
+top-k; dense blocks through `mlp_only_layers`; no shared expert), over Qwen3.5 it is Qwen3.5-MoE (the text model's
+mapping above); the vision tower, projector and processor go across as they are.
 """
 
 from __future__ import annotations
@@ -23,23 +27,28 @@ from ..errors import MixtureKitError
 from ..runtime.architecture import num_layers
 from ..runtime.config import MixtureKitConfig, require_composed, stored_model_type
 from ..sources.checkpoint_folder import (
-    check_output_folder, copy_tokenizer_files, new_staging_folder, swap_into_place, write_sharded,
+    check_output_folder, copy_processor_files, copy_tokenizer_files, new_staging_folder, swap_into_place,
+    write_sharded,
 )
 from ..sources.resolve import weight_files
 from ..sources.safetensors_io import CheckpointReader, TensorSlot
 from ..runtime.shared_expert import ROUTED_SCALE, SHARED_EXPERT
-from .expert_layout import LAYOUTS, Piece, is_routed_down_proj, per_expert_pieces, piece_reader
+from .expert_layout import LAYOUTS, TRANSPOSED_PACKED, Piece, is_routed_down_proj, per_expert_pieces, piece_reader
 
 TARGETS = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe",
-           "qwen3_5_text": "qwen3_5_moe_text"}
+           "qwen3_5_text": "qwen3_5_moe_text", "qwen3_vl": "qwen3_vl_moe", "qwen3_5": "qwen3_5_moe"}
 MAPPING_TABLE = ("traditional over Llama or Mistral -> mixtral; over Qwen3 -> qwen3_moe; over Qwen2 -> qwen2_moe; "
-                 "over Qwen3.5's text model -> qwen3_5_moe_text")
+                 "over Qwen3.5's text model -> qwen3_5_moe_text; over Qwen3-VL -> qwen3_vl_moe; over Qwen3.5 "
+                 "(image-text) -> qwen3_5_moe")
 # Targets whose MoE block has a sigmoid-gated shared expert beside the routed ones (the composition's, or a zero one)
-WITH_SHARED_EXPERT = ("qwen2_moe", "qwen3_5_moe_text")
+WITH_SHARED_EXPERT = ("qwen2_moe", "qwen3_5_moe_text", "qwen3_5_moe")
 # Targets whose every block is an MoE (no mlp_only_layers): a composition must route every block
-EVERY_BLOCK = ("mixtral", "qwen3_5_moe_text")
+EVERY_BLOCK = {"mixtral": "Mixtral", "qwen3_5_moe_text": "Qwen3.5-MoE", "qwen3_5_moe": "Qwen3.5-MoE"}
 CLASSES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-           "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM"}
+           "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+           "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
+# Image-text targets: the wrapper's config around the MoE text model's, the vision tower's weights unchanged
+IMAGE_TEXT = ("qwen3_vl_moe", "qwen3_5_moe")
 
 
 # Families whose own MoE sibling does not compute what a composition of them computes, and why.
@@ -49,6 +58,7 @@ NO_EXACT_MAPPING = {
                    "composition (with or without a shared expert) adds the experts' outputs and normalises the sum: "
                    "no choice of weights makes the two equal",
 }
+NO_EXACT_MAPPING["gemma4"] = NO_EXACT_MAPPING["gemma4_text"]  # the image-text wrapper around that text model
 
 
 class ExportError(MixtureKitError, ValueError):
@@ -57,7 +67,7 @@ class ExportError(MixtureKitError, ValueError):
 
 def _refuse_unmappable(config: MixtureKitConfig, target: str | None) -> list[int]:
     """Raise with the reason when the composition cannot map; return the routed blocks."""
-    text = config.text_config
+    text = config.language_config
     disabled = list(getattr(config, "disabled_experts", None) or [])
     if disabled:
         raise ExportError(
@@ -72,24 +82,25 @@ def _refuse_unmappable(config: MixtureKitConfig, target: str | None) -> list[int
         )
     if config.method == "bts":
         raise ExportError(f"a bts model (hub + expert streams + stitches) has no native MoE equivalent ({MAPPING_TABLE})")
-    expected = TARGETS.get(text.model_type)
-    if text.model_type in NO_EXACT_MAPPING:
-        raise ExportError(f"traditional over '{text.model_type}' has no exact native MoE: "
-                          f"{NO_EXACT_MAPPING[text.model_type]} ({MAPPING_TABLE})")
+    family = config.text_config.model_type  # an image-text composition: the wrapper's (qwen3_vl, qwen3_5)
+    expected = TARGETS.get(family)
+    if family in NO_EXACT_MAPPING:
+        raise ExportError(f"traditional over '{family}' has no exact native MoE: "
+                          f"{NO_EXACT_MAPPING[family]} ({MAPPING_TABLE})")
     if expected is None:
-        raise ExportError(f"no native MoE architecture for traditional over '{text.model_type}' ({MAPPING_TABLE})")
+        raise ExportError(f"no native MoE architecture for traditional over '{family}' ({MAPPING_TABLE})")
     if target != expected:
-        raise ExportError(f"traditional over '{text.model_type}' exports to {expected}, not {target} ({MAPPING_TABLE})")
+        raise ExportError(f"traditional over '{family}' exports to {expected}, not {target} ({MAPPING_TABLE})")
     if getattr(config, "shared_expert", None) is not None and target not in WITH_SHARED_EXPERT:
         raise ExportError(
             f"this composition has a shared expert, which {target} does not have (of the native targets only "
-            "Qwen2-MoE and Qwen3.5-MoE have one): compose over Qwen2 to export it, or compose without shared_expert")
+            "Qwen2-MoE and Qwen3.5-MoE have one): compose over Qwen2 or Qwen3.5 to export it, or compose without "
+            "shared_expert")
     blocks = num_layers(text)
     routed = sorted(config.router_layers_index) if config.router_layers_index else list(range(blocks))
     if target in EVERY_BLOCK and len(routed) != blocks:
-        name = {"mixtral": "Mixtral", "qwen3_5_moe_text": "Qwen3.5-MoE"}[target]
         raise ExportError(
-            f"{name} routes every block, but this model routes only blocks {routed} of {blocks}; compose with "
+            f"{EVERY_BLOCK[target]} routes every block, but this model routes only blocks {routed} of {blocks}; compose with "
             "router_layers_index covering every block (Qwen2/Qwen3 MoE targets can keep dense blocks via "
             "mlp_only_layers)"
         )
@@ -109,16 +120,25 @@ def export_target(config: MixtureKitConfig) -> tuple[str | None, str]:
     return target, f"moekit export CHECKPOINT --to {target} -o OUT"
 
 
+_NOT_CARRIED = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map")
+
+
+def _without(fields: dict, keys: tuple[str, ...]) -> dict:
+    return {k: v for k, v in fields.items() if k not in keys}
+
+
 def _target_config(config: MixtureKitConfig, target: str, routed: list[int]):
-    text = config.text_config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map"):
-        text.pop(key, None)
-    blocks = num_layers(config.text_config)
+    text = _without(config.language_config.to_dict(), _NOT_CARRIED)
+    blocks = num_layers(config.language_config)
     fields = dict(text, num_experts_per_tok=config.num_experts_per_tok, router_aux_loss_coef=config.alpha,
                   output_router_logits=False)
     if target == "mixtral":
         fields.update(num_local_experts=config.num_experts, router_jitter_noise=0.0)
-    elif target == "qwen3_5_moe_text":  # its router always renormalises the top-k; every block is an MoE block
+    elif target == "qwen3_vl_moe":  # its router always renormalises the top-k (no norm_topk_prob); no shared expert
+        fields.update(num_experts=config.num_experts, decoder_sparse_step=1,
+                      moe_intermediate_size=text["intermediate_size"],
+                      mlp_only_layers=[i for i in range(blocks) if i not in routed])
+    elif target in ("qwen3_5_moe_text", "qwen3_5_moe"):  # its router always renormalises; every block is MoE
         shared = getattr(config, "shared_expert", None) is not None
         fields.update(num_experts=config.num_experts, moe_intermediate_size=text["intermediate_size"],
                       shared_expert_intermediate_size=text["intermediate_size"] if shared else 1)
@@ -129,18 +149,23 @@ def _target_config(config: MixtureKitConfig, target: str, routed: list[int]):
         if target == "qwen2_moe":  # the composition's shared expert is the base's whole FFN; else a width-1 zero one
             shared = getattr(config, "shared_expert", None) is not None
             fields.update(shared_expert_intermediate_size=text["intermediate_size"] if shared else 1)
-    exported = AutoConfig.for_model(target, **fields)
+    if target in IMAGE_TEXT:  # the wrapper's own fields (image tokens, vision tower) around the MoE text model's
+        wrapper = _without(config.text_config.to_dict(), (*_NOT_CARRIED, "text_config", "vision_config"))
+        vision = _without(config.text_config.vision_config.to_dict(), _NOT_CARRIED)
+        exported = AutoConfig.for_model(target, **wrapper, text_config=fields, vision_config=vision)
+    else:
+        exported = AutoConfig.for_model(target, **fields)
     exported.architectures = [CLASSES[target]]
     return exported
 
 
-def _zero_shared_experts(routed: list[int], hidden: int, dtype: torch.dtype,
-                         gate_only: bool = False) -> list[tuple[TensorSlot, torch.Tensor]]:
+def _zero_shared_experts(routed: list[int], hidden: int, dtype: torch.dtype, gate_only: bool = False,
+                         layers: str = "model.layers") -> list[tuple[TensorSlot, torch.Tensor]]:
     """Qwen2-MoE's (and Qwen3.5-MoE's) shared expert, switched off: a width-1 FFN with zero weights adds exactly zero. `gate_only`: just
     the zero gate, for a composition's ungated shared expert (weight sigmoid(0) = ½, as it has)."""
     out = []
     for block in routed:
-        prefix = f"model.layers.{block}.mlp.{SHARED_EXPERT}"
+        prefix = f"{layers}.{block}.mlp.{SHARED_EXPERT}"
         expert = () if gate_only else (
             (f"{prefix}.gate_proj.weight", (1, hidden)), (f"{prefix}.up_proj.weight", (1, hidden)),
             (f"{prefix}.down_proj.weight", (hidden, 1)))
@@ -161,6 +186,17 @@ def _selection_bias(name: str, reader: CheckpointReader, target: str) -> bool:
             "differently; serve the composed checkpoint itself (it loads with transformers after `import moekit`)"
         )
     return True
+
+
+def _refuse_ambiguous_transpose(config: MixtureKitConfig, target: str) -> None:
+    """transformers tells Qwen3-VL-MoE's transposed Hub layout from its own by shape alone; a square one would be
+    read untransposed, so it is refused (the packed layout loads whatever the sizes)."""
+    hidden, width = config.language_config.hidden_size, config.language_config.intermediate_size
+    if hidden in (width, 2 * width):
+        raise ExportError(
+            f"{target}'s Hub layout stores experts transposed and transformers recognises it only by a shape that "
+            f"differs from its own, which a hidden size of {hidden} beside an FFN width of {width} does not give; "
+            "export with layout packed (--layout packed), which transformers loads as is")
 
 
 def export(
@@ -194,6 +230,8 @@ def export(
     try:
         stored = [TensorSlot(name, info.dtype, info.shape) for name, info in reader.tensors.items()
                   if not _selection_bias(name, reader, target)]
+        if layout == "per-expert" and target in TRANSPOSED_PACKED:
+            _refuse_ambiguous_transpose(config, target)
         pieces = dict(per_expert_pieces(stored, target) if layout == "per-expert" else
                       [(slot, Piece(slot.name)) for slot in stored])
         shared = getattr(config, "shared_expert", None) is not None
@@ -202,13 +240,17 @@ def export(
                       for slot, piece in pieces.items()}
         extra = {}
         if target in WITH_SHARED_EXPERT and not (shared and config.shared_expert_gate):
-            extra = dict(_zero_shared_experts(routed, exported_config.hidden_size, dtype, gate_only=shared))
+            layers = "model.language_model.layers" if target in IMAGE_TEXT else "model.layers"
+            extra = dict(_zero_shared_experts(routed, config.language_config.hidden_size, dtype, gate_only=shared,
+                                              layers=layers))
         read = piece_reader(reader.get)
         write_sharded(staging, list(pieces) + list(extra),
                       lambda slot: [extra[slot]] if slot in extra else [read(pieces[slot])],
                       parse_size(shard_size), progress, desc="exporting")
         exported_config.save_pretrained(staging)
         copy_tokenizer_files(checkpoint, staging)
+        if target in IMAGE_TEXT:  # the processor composed beside the checkpoint (image processor, image tokens)
+            copy_processor_files(checkpoint, staging)
         (staging / "README.md").write_text(
             f"---\nlibrary_name: transformers\ntags:\n- moekit\n- {target}\n---\n\n# {target} export\n\n"
             f"Exported by MixtureKit from `{checkpoint.name}`, a `traditional` composition of "

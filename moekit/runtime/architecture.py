@@ -1,7 +1,8 @@
 """Where a `transformers` causal LM keeps its blocks and FFNs, read off the model itself.
 
 The decoder blocks are the `nn.ModuleList` with one entry per hidden layer, outside any vision or audio tower. A
-block's FFN is its child module under one of a few names (`mlp`, `feed_forward`, `ffn`, `mlp_block`), and how that FFN
+block's FFN is its child module under one of a few names (`mlp`, `feed_forward`, `ffn`, `mlp_block`; GraniteMoeHybrid's
+dense form: `shared_mlp`, the FFN its blocks keep when they hold no MoE beside it), and how that FFN
 computes is derived from its children: its Linear layers (by shape: which reads the hidden size, which writes it), its
 one parameter-free activation module and an optional output dropout. Only a gated FFN's three Linears need names to
 tell the gate from the up projection (`GATE_UP_DOWN_NAMES`). `check_ffn_computes` confirms a derived layout
@@ -25,10 +26,12 @@ from ..errors import UnsupportedArchitectureError
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 FFN_CHILD_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block")
+# An FFN that sits beside an MoE in a family's MoE form and is the block's whole FFN in its dense form (no MoE child)
+FFN_BESIDE_MOE_NAMES = ("shared_mlp",)
 # Gated FFNs: (gate, up, down) names, the only thing shapes cannot tell apart. Llama's and Mixtral's conventions.
 GATE_UP_DOWN_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
-# One Linear holding gate and up rows (gate first), as Phi-3 stores them.
-FUSED_GATE_UP_NAMES = ("gate_up_proj",)
+# One Linear holding gate and up rows (gate first), as Phi-3 (and GraniteMoeHybrid's `input_linear`) store them.
+FUSED_GATE_UP_NAMES = ("gate_up_proj", "input_linear")
 NORM_NAME_PARTS = ("norm", "ln")
 # What an FFN without an activation module may call in its forward; the probe picks the one that reproduces it.
 FUNCTIONAL_ACTIVATIONS = {"silu": lambda: nn.SiLU(), "gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU("tanh"),
@@ -220,8 +223,14 @@ def stitch_layers(model: nn.Module, config: PretrainedConfig) -> tuple[str, nn.M
 
 
 def ffn_child(block: nn.Module) -> str | None:
-    """The name of the block's FFN module, or None when it has none under a known name."""
+    """The name of the block's FFN module, or None when it has none under a known name. A `shared_mlp` counts only
+    when no child of the block is an MoE: beside one it is an always-on shared expert, not the block's FFN."""
     for name in FFN_CHILD_NAMES:
+        if isinstance(getattr(block, name, None), nn.Module):
+            return name
+    if any(is_mixture_of_experts(child) for child in block.children()):
+        return None
+    for name in FFN_BESIDE_MOE_NAMES:
         if isinstance(getattr(block, name, None), nn.Module):
             return name
     return None

@@ -534,6 +534,11 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         (`generate` reads `inputs_embeds` and `kwargs` from this signature)."""
         return self._dense.prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
+    def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict[str, Any]):
+        """The dense model's own: Qwen-VL and Qwen3.5 wrappers place an image's tokens in 3D (multimodal RoPE) here;
+        the default's 1D positions would make `generate` compute other logits than the forward does."""
+        return self._dense._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+
     def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
         """The dense model's own check of `generate`'s inputs (an image-text base takes `pixel_values` and its
         family's image arguments there), less the arguments only our forward takes (`output_router_logits`)."""

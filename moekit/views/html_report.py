@@ -88,9 +88,10 @@ def _token_table(trace: RoutingTrace) -> pd.DataFrame:
     """One row per analysed (text, token), from whichever table the model filled (routes, or gates for BTS)."""
     source = trace.routes if len(trace.routes) else trace.gates
     if source.empty:
-        return pd.DataFrame(columns=["text_index", "position", "token"])
-    return source.drop_duplicates(["text_index", "position"]).sort_values(["text_index", "position"])[
-        ["text_index", "position", "token"]]
+        return pd.DataFrame(columns=["text_index", "position", "token", "image"])
+    table = source.drop_duplicates(["text_index", "position"]).sort_values(["text_index", "position"])
+    image = table["image"].astype(bool) if "image" in table else False  # traces captured before image labels
+    return table[["text_index", "position", "token"]].assign(image=image)
 
 
 def _page_data(trace: RoutingTrace, routers: list[dict], tokens: pd.DataFrame) -> dict:
@@ -132,14 +133,16 @@ def _page_data(trace: RoutingTrace, routers: list[dict], tokens: pd.DataFrame) -
 
 
 def _texts(trace: RoutingTrace, tokens: pd.DataFrame) -> list[dict]:
-    """Every text with its (position, token) pairs, for the template's token spans (routing, or gates for BTS)."""
+    """Every text with its (position, token, is image) triples, for the template's token spans (routing, or gates for
+    BTS); image positions get their own style."""
     by_text = {text: group for text, group in tokens.groupby("text_index")}
     texts = []
     for i, (text, label) in enumerate(zip(trace.texts, trace.labels)):
         group = by_text.get(i, tokens.iloc[0:0])
         texts.append({"index": i, "label": label, "chars": len(text),
                       "truncated": bool(i < len(trace.truncated) and trace.truncated[i]),
-                      "tokens": [(int(pos), token) for pos, token in zip(group["position"], group["token"])]})
+                      "tokens": [(int(pos), token, bool(image)) for pos, token, image in
+                                 zip(group["position"], group["token"], group["image"])]})
     return texts
 
 
