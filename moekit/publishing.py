@@ -37,14 +37,19 @@ class Upload:
 
 
 def local_paths(folder: Path) -> list[str]:
-    """The local paths the recipe stored beside the weights names (sources, output): private, so a push replaces
-    them by `<local>/NAME` in every text it uploads. Longest first, so no path is cut inside a longer one."""
+    """The local paths the recipe stored beside the weights names (sources, output, router data) and the sources of
+    experts added by `moekit edit`: private, so a push replaces them by `<local>/NAME` in every text it uploads. Longest first, so no path is cut inside a longer one."""
+    found = []
     recipe_path = folder / RECIPE_FILE
-    if not recipe_path.is_file():
-        return []
-    recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}
-    models = [*(recipe.get("experts") or []), *([recipe["base"]] if isinstance(recipe.get("base"), dict) else [])]
-    found = [str(m.get("source", "")) for m in models] + [str(recipe.get("output") or "")]
+    if recipe_path.is_file():
+        recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}
+        models = [*(recipe.get("experts") or []), *([recipe["base"]] if isinstance(recipe.get("base"), dict) else [])]
+        found += [str(m.get("source", "")) for m in models] + [str(recipe.get("output") or "")]
+        found += [str(p) for p in (recipe.get("router_data") or {}).values()]
+    config_path = folder / "config.json"
+    if config_path.is_file():  # `moekit edit --add NAME=SOURCE` records its source there
+        edits = json.loads(config_path.read_text(encoding="utf-8")).get("edits") or []
+        found += [str(edit.get("source", "")) for edit in edits if isinstance(edit, dict)]
     found = [p for p in found if p and (Path(p).is_absolute() or Path(p).expanduser().exists())]
     variants = {variant for p in found for variant in (p, str(Path(p).expanduser().resolve()))}
     return sorted(variants, key=len, reverse=True)
@@ -191,8 +196,9 @@ def plan_upload(folder: str | Path, repo_id: str) -> Upload:
     check_complete(folder)
     files: dict[str, Path | bytes] = dict(upload_files(folder))
     private = local_paths(folder)
-    if RECIPE_FILE in files and private:
-        files[RECIPE_FILE] = redact((folder / RECIPE_FILE).read_text(encoding="utf-8"), private).encode("utf-8")
+    for name in (RECIPE_FILE, "config.json"):
+        if name in files and private:
+            files[name] = redact((folder / name).read_text(encoding="utf-8"), private).encode("utf-8")
     return Upload(files, redact(hub_card(folder, repo_id, upload_files(folder)), private))
 
 

@@ -107,3 +107,15 @@ def test_cli_push_dry_run_lists_and_uploads_nothing(composed, hub):
     assert "model.safetensors" in result.output and "## Composition" in result.output and hub == []
     missing = CliRunner().invoke(app, ["push", str(composed.parent / "nope"), "org/moe"])
     assert missing.exit_code == 2 and "is not a folder" in missing.output
+
+
+def test_an_added_experts_local_source_is_redacted_from_card_and_config(composed, tmp_path, hub):
+    """`moekit edit --add` records the new expert's source in config.json and the card: a push sends neither path."""
+    source = save_model(make_model(tiny_config("llama"), 7), tmp_path / "private-law-expert")
+    edited = moekit.add_expert(composed, "law", source, tmp_path / "edited")
+    assert str(source) in (edited / "config.json").read_text() and str(source) in (edited / "README.md").read_text()
+    upload = plan_upload(edited, "org/moe")
+    config = upload.files["config.json"].decode("utf-8")
+    assert str(source) not in config and "<local>/private-law-expert" in config
+    assert json.loads(config)["edits"][-1]["source"] == "<local>/private-law-expert"
+    assert str(source) not in upload.card and str(tmp_path) not in upload.card
