@@ -11,7 +11,20 @@ import typer
 
 from .errors import MixtureKitError
 
+
+class _ReportingErrors(typer.core.TyperGroup):
+    """Every command's `MixtureKitError` (bad input, refused composition, ...) ends the command with its one-line
+    message and exit code 2, not a traceback: one place instead of a try block per command."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MixtureKitError as error:
+            _fail(error)
+
+
 app = typer.Typer(
+    cls=_ReportingErrors,
     help="Compose Mixture-of-Experts models from dense Hugging Face checkpoints.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -46,10 +59,7 @@ def compose(
     from .compose import compose as run_compose
     from .inspection import checkpoint_summary
 
-    try:
-        path = run_compose(recipe, output=output, overwrite=overwrite)
-    except MixtureKitError as error:
-        _fail(error)
+    path = run_compose(recipe, output=output, overwrite=overwrite)
     typer.echo(checkpoint_summary(path))
     typer.echo(f"wrote {path}")
 
@@ -61,14 +71,11 @@ def inspect(target: Path = typer.Argument(..., help="Recipe YAML file, or a comp
     from .plan import build_plan, plan_summary
     from .runtime.config import require_composed
 
-    try:
-        if target.is_dir():
-            require_composed(target, "`inspect` takes a recipe file or a composed checkpoint")
-            typer.echo(checkpoint_summary(target))
-        else:
-            typer.echo(plan_summary(build_plan(target)))
-    except MixtureKitError as error:
-        _fail(error)
+    if target.is_dir():
+        require_composed(target, "`inspect` takes a recipe file or a composed checkpoint")
+        typer.echo(checkpoint_summary(target))
+    else:
+        typer.echo(plan_summary(build_plan(target)))
 
 
 @app.command()
@@ -84,14 +91,11 @@ def push(
     load it, routing figures and evaluation results found beside the weights). Incomplete folders are refused."""
     from .publishing import plan_upload, push as run_push
 
-    try:
-        if dry_run:
-            upload = plan_upload(checkpoint, repo_id)
-            typer.echo("\n".join(["would upload:", *upload.files, "README.md (the card below)", "", upload.card]))
-            return
-        typer.echo(f"uploaded: {run_push(checkpoint, repo_id, private=private, revision=revision, commit_message=commit_message)}")
-    except MixtureKitError as error:
-        _fail(error)
+    if dry_run:
+        upload = plan_upload(checkpoint, repo_id)
+        typer.echo("\n".join(["would upload:", *upload.files, "README.md (the card below)", "", upload.card]))
+        return
+    typer.echo(f"uploaded: {run_push(checkpoint, repo_id, private=private, revision=revision, commit_message=commit_message)}")
 
 
 @app.command()
@@ -113,12 +117,9 @@ def benchmark(
     (one row per model, one column per task, the best per column in bold)."""
     from .benchmarking import benchmark as run_benchmark, write_benchmark
 
-    try:
-        table = run_benchmark(checkpoint, [t.strip() for t in tasks.split(",") if t.strip()], include_path=include_path,
-                              limit=limit, experts=experts, base=experts, export=export, device=device, dtype=dtype,
-                              batch_size=batch_size, num_fewshot=num_fewshot)
-    except MixtureKitError as error:
-        _fail(error)
+    table = run_benchmark(checkpoint, [t.strip() for t in tasks.split(",") if t.strip()], include_path=include_path,
+                          limit=limit, experts=experts, base=experts, export=export, device=device, dtype=dtype,
+                          batch_size=batch_size, num_fewshot=num_fewshot)
     write_benchmark(table, output, json_path)
     typer.echo(table.markdown())
 
@@ -130,10 +131,7 @@ def upgrade(checkpoint: Path = typer.Argument(..., help="A composed checkpoint f
     from .runtime.config import require_composed
     from .runtime.loader_files import refresh_loader_files
 
-    try:
-        require_composed(checkpoint, "`upgrade` rewrites a composed checkpoint's loader files")
-    except MixtureKitError as error:
-        _fail(error)
+    require_composed(checkpoint, "`upgrade` rewrites a composed checkpoint's loader files")
     rewritten = refresh_loader_files(checkpoint)
     typer.echo(f"rewrote {', '.join(rewritten)} in {checkpoint}" if rewritten
                else f"{checkpoint}: loader files already current (or none: auto_map is off)")
@@ -150,10 +148,7 @@ def convert_original_command(
     checkpoint, keeping its routers and stitches; says where the original's forward computes something else."""
     from .convert_original import convert_original
 
-    try:
-        conversion = convert_original(checkpoint, output, overwrite=overwrite, progress=True)
-    except MixtureKitError as error:
-        _fail(error)
+    conversion = convert_original(checkpoint, output, overwrite=overwrite, progress=True)
     for note in conversion.notes:
         typer.echo(f"note: {note}.")
     if conversion.same_logits:
@@ -175,10 +170,7 @@ def train(
     from .runtime.data_parallel import end_process_group, is_main_process
     from .training.run import run_training
 
-    try:
-        path = run_training(load_train_config(config), resume=resume, overwrite=overwrite)
-    except MixtureKitError as error:
-        _fail(error)
+    path = run_training(load_train_config(config), resume=resume, overwrite=overwrite)
     if is_main_process():
         typer.echo(f"wrote {path}")
     end_process_group()
@@ -196,10 +188,7 @@ def export_command(
     """Write a native MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE) that serving engines run without custom code."""
     from .export import export
 
-    try:
-        path = export(checkpoint, to, output, overwrite=overwrite, progress=True, layout=layout)
-    except MixtureKitError as error:
-        _fail(error)
+    path = export(checkpoint, to, output, overwrite=overwrite, progress=True, layout=layout)
     import json
 
     architecture = json.loads((path / "config.json").read_text())["architectures"][0]
@@ -229,34 +218,31 @@ def edit(
     from .editing import EditError, add_expert, fit_routers_from_data, prune_experts, remove_experts
     from .inspection import checkpoint_summary
 
-    try:
-        chosen = [flag for flag, value in (("--remove", remove), ("--add", add), ("--prune", prune),
-                                           ("--router-data", router_data)) if value]
-        if len(chosen) != 1:
-            raise EditError(f"give exactly one of --remove NAME, --add NAME=SOURCE, --prune N --data FILE, "
-                            f"--router-data NAME=FILE (got {', '.join(chosen) or 'none'})")
-        if router_data:
-            pairs = [entry.partition("=") for entry in router_data]
-            bad = [entry for entry, (name, sep, file) in zip(router_data, pairs) if not (name and sep and file)]
-            if bad:
-                raise EditError(f"--router-data takes NAME=FILE (an expert and its texts), got {bad[0]!r}")
-            path = fit_routers_from_data(checkpoint, {name: Path(file) for name, _, file in pairs}, output,
-                                         overwrite=overwrite, progress=True)
-        elif remove:
-            path = remove_experts(checkpoint, list(remove), output, overwrite=overwrite, progress=True)
-        elif add:
-            name, sep, source = add.partition("=")
-            if not sep or not name or not source:
-                raise EditError(f"--add takes NAME=SOURCE (a name and a dense checkpoint), got {add!r}")
-            path = add_expert(checkpoint, name, source, output, overwrite=overwrite, progress=True)
-        else:
-            if data is None:
-                raise EditError("--prune needs --data FILE: the texts whose routing decides which experts go")
-            path, scores = prune_experts(checkpoint, prune, data, output, overwrite=overwrite, progress=True, by=by)
-            typer.echo(f"{'REAP saliency' if by == 'reap' else 'routed-slot share'}: "
-                       + ", ".join(f"{n} {s:.3g}" for n, s in scores.items()))
-    except MixtureKitError as error:
-        _fail(error)
+    chosen = [flag for flag, value in (("--remove", remove), ("--add", add), ("--prune", prune),
+                                       ("--router-data", router_data)) if value]
+    if len(chosen) != 1:
+        raise EditError(f"give exactly one of --remove NAME, --add NAME=SOURCE, --prune N --data FILE, "
+                        f"--router-data NAME=FILE (got {', '.join(chosen) or 'none'})")
+    if router_data:
+        pairs = [entry.partition("=") for entry in router_data]
+        bad = [entry for entry, (name, sep, file) in zip(router_data, pairs) if not (name and sep and file)]
+        if bad:
+            raise EditError(f"--router-data takes NAME=FILE (an expert and its texts), got {bad[0]!r}")
+        path = fit_routers_from_data(checkpoint, {name: Path(file) for name, _, file in pairs}, output,
+                                     overwrite=overwrite, progress=True)
+    elif remove:
+        path = remove_experts(checkpoint, list(remove), output, overwrite=overwrite, progress=True)
+    elif add:
+        name, sep, source = add.partition("=")
+        if not sep or not name or not source:
+            raise EditError(f"--add takes NAME=SOURCE (a name and a dense checkpoint), got {add!r}")
+        path = add_expert(checkpoint, name, source, output, overwrite=overwrite, progress=True)
+    else:
+        if data is None:
+            raise EditError("--prune needs --data FILE: the texts whose routing decides which experts go")
+        path, scores = prune_experts(checkpoint, prune, data, output, overwrite=overwrite, progress=True, by=by)
+        typer.echo(f"{'REAP saliency' if by == 'reap' else 'routed-slot share'}: "
+                   + ", ".join(f"{n} {s:.3g}" for n, s in scores.items()))
     typer.echo(checkpoint_summary(path))
     typer.echo(f"wrote {path}")
 
@@ -273,10 +259,7 @@ def serve(
     """An OpenAI-compatible server (vLLM) for the checkpoint; options after the known ones go to `vllm serve`."""
     from .serving.server import serve as run_serve
 
-    try:
-        run_serve(checkpoint, host=host, port=port, python=vllm_python, extra=list(context.args))
-    except MixtureKitError as error:
-        _fail(error)
+    run_serve(checkpoint, host=host, port=port, python=vllm_python, extra=list(context.args))
 
 
 # Where `eval` and `compare` score models (as `moekit.load` loads them).
@@ -299,11 +282,8 @@ def evaluate_command(
 
     from .evaluation import evaluate, format_evaluation
 
-    try:
-        results = evaluate(checkpoint, _named_data(data), block_size=block_size, max_blocks=max_blocks, progress=True,
-                           device=device, dtype=score_dtype)
-    except MixtureKitError as error:
-        _fail(error)
+    results = evaluate(checkpoint, _named_data(data), block_size=block_size, max_blocks=max_blocks, progress=True,
+                       device=device, dtype=score_dtype)
     typer.echo(format_evaluation(results))
     if json_path is not None:
         json_path.write_text(json.dumps(results, indent=2) + "\n")
@@ -331,11 +311,8 @@ def merge(
     """Merge dense checkpoints into one dense checkpoint: the baseline a composition of them should beat."""
     from .merging import merge_experts
 
-    try:
-        path = merge_experts(experts, output, method, base=base, density=density, weights=weight or None,
-                             dtype=dtype, overwrite=overwrite, progress=True)
-    except MixtureKitError as error:
-        _fail(error)
+    path = merge_experts(experts, output, method, base=base, density=density, weights=weight or None,
+                         dtype=dtype, overwrite=overwrite, progress=True)
     typer.echo(f"wrote {path}: a {method} merge of {len(experts)} models, dense (loads with AutoModelForCausalLM)")
 
 
@@ -362,12 +339,9 @@ def compare(
 
     from .comparison import compare_to_merging, format_comparison
 
-    try:
-        result = compare_to_merging(target, _named_data(data), workdir, recipe=recipe, base=base, density=density,
-                                    block_size=block_size, max_blocks=max_blocks, overwrite=overwrite,
-                                    device=device, dtype=score_dtype)
-    except MixtureKitError as error:
-        _fail(error)
+    result = compare_to_merging(target, _named_data(data), workdir, recipe=recipe, base=base, density=density,
+                                block_size=block_size, max_blocks=max_blocks, overwrite=overwrite,
+                                device=device, dtype=score_dtype)
     table = format_comparison(result)
     typer.echo(table)
     if out is not None:
