@@ -495,6 +495,12 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         (`generate` reads `inputs_embeds` and `kwargs` from this signature)."""
         return self._dense.prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
+    def _update_model_kwargs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The dense model's own update between generation steps: PaliGemma marks each generated token as causal
+        suffix there (`token_type_ids` 1); the generic update would put it in the bidirectional prefix, and
+        generation without the cache would then differ from generation with it."""
+        return self._dense._update_model_kwargs_for_generation(*args, **kwargs)
+
     def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
         """The dense model's own check of `generate`'s inputs (an image-text base takes `pixel_values` and its
         family's image arguments there), less the arguments only our forward takes (`output_router_logits`)."""
