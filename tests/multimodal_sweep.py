@@ -31,11 +31,13 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from family_sweep import MAX_PARAMETERS, METHODS, _close, _one_line, _reason
-from multimodal_models import FAMILIES, find_image_token_count, generic_family, image_inputs, make_image_text_model
+from multimodal_models import (FAMILIES, GENERIC_TOKEN_BASE, VOCAB, find_image_token_count, generic_family,
+                               image_inputs, make_image_text_model)
 
 # Logits of composed and dense models agree to float32 rounding of the routing's weighted sum; Qwen3.5's chunked
 # linear attention (the reference kernel on CPU) reorders sums more.
 ATOL = 1e-4
+SPECIAL_TOKENS = list(range(GENERIC_TOKEN_BASE, VOCAB))  # image and other special tokens of every tiny model
 
 
 @dataclass
@@ -65,8 +67,9 @@ def recipe(method: str, sources: list[Path], **extra) -> dict:
 
 
 def greedy(model, inputs: dict, use_cache: bool) -> torch.Tensor:
+    """Four greedy tokens, never a special one (an image token generated would be an image without pixels)."""
     return model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=use_cache,
-                          pad_token_id=0)
+                          pad_token_id=0, suppress_tokens=SPECIAL_TOKENS)
 
 
 _DENSE_CACHE_AGREES: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
