@@ -208,6 +208,10 @@ VISION_SIZES = dict(embed_dim=32, depth=1, num_hidden_layers=1, out_hidden_size=
 # Projector and text widths the shrinking leaves, on the wrapper and its text config (`None`: the text width).
 PROJECTOR_SIZES = dict(projection_dim=None, projector_hidden_size=48, alignment_intermediate_size=48,
                        intermediate_size_mlp=48, mm_tokens_per_image=4)
+# A VQ image tokenizer's sizes (Chameleon, Janus): an 8-code book, 32 channels (its group norms' groups), 8x downsampling (a 32x32 image is 16
+# codes), widths into the decoder at the text width (`None`).
+VQ_SIZES = dict(num_embeddings=8, embed_dim=8, latent_channels=32, base_channels=32, num_res_blocks=1, resolution=32,
+                num_patches=4, projection_dim=None, image_token_embed_dim=None, num_hidden_layers=1)
 IMAGE_TOKEN_FIELDS = ("image_token_id", "image_token_index", "image_token")
 
 
@@ -257,6 +261,15 @@ def _shrink_vision(config, vision, width: int) -> None:
         config.image_grid_pinpoints = [[GENERIC_IMAGE, GENERIC_IMAGE]]
 
 
+def _chameleon_vocabulary(codes: int) -> dict[str, int]:
+    """Chameleon's map from image-code token names to ids: `<image>` and one `IMGIMG...Z` token per VQ code (its
+    digits written A-J), above the text tokens the harness draws."""
+    letters = {str(digit): chr(ord("A") + digit) for digit in range(10)}
+    names = {"IMGIMG" + "".join(letters[c] for c in str(code)) + "Z": GENERIC_TOKEN_BASE + 1 + code
+             for code in range(codes)}
+    return {"<image>": GENERIC_TOKEN_BASE, **names}
+
+
 def _fit_rope_sections(text) -> None:
     """Multimodal RoPE splits each head's rotary half into (time, height, width) sections: rescaled to the tiny
     head."""
@@ -298,14 +311,25 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
     for key in ("vision_feature_layer", "vision_feature_layers"):  # VipLLaVA: a projector over several of the
         if isinstance(getattr(config, key, None), (list, tuple)):  # vision tower's layers, which keeps one
             setattr(config, key, [-1 - i % 2 for i in range(len(getattr(config, key)))])
+    vq = getattr(config, "vq_config", None)
+    if hasattr(vq, "to_dict"):
+        for key, value in VQ_SIZES.items():
+            if isinstance(getattr(vq, key, None), int):
+                setattr(vq, key, width if value is None else value)
+        vq.channel_multiplier = [1, 1, 1, 1]
+        if isinstance(getattr(vq, "attn_resolutions", None), list):
+            vq.attn_resolutions = []
+    if "vocabulary_map" in vars(config) and hasattr(vq, "to_dict"):  # Chameleon: the VQ codes' tokens, named
+        config.vocabulary_map = _chameleon_vocabulary(vq.num_embeddings)  # IMGIMG<code in letters>Z
+        config.image_token_id = config.vocabulary_map["<image>"]
     token_fields = sorted(k for k, v in config.to_dict().items()
                           if isinstance(v, int) and not isinstance(v, bool) and k.endswith(("_token_id", "_token_index"))
                           and k not in ("pad_token_id", "bos_token_id", "eos_token_id"))
     for offset, key in enumerate(token_fields):
         setattr(config, key, GENERIC_TOKEN_BASE + offset)
     image_token = _image_token(config)
-    vision = next((getattr(config, k) for k in ("vision_config", "vision_tower_config", "visual_config")
-                   if hasattr(getattr(config, k, None), "to_dict")), None)
+    vision = next((getattr(config, k) for k in ("vision_config", "vision_tower_config", "visual_config", "vq_config")
+                   if hasattr(getattr(config, k, None), "to_dict")), None)  # Chameleon: its VQ tokenizer reads pixels
     if image_token is None:
         raise HarnessGap("the generic harness finds no image token id in the config (image_token_id, "
                          "image_token_index)")

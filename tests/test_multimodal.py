@@ -139,9 +139,24 @@ def test_markdown_table_counts_outcomes():
 
     table = markdown_table([MultimodalResult("a", "AForX", {m: "passed" for m in METHODS}),
                             MultimodalResult("b", "BForX", {"traditional": "passed", "btx": "refused: no", "bts": "passed"}),
-                            MultimodalResult("c", "not built: ValueError: no")])
-    assert table.startswith("1 of 3 image-text families pass all three methods") and "(2 have a tiny model" in table
+                            MultimodalResult("c", "not built: ValueError: no"),
+                            MultimodalResult("d", "not runnable in transformers: its forward fails")])
+    assert table.startswith("1 of 4 image-text families pass all three methods with an image in the input, 1 pass "
+                            "some and are refused by the others (2 have a tiny model in the sweep; 1 are not built")
     assert "| b | BForX | passed | refused: no | passed |" in table and "| c | — | not built: ValueError: no | | |" in table
+    assert "| d | — | not runnable in transformers: its forward fails | | |" in table
+
+
+def test_not_built_names_whose_limit_it_is():
+    """A missing library is this environment's, a family in TRANSFORMERS_LIMITS transformers' own; anything else is
+    the harness's gap."""
+    from multimodal_sweep import TRANSFORMERS_LIMITS, not_built
+
+    assert not_built("x", ImportError("TimmWrapperModel requires the timm library. Install it")) == (
+        "not runnable here: TimmWrapperModel requires the timm library")
+    assert not_built("not-a-family", ValueError("no")) == "not built: ValueError: no"
+    for family, reason in TRANSFORMERS_LIMITS.items():
+        assert not_built(family, RuntimeError("x")) == "not runnable in transformers: " + reason
 
 
 PIPELINE = """
