@@ -274,7 +274,7 @@ def _fit_rope_sections(text) -> None:
     """Multimodal RoPE splits each head's rotary half into (time, height, width) sections: rescaled to the tiny
     head."""
     rope = getattr(text, "rope_parameters", None)
-    if not isinstance(rope, dict):
+    if not isinstance(rope, dict) or not ("mrope_section" in rope or "rope_type" in rope):
         return
     head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     half = int(head * rope.get("partial_rotary_factor", 1.0)) // 2
@@ -296,21 +296,24 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
 
     config = tiny_config(model_type)
     width = _text_width(config)
-    for key in ("vision_config", "vision_tower_config", "visual_config"):
-        if hasattr(getattr(config, key, None), "to_dict"):
+    for key in ("vision_config", "vision_tower_config", "visual_config", "adapter_config"):  # Molmo 2's adapter
+        if hasattr(getattr(config, key, None), "to_dict"):  # pools the vision tower's states into text width
             _shrink_vision(config, getattr(config, key), width)
     for part in (config, getattr(config, "text_config", None)):
         for key, value in PROJECTOR_SIZES.items():
             if isinstance(getattr(part, key, None), int) and not isinstance(getattr(part, key), bool):
                 setattr(part, key, width if value is None else value)
-    if isinstance(getattr(getattr(config, "vision_config", None), "temporal_patch_size", None), int):
-        _fit_rope_sections(getattr(config, "text_config", None) or config)  # Qwen/GLM-style: multimodal RoPE
+    text_rope = getattr(getattr(config, "text_config", None) or config, "rope_parameters", None)
+    if (isinstance(getattr(getattr(config, "vision_config", None), "temporal_patch_size", None), int)
+            or "mrope_section" in (text_rope or {})):  # Qwen/GLM-style: multimodal RoPE
+        _fit_rope_sections(getattr(config, "text_config", None) or config)
     text = getattr(config, "text_config", None)
     if isinstance(getattr(text, "cross_attention_layers", None), list):  # Mllama: one self-, one cross-attention
         text.cross_attention_layers = [text.num_hidden_layers - 1]
-    for key in ("vision_feature_layer", "vision_feature_layers"):  # VipLLaVA: a projector over several of the
-        if isinstance(getattr(config, key, None), (list, tuple)):  # vision tower's layers, which keeps one
-            setattr(config, key, [-1 - i % 2 for i in range(len(getattr(config, key)))])
+    for part in (config, getattr(config, "adapter_config", None)):  # VipLLaVA, Molmo 2: a projector over several
+        for key in ("vision_feature_layer", "vision_feature_layers"):  # of the vision tower's layers: it keeps one
+            if isinstance(getattr(part, key, None), (list, tuple)):
+                setattr(part, key, [-1 if i % 2 == 0 else 0 for i in range(len(getattr(part, key)))])
     vq = getattr(config, "vq_config", None)
     if hasattr(vq, "to_dict"):
         for key, value in VQ_SIZES.items():
@@ -323,7 +326,8 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
         config.vocabulary_map = _chameleon_vocabulary(vq.num_embeddings)  # IMGIMG<code in letters>Z
         config.image_token_id = config.vocabulary_map["<image>"]
     token_fields = sorted(k for k, v in config.to_dict().items()
-                          if isinstance(v, int) and not isinstance(v, bool) and k.endswith(("_token_id", "_token_index"))
+                          if isinstance(v, int) and not isinstance(v, bool)
+                          and k.endswith(("_token_id", "_token_index", "image_patch_id"))
                           and k not in ("pad_token_id", "bos_token_id", "eos_token_id"))
     for offset, key in enumerate(token_fields):
         setattr(config, key, GENERIC_TOKEN_BASE + offset)
@@ -366,6 +370,13 @@ def _generic_inputs(model_type: str, config, image_token: int, vision) -> ImageI
         grid = GENERIC_IMAGE // patch
         inputs.update(pixel_values=torch.randn(grid * grid, channels * temporal * patch * patch),
                       image_grid_thw=torch.tensor([[1, grid, grid]]))
+    elif "image_token_pooling" in takes:  # Molmo 2: one crop of 4x4 patches; 5 tokens, each pooling 4 patches
+        grid = GENERIC_IMAGE // vision.patch_size  # (a low-resolution 1x1 grid and a high-resolution 2x2 one)
+        pooling = [[0, 5, 10, 15]] + [[r * grid + c, r * grid + c + 1, (r + 1) * grid + c, (r + 1) * grid + c + 1]
+                                      for r in (0, 2) for c in (0, 2)]
+        inputs.update(pixel_values=torch.randn(1, grid * grid, channels * vision.patch_size ** 2),
+                      image_token_pooling=torch.tensor(pooling), image_grids=torch.tensor([[1, 1, 2, 2]]),
+                      image_num_crops=torch.tensor([1]))
     elif "spatial_shapes" in takes:  # Siglip 2 (NaFlex): flattened patches, their grid and which are real
         patch = vision.patch_size
         grid = GENERIC_IMAGE // patch

@@ -102,8 +102,10 @@ def with_torch_dtype(config):
 
 def dense_model_class(text_config) -> type[PreTrainedModel]:
     """transformers' class for the base: its image-text model for a multimodal wrapper (LLaVA has no causal-LM
-    class; Gemma 3's is the same class), else its causal LM."""
-    if is_multimodal(text_config) and type(text_config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+    class; Gemma 3's is the same class) or for an image-text model with one flat config and no causal-LM class
+    (Chameleon: its VQ image tokenizer beside the decoder), else its causal LM."""
+    image_text = type(text_config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    if image_text and (is_multimodal(text_config) or type(text_config) not in MODEL_FOR_CAUSAL_LM_MAPPING):
         return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(text_config)]
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
