@@ -167,7 +167,7 @@ def not_built(model_type: str, error: BaseException) -> str:
     """Why a family has no tiny model: a library transformers needs and this environment lacks, a limit of
     transformers itself (`TRANSFORMERS_LIMITS`), or else the harness's own gap."""
     if isinstance(error, ImportError):
-        return NOT_RUNNABLE_HERE + str(error).split(". ")[0]
+        return NOT_RUNNABLE_HERE + " ".join(str(error).split()).split(". ")[0]
     if model_type in TRANSFORMERS_LIMITS:
         return NOT_RUNNABLE + TRANSFORMERS_LIMITS[model_type]
     return NOT_BUILT + _one_line(error)

@@ -13,13 +13,20 @@ from safetensors import safe_open
 
 from family_sweep import METHODS
 from multimodal_models import FAMILIES, image_inputs, make_image_text_model, tiny_llava_processor
-from multimodal_sweep import ATOL, build_family, check_method, logits, markdown_table, recipe, sweep
+from multimodal_sweep import ATOL, build_family, check_method, image_text_types, logits, markdown_table, recipe, sweep
 
 import moekit  # noqa: F401  (registers the Auto classes)
 from moekit import MixtureKitError, compose
 
 NAMED = ["gemma3", "gemma4", "mistral3", "qwen3_vl", "qwen3_5", "llava"]
-OTHERS = [t for t in FAMILIES if t not in NAMED] + ["got_ocr2"]  # got_ocr2: through the generic harness
+# Through the generic harness, one family per way it feeds an image (got_ocr2, paligemma: llava-style pixels and
+# token types; qwen2_vl: patches and grid; llava_next: tiles and image_sizes; idefics2: images per sample; lfm2_vl:
+# Siglip 2 patches; video_llava: `pixel_values_images`; vipllava: several vision layers; fuyu: patches into the
+# decoder; chameleon: a VQ tokenizer; molmo2: pooled patches; qwen3_vl_moe: an MoE decoder, refused by two methods);
+# those the installed transformers lacks are not listed.
+GENERIC = ["got_ocr2", "paligemma", "qwen2_vl", "llava_next", "idefics2", "lfm2_vl", "video_llava", "vipllava", "fuyu",
+           "chameleon", "molmo2", "qwen3_vl_moe"]
+OTHERS = [t for t in FAMILIES if t not in NAMED] + [t for t in GENERIC if t in image_text_types()]
 
 
 @pytest.fixture(scope="module")
