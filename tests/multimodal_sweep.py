@@ -9,8 +9,10 @@ outcome, as in `family_sweep`:
   refused  composing raised a `MixtureKitError`, whose first sentence is recorded as the reason;
   FAILED   anything else: the test fails on it.
 The families `multimodal_models.FAMILIES` names have hand-made tiny configs and inputs; every other one goes through
-its generic harness (configs shrunk as `family_sweep` does, a llava-style image, the image-token count read from the
-model's own error), and one it cannot build or feed is listed as not built, with the reason.
+its generic harness (configs shrunk as `family_sweep` does and the vision side too, the image fed as the family's
+forward asks, the image-token count read from the model's own error). A family without a tiny model says whose limit
+that is: "not built" (the harness's gap), "not runnable in transformers" (`TRANSFORMERS_LIMITS`), or "not runnable
+here" (a library transformers needs for it is not installed).
 
 `python tests/multimodal_sweep.py` prints the markdown table (`markdown_table`).
 """
