@@ -230,6 +230,9 @@ def _shrink_vision(config, vision, width: int) -> None:
         current = getattr(vision, key, None)
         if isinstance(current, int) and not isinstance(current, bool):
             setattr(vision, key, width if value is None else value)
+    layers = getattr(vision, "num_hidden_layers", None)
+    if isinstance(layers, int) and isinstance(getattr(vision, "layer_types", None), list):  # Ovis 2.5: one kind per
+        vision.layer_types = vision.layer_types[:layers]  # layer, as many as the tower keeps
     ratio = getattr(vision, "pixel_shuffle_ratio", None)
     if isinstance(ratio, float):  # Llama 4: the projector reads the pixel-shuffled width
         vision.intermediate_size = int(vision.hidden_size / ratio ** 2)
