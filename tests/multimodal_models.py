@@ -3,7 +3,8 @@
 No processor is involved: the inputs follow each family's own processor-free convention, `input_ids` holding the
 config's image token once per image feature the vision path produces, beside `pixel_values` of the shape its vision
 tower reads (and the family's extra tensors: Qwen's `image_grid_thw`, Mistral 3's `image_sizes`, Gemma 4's patch
-positions). Every size is shrunk: text decoder, vision tower (image size, patch size, layers, widths).
+positions). Every size is shrunk: text decoder, vision tower (image size, patch size, layers, widths). Any other
+image-text family goes through `generic_family`, which shrinks its config and feeds the image as its forward asks.
 """
 
 from __future__ import annotations
