@@ -213,7 +213,7 @@ def markdown_table(results: list[MultimodalResult]) -> str:
     built = sum(1 for r in results if r.outcomes)
     gaps = sum(1 for r in results if r.built.startswith(NOT_BUILT))
     lines = [f"{passed} of {len(results)} image-text families pass all three methods with an image in the input, "
-             f"{refused} pass some and are refused by the others ({built} have a tiny model in the sweep; {gaps} are "
+             f"{refused} more are refused by some or all methods and pass the others ({built} have a tiny model in the sweep; {gaps} are "
              "not built by its harness, the others cannot run in transformers or this environment).", "",
              "| model type | class | traditional | btx | bts |", "| --- | --- | --- | --- | --- |"]
     for r in results:

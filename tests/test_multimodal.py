@@ -157,8 +157,9 @@ def test_markdown_table_counts_outcomes():
                             MultimodalResult("b", "BForX", {"traditional": "passed", "btx": "refused: no", "bts": "passed"}),
                             MultimodalResult("c", "not built: ValueError: no"),
                             MultimodalResult("d", "not runnable in transformers: its forward fails")])
-    assert table.startswith("1 of 4 image-text families pass all three methods with an image in the input, 1 pass "
-                            "some and are refused by the others (2 have a tiny model in the sweep; 1 are not built")
+    assert table.startswith("1 of 4 image-text families pass all three methods with an image in the input, 1 more are "
+                            "refused by some or all methods and pass the others (2 have a tiny model in the sweep; 1 "
+                            "are not built")
     assert "| b | BForX | passed | refused: no | passed |" in table and "| c | — | not built: ValueError: no | | |" in table
     assert "| d | — | not runnable in transformers: its forward fails | | |" in table
 
