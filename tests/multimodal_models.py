@@ -3,7 +3,8 @@
 No processor is involved: the inputs follow each family's own processor-free convention, `input_ids` holding the
 config's image token once per image feature the vision path produces, beside `pixel_values` of the shape its vision
 tower reads (and the family's extra tensors: Qwen's `image_grid_thw`, Mistral 3's `image_sizes`, Gemma 4's patch
-positions). Every size is shrunk: text decoder, vision tower (image size, patch size, layers, widths).
+positions). Every size is shrunk: text decoder, vision tower (image size, patch size, layers, widths). Any other
+image-text family goes through `generic_family`, which shrinks its config and feeds the image as its forward asks.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ class ImageInputs(dict):
     """The keyword arguments of one forward with an image: `input_ids` (text, image tokens, text) and the pixels."""
 
 
-def _text_around(image_tokens: list[int], batch: int = 1, seed: int = 0) -> torch.Tensor:
+def _text_around(image_tokens: list[int], batch: int = 1, seed: int = 0, high: int = 90) -> torch.Tensor:
+    """Text tokens (ids 3 to `high`, below every special token) around the image's tokens."""
     generator = torch.Generator().manual_seed(seed)
-    before, after = torch.randint(3, 90, (batch, 3), generator=generator), torch.randint(3, 90, (batch, 4), generator=generator)
+    before = torch.randint(3, high, (batch, 3), generator=generator)
+    after = torch.randint(3, high, (batch, 4), generator=generator)
     return torch.cat([before, torch.tensor([image_tokens] * batch), after], dim=1)
 
 
@@ -189,11 +192,106 @@ def tiny_llava_processor():
         num_additional_image_tokens=1, chat_template=template)
 
 
-# The generic harness: any other image-text family, shrunk as `family_sweep` shrinks configs, fed a llava-style image
-# (`pixel_values` [1, channels, size, size]) and as many image tokens as its own mismatch error asks for.
+# The generic harness: any other image-text family, shrunk as `family_sweep` shrinks configs and then its vision
+# side too (image and patch sizes, widths, depths, output widths), fed an image the way its forward's signature asks
+# (llava-style `pixel_values` [1, channels, H, W], tiles [1, tiles, channels, H, W] where the family takes
+# `image_sizes` and grid pinpoints, Qwen-style flattened patches with `image_grid_thw`), and as many image tokens as
+# its own mismatch error asks for.
 GENERIC_TOKEN_BASE = 80  # image/special token ids are moved into the shrunk vocabulary (96), from here up
-FEATURE_COUNT = re.compile(r"tokens:? (\d+), features:? (\d+)")
+FEATURE_COUNT = re.compile(r"tokens:? (\d+),? (?:image )?features:? (\d+)")
 GENERIC_IMAGE_TOKENS: dict[str, int] = {}  # per family, as `find_image_token_count` found it
+GENERIC_IMAGE, GENERIC_PATCH = 32, 8
+# Vision-side sizes the text shrinking leaves (`None`: the text decoder's width, which the vision output feeds).
+VISION_SIZES = dict(embed_dim=32, depth=1, num_hidden_layers=1, out_hidden_size=None, projector_input_dim=None,
+                    projector_output_dim=None, vision_output_dim=32, num_position_embeddings=16,
+                    intermediate_size=48, num_heads=4, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                    text_hidden_size=None)
+# Projector and text widths the shrinking leaves, on the wrapper and its text config (`None`: the text width).
+PROJECTOR_SIZES = dict(projection_dim=None, projector_hidden_size=48, alignment_intermediate_size=48,
+                       intermediate_size_mlp=48, mm_tokens_per_image=4)
+# A VQ image tokenizer's sizes (Chameleon, Janus): an 8-code book, 32 channels (its group norms' groups), 8x downsampling (a 32x32 image is 16
+# codes), widths into the decoder at the text width (`None`).
+VQ_SIZES = dict(num_embeddings=8, embed_dim=8, latent_channels=32, base_channels=32, num_res_blocks=1, resolution=32,
+                num_patches=4, projection_dim=None, image_token_embed_dim=None, num_hidden_layers=1)
+IMAGE_TOKEN_FIELDS = ("image_token_id", "image_token_index", "image_token")
+
+
+class HarnessGap(LookupError):
+    """The generic harness cannot build or feed this family (not transformers' or moekit's limit)."""
+
+
+def _text_width(config) -> int:
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "hidden_size", None) or 32
+
+
+def _shrink_vision(config, vision, width: int) -> None:
+    """Shrink a vision sub-config in place: one layer, narrow widths, a 32x32 image of 8x8 patches."""
+    for key, value in VISION_SIZES.items():
+        current = getattr(vision, key, None)
+        if isinstance(current, int) and not isinstance(current, bool):
+            setattr(vision, key, width if value is None else value)
+    layers = getattr(vision, "num_hidden_layers", None)
+    if isinstance(layers, int) and isinstance(getattr(vision, "layer_types", None), list):  # Ovis 2.5: one kind per
+        vision.layer_types = vision.layer_types[:layers]  # layer, as many as the tower keeps
+    ratio = getattr(vision, "pixel_shuffle_ratio", None)
+    if isinstance(ratio, float):  # Llama 4: the projector reads the pixel-shuffled width
+        vision.intermediate_size = int(vision.hidden_size / ratio ** 2)
+    if isinstance(getattr(vision, "intermediate_layers_indices", None), list):  # Mllama: the output concatenates
+        vision.intermediate_layers_indices = [0]  # the last layer's and these layers' states
+        vision.vision_output_dim = 2 * vision.hidden_size
+        vision.num_global_layers, vision.max_num_tiles, vision.supported_aspect_ratios = 1, 1, [[1, 1]]
+    if isinstance(getattr(vision, "projection_dim", None), int):
+        vision.projection_dim = width
+    for key in ("deepstack_visual_indexes", "fullatt_block_indexes"):
+        if isinstance(getattr(vision, key, None), list):
+            setattr(vision, key, [0])
+    for key in ("window_size",):
+        if isinstance(getattr(vision, key, None), int):
+            setattr(vision, key, 2 * GENERIC_PATCH * 2)
+    size = getattr(vision, "image_size", None)
+    if isinstance(size, int):
+        vision.image_size = GENERIC_IMAGE
+    elif isinstance(size, (list, tuple)) and len(size) == 2:
+        vision.image_size = type(size)([GENERIC_IMAGE, GENERIC_IMAGE])
+    elif isinstance(size, dict):
+        vision.image_size = {k: GENERIC_IMAGE for k in size}
+    patch = getattr(vision, "patch_size", None)
+    if isinstance(patch, int):
+        vision.patch_size = GENERIC_PATCH
+    elif isinstance(patch, (list, tuple)) and len(patch) == 2:
+        vision.patch_size = type(patch)([GENERIC_PATCH, GENERIC_PATCH])
+    if isinstance(getattr(config, "image_grid_pinpoints", None), list):  # LLaVA-NeXT: one tile grid, the image size
+        config.image_grid_pinpoints = [[GENERIC_IMAGE, GENERIC_IMAGE]]
+
+
+def _chameleon_vocabulary(codes: int) -> dict[str, int]:
+    """Chameleon's map from image-code token names to ids: `<image>` and one `IMGIMG...Z` token per VQ code (its
+    digits written A-J), above the text tokens the harness draws."""
+    letters = {str(digit): chr(ord("A") + digit) for digit in range(10)}
+    names = {"IMGIMG" + "".join(letters[c] for c in str(code)) + "Z": GENERIC_TOKEN_BASE + 1 + code
+             for code in range(codes)}
+    return {"<image>": GENERIC_TOKEN_BASE, **names}
+
+
+def _fit_rope_sections(text) -> None:
+    """Multimodal RoPE splits each head's rotary half into (time, height, width) sections: rescaled to the tiny
+    head."""
+    rope = getattr(text, "rope_parameters", None)
+    if not isinstance(rope, dict) or not ("mrope_section" in rope or "rope_type" in rope):
+        return
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    half = int(head * rope.get("partial_rotary_factor", 1.0)) // 2
+    sections = [half - 2 * (half // 4), half // 4, half // 4]
+    text.rope_parameters = {**rope, "mrope_section": sections[:len(rope.get("mrope_section", sections))]}
+
+
+def _image_token(config) -> int | None:
+    for key in IMAGE_TOKEN_FIELDS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[PretrainedConfig], ImageInputs]]:
@@ -201,33 +299,147 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
     from family_sweep import tiny_config
 
     config = tiny_config(model_type)
+    width = _text_width(config)
+    for key in ("vision_config", "vision_tower_config", "visual_config", "adapter_config"):  # Molmo 2's adapter
+        if hasattr(getattr(config, key, None), "to_dict"):  # pools the vision tower's states into text width
+            _shrink_vision(config, getattr(config, key), width)
+    for part in (config, getattr(config, "text_config", None)):
+        for key, value in PROJECTOR_SIZES.items():
+            if isinstance(getattr(part, key, None), int) and not isinstance(getattr(part, key), bool):
+                setattr(part, key, width if value is None else value)
+    text_rope = getattr(getattr(config, "text_config", None) or config, "rope_parameters", None)
+    if (isinstance(getattr(getattr(config, "vision_config", None), "temporal_patch_size", None), int)
+            or "mrope_section" in (text_rope or {})):  # Qwen/GLM-style: multimodal RoPE
+        _fit_rope_sections(getattr(config, "text_config", None) or config)
+    text = getattr(config, "text_config", None)
+    if isinstance(getattr(text, "cross_attention_layers", None), list):  # Mllama: one self-, one cross-attention
+        text.cross_attention_layers = [text.num_hidden_layers - 1]
+    for part in (config, getattr(config, "adapter_config", None)):  # VipLLaVA, Molmo 2: a projector over several
+        for key in ("vision_feature_layer", "vision_feature_layers"):  # of the vision tower's layers: it keeps one
+            if isinstance(getattr(part, key, None), (list, tuple)):
+                setattr(part, key, [-1 if i % 2 == 0 else 0 for i in range(len(getattr(part, key)))])
+    vq = getattr(config, "vq_config", None)
+    if hasattr(vq, "to_dict"):
+        for key, value in VQ_SIZES.items():
+            if isinstance(getattr(vq, key, None), int):
+                setattr(vq, key, width if value is None else value)
+        vq.channel_multiplier = [1, 1, 1, 1]
+        if isinstance(getattr(vq, "attn_resolutions", None), list):
+            vq.attn_resolutions = []
+    if "vocabulary_map" in vars(config) and hasattr(vq, "to_dict"):  # Chameleon: the VQ codes' tokens, named
+        config.vocabulary_map = _chameleon_vocabulary(vq.num_embeddings)  # IMGIMG<code in letters>Z
+        config.image_token_id = config.vocabulary_map["<image>"]
     token_fields = sorted(k for k, v in config.to_dict().items()
-                          if isinstance(v, int) and not isinstance(v, bool) and k.endswith(("_token_id", "_token_index"))
+                          if isinstance(v, int) and not isinstance(v, bool)
+                          and k.endswith(("_token_id", "_token_index", "image_patch_id"))
                           and k not in ("pad_token_id", "bos_token_id", "eos_token_id"))
     for offset, key in enumerate(token_fields):
         setattr(config, key, GENERIC_TOKEN_BASE + offset)
-    image_token = next((getattr(config, k) for k in ("image_token_id", "image_token_index") if hasattr(config, k)), None)
-    vision = getattr(config, "vision_config", None)
-    size = getattr(vision, "image_size", None)
-    if image_token is None or not isinstance(size, int):
-        raise LookupError("the generic harness needs an image_token_id and a square vision_config.image_size")
-    channels = getattr(vision, "num_channels", 3)
+    image_token = _image_token(config)
+    vision = next((getattr(config, k) for k in ("vision_config", "vision_tower_config", "visual_config", "vq_config")
+                   if hasattr(getattr(config, k, None), "to_dict")), None)  # Chameleon: its VQ tokenizer reads pixels
+    if image_token is None:
+        raise HarnessGap("the generic harness finds no image token id in the config (image_token_id, "
+                         "image_token_index)")
+    if isinstance(getattr(config, "patch_size", None), int) and vision is None:  # Fuyu: patches straight into the
+        config.patch_size = GENERIC_PATCH  # decoder, no vision tower
+        vision = config
+    if vision is None:
+        raise HarnessGap("the generic harness finds no vision_config")
+    return config, lambda c: _generic_inputs(model_type, c, image_token, vision)
 
-    def inputs(config) -> ImageInputs:
-        return ImageInputs(input_ids=_text_around([image_token] * GENERIC_IMAGE_TOKENS.get(model_type, 1)),
-                           pixel_values=torch.randn(1, channels, size, size))
-    return config, inputs
+
+def _generic_inputs(model_type: str, config, image_token: int, vision) -> ImageInputs:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    import inspect
+    import transformers
+
+    forward = inspect.signature(getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]).forward)
+    takes = set(forward.parameters)
+    channels = getattr(vision, "num_channels", None) or getattr(vision, "in_channels", None) or 3
+    count = GENERIC_IMAGE_TOKENS.get(model_type, 4 if "image_patches" in takes else 1)
+    start = next((getattr(config, k) for k in ("vision_start_token_id", "image_start_token_id", "boi_token_id",
+                                                 "boi_token_index") if isinstance(getattr(config, k, None), int)), None)
+    end = next((getattr(config, k) for k in ("vision_end_token_id", "image_end_token_id", "eoi_token_id",
+                                               "eoi_token_index") if isinstance(getattr(config, k, None), int)), None)
+    image = ([start] if start is not None else []) + [image_token] * count + ([end] if end is not None else [])
+    ids = _text_around(image, high=GENERIC_TOKEN_BASE)
+    inputs = ImageInputs(input_ids=ids)
+    if "image_patches" in takes:  # Fuyu: [batch, patches, patch x patch x channels] (`pixel_values` since 5.24)
+        patches = torch.randn(1, count, channels * vision.patch_size ** 2)
+        inputs["pixel_values" if "pixel_values" in takes else "image_patches"] = patches
+    elif "image_grid_thw" in takes:  # Qwen-style: the image's patches flattened, a grid of 4x4 patches
+        temporal = getattr(vision, "temporal_patch_size", 1) or 1
+        patch = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
+        grid = GENERIC_IMAGE // patch
+        inputs.update(pixel_values=torch.randn(grid * grid, channels * temporal * patch * patch),
+                      image_grid_thw=torch.tensor([[1, grid, grid]]))
+    elif "image_token_pooling" in takes:  # Molmo 2: one crop of 4x4 patches; 5 tokens, each pooling 4 patches
+        grid = GENERIC_IMAGE // vision.patch_size  # (a low-resolution 1x1 grid and a high-resolution 2x2 one)
+        pooling = [[0, 5, 10, 15]] + [[r * grid + c, r * grid + c + 1, (r + 1) * grid + c, (r + 1) * grid + c + 1]
+                                      for r in (0, 2) for c in (0, 2)]
+        inputs.update(pixel_values=torch.randn(1, grid * grid, channels * vision.patch_size ** 2),
+                      image_token_pooling=torch.tensor(pooling), image_grids=torch.tensor([[1, 1, 2, 2]]),
+                      image_num_crops=torch.tensor([1]))
+    elif "spatial_shapes" in takes:  # Siglip 2 (NaFlex): flattened patches, their grid and which are real
+        patch = vision.patch_size
+        grid = GENERIC_IMAGE // patch
+        inputs.update(pixel_values=torch.randn(1, grid * grid, channels * patch * patch),
+                      spatial_shapes=torch.tensor([[grid, grid]]),
+                      pixel_attention_mask=torch.ones(1, grid * grid, dtype=torch.long))
+    elif "aspect_ratio_ids" in takes:  # Mllama: [batch, images, tiles, channels, H, W], one tile of aspect 1:1
+        inputs.update(pixel_values=torch.randn(1, 1, 1, channels, GENERIC_IMAGE, GENERIC_IMAGE),
+                      aspect_ratio_ids=torch.tensor([[1]]), aspect_ratio_mask=torch.ones(1, 1, 1, dtype=torch.long),
+                      cross_attention_mask=torch.ones(1, ids.shape[1], 1, 1, dtype=torch.long))
+    elif getattr(config, "image_grid_pinpoints", None):  # LLaVA-NeXT: the base image and one tile
+        inputs.update(pixel_values=torch.randn(1, 2, channels, GENERIC_IMAGE, GENERIC_IMAGE))
+    elif "pixel_attention_mask" in takes:  # Idefics: [batch, images, channels, H, W]
+        inputs.update(pixel_values=torch.randn(1, 1, channels, GENERIC_IMAGE, GENERIC_IMAGE))
+        if _requires(model_type, "pixel_attention_mask"):  # Granite Docling: which tiles are real
+            inputs["pixel_attention_mask"] = torch.ones(1, 1, dtype=torch.bool)
+    else:
+        name = "pixel_values_images" if "pixel_values_images" in takes else "pixel_values"
+        inputs[name] = torch.randn(1, channels, GENERIC_IMAGE, GENERIC_IMAGE)
+    if "image_sizes" in takes:
+        inputs["image_sizes"] = torch.tensor([[GENERIC_IMAGE, GENERIC_IMAGE]])
+    if "mm_token_type_ids" in takes:
+        inputs["mm_token_type_ids"] = (ids == image_token).long()
+    if "token_type_ids" in takes:
+        inputs["token_type_ids"] = (ids == image_token).long()
+    return inputs
+
+
+def _requires(model_type: str, argument: str) -> bool:
+    """Whether the family's base model's `get_image_features` takes `argument` without a default."""
+    import inspect
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    model = getattr(transformers, str(MODEL_MAPPING_NAMES.get(model_type)), None)
+    method = getattr(model, "get_image_features", None)
+    parameter = inspect.signature(method).parameters.get(argument) if method else None
+    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 def find_image_token_count(model_type: str, model: torch.nn.Module) -> None:
     """Record how many image tokens the model's vision path produces, read from its own error for a wrong count
-    ("Image features and image tokens do not match, tokens: 1, features: 16")."""
-    try:
-        with torch.no_grad():
-            model(**image_inputs(model_type, model.config))
-        return
-    except ValueError as error:
-        match = FEATURE_COUNT.search(str(error))
-        if match is None:
-            raise
-    GENERIC_IMAGE_TOKENS[model_type] = int(match.group(2))
+    ("Image features and image tokens do not match, tokens: 1, features: 16"); some families count the flattened
+    features' elements there (tokens times width), which the second try divides out."""
+    width = model.get_input_embeddings().weight.shape[-1]
+    for _ in range(3):
+        try:
+            with torch.no_grad():
+                model(**image_inputs(model_type, model.config))
+            return
+        except ValueError as error:
+            match = FEATURE_COUNT.search(str(error))
+            if match is None:
+                raise
+            tokens, features = int(match.group(1)), int(match.group(2))
+            if tokens == features:
+                if features % width:
+                    raise
+                features //= width
+            GENERIC_IMAGE_TOKENS[model_type] = features
+    with torch.no_grad():
+        model(**image_inputs(model_type, model.config))

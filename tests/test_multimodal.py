@@ -13,13 +13,17 @@ from safetensors import safe_open
 
 from family_sweep import METHODS
 from multimodal_models import FAMILIES, image_inputs, make_image_text_model, tiny_llava_processor
-from multimodal_sweep import ATOL, build_family, check_method, logits, markdown_table, recipe, sweep
+from multimodal_sweep import ATOL, build_family, check_method, image_text_types, logits, markdown_table, recipe, sweep
 
 import moekit  # noqa: F401  (registers the Auto classes)
 from moekit import MixtureKitError, compose
 
 NAMED = ["gemma3", "gemma4", "mistral3", "qwen3_vl", "qwen3_5", "llava"]
-OTHERS = [t for t in FAMILIES if t not in NAMED] + ["got_ocr2"]  # got_ocr2: through the generic harness
+# Through the generic harness, a few families that each take the image another way (got_ocr2: llava-style pixels;
+# paligemma: token types, its prefix bidirectional; qwen2_vl: patches and a grid; llava_next: tiles and image_sizes;
+# fuyu: patches straight into the decoder; chameleon: a VQ image tokenizer); the README's sweep runs all of them.
+GENERIC = ["got_ocr2", "paligemma", "qwen2_vl", "llava_next", "fuyu", "chameleon"]
+OTHERS = [t for t in FAMILIES if t not in NAMED] + [t for t in GENERIC if t in image_text_types()]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +49,20 @@ def test_named_families_keep_the_invariants_with_an_image(families, model_type, 
     assert outcome.startswith("passed"), outcome
 
 
+def _known_failure(model_type: str):
+    """PaliGemma on transformers before 5.25 (measured on 5.17): the composed model's greedy generation from an image
+    with the cache differs from without it under traditional and bts, while the dense model's agrees; 5.25 passes
+    (composed models now update generation inputs as the dense model does). The cause on 5.17 is not found yet."""
+    import transformers
+    from packaging.version import Version
+
+    old = Version(transformers.__version__) < Version("5.25")
+    return pytest.param(model_type, marks=pytest.mark.xfail(
+        old and model_type == "paligemma", strict=True, reason=_known_failure.__doc__))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", OTHERS)
+@pytest.mark.parametrize("model_type", [_known_failure(t) for t in OTHERS])
 def test_other_families_in_the_sweep(tmp_path, model_type):
     (result,) = sweep(tmp_path, [model_type])
     assert not result.failures, result.failures
@@ -139,9 +155,25 @@ def test_markdown_table_counts_outcomes():
 
     table = markdown_table([MultimodalResult("a", "AForX", {m: "passed" for m in METHODS}),
                             MultimodalResult("b", "BForX", {"traditional": "passed", "btx": "refused: no", "bts": "passed"}),
-                            MultimodalResult("c", "not built: ValueError: no")])
-    assert table.startswith("1 of 3 image-text families pass all three methods") and "(2 have a tiny model" in table
+                            MultimodalResult("c", "not built: ValueError: no"),
+                            MultimodalResult("d", "not runnable in transformers: its forward fails")])
+    assert table.startswith("1 of 4 image-text families pass all three methods with an image in the input, 1 more are "
+                            "refused by some or all methods and pass the others (2 have a tiny model in the sweep; 1 "
+                            "are not built")
     assert "| b | BForX | passed | refused: no | passed |" in table and "| c | — | not built: ValueError: no | | |" in table
+    assert "| d | — | not runnable in transformers: its forward fails | | |" in table
+
+
+def test_not_built_names_whose_limit_it_is():
+    """A missing library is this environment's, a family in TRANSFORMERS_LIMITS transformers' own; anything else is
+    the harness's gap."""
+    from multimodal_sweep import TRANSFORMERS_LIMITS, not_built
+
+    assert not_built("x", ImportError("TimmWrapperModel requires the timm library. Install it")) == (
+        "not runnable here: TimmWrapperModel requires the timm library")
+    assert not_built("not-a-family", ValueError("no")) == "not built: ValueError: no"
+    for family, reason in TRANSFORMERS_LIMITS.items():
+        assert not_built(family, RuntimeError("x")) == "not runnable in transformers: " + reason
 
 
 def test_the_sweep_rewrites_only_the_table_between_its_markers_in_the_docs():

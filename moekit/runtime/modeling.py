@@ -102,8 +102,10 @@ def with_torch_dtype(config):
 
 def dense_model_class(text_config) -> type[PreTrainedModel]:
     """transformers' class for the base: its image-text model for a multimodal wrapper (LLaVA has no causal-LM
-    class; Gemma 3's is the same class), else its causal LM."""
-    if is_multimodal(text_config) and type(text_config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+    class; Gemma 3's is the same class) or for an image-text model with one flat config and no causal-LM class
+    (Chameleon: its VQ image tokenizer beside the decoder), else its causal LM."""
+    image_text = type(text_config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    if image_text and (is_multimodal(text_config) or type(text_config) not in MODEL_FOR_CAUSAL_LM_MAPPING):
         return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(text_config)]
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
@@ -538,6 +540,12 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         """The dense model's own: Qwen-VL and Qwen3.5 wrappers place an image's tokens in 3D (multimodal RoPE) here;
         the default's 1D positions would make `generate` compute other logits than the forward does."""
         return self._dense._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+
+    def _update_model_kwargs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The dense model's own update between generation steps: PaliGemma marks each generated token as causal
+        suffix there (`token_type_ids` 1); the generic update would put it in the bidirectional prefix, and
+        generation without the cache would then differ from generation with it."""
+        return self._dense._update_model_kwargs_for_generation(*args, **kwargs)
 
     def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
         """The dense model's own check of `generate`'s inputs (an image-text base takes `pixel_values` and its
