@@ -213,6 +213,7 @@ PROJECTOR_SIZES = dict(projection_dim=None, projector_hidden_size=48, alignment_
 # codes), widths into the decoder at the text width (`None`).
 VQ_SIZES = dict(num_embeddings=8, embed_dim=8, latent_channels=32, base_channels=32, num_res_blocks=1, resolution=32,
                 num_patches=4, projection_dim=None, image_token_embed_dim=None, num_hidden_layers=1)
+OMNI_THINKERS = ("qwen2_5_omni_thinker", "qwen3_omni_moe_thinker")
 IMAGE_TOKEN_FIELDS = ("image_token_id", "image_token_index", "image_token")
 
 
@@ -329,6 +330,9 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
     if "vocabulary_map" in vars(config) and hasattr(vq, "to_dict"):  # Chameleon: the VQ codes' tokens, named
         config.vocabulary_map = _chameleon_vocabulary(vq.num_embeddings)  # IMGIMG<code in letters>Z
         config.image_token_id = config.vocabulary_map["<image>"]
+    if config.model_type in OMNI_THINKERS and not hasattr(config, "vision_start_token_id"):
+        config.vision_start_token_id = 0  # their 3D positions read it; real checkpoints' configs hold it, the class has
+        # no default (moved into the vocabulary below like every other token id)
     token_fields = sorted(k for k, v in config.to_dict().items()
                           if isinstance(v, int) and not isinstance(v, bool)
                           and k.endswith(("_token_id", "_token_index", "image_patch_id"))
