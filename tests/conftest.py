@@ -12,6 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import moekit  # noqa: E402,F401  (registers the architecture)
 
 # Under `make test` two pytest-xdist workers share the machine's cores: one thread each keeps them from fighting.
+# Processes the tests start inherit the same count, so that a fresh process computes bit-identical float sums.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
