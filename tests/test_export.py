@@ -208,7 +208,9 @@ def test_qwen3_5_text_exports_to_qwen3_5_moe(tmp_path, shared):
     result = _run_plain(exported, tokens, tmp_path)
     assert result["class"] == "Qwen3_5MoeForCausalLM"
     with torch.no_grad():
-        torch.testing.assert_close(result["logits"], composed(input_ids=tokens).logits, atol=1e-5, rtol=0)
+        # Qwen3.5's chunked linear attention reorders float32 sums more than attention does (the image-text sweep
+        # holds it to 1e-4): 1.01e-5 was seen on transformers 5.17 with one thread a process
+        torch.testing.assert_close(result["logits"], composed(input_ids=tokens).logits, atol=3e-5, rtol=0)
     generated = composed.generate(tokens[:1, :5], max_new_tokens=12, min_new_tokens=12, do_sample=False,
                                   pad_token_id=0)
     assert torch.equal(result["generated"], generated)
