@@ -222,13 +222,18 @@ def compose(
     plan = build_plan(recipe, cache_dir=cache_dir)
     if recipe.router_init == "data":
         return _compose_with_fitted_routers(plan, target, overwrite, progress)
-    with staged_output(target, "composed checkpoint", sum(t.nbytes for t in plan.tensors)) as staging:
+    _write_checkpoint(plan, target, target.name, progress)
+    return target
+
+
+def _write_checkpoint(plan: CompositionPlan, folder: Path, model_name: str, progress: bool) -> None:
+    """The plan's tensors and side files into `folder`, appearing whole or not at all; sources hashed meanwhile."""
+    with staged_output(folder, "composed checkpoint", sum(t.nbytes for t in plan.tensors)) as staging:
         hashing = _hash_sources_in_background(plan)
         _write_tensors(plan, staging, progress)
         for thread in hashing:
             thread.join()
-        _write_side_files(plan, staging, target.name)
-    return target
+        _write_side_files(plan, staging, model_name)
 
 
 def _compose_with_fitted_routers(plan: CompositionPlan, target: Path, overwrite: bool, progress: bool) -> Path:
@@ -247,12 +252,7 @@ def _compose_with_fitted_routers(plan: CompositionPlan, target: Path, overwrite:
                           "expert's domain texts")
     unfitted = new_staging_folder(target) / "unfitted"
     try:
-        with staged_output(unfitted, "composed checkpoint", sum(t.nbytes for t in plan.tensors)) as staging:
-            hashing = _hash_sources_in_background(plan)
-            _write_tensors(plan, staging, progress)
-            for thread in hashing:
-                thread.join()
-            _write_side_files(plan, staging, target.name)
+        _write_checkpoint(plan, unfitted, target.name, progress)
         return fit_routers_from_data(unfitted, data, target, overwrite=overwrite, progress=progress, record=False,
                                      **({"limit": recipe.router_data_texts} if recipe.router_data_texts else {}))
     finally:
