@@ -138,8 +138,8 @@ def main() -> None:
     composed("traditional, data router, top-2", members, 2, "data")
     composed("traditional + seed, random router", members + seed_member, 2, "random")
     five = composed("traditional + seed, data router", members + seed_member, 2, "data")
-    current = five
-    for remaining in (4, 3):
+    current, count = five, len(members) + 1
+    for remaining in (count - 1, count - 2):  # 5 -> 4 -> 3 with the study's four domains
         begin = time.perf_counter()
         current, usage = prune_experts(current, 1, prune_data, work / f"pruned-{remaining}", device=str(device))
         label = f"traditional + seed, data router, pruned to {remaining}"
