@@ -49,20 +49,8 @@ def test_named_families_keep_the_invariants_with_an_image(families, model_type, 
     assert outcome.startswith("passed"), outcome
 
 
-def _known_failure(model_type: str):
-    """PaliGemma on transformers before 5.25 (measured on 5.17): the composed model's greedy generation from an image
-    with the cache differs from without it under traditional and bts, while the dense model's agrees; 5.25 passes
-    (composed models now update generation inputs as the dense model does). The cause on 5.17 is not found yet."""
-    import transformers
-    from packaging.version import Version
-
-    old = Version(transformers.__version__) < Version("5.25")
-    return pytest.param(model_type, marks=pytest.mark.xfail(
-        old and model_type == "paligemma", strict=True, reason=_known_failure.__doc__))
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", [_known_failure(t) for t in OTHERS])
+@pytest.mark.parametrize("model_type", OTHERS)
 def test_other_families_in_the_sweep(tmp_path, model_type):
     (result,) = sweep(tmp_path, [model_type])
     assert not result.failures, result.failures
