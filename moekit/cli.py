@@ -69,7 +69,7 @@ def inspect(target: Path = typer.Argument(..., help="Recipe YAML file, or a comp
     """Print the plan of a recipe (nothing is written), or the structure of a composed checkpoint."""
     from .inspection import checkpoint_summary
     from .plan import build_plan, plan_summary
-    from .runtime.config import require_composed
+    from .runtime.assembly.config import require_composed
 
     if target.is_dir():
         require_composed(target, "`inspect` takes a recipe file or a composed checkpoint")
@@ -128,8 +128,8 @@ def benchmark(
 def upgrade(checkpoint: Path = typer.Argument(..., help="A composed checkpoint folder, written by any release.")) -> None:
     """Rewrite an older composed checkpoint's loader files in place, so that `trust_remote_code=True` loads it again
     (weights and config are untouched)."""
-    from .runtime.config import require_composed
-    from .runtime.loader_files import refresh_loader_files
+    from .runtime.assembly.config import require_composed
+    from .runtime.assembly.loader_files import refresh_loader_files
 
     require_composed(checkpoint, "`upgrade` rewrites a composed checkpoint's loader files")
     rewritten = refresh_loader_files(checkpoint)
@@ -368,7 +368,7 @@ def report(
 ) -> None:
     """Write a self-contained HTML report (and PNGs) of how the model routes the tokens of some texts."""
     from .analysis import capture_routing
-    from .runtime.config import require_composed
+    from .runtime.assembly.config import require_composed
     from .loading import load, load_processor, load_tokenizer
     from .views import write_report
 

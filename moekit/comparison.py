@@ -18,7 +18,7 @@ from .evaluation import data_blocks, perplexity
 from .loading import load_for_scoring, load_tokenizer
 from .merging import merge_experts, model_sources
 from .recipe import ModelSource, Recipe, load_recipe
-from .runtime.config import require_composed
+from .runtime.assembly.config import require_composed
 from .sources import check_output_folder, resolve_source
 from .training.data import check_data_source
 

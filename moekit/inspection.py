@@ -1,6 +1,6 @@
 """`moekit inspect CHECKPOINT`: what a composed checkpoint holds and where it can be served, from its config
-alone (whether a folder is one at all is `runtime.config.require_composed`). It sits above `export` (it asks which native
-architecture the composition maps to), while the plan summary of a recipe stays in `plan/`."""
+alone (whether a folder is one at all is `runtime.assembly.config.require_composed`). It sits above `export` (it asks
+which native architecture the composition maps to), while the plan summary of a recipe stays in `plan/`."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def checkpoint_summary(folder: Path) -> str:
     from .export.native import export_target
     from .plan.planner import tensor_roles
     from .plan.summary import balance_line, layer_structure, millions, shared_expert_lines, stream_lines
-    from .runtime.config import MixtureKitConfig
-    from .runtime.modeling import MixtureKitForCausalLM
+    from .runtime.assembly.config import MixtureKitConfig
+    from .runtime.assembly.modeling import MixtureKitForCausalLM
 
     config = MixtureKitConfig.from_pretrained(folder)
     with torch.device("meta"):

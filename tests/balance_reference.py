@@ -1,6 +1,6 @@
 """The Switch/Mixtral balance loss worked out in float64 with plain Python arithmetic, as a reference for tests.
 
-It shares nothing with `moekit.runtime.routing` (no torch softmax, top-k or counting): each token's probabilities
+It shares nothing with `moekit.runtime.routed.routing` (no torch softmax, top-k or counting): each token's probabilities
 are `exp(x - max) / sum`, its k experts the k largest logits, f_i and P_i counted in loops, so a test comparing the
 library with it can catch a bug in any of those steps.
 """

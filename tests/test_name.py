@@ -24,7 +24,7 @@ import moekit
 from moekit.cli import app
 from moekit.distribution import (DISTRIBUTION, OTHER_DISTRIBUTION, OTHER_IMPORT_NAME, PUBLISHED_ON_REGISTRY,
                                  install_instruction)
-from moekit.runtime.loader_files import AUTO_MAP, LOADER_FILES
+from moekit.runtime.assembly.loader_files import AUTO_MAP, LOADER_FILES
 from tiny_models import make_model, save_model, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,15 +24,15 @@ from transformers import AutoConfig
 
 from ..recipe import parse_size
 from ..errors import MixtureKitError
-from ..runtime.architecture import num_layers
-from ..runtime.config import MixtureKitConfig, require_composed, stored_model_type
+from ..runtime.assembly.architecture import num_layers
+from ..runtime.assembly.config import MixtureKitConfig, require_composed, stored_model_type
 from ..sources.checkpoint_folder import (
     check_output_folder, copy_processor_files, copy_tokenizer_files, new_staging_folder, swap_into_place,
     write_sharded,
 )
 from ..sources.resolve import weight_files
 from ..sources.safetensors_io import CheckpointReader, TensorSlot
-from ..runtime.shared_expert import ROUTED_SCALE, SHARED_EXPERT
+from ..runtime.routed.shared_expert import ROUTED_SCALE, SHARED_EXPERT
 from .expert_layout import LAYOUTS, TRANSPOSED_PACKED, Piece, is_routed_down_proj, per_expert_pieces, piece_reader
 
 TARGETS = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe",

@@ -20,19 +20,21 @@ import torch
 from ..errors import CompatibilityError, RecipeError, UnsupportedArchitectureError
 from ..recipe import Recipe, load_recipe
 from ..recipe.recipe import DEFAULT_BIAS_RATE
-from ..runtime.architecture import (
+from ..runtime.assembly.architecture import (
     check_ffn_computes, decoder_layers, is_multimodal, language_config, language_model_name, mlp_layout,
     parallel_layer_lists, stitch_layers,
 )
-from ..runtime.config import MixtureKitConfig
-from ..runtime.modeling import (
+from ..runtime.assembly.config import MixtureKitConfig
+from ..runtime.assembly.modeling import (
     MixtureKitForCausalLM, blocks_holding, dense_model_class, resolve_layer_indices, resolve_router_layers,
     saved_tensor_shapes, with_torch_dtype,
 )
-from ..runtime.routing import Router
-from ..runtime.shared_expert import SHARED_EXPERT, SHARED_EXPERT_GATE, is_shared_expert_tensor, shared_expert_source
-from ..runtime.stacking import StackSource
-from ..runtime.stitch import stitch_points
+from ..runtime.routed.routing import Router
+from ..runtime.routed.shared_expert import (
+    SHARED_EXPERT, SHARED_EXPERT_GATE, is_shared_expert_tensor, shared_expert_source,
+)
+from ..runtime.routed.stacking import StackSource
+from ..runtime.bts.stitch import stitch_points
 from ..sources import LocalModel, resolve_source
 from ..sources.lora_adapter import AdaptedReader
 

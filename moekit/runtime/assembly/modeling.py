@@ -24,20 +24,20 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, MODEL_MAPPING,
 )
 
-from ..errors import CheckpointError, RecipeError, TrainingError, UnsupportedArchitectureError, did_you_mean
+from ...errors import CheckpointError, RecipeError, TrainingError, UnsupportedArchitectureError, did_you_mean
 from .architecture import (
     LINEAR_TYPES, decoder_layers, ffn_child, ffn_linear_names, is_mixture_of_experts, is_multimodal, linear_names,
     mlp_layout, parallel_layer_lists, resolve_names, stitch_layers,
 )
 from .cache_argument import CACHE_ARGUMENT, output_cache, pop_cache
 from .config import MixtureKitConfig
-from .moe_block import SparseMoeBlock
-from .routed_linear import RoutedLinear
-from .shared_expert import SharedExpertGate
-from .data_parallel import data_parallel_world_size, sum_over_ranks
-from .routing import Router, RouterLogitsRecorder, balance_from_sums, router_sums
-from .stitch import MERGE, Stitch, build_stitches, matching_depths, stitch_points
-from .streams import StitchedBlockList, StreamState, capture_stream, replace_output
+from ..routed.moe_block import SparseMoeBlock
+from ..routed.routed_linear import RoutedLinear
+from ..routed.shared_expert import SharedExpertGate
+from ..data_parallel import data_parallel_world_size, sum_over_ranks
+from ..routed.routing import Router, RouterLogitsRecorder, balance_from_sums, router_sums
+from ..bts.stitch import MERGE, Stitch, build_stitches, matching_depths, stitch_points
+from ..bts.streams import StitchedBlockList, StreamState, capture_stream, replace_output
 
 ROUTED_MODULE_TYPES = (SparseMoeBlock, RoutedLinear)
 BALANCE_MODES = ("loss", "bias")
@@ -194,8 +194,8 @@ def saved_tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 def check_checkpoint(folder: Path) -> None:
     """Compare a composed checkpoint's tensor headers with what its config builds; raise naming the first problems."""
-    from ..sources.resolve import weight_files
-    from ..sources.safetensors_io import CheckpointReader
+    from ...sources.resolve import weight_files
+    from ...sources.safetensors_io import CheckpointReader
 
     config = MixtureKitConfig.from_pretrained(folder)
     files = weight_files(folder)
@@ -366,7 +366,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
 
     def set_experts_backend(self, backend: str) -> None:
         """Choose how stacked experts multiply (auto, loop, grouped_mm) for every routed module."""
-        from .experts import BACKENDS
+        from ..compute.experts import BACKENDS
 
         if backend not in BACKENDS:
             raise RecipeError(f"experts_backend must be one of {BACKENDS}, got '{backend}'")

@@ -154,7 +154,7 @@ class Router(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if _DEBUG_CHECKS and not torch.isfinite(hidden_states).all():
-            from ..errors import RoutingNumericsError
+            from ...errors import RoutingNumericsError
 
             bad = (~torch.isfinite(hidden_states)).any(-1).nonzero().flatten()[:5].tolist()
             raise RoutingNumericsError(
