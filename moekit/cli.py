@@ -167,7 +167,7 @@ def train(
 ) -> None:
     """Train what the composition added (routers, or stitches for bts); runs unchanged under `accelerate launch`."""
     from .training.config import load_train_config
-    from .runtime.data_parallel import end_process_group, is_main_process
+    from .training.data_parallel import end_process_group, is_main_process
     from .training.run import run_training
 
     path = run_training(load_train_config(config), resume=resume, overwrite=overwrite)

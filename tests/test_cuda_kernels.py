@@ -136,7 +136,8 @@ def test_a_routed_training_step_and_its_balance_terms_never_wait_for_the_gpu():
     """Forward, balance sums and backward of a routed Linear launch work and return: no host-device synchronisation
     (CUDA's sync debug mode raises on one), so the host can queue the next kernels while the GPU runs."""
     from moekit.runtime.routed.routed_linear import RoutedLinear
-    from moekit.runtime.routed.routing import RouterLogitsRecorder, balance_from_sums, router_sums
+    from moekit.runtime.routed.balance import balance_from_sums, router_sums
+    from moekit.runtime.routed.routing import RouterLogitsRecorder
 
     torch.manual_seed(0)
     recorder = RouterLogitsRecorder()

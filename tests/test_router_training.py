@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moekit import MixtureKitConfig, MixtureKitForCausalLM, TrainingError, compose
-from moekit.runtime.routed.routing import router_z_loss
+from moekit.runtime.routed.balance import router_z_loss
 from moekit.training import AutoAlphaCallback, RoutingStatsCallback, train_routers
 from moekit.training.router_init import initialize_routers, router_inputs
 from tiny_models import VOCAB, tiny_config

@@ -8,7 +8,8 @@ from .assembly.config import MixtureKitConfig
 from .assembly.modeling import MixtureKitForCausalLM, convert_dense_to_moe
 from .routed.moe_block import SparseMoeBlock
 from .routed.routed_linear import RoutedLinear
-from .routed.routing import Router, load_balancing_loss, route, set_debug_checks
+from .routed.balance import load_balancing_loss
+from .routed.routing import Router, route, set_debug_checks
 
 AutoConfig.register(MixtureKitConfig.model_type, MixtureKitConfig, exist_ok=True)
 AutoModelForCausalLM.register(MixtureKitConfig, MixtureKitForCausalLM, exist_ok=True)
