@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from .errors import MixtureKitError
+from .export.targets import EXPORT_TARGETS
 
 
 class _ReportingErrors(typer.core.TyperGroup):
@@ -179,13 +180,14 @@ def train(
 @app.command(name="export")
 def export_command(
     checkpoint: Path = typer.Argument(..., help="Composed checkpoint folder."),
-    to: str = typer.Option("auto", "--to", help="auto | mixtral | qwen2_moe | qwen3_moe | qwen3_5_moe_text | qwen3_vl_moe | qwen3_5_moe"),
+    to: str = typer.Option("auto", "--to", help=" | ".join(["auto", *EXPORT_TARGETS])),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     layout: str = typer.Option("per-expert", "--layout", help="per-expert (the Hub checkpoints' layout: llama.cpp's "
                                "converter, vLLM, SGLang, TGI) | packed (transformers 5's own)"),
 ) -> None:
-    """Write a native MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE) that serving engines run without custom code."""
+    """Write a native MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3.5-MoE, Qwen3-VL-MoE) that serving engines
+    run without custom code."""
     from .export import export
 
     path = export(checkpoint, to, output, overwrite=overwrite, progress=True, layout=layout)
