@@ -457,7 +457,7 @@ def _write_recipe(folder: Path, original: dict, names: list[str], config: Mixtur
 
 
 def _write_card(folder: Path, source: Path, original: dict, config: MixtureKitConfig, notes: list[str]) -> None:
-    from . import __version__
+    from .distribution import VERSION
 
     rows = "\n".join(f"| {name} | `{model_id}` |" for name, model_id in
                      zip(original.get("expert_names") or [], original.get("expert_model_ids") or []))
@@ -466,7 +466,7 @@ def _write_card(folder: Path, source: Path, original: dict, config: MixtureKitCo
     findings = "\n".join(f"- {note}." for note in notes) or (
         "- Same function as the original's model on these weights (same logits in float32).")
     text = card_front_matter(["moekit", "mixture-of-experts", config.method]) + f"""
-# Converted to MixtureKit {__version__} from the original MixtureKit
+# Converted to MixtureKit {VERSION} from the original MixtureKit
 
 A `{config.method}` model built by the original MixtureKit (the registry's `{OTHER_DISTRIBUTION}`, model_type
 `{original.get('model_type')}`, base class `{original.get('base_model_class')}`), converted by

@@ -100,12 +100,16 @@ class CompositionPlan:
 
     @property
     def active_parameters(self) -> int:
-        """Parameters one token uses: shared ones, k of E experts' stacked ones, and the routers."""
-        experts, k = self.config.num_experts, self.config.num_experts_per_tok
-        return sum(t.numel * k // experts if t.origin == "stack" else t.numel for t in self.tensors)
+        return active_parameters(self.total_parameters, self.count("stack"), self.config)
 
     def count(self, origin: Origin) -> int:
         return sum(t.numel for t in self.tensors if t.origin == origin)
+
+
+def active_parameters(total: int, stacked: int, config) -> int:
+    """Parameters one token uses: shared ones, k of E experts' stacked ones, and the routers (a stacked tensor holds
+    E equal slices, so k/E of it is exact)."""
+    return total - stacked + stacked * config.num_experts_per_tok // config.num_experts
 
 
 def source_dtype(model: LocalModel) -> torch.dtype:

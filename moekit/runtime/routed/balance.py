@@ -77,12 +77,6 @@ def load_balancing_loss(
     return balance_from_sums(sums.probability_sum, sums.slots, sums.tokens, top_k)
 
 
-def router_z_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ST-MoE router z-loss of one router: mean over tokens of logsumexp(logits)^2 (keeps logits small)."""
-    logits = routed_tokens(router_logits, token_mask)
-    return torch.logsumexp(logits, dim=-1).pow(2).sum() / max(logits.shape[0], 1)
-
-
 class AuxiliaryLoss(NamedTuple):
     """The auxiliary loss of one forward, and the slot counts `[routers, E]` it was computed from."""
 
