@@ -21,8 +21,8 @@ from moekit.demo.domains import DOMAIN_NAMES
 from moekit.demo.run import QUICK, _domains, load_model, train_all
 from moekit.demo.tiny_experts import encode_documents, validation_blocks
 from moekit.evaluation import perplexity
-from moekit.runtime.routing_stats import dead_threshold
-from moekit.runtime.routing import router_sums
+from moekit.runtime.routed.routing_stats import dead_threshold
+from moekit.runtime.routed.balance import router_sums
 from moekit.training import train_routers
 
 SETTINGS = {

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import environment  # noqa: E402
 
-from moekit.runtime import chosen_experts_kernel as kernel  # noqa: E402
+from moekit.runtime.compute import chosen_experts_kernel as kernel  # noqa: E402
 
 # (label, experts, out_features, in_features, mix): one token, top-2
 CASES = [

@@ -309,7 +309,7 @@ def main() -> None:
                         help="bytes of gathered expert weights up to which a decoding step skips the sort")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from moekit.runtime import experts
+    from moekit.runtime.compute import experts
 
     if args.few_token_limit_mib is not None:
         experts.FEW_TOKEN_COPY_LIMIT_BYTES = int(args.few_token_limit_mib * 2**20)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moekit.runtime.experts import grouped_linear  # noqa: E402
+from moekit.runtime.compute.experts import grouped_linear  # noqa: E402
 
 SHAPES = ((4, 512, 1536, 2048), (8, 512, 1536, 512), (8, 1024, 2816, 1024), (32, 256, 768, 512))
 

@@ -32,7 +32,7 @@ from moe_baselines import (  # noqa: E402
 )
 from timing import environment, matmul_peak_tflops, relative_error, time_ms  # noqa: E402
 
-from moekit.runtime.routed_linear import RoutedLinear  # noqa: E402
+from moekit.runtime.routed.routed_linear import RoutedLinear  # noqa: E402
 
 FULL = dict(shapes=[(2048, 8192), (4096, 14336)], experts=[2, 4, 8], top_k=[1, 2], tokens=[32, 512, 8192],
             many_experts=[(2048, 8192, 32)], bts=dict(d=2048, f=8192, layers=4, streams=[2, 4], tokens=[(8, 1024)]))

@@ -14,11 +14,11 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from moekit.runtime.architecture import MLP_LAYOUTS
-from moekit.runtime.experts import combine, dispatch
-from moekit.runtime.moe_block import SparseMoeBlock
-from moekit.runtime.routed_linear import RoutedLinear
-from moekit.runtime.routing import route
+from moekit.runtime.assembly.architecture import MLP_LAYOUTS
+from moekit.runtime.compute.experts import combine, dispatch
+from moekit.runtime.routed.moe_block import SparseMoeBlock
+from moekit.runtime.routed.routed_linear import RoutedLinear
+from moekit.runtime.routed.routing import route
 
 GATED_LAYOUT = MLP_LAYOUTS[0]  # Llama's gate_proj / up_proj / down_proj
 

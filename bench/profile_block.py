@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_baselines import dense_ffn, traditional_block  # noqa: E402
 from timing import time_ms  # noqa: E402
 
-from moekit.runtime.experts import combine, dispatch, grouped_linear  # noqa: E402
-from moekit.runtime.routing import route  # noqa: E402
+from moekit.runtime.compute.experts import combine, dispatch, grouped_linear  # noqa: E402
+from moekit.runtime.routed.routing import route  # noqa: E402
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 from moekit.training.callbacks import ThroughputCallback
-from moekit.training.data import token_blocks, load_data
+from moekit.data import token_blocks, load_data
 from transformers import AutoTokenizer
 settings = json.loads(sys.argv[1])
 torch.manual_seed(0)

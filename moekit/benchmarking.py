@@ -19,7 +19,7 @@ from .devices import default_dtype, resolve_device
 from .errors import MixtureKitError, RecipeError
 from .loading import stored_dtype
 from .recipe import load_recipe
-from .runtime.config import require_composed
+from .runtime.assembly.config import require_composed
 from .sources import resolve_source
 
 RECIPE_FILE = "mixturekit_recipe.yaml"

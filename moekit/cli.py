@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from .errors import MixtureKitError
+from .export.targets import EXPORT_TARGETS
 
 
 class _ReportingErrors(typer.core.TyperGroup):
@@ -69,7 +70,7 @@ def inspect(target: Path = typer.Argument(..., help="Recipe YAML file, or a comp
     """Print the plan of a recipe (nothing is written), or the structure of a composed checkpoint."""
     from .inspection import checkpoint_summary
     from .plan import build_plan, plan_summary
-    from .runtime.config import require_composed
+    from .runtime.assembly.config import require_composed
 
     if target.is_dir():
         require_composed(target, "`inspect` takes a recipe file or a composed checkpoint")
@@ -128,8 +129,8 @@ def benchmark(
 def upgrade(checkpoint: Path = typer.Argument(..., help="A composed checkpoint folder, written by any release.")) -> None:
     """Rewrite an older composed checkpoint's loader files in place, so that `trust_remote_code=True` loads it again
     (weights and config are untouched)."""
-    from .runtime.config import require_composed
-    from .runtime.loader_files import refresh_loader_files
+    from .runtime.assembly.config import require_composed
+    from .runtime.assembly.loader_files import refresh_loader_files
 
     require_composed(checkpoint, "`upgrade` rewrites a composed checkpoint's loader files")
     rewritten = refresh_loader_files(checkpoint)
@@ -167,7 +168,7 @@ def train(
 ) -> None:
     """Train what the composition added (routers, or stitches for bts); runs unchanged under `accelerate launch`."""
     from .training.config import load_train_config
-    from .runtime.data_parallel import end_process_group, is_main_process
+    from .training.data_parallel import end_process_group, is_main_process
     from .training.run import run_training
 
     path = run_training(load_train_config(config), resume=resume, overwrite=overwrite)
@@ -179,13 +180,14 @@ def train(
 @app.command(name="export")
 def export_command(
     checkpoint: Path = typer.Argument(..., help="Composed checkpoint folder."),
-    to: str = typer.Option("auto", "--to", help="auto | mixtral | qwen2_moe | qwen3_moe | qwen3_5_moe_text | qwen3_vl_moe | qwen3_5_moe"),
+    to: str = typer.Option("auto", "--to", help=" | ".join(["auto", *EXPORT_TARGETS])),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     layout: str = typer.Option("per-expert", "--layout", help="per-expert (the Hub checkpoints' layout: llama.cpp's "
                                "converter, vLLM, SGLang, TGI) | packed (transformers 5's own)"),
 ) -> None:
-    """Write a native MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE) that serving engines run without custom code."""
+    """Write a native MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3.5-MoE, Qwen3-VL-MoE) that serving engines
+    run without custom code."""
     from .export import export
 
     path = export(checkpoint, to, output, overwrite=overwrite, progress=True, layout=layout)
@@ -368,7 +370,7 @@ def report(
 ) -> None:
     """Write a self-contained HTML report (and PNGs) of how the model routes the tokens of some texts."""
     from .analysis import capture_routing
-    from .runtime.config import require_composed
+    from .runtime.assembly.config import require_composed
     from .loading import load, load_processor, load_tokenizer
     from .views import write_report
 

@@ -18,9 +18,9 @@ from .evaluation import data_blocks, perplexity
 from .loading import load_for_scoring, load_tokenizer
 from .merging import merge_experts, model_sources
 from .recipe import ModelSource, Recipe, load_recipe
-from .runtime.config import require_composed
+from .runtime.assembly.config import require_composed
 from .sources import check_output_folder, resolve_source
-from .training.data import check_data_source
+from .data import check_data_source
 
 RECIPE_FILE = "mixturekit_recipe.yaml"  # what compose writes beside the weights
 

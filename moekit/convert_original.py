@@ -30,9 +30,9 @@ import transformers
 
 from .distribution import OTHER_DISTRIBUTION, OTHER_IMPORT_NAME, install_instruction
 from .errors import CheckpointError, SourceError, UnsupportedArchitectureError
-from .runtime.config import MixtureKitConfig
-from .runtime.loader_files import AUTO_MAP
-from .runtime.stitch import BROADCAST, MERGE
+from .runtime.assembly.config import MixtureKitConfig
+from .runtime.assembly.loader_files import AUTO_MAP
+from .runtime.bts.stitch import BROADCAST, MERGE
 from .sources.checkpoint_folder import card_front_matter, check_output_folder, copy_tokenizer_files, staged_output, write_sharded
 from .sources.resolve import weight_files
 from .sources.safetensors_io import CheckpointReader, TensorSlot
@@ -206,8 +206,8 @@ class _Plan:
 
 
 def _routed_sources(plan: _Plan, model: torch.nn.Module, num_experts: int) -> None:
-    from .runtime.moe_block import SparseMoeBlock
-    from .runtime.routed_linear import RoutedLinear
+    from .runtime.routed.moe_block import SparseMoeBlock
+    from .runtime.routed.routed_linear import RoutedLinear
 
     for path, module in model.routed_modules():
         if isinstance(module, SparseMoeBlock):  # theirs: a whole FFN copy per expert, `experts.I.<dense names>`
@@ -341,8 +341,8 @@ def _routed_layers(reader: CheckpointReader, layers_prefix: str) -> tuple[list[s
 def convert_original(source: str | Path, output: str | Path, overwrite: bool = False,
                      progress: bool = True) -> Conversion:
     """Convert the original MixtureKit's checkpoint folder `source` into a moekit checkpoint at `output`."""
-    from .runtime.architecture import decoder_layers
-    from .runtime.modeling import MixtureKitForCausalLM, saved_tensor_shapes
+    from .runtime.assembly.architecture import decoder_layers
+    from .runtime.assembly.modeling import MixtureKitForCausalLM, saved_tensor_shapes
 
     folder = Path(source).expanduser()
     original = read_original_config(folder)
@@ -457,7 +457,7 @@ def _write_recipe(folder: Path, original: dict, names: list[str], config: Mixtur
 
 
 def _write_card(folder: Path, source: Path, original: dict, config: MixtureKitConfig, notes: list[str]) -> None:
-    from . import __version__
+    from .distribution import VERSION
 
     rows = "\n".join(f"| {name} | `{model_id}` |" for name, model_id in
                      zip(original.get("expert_names") or [], original.get("expert_model_ids") or []))
@@ -466,7 +466,7 @@ def _write_card(folder: Path, source: Path, original: dict, config: MixtureKitCo
     findings = "\n".join(f"- {note}." for note in notes) or (
         "- Same function as the original's model on these weights (same logits in float32).")
     text = card_front_matter(["moekit", "mixture-of-experts", config.method]) + f"""
-# Converted to MixtureKit {__version__} from the original MixtureKit
+# Converted to MixtureKit {VERSION} from the original MixtureKit
 
 A `{config.method}` model built by the original MixtureKit (the registry's `{OTHER_DISTRIBUTION}`, model_type
 `{original.get('model_type')}`, base class `{original.get('base_model_class')}`), converted by

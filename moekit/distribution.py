@@ -7,6 +7,8 @@ writes into a checkpoint comes from `install_instruction`, so a test can hold th
 """
 
 DISTRIBUTION = "moekit"
+# The release: its one home (pyproject.toml reads it from here; `moekit.__version__` is this).
+VERSION = "0.2.0"
 # The other project's names, to recognise it when it is installed instead of ours.
 OTHER_DISTRIBUTION = "mixturekit"
 OTHER_IMPORT_NAME = "MixtureKit"

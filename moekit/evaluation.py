@@ -15,10 +15,10 @@ from transformers import AutoTokenizer
 
 from .errors import SourceError
 from .loading import load_for_scoring
-from .runtime.modeling import MixtureKitForCausalLM
-from .runtime.routing_stats import RoutingStatistics, dead_threshold
+from .runtime.assembly.modeling import MixtureKitForCausalLM
+from .runtime.routed.routing_stats import RoutingStatistics, dead_threshold
 from .sources.paths import looks_like_local_path
-from .training.data import check_data_source, load_data, token_blocks
+from .data import check_data_source, load_data, token_blocks
 
 
 def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "sum") -> torch.Tensor:

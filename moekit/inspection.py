@@ -1,6 +1,6 @@
 """`moekit inspect CHECKPOINT`: what a composed checkpoint holds and where it can be served, from its config
-alone (whether a folder is one at all is `runtime.config.require_composed`). It sits above `export` (it asks which native
-architecture the composition maps to), while the plan summary of a recipe stays in `plan/`."""
+alone (whether a folder is one at all is `runtime.assembly.config.require_composed`). It sits above `export` (it asks
+which native architecture the composition maps to), while the plan summary of a recipe stays in `plan/`."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ def checkpoint_summary(folder: Path) -> str:
     import torch
 
     from .export.native import export_target
-    from .plan.planner import tensor_roles
+    from .plan.planner import active_parameters, tensor_roles
     from .plan.summary import balance_line, layer_structure, millions, shared_expert_lines, stream_lines
-    from .runtime.config import MixtureKitConfig
-    from .runtime.modeling import MixtureKitForCausalLM
+    from .runtime.assembly.config import MixtureKitConfig
+    from .runtime.assembly.modeling import MixtureKitForCausalLM
 
     config = MixtureKitConfig.from_pretrained(folder)
     with torch.device("meta"):
@@ -34,7 +34,7 @@ def checkpoint_summary(folder: Path) -> str:
         return "\n".join([f"composed checkpoint: {folder}", *stream_lines(config, counts), *history, export_line])
     experts, k = config.num_experts, config.num_experts_per_tok
     total = sum(counts.values())
-    active = total - counts["stack"] + counts["stack"] * k // experts
+    active = active_parameters(total, counts["stack"], config)
     lines = [
         f"composed checkpoint: {folder}",
         f"method: {config.method}   architecture: {config.text_config.model_type}",

@@ -12,8 +12,8 @@ import torch
 from .devices import default_dtype, resolve_device
 from .errors import SourceError
 from .plan import DTYPES
-from .runtime.config import require_composed
-from .runtime.modeling import MixtureKitForCausalLM
+from .runtime.assembly.config import require_composed
+from .runtime.assembly.modeling import MixtureKitForCausalLM
 
 
 def load(

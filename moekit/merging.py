@@ -194,7 +194,7 @@ def model_sources(items: Sequence[str | Path | ModelSource]) -> list[ModelSource
 
 def _model_card(experts: list[LocalModel], base: LocalModel | None, method: str, weights: list[float],
                 density: float, model_type: str) -> str:
-    from . import __version__
+    from .distribution import VERSION
 
     what = (f"The weighted mean of {len(experts)} `{model_type}` models' weights" if method == "linear" else
             f"TIES-Merging of {len(experts)} `{model_type}` models over the base `{base.name}` (density {density}, "
@@ -202,7 +202,7 @@ def _model_card(experts: list[LocalModel], base: LocalModel | None, method: str,
     rows = [f"| {m.name} | expert | {w:g} | `{m.origin}` |" for m, w in zip(experts, weights)]
     rows += [f"| {base.name} | base | | `{base.origin}` |"] if base is not None else []
     return (f"---\nlibrary_name: transformers\ntags:\n- moekit\n- merge\n- {method}\n---\n\n"
-            f"# A {'TIES' if method == 'ties' else method} merge, by MixtureKit {__version__}\n\n{what}, in float32. A dense model: it loads with "
+            f"# A {'TIES' if method == 'ties' else method} merge, by MixtureKit {VERSION}\n\n{what}, in float32. A dense model: it loads with "
             "`AutoModelForCausalLM`, no moekit needed. It is the baseline a composition of the same experts "
             "should beat (`moekit compare`).\n\n| model | role | weight | source |\n| --- | --- | --- | --- |\n"
             + "\n".join(rows) + "\n")

@@ -16,11 +16,12 @@ import yaml
 from .distribution import install_instruction
 from .errors import OutputError
 from .sources.checkpoint_folder import card_front_matter
+from .sources.local_files import PICKLE_SUFFIXES
 
 COMPOSED_TYPE = "mixturekit"  # the checkpoint format's model_type (MixtureKitConfig.model_type)
 RECIPE_FILE = "mixturekit_recipe.yaml"
 EVALUATION_FILES = ("eval.json", "benchmark.json")  # written by `moekit eval --json` / `moekit benchmark --json`
-SKIPPED_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")  # optimiser states and pickles are never uploaded
+SKIPPED_SUFFIXES = (*PICKLE_SUFFIXES, ".pkl")  # optimiser states and pickles are never uploaded
 
 
 class PushError(OutputError):

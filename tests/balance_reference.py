@@ -1,6 +1,6 @@
 """The Switch/Mixtral balance loss worked out in float64 with plain Python arithmetic, as a reference for tests.
 
-It shares nothing with `moekit.runtime.routing` (no torch softmax, top-k or counting): each token's probabilities
+It shares nothing with `moekit.runtime.routed.routing` (no torch softmax, top-k or counting): each token's probabilities
 are `exp(x - max) / sum`, its k experts the k largest logits, f_i and P_i counted in loops, so a test comparing the
 library with it can catch a bug in any of those steps.
 """
@@ -46,3 +46,14 @@ def _flat(mask) -> list:
     while values and isinstance(values[0], list):
         values = [x for block in values for x in block]
     return values
+
+
+def router_z_loss(router_logits, token_mask=None):
+    """ST-MoE router z-loss of one router: mean over tokens of logsumexp(logits)^2 (keeps logits small), in torch,
+    as the model sums it (the library keeps only the sums it is built from, `RouterSums.logsumexp_squared_sum`)."""
+    import torch
+
+    logits = router_logits.float().reshape(-1, router_logits.shape[-1])
+    if token_mask is not None:
+        logits = logits[token_mask.reshape(-1).to(torch.bool)]
+    return torch.logsumexp(logits, dim=-1).pow(2).sum() / max(logits.shape[0], 1)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from moekit import MixtureKitConfig, MixtureKitForCausalLM, RecipeError, load_recipe
 from moekit.runtime import route
-from moekit.runtime.routing import router_sums
+from moekit.runtime.routed.balance import router_sums
 from moekit.training import BiasBalanceCallback, bias_update
 from tiny_models import VOCAB, tiny_config
 

@@ -86,7 +86,7 @@ def test_writer_copies_file_slices_between_tensors(tmp_path):
     writer = ShardWriter(path, slots)
     writer.write_parts("a", [FileSlice(source, 4, 40, torch.float32), torch.arange(10, 20, dtype=torch.float32),
                              FileSlice(source, 4 + 4 * 30, 0, torch.float32)])
-    writer.write("b", torch.tensor([7.0, 8.0, 9.0]))
+    writer.write_parts("b", [torch.tensor([7.0, 8.0, 9.0])])
     writer.close()
     reader = CheckpointReader([path])
     assert torch.equal(reader.get("a").reshape(-1), torch.arange(20, dtype=torch.float32))

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.runtime.gated_activation import can_fuse, fused_silu_mul, gated_activation_reference
-from moekit.runtime.chosen_experts_kernel import can_run_kernel, chosen_experts_matvec
-from moekit.runtime.experts import chosen_experts_linear, dispatch, mix_slots, slot_inputs
-from moekit.runtime.fused_combine import can_fuse_combine, fused_combine
-from moekit.runtime.routing import float32_logits
+from moekit.runtime.compute.gated_activation import can_fuse, fused_silu_mul, gated_activation_reference
+from moekit.runtime.compute.chosen_experts_kernel import can_run_kernel, chosen_experts_matvec
+from moekit.runtime.compute.experts import chosen_experts_linear, dispatch, mix_slots, slot_inputs
+from moekit.runtime.compute.fused_combine import can_fuse_combine, fused_combine
+from moekit.runtime.routed.routing import float32_logits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA kernels need a CUDA device")
 
@@ -135,8 +135,9 @@ def test_fused_silu_mul_and_combine_run_inside_compiled_code_with_their_gradient
 def test_a_routed_training_step_and_its_balance_terms_never_wait_for_the_gpu():
     """Forward, balance sums and backward of a routed Linear launch work and return: no host-device synchronisation
     (CUDA's sync debug mode raises on one), so the host can queue the next kernels while the GPU runs."""
-    from moekit.runtime.routed_linear import RoutedLinear
-    from moekit.runtime.routing import RouterLogitsRecorder, balance_from_sums, router_sums
+    from moekit.runtime.routed.routed_linear import RoutedLinear
+    from moekit.runtime.routed.balance import balance_from_sums, router_sums
+    from moekit.runtime.routed.routing import RouterLogitsRecorder
 
     torch.manual_seed(0)
     recorder = RouterLogitsRecorder()

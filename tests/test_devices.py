@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moekit import devices
-from moekit.runtime.experts import resolve_backend
+from moekit.runtime.compute.experts import resolve_backend
 
 
 @pytest.fixture

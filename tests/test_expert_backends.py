@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from moekit import MixtureKitConfig, MixtureKitForCausalLM
-from moekit.runtime.experts import combine, dispatch, gather_slots, grouped_linear, resolve_backend
-from moekit.runtime import experts as experts_module, moe_block, routed_linear
-from moekit.runtime.gated_activation import gated_activation
+from moekit.runtime.compute.experts import combine, dispatch, gather_slots, grouped_linear, resolve_backend
+from moekit.runtime.compute import experts as experts_module
+from moekit.runtime.routed import moe_block, routed_linear
+from moekit.runtime.compute.gated_activation import gated_activation
 from tiny_models import VOCAB, tiny_config
 
 ROUTINGS = {
@@ -161,7 +162,7 @@ def test_few_token_path_is_for_inference_only():
 def test_the_decoding_kernels_tiling_keeps_programs_and_bytes_in_flight(rows, out_features, in_features):
     """The CUDA decoding kernel's tiling (a pure function, checked here on CPU): enough programs where the shape has
     them, a power-of-two inner step no longer than the row needs, and the same bytes per step for narrow blocks."""
-    from moekit.runtime.chosen_experts_kernel import _MIN_INNER, _PROGRAMS_WANTED, _TILE_ELEMENTS, _tile
+    from moekit.runtime.compute.chosen_experts_kernel import _MIN_INNER, _PROGRAMS_WANTED, _TILE_ELEMENTS, _tile
 
     block_n, block_k = _tile(rows, out_features, in_features)
     programs = rows * -(-out_features // block_n)

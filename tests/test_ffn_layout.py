@@ -1,4 +1,5 @@
-"""How an FFN is read off the model (runtime/architecture.py): derived from its children, confirmed on a probe."""
+"""How an FFN is read off the model (`runtime/assembly/architecture.py`): derived from its children, confirmed on a
+probe."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit import UnsupportedArchitectureError
-from moekit.runtime.architecture import check_ffn_computes, mlp_layout
+from moekit.runtime.assembly.architecture import check_ffn_computes, mlp_layout
 
 
 class Block(nn.Module):

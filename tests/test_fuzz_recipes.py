@@ -12,6 +12,7 @@ import math
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import get_args
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -19,9 +20,10 @@ from hypothesis import strategies as st
 
 from moekit import ModelSource, Recipe, RecipeError, load_recipe
 from moekit.recipe.legacy import LEGACY_KEYS, PASSTHROUGH_KEYS
-from moekit.recipe.recipe import DTYPES, METHODS
 
 RECIPE_FIELDS = sorted(Recipe.model_fields)
+METHODS = get_args(Recipe.model_fields["method"].annotation)  # what the recipe accepts, read off its type
+DTYPES = get_args(Recipe.model_fields["dtype"].annotation)
 SOURCE_FIELDS = sorted(ModelSource.model_fields)
 LEGACY_FIELDS = sorted(LEGACY_KEYS | PASSTHROUGH_KEYS)
 LEGACY_EXPERT_FIELDS = ["expert_name", "model_id"]

@@ -11,7 +11,7 @@ import torch
 from transformers import GenerationMixin
 
 from moekit import UnsupportedArchitectureError, compose
-from moekit.runtime.modeling import MixtureKitForCausalLM
+from moekit.runtime.assembly.modeling import MixtureKitForCausalLM
 from tiny_models import make_model, save_model, tiny_config
 
 FIVE_SEVENTEEN = ("`get_seq_length` can only be called on Attention layers, and the current Cache seem to only "

@@ -1,4 +1,4 @@
-"""`moekit.load` and the one check of "is this a composed checkpoint" (`runtime.config.require_composed`)."""
+"""`moekit.load` and the one check of "is this a composed checkpoint" (`runtime.assembly.config.require_composed`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 import moekit
 from moekit import MixtureKitForCausalLM, SourceError, compose
 from moekit.analysis import AnalysisError
-from moekit.runtime.config import require_composed
+from moekit.runtime.assembly.config import require_composed
 from tiny_models import VOCAB, make_model, save_model, tiny_config
 
 

@@ -7,7 +7,7 @@ import torch
 
 from moekit import MixtureKitConfig, MixtureKitForCausalLM, TrainingError, load_balancing_loss
 from moekit.runtime import route
-from moekit.runtime.routing import balance_from_sums, router_sums
+from moekit.runtime.routed.balance import balance_from_sums, router_sums
 from balance_reference import balance_loss_float64
 from tiny_models import VOCAB, enable_activation_checkpointing, tiny_config
 
@@ -214,7 +214,8 @@ def test_aux_loss_is_weighted_by_the_share_of_label_tokens_the_trainer_counts():
 @pytest.mark.parametrize("top_k,experts", [(1, 4), (2, 8), (4, 16)])
 def test_slot_counts_are_the_bincount_of_the_choices_route_makes(top_k, experts):
     """Counted without `bincount` (which synchronises on CUDA): the same counts, biased choices included."""
-    from moekit.runtime.routing import route, slot_counts
+    from moekit.runtime.routed.balance import slot_counts
+    from moekit.runtime.routed.routing import route
 
     torch.manual_seed(top_k)
     logits = torch.randn(333, experts)

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from moekit import compose
 from moekit.distribution import install_instruction
-from moekit.runtime.loader_files import AUTO_MAP, LOADER_FILES
+from moekit.runtime.assembly.loader_files import AUTO_MAP, LOADER_FILES
 from tiny_models import VOCAB, make_model, save_model, tiny_config
 
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

@@ -24,7 +24,7 @@ import moekit
 from moekit.cli import app
 from moekit.distribution import (DISTRIBUTION, OTHER_DISTRIBUTION, OTHER_IMPORT_NAME, PUBLISHED_ON_REGISTRY,
                                  install_instruction)
-from moekit.runtime.loader_files import AUTO_MAP, LOADER_FILES
+from moekit.runtime.assembly.loader_files import AUTO_MAP, LOADER_FILES
 from tiny_models import make_model, save_model, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,10 @@ OTHER_RELEASE = f"{OTHER_DISTRIBUTION}==1.1.1"
 
 def test_names_agree_with_pyproject_and_cannot_collide_with_the_other_project():
     assert PYPROJECT["project"]["name"] == DISTRIBUTION == moekit.__name__
-    assert PYPROJECT["project"]["version"] == moekit.__version__
+    # The version has one home, which pyproject.toml reads.
+    assert PYPROJECT["project"]["dynamic"] == ["version"] and "version" not in PYPROJECT["project"]
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "moekit.distribution.VERSION"}
+    assert moekit.distribution.VERSION == moekit.__version__
     assert set(PYPROJECT["project"]["scripts"]) == {DISTRIBUTION}
     # Neither the distribution, the console script nor the import folder equals the other's, case folded (macOS).
     assert DISTRIBUTION.casefold() not in (OTHER_DISTRIBUTION.casefold(), OTHER_IMPORT_NAME.casefold())

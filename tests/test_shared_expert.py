@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 from moekit import RecipeError, compose
 from moekit.export import ExportError, export
 from moekit.runtime import Router
-from moekit.runtime.architecture import decoder_layers
-from moekit.runtime.shared_expert import SharedExpertGate
+from moekit.runtime.assembly.architecture import decoder_layers
+from moekit.runtime.routed.shared_expert import SharedExpertGate
 from moekit.training.freeze import apply_freeze_policy, parameter_roles
 from balance_reference import balance_loss_float64
 from test_export import _run_plain
@@ -99,7 +99,7 @@ def _btx_reference(composed_mlp, expert_mlp, base_mlp, hidden):
     """Run the expert's dense FFN with each routed Linear replaced by ½ · expert Linear + s · base Linear."""
     import copy
 
-    from moekit.runtime.routed_linear import RoutedLinear
+    from moekit.runtime.routed.routed_linear import RoutedLinear
 
     reference = copy.deepcopy(expert_mlp)
     for name, routed in composed_mlp.named_modules():

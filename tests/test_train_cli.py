@@ -203,7 +203,7 @@ def test_a_misspelled_local_path_is_an_error_at_once_naming_it(demo, tmp_path):
 
 def test_plain_text_in_a_jsonl_file_names_the_line_and_the_format(tmp_path):
     from moekit import TrainingError
-    from moekit.training.data import load_data
+    from moekit.data import load_data
 
     data = tmp_path / "notes.jsonl"
     data.write_text('{"text": "fine"}\nthis line is plain text\n')

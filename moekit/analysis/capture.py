@@ -10,9 +10,9 @@ import pandas as pd
 import torch
 
 from ..errors import MixtureKitError
-from ..runtime.modeling import MixtureKitForCausalLM
-from ..runtime.routing import route
-from ..runtime.stitch import MERGE
+from ..runtime.assembly.modeling import MixtureKitForCausalLM
+from ..runtime.routed.routing import route
+from ..runtime.bts.stitch import MERGE
 
 _LAYER = re.compile(r"\.(\d+)\.")
 IMAGE_TOKEN_LABEL = "<image>"  # how a view shows a position that holds an image feature, whatever its special token

@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from ..runtime.routing_stats import dead_threshold
+from ..runtime.routed.routing_stats import dead_threshold
 from .capture import RoutingTrace
 
 
@@ -28,8 +28,8 @@ def mean_token_entropy(trace: RoutingTrace) -> pd.Series:
     """Per router, the mean over tokens of the entropy of each token's router probabilities, normalised to [0, 1]:
     how undecided the router is per token (0 = always certain, 1 = uniform).
 
-    Not the *load entropy* (`runtime.routing_stats.RouterStats.entropy`, `load_entropy` in `evaluate`), the entropy
-    of the share of slots each expert gets (1 = balanced): a router can be certain on every token and balanced."""
+    Not the *load entropy* (`runtime.routed.routing_stats.RouterStats.entropy`, `load_entropy` in `evaluate`), the
+    entropy of the share of slots each expert gets (1 = balanced): a router can be certain on every token and balanced."""
     size = len(trace.expert_names)
 
     def entropy(probs: list[float]) -> float:

@@ -19,8 +19,8 @@ import torch
 from ..errors import RecipeError
 from ..plan import CompositionPlan, TensorPlan, build_plan
 from ..recipe import Recipe, load_recipe
-from ..runtime.loader_files import auto_map_for
-from ..runtime.stitch import build_stitches
+from ..runtime.assembly.loader_files import auto_map_for
+from ..runtime.bts.stitch import build_stitches
 from ..sources import TensorSlot
 from ..sources.safetensors_io import FileSlice, TensorInfo, dtype_nbytes, read_exactly
 from ..sources.checkpoint_folder import (

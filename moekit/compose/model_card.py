@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..distribution import install_instruction
+from ..distribution import VERSION, install_instruction
 from ..plan import CompositionPlan
 from ..plan.summary import plan_summary
 from ..sources.checkpoint_folder import card_front_matter
@@ -28,8 +28,6 @@ def _what_it_is(plan: CompositionPlan) -> str:
 
 
 def write_model_card(plan: CompositionPlan, path: Path, model_name: str) -> None:
-    from .. import __version__
-
     config = plan.config
     rows = []
     for index, model in enumerate(plan.models):
@@ -43,7 +41,7 @@ def write_model_card(plan: CompositionPlan, path: Path, model_name: str) -> None
     by_path = ("\nTools that take only a path load it with `trust_remote_code=True` when `moekit` is installed: the "
                "checkpoint's `auto_map` files only import it.\n" if plan.recipe.auto_map else "")
     text = card_front_matter(["moekit", "mixture-of-experts", config.method]) + f"""
-# Composed with MixtureKit {__version__}
+# Composed with MixtureKit {VERSION}
 
 {_what_it_is(plan)}
 

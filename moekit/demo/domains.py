@@ -24,10 +24,6 @@ class Domain:
     train: list[str]
     validation: list[str]
 
-    @property
-    def train_chars(self) -> int:
-        return sum(len(document) for document in self.train)
-
 
 def _take_until(documents: list[str], budget: int, max_document_chars: int) -> list[str]:
     """Documents in order, each cut to `max_document_chars` so one long file cannot dominate, until `budget`."""

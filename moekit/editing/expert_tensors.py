@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..runtime.config import MixtureKitConfig
-from ..runtime.modeling import MixtureKitForCausalLM
-from ..runtime.moe_block import SparseMoeBlock
-from ..runtime.routed_linear import RoutedLinear
-from ..runtime.routing import Router
-from ..runtime.stacking import StackSource
-from ..runtime.stitch import MERGE, Stitch
+from ..runtime.assembly.config import MixtureKitConfig
+from ..runtime.assembly.modeling import MixtureKitForCausalLM
+from ..runtime.routed.moe_block import SparseMoeBlock
+from ..runtime.routed.routed_linear import RoutedLinear
+from ..runtime.routed.routing import Router
+from ..runtime.routed.stacking import StackSource
+from ..runtime.bts.stitch import MERGE, Stitch
 
 
 @dataclass(frozen=True)

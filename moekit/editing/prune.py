@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.config import MixtureKitConfig, require_composed
-from ..runtime.routing import route
+from ..runtime.assembly.config import MixtureKitConfig, require_composed
+from ..runtime.routed.routing import route
 from .remove import EditError, remove_experts
 
 
@@ -61,8 +61,8 @@ def expert_usage(model, texts: list[str] | torch.Tensor, tokenizer=None, max_len
 
 def _slot_outputs(module, tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Each token's chosen experts' own outputs, unweighted, `[N*k, out]` (the shared expert left out)."""
-    from ..runtime.experts import chosen_experts_output
-    from ..runtime.moe_block import SparseMoeBlock
+    from ..runtime.compute.experts import chosen_experts_output
+    from ..runtime.routed.moe_block import SparseMoeBlock
 
     if isinstance(module, SparseMoeBlock):
         experts = module.experts
@@ -78,7 +78,7 @@ def expert_saliency(model, texts: list[str] | torch.Tensor, tokenizer=None, max_
     """REAP's saliency (arXiv 2510.13999) of each expert: at each routed module, the mean over the tokens routed to
     it of its routing weight times the norm of its own output, g_j(x)·||f_j(x)||; then the mean over the routed
     modules. An expert no token reaches scores 0."""
-    from ..runtime.routing import float32_logits
+    from ..runtime.routed.routing import float32_logits
 
     config = model.config
     if config.method == "bts":

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import MixtureKitError, did_you_mean
-from ..runtime.config import MixtureKitConfig, require_composed
+from ..runtime.assembly.config import MixtureKitConfig, require_composed
 from .rewrite import edited_checkpoint
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import CheckpointError, OutputError
 from ..recipe import parse_size
-from ..runtime.config import MixtureKitConfig
+from ..runtime.assembly.config import MixtureKitConfig
 from ..sources.checkpoint_folder import check_output_folder, staged_output, write_sharded
 from ..sources.resolve import weight_files
 from ..sources.safetensors_io import CheckpointReader, FileSlice, TensorInfo, TensorSlot

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RecipeError
-from ..runtime.config import MixtureKitConfig, require_composed
+from ..runtime.assembly.config import MixtureKitConfig, require_composed
 from .prune import read_texts
 from .remove import EditError
 from .rewrite import edited_checkpoint

@@ -19,17 +19,11 @@ from typing import NamedTuple
 import torch
 
 from ..sources.safetensors_io import TensorSlot
+from .targets import ExportTarget
 
 LAYOUTS = ("per-expert", "packed")
 _PACKED = re.compile(r"^(?P<block>.*\.layers\.\d+)\.mlp\.experts\.(?P<kind>gate_up_proj|down_proj)$")
 _ROUTER = re.compile(r"^(?P<block>.*\.layers\.\d+)\.mlp\.gate\.weight$")
-TRANSPOSED_PACKED = ("qwen3_vl_moe",)  # targets whose Hub layout is the packed one, transposed
-# per target: (expert prefix under the block, gate name, up name, down name, router name under the block)
-_NAMES = {"mixtral": ("block_sparse_moe.experts", "w1", "w3", "w2", "block_sparse_moe.gate.weight"),
-          "qwen2_moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate.weight"),
-          "qwen3_moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate.weight"),
-          "qwen3_5_moe_text": ("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate.weight"),
-          "qwen3_5_moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj", "mlp.gate.weight")}
 
 
 class Piece(NamedTuple):
@@ -50,14 +44,14 @@ def is_routed_down_proj(name: str) -> bool:
     return packed is not None and packed["kind"] == "down_proj"
 
 
-def per_expert_pieces(slots: list[TensorSlot], target: str) -> list[tuple[TensorSlot, Piece]]:
+def per_expert_pieces(slots: list[TensorSlot], target: ExportTarget) -> list[tuple[TensorSlot, Piece]]:
     """The per-expert layout of `slots` (packed tensors split per expert and projection, routers renamed), each
     output slot with the piece of a stored tensor it holds; other tensors pass through unchanged."""
-    if target in TRANSPOSED_PACKED:
+    if target.transposed_hub_layout:
         return [(TensorSlot(slot.name, slot.dtype, (*slot.shape[:-2], slot.shape[-1], slot.shape[-2])),
                  Piece(slot.name, transposed=True)) if _PACKED.match(slot.name) else (slot, Piece(slot.name))
                 for slot in slots]
-    experts, gate, up, down, router = _NAMES[target]
+    experts, gate, up, down, router = target.expert_names
     out = []
     for slot in slots:
         packed, routing = _PACKED.match(slot.name), _ROUTER.match(slot.name)

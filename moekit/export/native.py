@@ -24,32 +24,17 @@ from transformers import AutoConfig
 
 from ..recipe import parse_size
 from ..errors import MixtureKitError
-from ..runtime.architecture import num_layers
-from ..runtime.config import MixtureKitConfig, require_composed, stored_model_type
+from ..runtime.assembly.architecture import num_layers
+from ..runtime.assembly.config import MixtureKitConfig, require_composed, stored_model_type
 from ..sources.checkpoint_folder import (
     check_output_folder, copy_processor_files, copy_tokenizer_files, new_staging_folder, swap_into_place,
     write_sharded,
 )
 from ..sources.resolve import weight_files
 from ..sources.safetensors_io import CheckpointReader, TensorSlot
-from ..runtime.shared_expert import ROUTED_SCALE, SHARED_EXPERT
-from .expert_layout import LAYOUTS, TRANSPOSED_PACKED, Piece, is_routed_down_proj, per_expert_pieces, piece_reader
-
-TARGETS = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe",
-           "qwen3_5_text": "qwen3_5_moe_text", "qwen3_vl": "qwen3_vl_moe", "qwen3_5": "qwen3_5_moe"}
-MAPPING_TABLE = ("traditional over Llama or Mistral -> mixtral; over Qwen3 -> qwen3_moe; over Qwen2 -> qwen2_moe; "
-                 "over Qwen3.5's text model -> qwen3_5_moe_text; over Qwen3-VL -> qwen3_vl_moe; over Qwen3.5 "
-                 "(image-text) -> qwen3_5_moe")
-# Targets whose MoE block has a sigmoid-gated shared expert beside the routed ones (the composition's, or a zero one)
-WITH_SHARED_EXPERT = ("qwen2_moe", "qwen3_5_moe_text", "qwen3_5_moe")
-# Targets whose every block is an MoE (no mlp_only_layers): a composition must route every block
-EVERY_BLOCK = {"mixtral": "Mixtral", "qwen3_5_moe_text": "Qwen3.5-MoE", "qwen3_5_moe": "Qwen3.5-MoE"}
-CLASSES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-           "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-           "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
-# Image-text targets: the wrapper's config around the MoE text model's, the vision tower's weights unchanged
-IMAGE_TEXT = ("qwen3_vl_moe", "qwen3_5_moe")
-
+from ..runtime.routed.shared_expert import ROUTED_SCALE, SHARED_EXPERT
+from .expert_layout import LAYOUTS, Piece, is_routed_down_proj, per_expert_pieces, piece_reader
+from .targets import EXPORT_TARGETS, MAPPING_TABLE, ExportTarget, target_for_family
 
 # Families whose own MoE sibling does not compute what a composition of them computes, and why.
 NO_EXACT_MAPPING = {
@@ -65,7 +50,7 @@ class ExportError(MixtureKitError, ValueError):
     """The composed model has no native equivalent in the requested architecture."""
 
 
-def _refuse_unmappable(config: MixtureKitConfig, target: str | None) -> list[int]:
+def _refuse_unmappable(config: MixtureKitConfig, target: ExportTarget | None) -> list[int]:
     """Raise with the reason when the composition cannot map; return the routed blocks."""
     text = config.language_config
     disabled = list(getattr(config, "disabled_experts", None) or [])
@@ -83,41 +68,42 @@ def _refuse_unmappable(config: MixtureKitConfig, target: str | None) -> list[int
     if config.method == "bts":
         raise ExportError(f"a bts model (hub + expert streams + stitches) has no native MoE equivalent ({MAPPING_TABLE})")
     family = config.text_config.model_type  # an image-text composition: the wrapper's (qwen3_vl, qwen3_5)
-    expected = TARGETS.get(family)
+    expected = target_for_family(family)
     if family in NO_EXACT_MAPPING:
         raise ExportError(f"traditional over '{family}' has no exact native MoE: "
                           f"{NO_EXACT_MAPPING[family]} ({MAPPING_TABLE})")
     if expected is None:
         raise ExportError(f"no native MoE architecture for traditional over '{family}' ({MAPPING_TABLE})")
-    if target != expected:
-        raise ExportError(f"traditional over '{family}' exports to {expected}, not {target} ({MAPPING_TABLE})")
-    if getattr(config, "shared_expert", None) is not None and target not in WITH_SHARED_EXPERT:
+    if target is not expected:
+        raise ExportError(f"traditional over '{family}' exports to {expected.name}, not {target.name} ({MAPPING_TABLE})")
+    if getattr(config, "shared_expert", None) is not None and not target.shared_expert:
         raise ExportError(
-            f"this composition has a shared expert, which {target} does not have (of the native targets only "
+            f"this composition has a shared expert, which {target.name} does not have (of the native targets only "
             "Qwen2-MoE and Qwen3.5-MoE have one): compose over Qwen2 or Qwen3.5 to export it, or compose without "
             "shared_expert")
     blocks = num_layers(text)
     routed = sorted(config.router_layers_index) if config.router_layers_index else list(range(blocks))
-    if target in EVERY_BLOCK and len(routed) != blocks:
+    if target.every_block and len(routed) != blocks:
         raise ExportError(
-            f"{EVERY_BLOCK[target]} routes every block, but this model routes only blocks {routed} of {blocks}; compose with "
+            f"{target.every_block} routes every block, but this model routes only blocks {routed} of {blocks}; compose with "
             "router_layers_index covering every block (Qwen2/Qwen3 MoE targets can keep dense blocks via "
             "mlp_only_layers)"
         )
     for flag in ("mlp_bias", "attention_bias"):
-        if getattr(text, flag, False) and target == "mixtral":
-            raise ExportError(f"the base model has {flag}: true, which Mixtral does not support")
+        if getattr(text, flag, False) and not target.biases:
+            raise ExportError(f"the base model has {flag}: true, which {target.every_block or target.name} does not "
+                              "support")
     return routed
 
 
 def export_target(config: MixtureKitConfig) -> tuple[str | None, str]:
     """The native architecture a composition exports to, or None and the reason it cannot (for `inspect`)."""
-    target = TARGETS.get(config.text_config.model_type)
+    target = target_for_family(config.text_config.model_type)
     try:
         _refuse_unmappable(config, target)
     except ExportError as error:
         return None, str(error).split(" (traditional over")[0]
-    return target, f"moekit export CHECKPOINT --to {target} -o OUT"
+    return target.name, f"moekit export CHECKPOINT --to {target.name} -o OUT"
 
 
 _NOT_CARRIED = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map")
@@ -127,35 +113,19 @@ def _without(fields: dict, keys: tuple[str, ...]) -> dict:
     return {k: v for k, v in fields.items() if k not in keys}
 
 
-def _target_config(config: MixtureKitConfig, target: str, routed: list[int]):
+def _target_config(config: MixtureKitConfig, target: ExportTarget, routed: list[int]):
     text = _without(config.language_config.to_dict(), _NOT_CARRIED)
     blocks = num_layers(config.language_config)
     fields = dict(text, num_experts_per_tok=config.num_experts_per_tok, router_aux_loss_coef=config.alpha,
                   output_router_logits=False)
-    if target == "mixtral":
-        fields.update(num_local_experts=config.num_experts, router_jitter_noise=0.0)
-    elif target == "qwen3_vl_moe":  # its router always renormalises the top-k (no norm_topk_prob); no shared expert
-        fields.update(num_experts=config.num_experts, decoder_sparse_step=1,
-                      moe_intermediate_size=text["intermediate_size"],
-                      mlp_only_layers=[i for i in range(blocks) if i not in routed])
-    elif target in ("qwen3_5_moe_text", "qwen3_5_moe"):  # its router always renormalises; every block is MoE
-        shared = getattr(config, "shared_expert", None) is not None
-        fields.update(num_experts=config.num_experts, moe_intermediate_size=text["intermediate_size"],
-                      shared_expert_intermediate_size=text["intermediate_size"] if shared else 1)
-    else:
-        fields.update(num_experts=config.num_experts, norm_topk_prob=True, decoder_sparse_step=1,
-                      moe_intermediate_size=text["intermediate_size"],
-                      mlp_only_layers=[i for i in range(blocks) if i not in routed])
-        if target == "qwen2_moe":  # the composition's shared expert is the base's whole FFN; else a width-1 zero one
-            shared = getattr(config, "shared_expert", None) is not None
-            fields.update(shared_expert_intermediate_size=text["intermediate_size"] if shared else 1)
-    if target in IMAGE_TEXT:  # the wrapper's own fields (image tokens, vision tower) around the MoE text model's
+    fields.update(target.moe_fields(config, text, routed, blocks))
+    if target.image_text:  # the wrapper's own fields (image tokens, vision tower) around the MoE text model's
         wrapper = _without(config.text_config.to_dict(), (*_NOT_CARRIED, "text_config", "vision_config"))
         vision = _without(config.text_config.vision_config.to_dict(), _NOT_CARRIED)
-        exported = AutoConfig.for_model(target, **wrapper, text_config=fields, vision_config=vision)
+        exported = AutoConfig.for_model(target.name, **wrapper, text_config=fields, vision_config=vision)
     else:
-        exported = AutoConfig.for_model(target, **fields)
-    exported.architectures = [CLASSES[target]]
+        exported = AutoConfig.for_model(target.name, **fields)
+    exported.architectures = [target.class_name]
     return exported
 
 
@@ -174,7 +144,7 @@ def _zero_shared_experts(routed: list[int], hidden: int, dtype: torch.dtype, gat
     return out
 
 
-def _selection_bias(name: str, reader: CheckpointReader, target: str) -> bool:
+def _selection_bias(name: str, reader: CheckpointReader, target: ExportTarget) -> bool:
     """Whether `name` is a router's selection bias (loss-free balancing), which the native checkpoint leaves out; a
     bias that is not zero changes the routing, and no native target has a place for it, so it is refused."""
     if not name.endswith(".expert_bias"):
@@ -182,19 +152,19 @@ def _selection_bias(name: str, reader: CheckpointReader, target: str) -> bool:
     if reader.get(name).any():
         raise ExportError(
             f"router bias '{name}' is not zero: this model was trained with balance: bias (loss-free balancing), whose "
-            f"selection bias changes which experts run, and {target} has no such bias, so the export would route "
+            f"selection bias changes which experts run, and {target.name} has no such bias, so the export would route "
             "differently; serve the composed checkpoint itself (it loads with transformers after `import moekit`)"
         )
     return True
 
 
-def _refuse_ambiguous_transpose(config: MixtureKitConfig, target: str) -> None:
+def _refuse_ambiguous_transpose(config: MixtureKitConfig, target: ExportTarget) -> None:
     """transformers tells Qwen3-VL-MoE's transposed Hub layout from its own by shape alone; a square one would be
     read untransposed, so it is refused (the packed layout loads whatever the sizes)."""
     hidden, width = config.language_config.hidden_size, config.language_config.intermediate_size
     if hidden in (width, 2 * width):
         raise ExportError(
-            f"{target}'s Hub layout stores experts transposed and transformers recognises it only by a shape that "
+            f"{target.name}'s Hub layout stores experts transposed and transformers recognises it only by a shape that "
             f"differs from its own, which a hidden size of {hidden} beside an FFN width of {width} does not give; "
             "export with layout packed (--layout packed), which transformers loads as is")
 
@@ -203,7 +173,7 @@ def export(
     checkpoint: str | Path, to: str = "auto", output: str | Path | None = None, overwrite: bool = False,
     shard_size: int | str = "2GB", progress: bool = False, layout: str = "per-expert",
 ) -> Path:
-    """Write the composed checkpoint as a native MoE checkpoint (`to`: auto or one of TARGETS' values),
+    """Write the composed checkpoint as a native MoE checkpoint (`to`: auto or a name of `EXPORT_TARGETS`),
     streamed one tensor at a time into size-bounded shards, appearing atomically. `layout`: `per-expert` (the Hub
     checkpoints' layout, which llama.cpp's converter and the serving engines read) or `packed` (transformers 5's own;
     see `expert_layout`)."""
@@ -212,12 +182,12 @@ def export(
         raise ExportError(f"'{checkpoint}' has no config.json: give a folder written by moekit compose")
     require_composed(checkpoint, "only a composition has routers to export", ExportError)
     config = MixtureKitConfig.from_pretrained(checkpoint)
-    if to != "auto" and to not in set(TARGETS.values()):
-        raise ExportError(f"unknown target '{to}'; valid: auto, {', '.join(sorted(set(TARGETS.values())))} "
+    if to != "auto" and to not in EXPORT_TARGETS:
+        raise ExportError(f"unknown target '{to}'; valid: auto, {', '.join(sorted(EXPORT_TARGETS))} "
                           f"({MAPPING_TABLE})")
     if layout not in LAYOUTS:
         raise ExportError(f"unknown layout '{layout}'; valid: {', '.join(LAYOUTS)}")
-    target = TARGETS.get(config.text_config.model_type) if to == "auto" else to
+    target = target_for_family(config.text_config.model_type) if to == "auto" else EXPORT_TARGETS[to]
     routed = _refuse_unmappable(config, target)
     if output is None:
         raise ExportError("no output folder given (-o/--output)")
@@ -230,7 +200,7 @@ def export(
     try:
         stored = [TensorSlot(name, info.dtype, info.shape) for name, info in reader.tensors.items()
                   if not _selection_bias(name, reader, target)]
-        if layout == "per-expert" and target in TRANSPOSED_PACKED:
+        if layout == "per-expert" and target.transposed_hub_layout:
             _refuse_ambiguous_transpose(config, target)
         pieces = dict(per_expert_pieces(stored, target) if layout == "per-expert" else
                       [(slot, Piece(slot.name)) for slot in stored])
@@ -239,20 +209,19 @@ def export(
             pieces = {slot: piece._replace(scale=ROUTED_SCALE) if is_routed_down_proj(piece.source) else piece
                       for slot, piece in pieces.items()}
         extra = {}
-        if target in WITH_SHARED_EXPERT and not (shared and config.shared_expert_gate):
-            layers = "model.language_model.layers" if target in IMAGE_TEXT else "model.layers"
+        if target.shared_expert and not (shared and config.shared_expert_gate):
             extra = dict(_zero_shared_experts(routed, config.language_config.hidden_size, dtype, gate_only=shared,
-                                              layers=layers))
+                                              layers=target.layers))
         read = piece_reader(reader.get)
         write_sharded(staging, list(pieces) + list(extra),
                       lambda slot: [extra[slot]] if slot in extra else [read(pieces[slot])],
                       parse_size(shard_size), progress, desc="exporting")
         exported_config.save_pretrained(staging)
         copy_tokenizer_files(checkpoint, staging)
-        if target in IMAGE_TEXT:  # the processor composed beside the checkpoint (image processor, image tokens)
+        if target.image_text:  # the processor composed beside the checkpoint (image processor, image tokens)
             copy_processor_files(checkpoint, staging)
         (staging / "README.md").write_text(
-            f"---\nlibrary_name: transformers\ntags:\n- moekit\n- {target}\n---\n\n# {target} export\n\n"
+            f"---\nlibrary_name: transformers\ntags:\n- moekit\n- {target.name}\n---\n\n# {target.name} export\n\n"
             f"Exported by MixtureKit from `{checkpoint.name}`, a `traditional` composition of "
             f"{config.num_experts} `{config.text_config.model_type}` experts ({', '.join(config.expert_names)}), "
             f"top-{config.num_experts_per_tok}{', with the base as shared expert' if shared else ''}. Loads with plain `transformers` (`{exported_config.architectures[0]}`)"

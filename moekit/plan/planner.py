@@ -20,19 +20,21 @@ import torch
 from ..errors import CompatibilityError, RecipeError, UnsupportedArchitectureError
 from ..recipe import Recipe, load_recipe
 from ..recipe.recipe import DEFAULT_BIAS_RATE
-from ..runtime.architecture import (
+from ..runtime.assembly.architecture import (
     check_ffn_computes, decoder_layers, is_multimodal, language_config, language_model_name, mlp_layout,
     parallel_layer_lists, stitch_layers,
 )
-from ..runtime.config import MixtureKitConfig
-from ..runtime.modeling import (
+from ..runtime.assembly.config import MixtureKitConfig
+from ..runtime.assembly.modeling import (
     MixtureKitForCausalLM, blocks_holding, dense_model_class, resolve_layer_indices, resolve_router_layers,
     saved_tensor_shapes, with_torch_dtype,
 )
-from ..runtime.routing import Router
-from ..runtime.shared_expert import SHARED_EXPERT, SHARED_EXPERT_GATE, is_shared_expert_tensor, shared_expert_source
-from ..runtime.stacking import StackSource
-from ..runtime.stitch import stitch_points
+from ..runtime.routed.routing import Router
+from ..runtime.routed.shared_expert import (
+    SHARED_EXPERT, SHARED_EXPERT_GATE, is_shared_expert_tensor, shared_expert_source,
+)
+from ..runtime.routed.stacking import StackSource
+from ..runtime.bts.stitch import stitch_points
 from ..sources import LocalModel, resolve_source
 from ..sources.lora_adapter import AdaptedReader
 
@@ -98,12 +100,16 @@ class CompositionPlan:
 
     @property
     def active_parameters(self) -> int:
-        """Parameters one token uses: shared ones, k of E experts' stacked ones, and the routers."""
-        experts, k = self.config.num_experts, self.config.num_experts_per_tok
-        return sum(t.numel * k // experts if t.origin == "stack" else t.numel for t in self.tensors)
+        return active_parameters(self.total_parameters, self.count("stack"), self.config)
 
     def count(self, origin: Origin) -> int:
         return sum(t.numel for t in self.tensors if t.origin == origin)
+
+
+def active_parameters(total: int, stacked: int, config) -> int:
+    """Parameters one token uses: shared ones, k of E experts' stacked ones, and the routers (a stacked tensor holds
+    E equal slices, so k/E of it is exact)."""
+    return total - stacked + stacked * config.num_experts_per_tok // config.num_experts
 
 
 def source_dtype(model: LocalModel) -> torch.dtype:

@@ -54,7 +54,7 @@ def balance_line(config) -> str:
 
 def _vision_note(plan, shared_how: str) -> str:
     """For image-text sources: whether the vision tower and projector are kept (and how) or dropped."""
-    from ..runtime.architecture import is_multimodal
+    from ..runtime.assembly.architecture import is_multimodal
 
     if plan.config.is_multimodal:
         return f"   vision: kept (tower and projector {shared_how})"
@@ -63,8 +63,8 @@ def _vision_note(plan, shared_how: str) -> str:
 
 def stream_lines(config, counts: Counter, origins: dict[str, str] | None = None) -> list[str]:
     """bts: the hub, each stream's shape, where the stitches sit, and what runs per token."""
-    from ..runtime.architecture import language_config, num_layers
-    from ..runtime.stitch import matching_depths, stitch_directions
+    from ..runtime.assembly.architecture import language_config, num_layers
+    from ..runtime.bts.stitch import matching_depths, stitch_directions
 
     origins = origins or {}
     text, points = config.text_config, config.stitch_layers_index
@@ -116,7 +116,7 @@ def plan_summary(plan: CompositionPlan) -> str:
                                                              for i in plan.expert_models}
         lines = stream_lines(config, counts, origins) + [f"note: {note}" for note in plan.warnings]
         return "\n".join(lines)
-    from ..runtime.shared_expert import SHARED_EXPERT_GATE, is_shared_expert_tensor
+    from ..runtime.routed.shared_expert import SHARED_EXPERT_GATE, is_shared_expert_tensor
 
     names_by_origin: dict[str, list[str]] = {}
     for tensor in plan.tensors:

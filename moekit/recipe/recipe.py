@@ -15,8 +15,6 @@ from ..errors import RecipeError, did_you_mean
 from .legacy import is_legacy_recipe, translate_legacy_recipe
 
 Method = Literal["traditional", "btx", "bts"]
-METHODS: tuple[str, ...] = ("traditional", "btx", "bts")
-DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_BIAS_RATE = 0.001  # balance: bias: DeepSeek-V3's bias update speed u
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")

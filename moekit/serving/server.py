@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MixtureKitError, SourceError
-from ..runtime.config import MixtureKitConfig, stored_model_type
+from ..runtime.assembly.config import MixtureKitConfig, stored_model_type
 
 VLLM_PYTHON_VARIABLE = "MOEKIT_VLLM_PYTHON"
 

@@ -16,7 +16,7 @@ from ..errors import UnsupportedArchitectureError
 ARCHITECTURE = "MixtureKitForCausalLM"
 # What vLLM is proven to run as transformers does (tests/test_vllm.py: greedy tokens equal, log-probabilities within
 # 1e-4): traditional through vLLM's fused MoE layer, btx with its routed Linears run as they are. bts cannot run there
-# at all (`runtime.backbone`).
+# at all (`runtime.assembly.backbone`).
 SERVED_METHODS = ("traditional", "btx")
 
 

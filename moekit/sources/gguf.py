@@ -11,19 +11,12 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import SourceError
+from .local_files import PICKLE_SUFFIXES, file_sha256
 
 
 def default_cache_dir() -> Path:
     """MIXTUREKIT_CACHE, else ~/.cache/moekit."""
     return Path(os.environ.get("MIXTUREKIT_CACHE", Path.home() / ".cache" / "moekit"))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2**22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _convert_once(kind: str, name: str, cache_dir: Path | None, write: Callable[[Path], None]) -> Path:
@@ -100,7 +93,7 @@ def convert_pickle(folder: Path, files: list[Path], cache_dir: Path | None = Non
             tensors.update({k: v.contiguous().clone() for k, v in loaded.items()})
         save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
         for item in folder.iterdir():
-            if item.is_file() and item.suffix not in (".bin", ".pt", ".pth", ".ckpt"):
+            if item.is_file() and item.suffix not in PICKLE_SUFFIXES:
                 shutil.copyfile(item, staging / item.name)
 
     digest = hashlib.sha256()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -14,11 +13,11 @@ from transformers import AutoConfig, PretrainedConfig
 from ..errors import SourceError
 from ..recipe import ModelSource
 from .gguf import convert_gguf, convert_pickle
+from .local_files import PICKLE_SUFFIXES, file_sha256
 from .lora_adapter import AdaptedReader, LoraAdapter, is_adapter_folder
 from .paths import looks_like_local_path
 from .safetensors_io import CheckpointReader
 
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
@@ -47,14 +46,7 @@ class LocalModel:
     @cached_property
     def file_hashes(self) -> dict[str, str]:
         """sha256 of every weight file, for the model card."""
-        hashes = {}
-        for path in self.weight_files:
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(2**22), b""):
-                    digest.update(block)
-            hashes[path.name] = digest.hexdigest()
-        return hashes
+        return {path.name: file_sha256(path) for path in self.weight_files}
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -159,7 +151,7 @@ def resolve_source(spec: ModelSource, cache_dir: Path | None = None, allow_pickl
     folder, origin, converted_from = _local_folder(spec, cache_dir)
     files = weight_files(folder)
     if not files:
-        pickles = sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles and allow_pickle:
             folder, converted_from = convert_pickle(folder, pickles, cache_dir), str(folder)
             files = weight_files(folder)

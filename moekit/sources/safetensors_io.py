@@ -227,12 +227,6 @@ class ShardWriter:
         self._buffer: memoryview | None = None  # for copying a FileSlice where copy_file_range cannot
         _write_all(self._handle, memoryview(struct.pack("<Q", len(encoded)) + encoded))
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        slot = self.slots[self._next]
-        if tuple(tensor.shape) != slot.shape:
-            raise RuntimeError(f"shard writer expected {slot.name} of shape {list(slot.shape)}, got {list(tensor.shape)}")
-        self.write_parts(name, [tensor])
-
     def write_parts(self, name: str, parts) -> None:
         """Write the next tensor as consecutive parts (e.g. one expert's slice of a stacked tensor at a time), so
         the whole tensor never has to be in memory."""

@@ -1,6 +1,6 @@
 """`balance: bias`: loss-free balancing (DeepSeek-V3, Wang et al. 2024), the bias update between training steps.
 
-Each router's `expert_bias` is added to its logits to choose the top k (`runtime.routing.route`), never to the
+Each router's `expert_bias` is added to its logits to choose the top k (`runtime.routed.routing.route`), never to the
 weights. After every optimizer step, each expert's bias moves by `balance_bias_rate` towards equal load:
 `bias_i += u * sign(mean load - load_i)`, from the step's slot counts over all its micro-batches and ranks (the
 counts the model's routing hook gives, summed over the data-parallel ranks, so every rank makes the same update).
@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
-from ..runtime.modeling import MixtureKitForCausalLM, TrainingRouting
-from ..runtime.routing import Router
+from ..runtime.assembly.modeling import MixtureKitForCausalLM, TrainingRouting
+from ..runtime.routed.routing import Router
 from .composed import find_composed_model
 
 

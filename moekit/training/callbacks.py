@@ -13,8 +13,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..runtime.modeling import MixtureKitForCausalLM, TrainingRouting
-from ..runtime.routing_stats import RouterStats, RoutingStatistics, dead_threshold
+from ..runtime.assembly.modeling import MixtureKitForCausalLM, TrainingRouting
+from ..runtime.routed.routing_stats import RouterStats, RoutingStatistics, dead_threshold
 from .composed import find_composed_model
 
 logger = logging.getLogger(__name__)

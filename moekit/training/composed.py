@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import TrainingError
-from ..runtime.modeling import MixtureKitForCausalLM
+from ..runtime.assembly.modeling import MixtureKitForCausalLM
 
 
 def find_composed_model(model: nn.Module | None) -> MixtureKitForCausalLM | None:

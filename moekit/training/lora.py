@@ -34,12 +34,12 @@ from torch import nn
 
 from ..errors import TrainingError
 
-from ..runtime.architecture import LINEAR_TYPES, decoder_layers, resolve_names
-from ..runtime.modeling import MixtureKitForCausalLM
-from ..runtime.moe_block import SparseMoeBlock
-from ..runtime.routed_linear import RoutedLinear
-from ..runtime.routing import Router
-from ..runtime.shared_expert import SHARED_EXPERT, SharedExpertGate
+from ..runtime.assembly.architecture import LINEAR_TYPES, decoder_layers, resolve_names
+from ..runtime.assembly.modeling import MixtureKitForCausalLM
+from ..runtime.routed.moe_block import SparseMoeBlock
+from ..runtime.routed.routed_linear import RoutedLinear
+from ..runtime.routed.routing import Router
+from ..runtime.routed.shared_expert import SHARED_EXPERT, SharedExpertGate
 from .composed import composed_model
 from .upstream_warnings import upstream_checkpointing_renames_silenced
 

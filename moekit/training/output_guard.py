@@ -25,7 +25,7 @@ CHANGEABLE_ON_RESUME = frozenset({"max_steps", "save_steps"})
 def check_output(config: TrainConfig, resume: bool, overwrite: bool) -> None:
     """Refuse, before any work, an output that belongs to another run (or, with `resume`, to another config). Every
     rank checks before the main process writes anything there (`begin_run`)."""
-    from ..runtime.data_parallel import wait_for_all_ranks
+    from .data_parallel import wait_for_all_ranks
 
     _check(config, resume, overwrite)
     wait_for_all_ranks()
@@ -57,7 +57,7 @@ def begin_run(config: TrainConfig, resume: bool, overwrite: bool) -> None:
     """Once the model and the data have loaded: on the main process, record the config in a new run folder at the
     output, swapped in place of the old run (`overwrite`) as a checkpoint is, so a kill never leaves the output
     empty; every rank waits for it."""
-    from ..runtime.data_parallel import is_main_process, wait_for_all_ranks
+    from .data_parallel import is_main_process, wait_for_all_ranks
 
     output = Path(config.output)
     if is_main_process() and not resume:

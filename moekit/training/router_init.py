@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import TrainingError
-from ..runtime.modeling import MixtureKitForCausalLM
+from ..runtime.assembly.modeling import MixtureKitForCausalLM
 
 
 @contextmanager

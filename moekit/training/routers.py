@@ -11,7 +11,7 @@ from datasets import Dataset
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from ..errors import TrainingError
-from ..runtime.data_parallel import is_main_process
+from .data_parallel import is_main_process
 from .compilation import compile_decoder_blocks
 from .callbacks import ThroughputCallback, add_routing_callbacks, save_model_and_log
 from .freeze import TrainableSummary, apply_freeze_policy

@@ -7,10 +7,10 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import TrainingError
-from ..runtime.data_parallel import is_main_process, wait_for_all_ranks
+from .data_parallel import is_main_process, wait_for_all_ranks
 from .checkpointing import checkpointing_arguments
 from .config import TrainConfig
-from .data import load_data, token_blocks
+from ..data import load_data, token_blocks
 from .output_guard import begin_run, check_output
 from .router_init import initialize_routers
 from .routers import train_routers

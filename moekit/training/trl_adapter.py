@@ -2,8 +2,8 @@
 
 TRL computes its losses through a "fused LM head" that it patches onto the model: it runs `model.base_model` (a
 composed model itself) for `last_hidden_state` and projects it through the LM head. Plain TRL trainers work: the
-composed model's `last_hidden_state` carries its balance loss in training forwards (see `runtime.modeling`), once
-per micro-batch. The composed trainers instead route TRL's fused calls through the model's own forward, compute the
+composed model's `last_hidden_state` carries its balance loss in training forwards (see `runtime.assembly.modeling`),
+once per micro-batch. The composed trainers instead route TRL's fused calls through the model's own forward, compute the
 per-token log-probabilities from its logits, and hand TRL the model's `aux_loss` (already weighted by the recipe's
 `alpha`) with a weight of 1, which TRL adds once per optimised forward: SFT divides it over gradient-accumulation
 steps, DPO adds it for the policy only, never the reference. They also log routing statistics (and run the automatic

@@ -28,9 +28,9 @@ from ..analysis import (
     AnalysisError, RoutingTrace, capture_routing, dead_experts, dominant_expert_per_token, gate_strength,
     layer_agreement, mean_token_entropy, utilisation,
 )
-from ..runtime.config import require_composed
+from ..runtime.assembly.config import require_composed
 from ..loading import load, load_tokenizer
-from ..runtime.modeling import MixtureKitForCausalLM
+from ..runtime.assembly.modeling import MixtureKitForCausalLM
 from .html_report import render_template, report_context
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from ..analysis.ordering import gate_strength_in_stream_order, routers_in_order,
 from ..analysis.reductions import (
     dead_experts, dominant_expert_per_token, layer_agreement, mean_token_entropy, utilisation,
 )
-from ..runtime.routing_stats import dead_threshold
+from ..runtime.routed.routing_stats import dead_threshold
 from .style import SEQUENTIAL, expert_colours, tint
 
 

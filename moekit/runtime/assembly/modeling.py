@@ -12,7 +12,7 @@ import inspect
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -24,20 +24,20 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, MODEL_MAPPING,
 )
 
-from ..errors import CheckpointError, RecipeError, TrainingError, UnsupportedArchitectureError, did_you_mean
+from ...errors import CheckpointError, RecipeError, UnsupportedArchitectureError, did_you_mean
 from .architecture import (
     LINEAR_TYPES, decoder_layers, ffn_child, ffn_linear_names, is_mixture_of_experts, is_multimodal, linear_names,
     mlp_layout, parallel_layer_lists, resolve_names, stitch_layers,
 )
 from .cache_argument import CACHE_ARGUMENT, output_cache, pop_cache
 from .config import MixtureKitConfig
-from .moe_block import SparseMoeBlock
-from .routed_linear import RoutedLinear
-from .shared_expert import SharedExpertGate
-from .data_parallel import data_parallel_world_size, sum_over_ranks
-from .routing import Router, RouterLogitsRecorder, balance_from_sums, router_sums
-from .stitch import MERGE, Stitch, build_stitches, matching_depths, stitch_points
-from .streams import StitchedBlockList, StreamState, capture_stream, replace_output
+from ..routed.moe_block import SparseMoeBlock
+from ..routed.routed_linear import RoutedLinear
+from ..routed.shared_expert import SharedExpertGate
+from ..routed.balance import AuxiliaryLoss, auxiliary_loss
+from ..routed.routing import Router, RouterLogitsRecorder
+from ..bts.stitch import MERGE, Stitch, build_stitches, matching_depths, stitch_points
+from ..bts.streams import StitchedBlockList, StreamState, capture_stream, replace_output
 
 ROUTED_MODULE_TYPES = (SparseMoeBlock, RoutedLinear)
 BALANCE_MODES = ("loss", "bias")
@@ -194,8 +194,8 @@ def saved_tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 def check_checkpoint(folder: Path) -> None:
     """Compare a composed checkpoint's tensor headers with what its config builds; raise naming the first problems."""
-    from ..sources.resolve import weight_files
-    from ..sources.safetensors_io import CheckpointReader
+    from ...sources.resolve import weight_files
+    from ...sources.safetensors_io import CheckpointReader
 
     config = MixtureKitConfig.from_pretrained(folder)
     files = weight_files(folder)
@@ -269,6 +269,11 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_attention_backend = True
     # A checkpoint written before loss-free balancing has no selection bias: it loads as zeros (no routing change).
     _keys_to_ignore_on_load_missing = [r"\.expert_bias$"]
+    # What training wraps around `auxiliary_loss` in every forward that computes it (`training.balance`, installed on
+    # `import moekit`): the counts over the data-parallel ranks, the weight for `num_items_in_batch`, the check that
+    # the loss kept its gradient. `wrapper(model, router_logits, attention_mask, labels, loss_kwargs)` returns the
+    # loss, the weight to add it to the LM loss with, and the slot counts. None: the pure loss, weight 1.
+    auxiliary_loss_wrapper: ClassVar[Callable[..., tuple[torch.Tensor, Any, torch.Tensor]] | None] = None
 
     def __init__(self, config: MixtureKitConfig):
         super().__init__(config)
@@ -289,8 +294,8 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         self.set_balance(getattr(config, "balance", "loss"))
         self.set_experts_backend(config.experts_backend)
         self.disable_experts(getattr(config, "disabled_experts", None) or [])
-        # The weight of the balance term: `config.alpha`, unless a training controller changes it between steps
-        # (`training.AutoAlphaCallback`, for `alpha_mode: auto`; it keeps its state in the trainer's checkpoints).
+        # alpha, the balance loss's coefficient: `config.alpha`, unless a training controller changes it between
+        # steps (`training.AutoAlphaCallback`, for `alpha_mode: auto`; it keeps its state in the trainer's checkpoints).
         self.current_alpha = float(config.alpha)
         # Called after each training forward with its `TrainingRouting` (`register_routing_hook`).
         object.__setattr__(self, "_routing_hooks", OrderedDict())  # a dict that `RemovableHandle` can refer to weakly
@@ -366,7 +371,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
 
     def set_experts_backend(self, backend: str) -> None:
         """Choose how stacked experts multiply (auto, loop, grouped_mm) for every routed module."""
-        from .experts import BACKENDS
+        from ..compute.experts import BACKENDS
 
         if backend not in BACKENDS:
             raise RecipeError(f"experts_backend must be one of {BACKENDS}, got '{backend}'")
@@ -631,7 +636,11 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         object.__setattr__(self, "_lm_head_input", None)
         aux_loss, loss_weight = None, 1.0
         if router_logits and (labels is not None or output_router_logits or training_step):
-            aux_loss, loss_weight, slots = self._aux_loss_and_weight(router_logits, attention_mask, labels, kwargs)
+            if self.auxiliary_loss_wrapper is None:
+                (aux_loss, slots), loss_weight = self.auxiliary_loss(router_logits, attention_mask), 1.0
+            else:
+                aux_loss, loss_weight, slots = self.auxiliary_loss_wrapper(
+                    router_logits, attention_mask, labels, kwargs)
             if training_step:
                 weighted = loss_weight * aux_loss
                 if hidden is not None:  # for losses built from the hidden states (TRL's fused head)
@@ -655,84 +664,19 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
             router_logits=tuple(router_logits) if output_router_logits else None, last_hidden_state=hidden,
         )
 
-    def load_balancing_loss(
-        self, router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """`alpha * sum over routers of E * sum_i f_i P_i` (+ the z-loss if set), padding excluded, with
-        `alpha = current_alpha`: a function of the router logits (as Mixtral's `load_balancing_loss_func`), which
-        counts nothing and changes nothing on the model.
-
-        Raises if training lost the loss's gradient. In a data-parallel training step the counts are summed over the
-        ranks first: each rank returns its share of the global batch's loss times the number of ranks, so that the
-        mean over ranks (what DDP, FSDP and ZeRO average gradients to) is the loss of the global batch.
-        """
-        return self._aux_loss_and_weight(router_logits, attention_mask)[0]
-
-    def _aux_loss_and_weight(
+    def auxiliary_loss(
         self, router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None, loss_kwargs: dict[str, Any] | None = None,
-    ) -> tuple[torch.Tensor, float | torch.Tensor, torch.Tensor]:
-        """The aux loss (see `load_balancing_loss`), the weight to add it to the LM loss with, and the slot counts
-        `[routers, E]` it was computed from (over the global batch in a training step).
-
-        The weight is 1, except where `transformers.Trainer` passes `num_items_in_batch`: it then multiplies the loss
-        by the number of ranks and sums it over gradient-accumulation steps instead of averaging, as it does for the
-        token-summed LM loss. The weight, this micro-batch's share of the step's label tokens divided by the number of
-        ranks, undoes both, so the aux loss counts once per step at any rank count and accumulation.
-
-        Three things here serve training yet stay in the forward, because the loss the trainer differentiates is
-        built here: the sum of the counts over the ranks (the gradient of the global batch's balance needs the
-        global f_i inside this forward, also for FSDP/DDP loops that call the model directly; one collective for
-        every router and the label count); the weight for `num_items_in_batch` (the Trainer optimises
-        `outputs.loss` as returned); and the check that the loss kept its gradient (only the forward can see it
-        lost, at the first step, where the cause can still be named). The alpha controller and the routing
-        statistics are training's (`training.callbacks`); they read each training forward's counts through
-        `register_routing_hook`.
-        """
-        config, k = self.config, self.config.num_experts_per_tok
+        global_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> AuxiliaryLoss:
+        """`routed.balance.auxiliary_loss` of this forward's router logits: `alpha * sum over routers of
+        E * sum_i f_i P_i` (+ the z-loss if set), padding excluded, with `alpha = current_alpha` and each router's
+        selection bias. A function of the router logits (as Mixtral's `load_balancing_loss_func`), which counts
+        nothing and changes nothing on the model; `global_counts` as there."""
         biases = self.router_recorder.biases  # the selection biases of the forward that recorded these logits
         biases = biases if len(biases) == len(router_logits) else [None] * len(router_logits)
-        sums = [router_sums(logits, k, self._token_mask(attention_mask, logits), bias)
-                for logits, bias in zip(router_logits, biases)]
-        counts = torch.stack([torch.cat([s.slots, s.tokens.reshape(1)]).to(sums[0].slots.device) for s in sums])
-        num_items = (loss_kwargs or {}).get("num_items_in_batch")
-        label_items = self._label_items(labels, loss_kwargs) if num_items is not None else None
-        ranks = 1
-        # A training step (not the no-grad forwards of a DPO reference or of generation): counts summed over the
-        # ranks, which all run it.
-        training_step = self.training and torch.is_grad_enabled()
-        if training_step:
-            # One collective for every router (and the label count): all ranks run the same training forwards.
-            ranks = data_parallel_world_size()
-            if label_items is not None:
-                counts = torch.cat([counts, label_items.to(counts).expand(1, counts.shape[1])])
-            counts = sum_over_ranks(counts)
-            if label_items is not None:
-                counts, label_items = counts[:-1], counts[-1, 0]
-        balance, z_loss = None, None
-        for router_sum, row in zip(sums, counts):
-            tokens = row[-1].to(router_sum.probability_sum.device)
-            term = balance_from_sums(router_sum.probability_sum, row[:-1].to(tokens.device), tokens, k)
-            balance = term if balance is None else balance + term.to(balance.device)
-            if config.router_z_loss_coef:
-                z = router_sum.logsumexp_squared_sum / tokens.clamp(min=1)
-                z_loss = z if z_loss is None else z_loss + z.to(z_loss.device)
-        aux_loss = self.current_alpha * balance
-        if z_loss is not None:
-            aux_loss = aux_loss + config.router_z_loss_coef * z_loss
-        aux_loss = aux_loss * ranks
-        routers_train = any(router.weight.requires_grad for _, router in self.routers())
-        if training_step and routers_train and not aux_loss.requires_grad:
-            raise TrainingError(
-                "the load-balancing loss lost its gradient: reentrant activation checkpointing runs blocks without "
-                "autograd. Enable it with {'use_reentrant': False} as the checkpointing kwargs "
-                "(activation_checkpointing_kwargs from transformers 5.24, gradient_checkpointing_kwargs before)."
-            )
-        weight = 1.0
-        if num_items is not None and label_items is not None:
-            total = torch.as_tensor(num_items, device=aux_loss.device, dtype=torch.float32).clamp(min=1)
-            weight = label_items.to(aux_loss.device, torch.float32) / total / ranks
-        return aux_loss, weight, counts[:, :-1]
+        masks = [self._token_mask(attention_mask, logits) for logits in router_logits]
+        return auxiliary_loss(router_logits, self.config.num_experts_per_tok, self.current_alpha,
+                              self.config.router_z_loss_coef, masks, biases, global_counts)
 
     @staticmethod
     def _token_mask(attention_mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
@@ -741,11 +685,3 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
             return None
         current = attention_mask[:, -(logits.shape[0] // attention_mask.shape[0]):]
         return current.reshape(-1).bool() if current.numel() == logits.shape[0] else None
-
-    @staticmethod
-    def _label_items(labels: torch.Tensor | None, loss_kwargs: dict[str, Any] | None) -> torch.Tensor | None:
-        """This micro-batch's label tokens, counted as `transformers.Trainer` counts `num_items_in_batch`."""
-        shift_labels = (loss_kwargs or {}).get("shift_labels")
-        if shift_labels is not None:
-            return shift_labels.ne(-100).sum().float()
-        return labels[..., 1:].ne(-100).sum().float() if labels is not None else None

@@ -16,10 +16,10 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from ..errors import UnsupportedArchitectureError
+from ...errors import UnsupportedArchitectureError
 from .config import MixtureKitConfig
 from .modeling import MixtureKitForCausalLM, convert_dense_to_moe, with_torch_dtype
-from .routing import RouterLogitsRecorder
+from ..routed.routing import RouterLogitsRecorder
 
 BACKBONE_METHODS = ("traditional", "btx")
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .architecture import linear_shape
-from .experts import (
+from ..assembly.architecture import linear_shape
+from ..compute.experts import (
     chosen_experts_output, combine, dispatch, few_tokens_at_inference, gather_slots, grouped_linear,
 )
 from .routing import Router, RouterLogitsRecorder, route

@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-from ..errors import MixtureKitError, SourceError
+from ...errors import MixtureKitError, SourceError
 from .architecture import language_config
 from .loader_files import names_loader_files, write_loader_files
 
@@ -89,7 +89,7 @@ class MixtureKitConfig(PretrainedConfig):
         # How stacked experts multiply: auto (grouped_mm where it applies, else the loop), loop, or grouped_mm.
         self.experts_backend = experts_backend
         # traditional/btx: "base" keeps the base's FFN (projection) always on beside the routed experts, weighted by a
-        # sigmoid gate (`shared_expert_gate`) or by ½; the routed mix then weighs ½ (`runtime.shared_expert`).
+        # sigmoid gate (`shared_expert_gate`) or by ½; the routed mix then weighs ½ (`runtime.routed.shared_expert`).
         self.shared_expert = shared_expert
         self.shared_expert_gate = bool(shared_expert_gate)
         # Experts opted out at inference (`MixtureKitForCausalLM.disable_experts`): routed as if removed.

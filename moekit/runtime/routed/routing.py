@@ -1,11 +1,12 @@
-"""Top-k routing in float32, the Switch/Mixtral load-balancing loss, and the per-expert selection bias of loss-free
-balancing (DeepSeek-V3): a bias added to the logits for choosing the experts only, never to their weights."""
+"""Top-k routing in float32 and the per-expert selection bias of loss-free balancing (DeepSeek-V3): a bias added to
+the logits for choosing the experts only, never to their weights. The balance loss of the routers' outputs is
+`balance`'s."""
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +155,7 @@ class Router(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if _DEBUG_CHECKS and not torch.isfinite(hidden_states).all():
-            from ..errors import RoutingNumericsError
+            from ...errors import RoutingNumericsError
 
             bad = (~torch.isfinite(hidden_states)).any(-1).nonzero().flatten()[:5].tolist()
             raise RoutingNumericsError(
@@ -192,74 +193,3 @@ def route(
         indices = torch.topk(logits + expert_bias.to(logits.device, torch.float32), top_k, dim=-1).indices
         top_logits = logits.gather(-1, indices)
     return torch.softmax(top_logits, dim=-1), indices
-
-
-class RouterSums(NamedTuple):
-    """One router's sums over the tokens this process saw: what the balance and z losses are made of.
-
-    Means are taken only after the counts are summed over the data-parallel ranks (`data_parallel.sum_over_ranks`),
-    so that a run on several ranks optimises the balance of the global batch, as one process would.
-    """
-
-    probability_sum: torch.Tensor  # [E] sum over tokens of the router probabilities (carries gradient)
-    slots: torch.Tensor  # [E] how many routed slots (token x k) chose each expert, float, no gradient
-    tokens: torch.Tensor  # scalar float: how many tokens were counted (padding excluded)
-    logsumexp_squared_sum: torch.Tensor  # scalar: sum over tokens of logsumexp(logits)^2 (the z-loss numerator)
-
-
-def routed_tokens(router_logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """A router's logits as float32 `[tokens, E]`, only the tokens where `token_mask` is true (padding excluded)."""
-    logits = router_logits.float().reshape(-1, router_logits.shape[-1])
-    return logits if token_mask is None else logits[token_mask.reshape(-1).to(torch.bool)]
-
-
-def slot_counts(logits: torch.Tensor, top_k: int, expert_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """How many routed slots (token x k) chose each expert, as float `[E]`, from `[tokens, E]` logits (and the
-    selection bias, if any: the choice `route` makes).
-
-    By comparison with every expert index and a sum, not `torch.bincount`: on CUDA bincount reads the largest index
-    back to the host to size its output, a synchronisation per router in every training forward."""
-    with torch.no_grad():
-        chosen = route(logits, top_k, expert_bias)[1].reshape(-1, 1)
-        experts = torch.arange(logits.shape[-1], device=chosen.device)
-        return (chosen == experts).sum(dim=0).float()
-
-
-def router_sums(router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None,
-                expert_bias: torch.Tensor | None = None) -> RouterSums:
-    """The sums of one router's logits over the tokens where `token_mask` is true; the slots are those `route`
-    chooses with `expert_bias` (the probabilities stay the unbiased ones)."""
-    logits = routed_tokens(router_logits, token_mask)
-    # filled on the device: `torch.tensor(n, device=...)` copies from the host and waits for the stream to drain
-    tokens = torch.full((), float(logits.shape[0]), device=logits.device)
-    return RouterSums(torch.softmax(logits, dim=-1).sum(dim=0), slot_counts(logits, top_k, expert_bias), tokens,
-                      torch.logsumexp(logits, dim=-1).pow(2).sum())
-
-
-def balance_from_sums(
-    probability_sum: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor, top_k: int
-) -> torch.Tensor:
-    """``E * sum_i f_i * P_i`` from sums: `slots` and `tokens` over the batch the balance is wanted for, and
-    `probability_sum` over the tokens whose gradient this process owns (the same tokens on one process)."""
-    fraction_routed = slots / (tokens.clamp(min=1) * top_k)
-    mean_probability = probability_sum / tokens.clamp(min=1)
-    return slots.shape[-1] * torch.sum(fraction_routed * mean_probability)
-
-
-def load_balancing_loss(
-    router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Switch/Mixtral balance term of one router: ``E * sum_i f_i * P_i`` (without alpha).
-
-    ``f_i`` is the fraction of routed slots (token x k) that chose expert i, ``P_i`` the mean router probability of
-    expert i, both over the tokens where `token_mask` is true (padding excluded). It is 1 for perfectly uniform
-    routing and E when every token goes to one expert with probability 1 (k = 1; E/k for k > 1).
-    """
-    sums = router_sums(router_logits, top_k, token_mask)
-    return balance_from_sums(sums.probability_sum, sums.slots, sums.tokens, top_k)
-
-
-def router_z_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ST-MoE router z-loss of one router: mean over tokens of logsumexp(logits)^2 (keeps logits small)."""
-    logits = routed_tokens(router_logits, token_mask)
-    return torch.logsumexp(logits, dim=-1).pow(2).sum() / max(logits.shape[0], 1)

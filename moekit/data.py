@@ -7,8 +7,8 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
-from ..errors import TrainingError
-from ..sources.paths import looks_like_local_path
+from .errors import TrainingError
+from .sources.paths import looks_like_local_path
 
 _FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 

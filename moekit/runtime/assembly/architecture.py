@@ -22,7 +22,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-from ..errors import UnsupportedArchitectureError
+from ...errors import UnsupportedArchitectureError
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 FFN_CHILD_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block")

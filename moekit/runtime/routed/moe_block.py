@@ -7,11 +7,11 @@ import copy
 import torch
 from torch import nn
 
-from .architecture import MlpLayout, activation_module, has_parameters, linear_shape
-from .experts import (
+from ..assembly.architecture import MlpLayout, activation_module, has_parameters, linear_shape
+from ..compute.experts import (
     Groups, chosen_experts_output, combine, dispatch, few_tokens_at_inference, gather_slots, grouped_linear,
 )
-from .gated_activation import gated_activation
+from ..compute.gated_activation import gated_activation
 from .routing import Router, RouterLogitsRecorder, route
 from .shared_expert import SharedExpertGate, with_shared_expert
 from .stacking import StackSource

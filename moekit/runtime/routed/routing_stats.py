@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .routing import routed_tokens, slot_counts
+from .balance import routed_tokens, slot_counts
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import MixtureKitError, UnsupportedArchitectureError
+from ...errors import MixtureKitError, UnsupportedArchitectureError
 
 
 class _BlockCall:

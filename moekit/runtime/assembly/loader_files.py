@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..distribution import OTHER_DISTRIBUTION, OTHER_IMPORT_NAME, install_instruction
+from ...distribution import OTHER_DISTRIBUTION, OTHER_IMPORT_NAME, install_instruction
 
 # The file names are the checkpoint format's (model_type `mixturekit`), not the package's: checkpoints written before
 # the package was renamed `moekit` name the same files.
