@@ -342,7 +342,8 @@ def convert_original(source: str | Path, output: str | Path, overwrite: bool = F
                      progress: bool = True) -> Conversion:
     """Convert the original MixtureKit's checkpoint folder `source` into a moekit checkpoint at `output`."""
     from .runtime.assembly.architecture import decoder_layers
-    from .runtime.assembly.modeling import MixtureKitForCausalLM, saved_tensor_shapes
+    from .runtime.assembly.checkpoint_check import saved_tensor_shapes
+    from .runtime.assembly.modeling import MixtureKitForCausalLM
 
     folder = Path(source).expanduser()
     original = read_original_config(folder)

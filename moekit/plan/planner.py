@@ -21,14 +21,14 @@ from ..errors import CompatibilityError, RecipeError, UnsupportedArchitectureErr
 from ..recipe import Recipe, load_recipe
 from ..recipe.recipe import DEFAULT_BIAS_RATE
 from ..runtime.assembly.architecture import (
-    check_ffn_computes, decoder_layers, is_multimodal, language_config, language_model_name, mlp_layout,
-    parallel_layer_lists, stitch_layers,
+    decoder_layers, is_multimodal, language_config, language_model_name, parallel_layer_lists, stitch_layers,
 )
+from ..runtime.assembly.ffn_layout import check_ffn_computes, mlp_layout
 from ..runtime.assembly.config import MixtureKitConfig
-from ..runtime.assembly.modeling import (
-    MixtureKitForCausalLM, blocks_holding, dense_model_class, resolve_layer_indices, resolve_router_layers,
-    saved_tensor_shapes, with_torch_dtype,
-)
+from ..runtime.assembly.checkpoint_check import saved_tensor_shapes
+from ..runtime.assembly.conversion import blocks_holding, resolve_layer_indices, resolve_router_layers
+from ..runtime.assembly.dense_model import dense_model_class, with_torch_dtype
+from ..runtime.assembly.modeling import MixtureKitForCausalLM
 from ..runtime.routed.routing import Router
 from ..runtime.routed.shared_expert import (
     SHARED_EXPERT, SHARED_EXPERT_GATE, is_shared_expert_tensor, shared_expert_source,

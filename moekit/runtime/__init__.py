@@ -5,7 +5,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from .assembly.backbone import MixtureKitModel
 from .assembly.config import MixtureKitConfig
-from .assembly.modeling import MixtureKitForCausalLM, convert_dense_to_moe
+from .assembly.conversion import convert_dense_to_moe
+from .assembly.modeling import MixtureKitForCausalLM
 from .routed.moe_block import SparseMoeBlock
 from .routed.routed_linear import RoutedLinear
 from .routed.balance import load_balancing_loss
