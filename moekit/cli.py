@@ -147,7 +147,7 @@ def convert_original_command(
 ) -> None:
     """Convert a checkpoint of the original MixtureKit (model code copied beside it, trust_remote_code) into a moekit
     checkpoint, keeping its routers and stitches; says where the original's forward computes something else."""
-    from .convert_original import convert_original
+    from .original import convert_original
 
     conversion = convert_original(checkpoint, output, overwrite=overwrite, progress=True)
     for note in conversion.notes:

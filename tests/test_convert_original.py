@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from moekit.cli import app
-from moekit.convert_original import OriginalCheckpointError, convert_original
+from moekit.original import OriginalCheckpointError, convert_original
 from moekit.distribution import OTHER_DISTRIBUTION
 from moekit.errors import MixtureKitError
 from moekit.runtime.assembly.cache_argument import CACHE_ARGUMENT
