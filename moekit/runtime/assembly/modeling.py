@@ -48,9 +48,9 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin, HubWithStreams):
     _supports_attention_backend = True
     # A checkpoint written before loss-free balancing has no selection bias: it loads as zeros (no routing change).
     _keys_to_ignore_on_load_missing = [r"\.expert_bias$"]
-    # What training wraps around `auxiliary_loss` in every forward that computes it (`training.balance`, installed on
-    # `import moekit`): the counts over the data-parallel ranks, the weight for `num_items_in_batch`, the check that
-    # the loss kept its gradient. `wrapper(model, router_logits, attention_mask, labels, loss_kwargs)` returns the
+    # What training wraps around `auxiliary_loss` in every forward that computes it (`training.balance_loss`,
+    # installed on `import moekit`): the counts over the data-parallel ranks, the weight for `num_items_in_batch`, the
+    # check that the loss kept its gradient. `wrapper(model, router_logits, attention_mask, labels, loss_kwargs)` returns the
     # loss, the weight to add it to the LM loss with, and the slot counts. None: the pure loss, weight 1.
     auxiliary_loss_wrapper: ClassVar[Callable[..., tuple[torch.Tensor, Any, torch.Tensor]] | None] = None
 
