@@ -25,7 +25,7 @@ from moekit.cli import app
 from moekit.original import OriginalCheckpointError, convert_original
 from moekit.distribution import OTHER_DISTRIBUTION
 from moekit.errors import MixtureKitError
-from moekit.runtime.assembly.cache_argument import CACHE_ARGUMENT
+from moekit.runtime.base_model.cache_argument import CACHE_ARGUMENT
 from tiny_models import VOCAB, make_model, save_model, tiny_config
 
 OTHER_RELEASE = f"{OTHER_DISTRIBUTION}==1.1.1"

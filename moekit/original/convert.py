@@ -167,7 +167,7 @@ def _routed_layers(reader: CheckpointReader, layers_prefix: str) -> tuple[list[s
 def convert_original(source: str | Path, output: str | Path, overwrite: bool = False,
                      progress: bool = True) -> Conversion:
     """Convert the original MixtureKit's checkpoint folder `source` into a moekit checkpoint at `output`."""
-    from ..runtime.assembly.architecture import decoder_layers
+    from ..runtime.base_model.architecture import decoder_layers
     from ..runtime.assembly.checkpoint_check import saved_tensor_shapes
     from ..runtime.assembly.modeling import MixtureKitForCausalLM
 

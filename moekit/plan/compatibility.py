@@ -10,7 +10,7 @@ import torch
 
 from ..errors import CompatibilityError
 from ..runtime.assembly.checkpoint_check import saved_tensor_shapes
-from ..runtime.assembly.dense_model import dense_model_class, with_torch_dtype
+from ..runtime.base_model.dense_model import dense_model_class, with_torch_dtype
 from ..sources.resolve import LocalModel
 
 # Config keys that may differ between experts without changing what the weights compute.

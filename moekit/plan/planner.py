@@ -19,10 +19,10 @@ import torch
 from ..errors import RecipeError, UnsupportedArchitectureError
 from ..recipe import Recipe, load_recipe
 from ..recipe.recipe import DEFAULT_BIAS_RATE
-from ..runtime.assembly.architecture import (
+from ..runtime.base_model.architecture import (
     decoder_layers, is_multimodal, language_config, language_model_name, parallel_layer_lists, stitch_layers,
 )
-from ..runtime.assembly.ffn_layout import check_ffn_computes, mlp_layout
+from ..runtime.base_model.ffn_layout import check_ffn_computes, mlp_layout
 from ..runtime.assembly.config import MixtureKitConfig
 from ..runtime.assembly.conversion import blocks_holding, resolve_layer_indices, resolve_router_layers
 from ..runtime.assembly.modeling import MixtureKitForCausalLM

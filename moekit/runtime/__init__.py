@@ -1,5 +1,5 @@
-"""Runtime: the composed model as transformers runs it (assembly, routed modules, compute backends, BTS streams),
-registered with the transformers Auto classes on import."""
+"""Runtime: the composed model as transformers runs it (assembly on the base model, routed modules, compute
+backends, BTS streams), registered with the transformers Auto classes on import."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 

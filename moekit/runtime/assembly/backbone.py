@@ -19,7 +19,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from ...errors import UnsupportedArchitectureError
 from .config import MixtureKitConfig
 from .conversion import convert_dense_to_moe
-from .dense_model import with_torch_dtype
+from ..base_model.dense_model import with_torch_dtype
 from .modeling import MixtureKitForCausalLM
 from ..routed.routing import RouterLogitsRecorder
 

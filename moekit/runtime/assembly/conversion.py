@@ -6,11 +6,11 @@ from __future__ import annotations
 from torch import nn
 
 from ...errors import RecipeError
-from .architecture import (
+from ..base_model.architecture import (
     LINEAR_TYPES, decoder_layers, ffn_child, ffn_linear_names, is_mixture_of_experts, linear_names,
     parallel_layer_lists, resolve_names,
 )
-from .ffn_layout import mlp_layout
+from ..base_model.ffn_layout import mlp_layout
 from .config import MixtureKitConfig
 from ..routed.moe_block import SparseMoeBlock
 from ..routed.routed_linear import RoutedLinear

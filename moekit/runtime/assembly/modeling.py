@@ -19,11 +19,11 @@ from torch.utils.hooks import RemovableHandle
 from transformers import GenerationMixin, PreTrainedModel
 
 from ...errors import RecipeError, UnsupportedArchitectureError, did_you_mean
-from .cache_argument import CACHE_ARGUMENT, output_cache, pop_cache
+from ..base_model.cache_argument import CACHE_ARGUMENT, output_cache, pop_cache
 from .checkpoint_check import check_checkpoint
 from .config import MixtureKitConfig
 from .conversion import ROUTED_MODULE_TYPES, convert_dense_to_moe
-from .dense_model import dense_model_class, with_torch_dtype
+from ..base_model.dense_model import dense_model_class, with_torch_dtype
 from .outputs import ComposedCausalLMOutput, TrainingRouting, with_auxiliary_loss
 from ..bts.hub_streams import HubWithStreams
 from ..bts.stitch import Stitch

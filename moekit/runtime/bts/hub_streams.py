@@ -10,9 +10,9 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from ...errors import RecipeError, UnsupportedArchitectureError
-from ..assembly.architecture import stitch_layers
-from ..assembly.cache_argument import CACHE_ARGUMENT
-from ..assembly.dense_model import with_torch_dtype
+from ..base_model.architecture import stitch_layers
+from ..base_model.cache_argument import CACHE_ARGUMENT
+from ..base_model.dense_model import with_torch_dtype
 from .stitch import MERGE, build_stitches, matching_depths, stitch_points
 from .streams import StitchedBlockList, StreamState, capture_stream, replace_output
 
