@@ -14,7 +14,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from moekit.runtime.assembly.architecture import MLP_LAYOUTS
+from moekit.runtime.base_model.architecture import MLP_LAYOUTS
 from moekit.runtime.compute.experts import combine, dispatch
 from moekit.runtime.routed.moe_block import SparseMoeBlock
 from moekit.runtime.routed.routed_linear import RoutedLinear

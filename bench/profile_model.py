@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import synchronize  # noqa: E402
 from end_to_end import QUICK, SHAPES, composed_model, dense_model  # noqa: E402
 
-from moekit.runtime.assembly.cache_argument import CACHE_ARGUMENT  # noqa: E402
+from moekit.runtime.base_model.cache_argument import CACHE_ARGUMENT  # noqa: E402
 
 ACTIVITIES = {"cuda": [ProfilerActivity.CPU, ProfilerActivity.CUDA], "cpu": [ProfilerActivity.CPU]}
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")

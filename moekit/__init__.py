@@ -10,7 +10,7 @@ from .compose import compose
 from .export import ExportError, export  # eager: a lazy name would lose to the subpackage of the same name
 from .build_moe import build_moe
 from .runtime import MixtureKitConfig, MixtureKitForCausalLM, load_balancing_loss
-from .training.balance import training_auxiliary_loss as _training_auxiliary_loss
+from .training.balance_loss import training_auxiliary_loss as _training_auxiliary_loss
 
 # Training wraps the model's balance loss (data-parallel counts, `num_items_in_batch`); the runtime imports no training.
 MixtureKitForCausalLM.auxiliary_loss_wrapper = _training_auxiliary_loss

@@ -35,10 +35,8 @@ app = typer.Typer(
 
 @app.callback()
 def _every_command() -> None:
-    # When a command returns, Python's shutdown ends with garbage collections over every object still alive: the
-    # hundreds of thousands that importing torch and transformers made. That took 0.7-0.8 s of a 4.8 s `compose` on
-    # a 2-core CPU (docs/performance.md). Frozen, they are skipped; they are still freed as the interpreter tears the
-    # modules down, only cycles among them are not looked for.
+    # Python's shutdown collects garbage over every object importing torch and transformers made: 0.7-0.8 s of a 4.8 s
+    # `compose` on 2 cores (docs/performance.md). Frozen, they are skipped, and still freed as the modules go.
     atexit.register(gc.freeze)
 
 
@@ -147,7 +145,7 @@ def convert_original_command(
 ) -> None:
     """Convert a checkpoint of the original MixtureKit (model code copied beside it, trust_remote_code) into a moekit
     checkpoint, keeping its routers and stitches; says where the original's forward computes something else."""
-    from .convert_original import convert_original
+    from .original import convert_original
 
     conversion = convert_original(checkpoint, output, overwrite=overwrite, progress=True)
     for note in conversion.notes:
@@ -217,32 +215,11 @@ def edit(
 ) -> None:
     """Remove, add or prune experts of a composed checkpoint, or refit its routers from each expert's texts, writing
     a new checkpoint (the source is left as it is)."""
-    from .editing import EditError, add_expert, fit_routers_from_data, prune_experts, remove_experts
+    from .editing.one_edit import edit_checkpoint
     from .inspection import checkpoint_summary
 
-    chosen = [flag for flag, value in (("--remove", remove), ("--add", add), ("--prune", prune),
-                                       ("--router-data", router_data)) if value]
-    if len(chosen) != 1:
-        raise EditError(f"give exactly one of --remove NAME, --add NAME=SOURCE, --prune N --data FILE, "
-                        f"--router-data NAME=FILE (got {', '.join(chosen) or 'none'})")
-    if router_data:
-        pairs = [entry.partition("=") for entry in router_data]
-        bad = [entry for entry, (name, sep, file) in zip(router_data, pairs) if not (name and sep and file)]
-        if bad:
-            raise EditError(f"--router-data takes NAME=FILE (an expert and its texts), got {bad[0]!r}")
-        path = fit_routers_from_data(checkpoint, {name: Path(file) for name, _, file in pairs}, output,
-                                     overwrite=overwrite, progress=True)
-    elif remove:
-        path = remove_experts(checkpoint, list(remove), output, overwrite=overwrite, progress=True)
-    elif add:
-        name, sep, source = add.partition("=")
-        if not sep or not name or not source:
-            raise EditError(f"--add takes NAME=SOURCE (a name and a dense checkpoint), got {add!r}")
-        path = add_expert(checkpoint, name, source, output, overwrite=overwrite, progress=True)
-    else:
-        if data is None:
-            raise EditError("--prune needs --data FILE: the texts whose routing decides which experts go")
-        path, scores = prune_experts(checkpoint, prune, data, output, overwrite=overwrite, progress=True, by=by)
+    path, scores = edit_checkpoint(checkpoint, output, remove, add, prune, data, router_data, by, overwrite)
+    if scores is not None:
         typer.echo(f"{'REAP saliency' if by == 'reap' else 'routed-slot share'}: "
                    + ", ".join(f"{n} {s:.3g}" for n, s in scores.items()))
     typer.echo(checkpoint_summary(path))
@@ -282,19 +259,15 @@ def evaluate_command(
     """Perplexity per dataset and routing statistics, as a table (and JSON)."""
     import json
 
+    from .data import named_data_sources
     from .evaluation import evaluate, format_evaluation
 
-    results = evaluate(checkpoint, _named_data(data), block_size=block_size, max_blocks=max_blocks, progress=True,
+    results = evaluate(checkpoint, named_data_sources(data), block_size=block_size, max_blocks=max_blocks, progress=True,
                        device=device, dtype=score_dtype)
     typer.echo(format_evaluation(results))
     if json_path is not None:
         json_path.write_text(json.dumps(results, indent=2) + "\n")
         typer.echo(f"wrote {json_path}")
-
-
-def _named_data(data: list[str]) -> dict[str, str]:
-    """`--data` values as {name: source}: NAME=FILE, or a file or dataset name named by its stem."""
-    return dict(item.split("=", 1) if "=" in item else (Path(item).stem, item) for item in data)
 
 
 @app.command()
@@ -340,8 +313,9 @@ def compare(
     import json
 
     from .comparison import compare_to_merging, format_comparison
+    from .data import named_data_sources
 
-    result = compare_to_merging(target, _named_data(data), workdir, recipe=recipe, base=base, density=density,
+    result = compare_to_merging(target, named_data_sources(data), workdir, recipe=recipe, base=base, density=density,
                                 block_size=block_size, max_blocks=max_blocks, overwrite=overwrite,
                                 device=device, dtype=score_dtype)
     table = format_comparison(result)
@@ -369,34 +343,12 @@ def report(
     png_dir: Optional[Path] = typer.Option(None, "--png-dir", help="Also write PNG figures into this folder."),
 ) -> None:
     """Write a self-contained HTML report (and PNGs) of how the model routes the tokens of some texts."""
-    from .analysis import capture_routing
-    from .runtime.assembly.config import require_composed
-    from .loading import load, load_processor, load_tokenizer
-    from .views import write_report
+    from .routing_report import report_checkpoint
 
     sources = [f"--text {i + 1}" for i in range(len(text or []))] + [f"--file {f}" for f in file or []]
     try:
         texts = list(text or []) + [f.read_text(encoding="utf-8") for f in file or []]
-        if not texts:
-            raise MixtureKitError("give at least one --text TEXT or --file FILE to analyse")
-        empty = [source for source, content in zip(sources, texts) if not content.strip()]
-        if empty:
-            raise MixtureKitError(f"nothing to analyse in {', '.join(empty)}: every text must be non-empty")
-        if len(image or []) > len(texts):
-            raise MixtureKitError(f"{len(image)} --image for {len(texts)} texts: give at most one image per text")
-        require_composed(checkpoint, "a report shows how a Mixture-of-Experts routes tokens")
-        tokenizer = load_tokenizer(checkpoint, "a report needs one to split text into tokens")
-        model = load(checkpoint)
-        images = processor = None
-        if image:
-            images = list(image) + [None] * (len(texts) - len(image))
-            if model.config.is_multimodal:  # else capture_routing says why images cannot be read
-                processor = load_processor(checkpoint, "--image needs it to turn the image into the model's inputs")
-        trace = capture_routing(model, tokenizer, texts, label or None, max_tokens=max_tokens, images=images,
-                                processor=processor)
-        paths = [write_report(trace, output, title=f"Routing of {checkpoint.resolve().name}")]
-        if png_dir is not None:
-            paths += _report_pngs(trace, png_dir)
+        trace, paths = report_checkpoint(checkpoint, texts, sources, output, label, image, max_tokens, png_dir)
     except UnicodeDecodeError as error:
         _fail(MixtureKitError(f"a --file is not UTF-8 text: {error}"))
     except (MixtureKitError, OSError) as error:
@@ -406,19 +358,6 @@ def report(
             typer.echo(f"note: {source} was truncated to its first {max_tokens} tokens (see --max-tokens)")
     for path in paths:
         typer.echo(f"wrote {path}")
-
-
-def _report_pngs(trace, folder: Path) -> list[Path]:
-    """The PNG figures that apply to this trace: routing figures for routed models, gate strengths for bts."""
-    from .views import plots
-
-    if trace.routes.empty:
-        return [plots.plot_gate_strength(trace, folder / "gate_strength.png")]
-    paths = [plots.plot_utilisation_heatmap(trace, folder / "utilisation.png")]
-    if any(label is not None for label in trace.labels):
-        paths.append(plots.plot_routing_by_label(trace, folder / "routing_by_label.png"))
-    return paths + [plots.plot_token_strip(trace, folder / f"token_strip_{i + 1}.png", text_index=i)
-                    for i in range(len(trace.texts))]
 
 
 @app.command(name="app")

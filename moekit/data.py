@@ -81,3 +81,8 @@ def token_blocks(dataset: Dataset, tokenizer, block_size: int, text_column: str 
     if count == 0:
         raise TrainingError(f"the data holds {len(stream)} tokens, fewer than one block of {block_size}")
     return Dataset.from_dict({"input_ids": [stream[i * block_size:(i + 1) * block_size] for i in range(count)]})
+
+
+def named_data_sources(data: list[str]) -> dict[str, str]:
+    """`--data` values as {name: source}: NAME=FILE, or a file or dataset name named by its stem."""
+    return dict(item.split("=", 1) if "=" in item else (Path(item).stem, item) for item in data)

@@ -205,7 +205,7 @@ def test_decoder_layers_are_the_text_decoders_not_a_vision_towers(tmp_path):
     layer."""
     from transformers import AutoModelForCausalLM
 
-    from moekit.runtime.assembly.architecture import decoder_layers
+    from moekit.runtime.base_model.architecture import decoder_layers
 
     git = _tiny_git(tmp_path / "git")
     dense = AutoModelForCausalLM.from_pretrained(git)
@@ -232,7 +232,7 @@ def test_decoder_layers_skip_towers_by_config_or_name():
     from torch import nn
     from transformers import PretrainedConfig
 
-    from moekit.runtime.assembly.architecture import decoder_layers
+    from moekit.runtime.base_model.architecture import decoder_layers
 
     class Tower(nn.Module):
         def __init__(self, config=None):

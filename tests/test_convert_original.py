@@ -22,10 +22,10 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from moekit.cli import app
-from moekit.convert_original import OriginalCheckpointError, convert_original
+from moekit.original import OriginalCheckpointError, convert_original
 from moekit.distribution import OTHER_DISTRIBUTION
 from moekit.errors import MixtureKitError
-from moekit.runtime.assembly.cache_argument import CACHE_ARGUMENT
+from moekit.runtime.base_model.cache_argument import CACHE_ARGUMENT
 from tiny_models import VOCAB, make_model, save_model, tiny_config
 
 OTHER_RELEASE = f"{OTHER_DISTRIBUTION}==1.1.1"

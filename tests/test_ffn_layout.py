@@ -1,4 +1,4 @@
-"""How an FFN is read off the model (`runtime/assembly/architecture.py`): derived from its children, confirmed on a
+"""How an FFN is read off the model (`runtime/base_model/ffn_layout.py`): derived from its children, confirmed on a
 probe."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit import UnsupportedArchitectureError
-from moekit.runtime.assembly.architecture import check_ffn_computes, mlp_layout
+from moekit.runtime.base_model.ffn_layout import check_ffn_computes, mlp_layout
 
 
 class Block(nn.Module):

@@ -130,7 +130,7 @@ def test_forced_routing_reproduces_that_experts_ffn(family, method, expert):
 
 
 def _mlp_path(model, block):
-    from moekit.runtime.assembly.architecture import decoder_layers
+    from moekit.runtime.base_model.architecture import decoder_layers
 
     name, _ = decoder_layers(model, model.config.get_text_config())
     return f"{name}.{block}.mlp"

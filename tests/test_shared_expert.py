@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from moekit import RecipeError, compose
 from moekit.export import ExportError, export
 from moekit.runtime import Router
-from moekit.runtime.assembly.architecture import decoder_layers
+from moekit.runtime.base_model.architecture import decoder_layers
 from moekit.runtime.routed.shared_expert import SharedExpertGate
 from moekit.training.freeze import apply_freeze_policy, parameter_roles
 from balance_reference import balance_loss_float64

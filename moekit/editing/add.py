@@ -15,7 +15,7 @@ import torch
 
 from ..recipe import ModelSource
 from ..runtime.assembly.config import MixtureKitConfig, require_composed
-from ..runtime.assembly.modeling import dense_model_class
+from ..runtime.base_model.dense_model import dense_model_class
 from ..sources.resolve import resolve_source
 from ..sources.safetensors_io import CheckpointReader
 from .expert_tensors import ExpertRows, expert_tensors, meta_model

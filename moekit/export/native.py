@@ -24,7 +24,7 @@ from transformers import AutoConfig
 
 from ..recipe import parse_size
 from ..errors import MixtureKitError
-from ..runtime.assembly.architecture import num_layers
+from ..runtime.base_model.architecture import num_layers
 from ..runtime.assembly.config import MixtureKitConfig, require_composed, stored_model_type
 from ..sources.checkpoint_folder import (
     check_output_folder, copy_processor_files, copy_tokenizer_files, new_staging_folder, swap_into_place,

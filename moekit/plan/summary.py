@@ -54,7 +54,7 @@ def balance_line(config) -> str:
 
 def _vision_note(plan, shared_how: str) -> str:
     """For image-text sources: whether the vision tower and projector are kept (and how) or dropped."""
-    from ..runtime.assembly.architecture import is_multimodal
+    from ..runtime.base_model.architecture import is_multimodal
 
     if plan.config.is_multimodal:
         return f"   vision: kept (tower and projector {shared_how})"
@@ -63,7 +63,7 @@ def _vision_note(plan, shared_how: str) -> str:
 
 def stream_lines(config, counts: Counter, origins: dict[str, str] | None = None) -> list[str]:
     """bts: the hub, each stream's shape, where the stitches sit, and what runs per token."""
-    from ..runtime.assembly.architecture import language_config, num_layers
+    from ..runtime.base_model.architecture import language_config, num_layers
     from ..runtime.bts.stitch import matching_depths, stitch_directions
 
     origins = origins or {}

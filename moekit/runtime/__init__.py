@@ -1,11 +1,12 @@
-"""Runtime: the composed model as transformers runs it (assembly, routed modules, compute backends, BTS streams),
-registered with the transformers Auto classes on import."""
+"""Runtime: the composed model as transformers runs it (assembly on the base model, routed modules, compute
+backends, BTS streams), registered with the transformers Auto classes on import."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from .assembly.backbone import MixtureKitModel
 from .assembly.config import MixtureKitConfig
-from .assembly.modeling import MixtureKitForCausalLM, convert_dense_to_moe
+from .assembly.conversion import convert_dense_to_moe
+from .assembly.modeling import MixtureKitForCausalLM
 from .routed.moe_block import SparseMoeBlock
 from .routed.routed_linear import RoutedLinear
 from .routed.balance import load_balancing_loss

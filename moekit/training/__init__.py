@@ -1,4 +1,5 @@
-"""Training: freeze policies, router/stitch training on transformers' Trainer, routing statistics while training.
+"""Training: freeze policies, router/stitch training on transformers' Trainer and TRL, and what training adds to
+the model's balance loss (data-parallel counts, the alpha controller, bias balancing, routing statistics).
 
 The names load on first use: importing `moekit.training.freeze` (or this package) does not pull in TRL, PEFT
 or `datasets`, which a GPU image may lack and a freeze policy does not need.

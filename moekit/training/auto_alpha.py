@@ -11,7 +11,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..runtime.assembly.modeling import MixtureKitForCausalLM, TrainingRouting
+from ..runtime.assembly.modeling import MixtureKitForCausalLM
+from ..runtime.assembly.outputs import TrainingRouting
 from .composed import find_composed_model
 
 GROWTH, DECAY = 1.5, 0.95

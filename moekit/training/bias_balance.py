@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
-from ..runtime.assembly.modeling import MixtureKitForCausalLM, TrainingRouting
+from ..runtime.assembly.modeling import MixtureKitForCausalLM
+from ..runtime.assembly.outputs import TrainingRouting
 from ..runtime.routed.routing import Router
 from .composed import find_composed_model
 

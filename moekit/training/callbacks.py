@@ -13,7 +13,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..runtime.assembly.modeling import MixtureKitForCausalLM, TrainingRouting
+from ..runtime.assembly.modeling import MixtureKitForCausalLM
+from ..runtime.assembly.outputs import TrainingRouting
 from ..runtime.routed.routing_stats import RouterStats, RoutingStatistics, dead_threshold
 from .composed import find_composed_model
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime.assembly.architecture import decoder_layers
+from ..runtime.base_model.architecture import decoder_layers
 
 # What `torch.compile` compiles with; tests on CPU use "aot_eager" (the same graphs, no C++ compiler).
 BACKEND = "inductor"

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import TrainingError
 
-from ..runtime.assembly.architecture import LINEAR_TYPES, decoder_layers, resolve_names
+from ..runtime.base_model.architecture import LINEAR_TYPES, decoder_layers, resolve_names
 from ..runtime.assembly.modeling import MixtureKitForCausalLM
 from ..runtime.routed.moe_block import SparseMoeBlock
 from ..runtime.routed.routed_linear import RoutedLinear

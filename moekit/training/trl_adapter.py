@@ -2,7 +2,7 @@
 
 TRL computes its losses through a "fused LM head" that it patches onto the model: it runs `model.base_model` (a
 composed model itself) for `last_hidden_state` and projects it through the LM head. Plain TRL trainers work: the
-composed model's `last_hidden_state` carries its balance loss in training forwards (see `runtime.assembly.modeling`),
+composed model's `last_hidden_state` carries its balance loss in training forwards (see `runtime.assembly.outputs`),
 once per micro-batch. The composed trainers instead route TRL's fused calls through the model's own forward, compute the
 per-token log-probabilities from its logits, and hand TRL the model's `aux_loss` (already weighted by the recipe's
 `alpha`) with a weight of 1, which TRL adds once per optimised forward: SFT divides it over gradient-accumulation

@@ -1,2 +1,2 @@
-"""How a composed model is assembled from its base model's own config: the config, where the base keeps its
-blocks and FFNs, the model classes that swap routed modules in, and the files a checkpoint carries to load by path."""
+"""How a composed model is assembled on its base: the config, the model classes that swap routed modules into the
+dense model, what a forward returns, the check of a checkpoint's tensors, and the files that load it by path."""

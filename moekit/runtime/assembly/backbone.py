@@ -18,7 +18,9 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from ...errors import UnsupportedArchitectureError
 from .config import MixtureKitConfig
-from .modeling import MixtureKitForCausalLM, convert_dense_to_moe, with_torch_dtype
+from .conversion import convert_dense_to_moe
+from ..base_model.dense_model import with_torch_dtype
+from .modeling import MixtureKitForCausalLM
 from ..routed.routing import RouterLogitsRecorder
 
 BACKBONE_METHODS = ("traditional", "btx")

@@ -9,7 +9,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 from ...errors import MixtureKitError, SourceError
-from .architecture import language_config
+from ..base_model.architecture import language_config
 from .loader_files import names_loader_files, write_loader_files
 
 
@@ -145,7 +145,7 @@ class MixtureKitConfig(PretrainedConfig):
 
     @property
     def num_hidden_layers(self) -> int:
-        from .architecture import num_layers
+        from ..base_model.architecture import num_layers
 
         return num_layers(self.text_config)
 

@@ -10,253 +10,32 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast
-from transformers import DynamicCache
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, MODEL_MAPPING,
-)
 
-from ...errors import CheckpointError, RecipeError, UnsupportedArchitectureError, did_you_mean
-from .architecture import (
-    LINEAR_TYPES, decoder_layers, ffn_child, ffn_linear_names, is_mixture_of_experts, is_multimodal, linear_names,
-    mlp_layout, parallel_layer_lists, resolve_names, stitch_layers,
-)
-from .cache_argument import CACHE_ARGUMENT, output_cache, pop_cache
+from ...errors import RecipeError, UnsupportedArchitectureError, did_you_mean
+from ..base_model.cache_argument import CACHE_ARGUMENT, output_cache, pop_cache
+from .checkpoint_check import check_checkpoint
 from .config import MixtureKitConfig
-from ..routed.moe_block import SparseMoeBlock
-from ..routed.routed_linear import RoutedLinear
-from ..routed.shared_expert import SharedExpertGate
+from .conversion import ROUTED_MODULE_TYPES, convert_dense_to_moe
+from ..base_model.dense_model import dense_model_class, with_torch_dtype
+from .outputs import ComposedCausalLMOutput, TrainingRouting, with_auxiliary_loss
+from ..bts.hub_streams import HubWithStreams
+from ..bts.stitch import Stitch
 from ..routed.balance import AuxiliaryLoss, auxiliary_loss
+from ..routed.moe_block import SparseMoeBlock
 from ..routed.routing import Router, RouterLogitsRecorder
-from ..bts.stitch import MERGE, Stitch, build_stitches, matching_depths, stitch_points
-from ..bts.streams import StitchedBlockList, StreamState, capture_stream, replace_output
+from ..routed.shared_expert import SharedExpertGate
 
-ROUTED_MODULE_TYPES = (SparseMoeBlock, RoutedLinear)
 BALANCE_MODES = ("loss", "bias")
 
 
-@dataclass
-class ComposedCausalLMOutput(MoeCausalLMOutputWithPast):
-    """The causal-LM output, plus the hidden states the LM head saw (`last_hidden_state`).
-
-    TRL's trainers patch a model with a fused LM head that runs `model.base_model` (here the model itself) for
-    `last_hidden_state` and projects it through `get_output_embeddings()` without materialising the logits. In a
-    training forward, `last_hidden_state` also carries the balance loss (see `with_auxiliary_loss`), so a loss built
-    from it, as TRL's is, optimises the balance loss too.
-    """
-
-    last_hidden_state: torch.FloatTensor | None = None
-
-
-class TrainingRouting(NamedTuple):
-    """What a training forward tells its routing hooks (`register_routing_hook`): the routers' names, their slot counts
-    per expert over the global batch (summed over the data-parallel ranks; `[routers, E]`, no gradient), and the
-    balance loss as added to the optimised loss (weighted, detached). Tensors stay on their device."""
-
-    names: list[str]
-    slots: torch.Tensor
-    aux_loss: torch.Tensor
-
-
-class _WithAuxiliaryLoss(torch.autograd.Function):
-    """Identity on `hidden` whose backward also sends a gradient of one to `aux_loss`: whatever loss is computed from
-    the returned tensor then includes `aux_loss` (once, with weight one), even if that loss never sees it.
-
-    Only when the tensor takes part in the loss: DDP passes every output through its backward, with a zero gradient
-    for those the loss does not use, and the balance loss must not be added a second time there."""
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
-        ctx.set_materialize_grads(False)
-        ctx.aux = (aux_loss.shape, aux_loss.dtype, aux_loss.device)
-        return hidden.view_as(hidden)
-
-    @staticmethod
-    def backward(ctx, gradient: torch.Tensor | None):
-        if gradient is None:
-            return None, None
-        shape, dtype, device = ctx.aux
-        used = (gradient != 0).any().to(dtype=dtype, device=device)  # no host synchronisation
-        return gradient, used.expand(shape).clone()
-
-
-def with_auxiliary_loss(hidden: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
-    return _WithAuxiliaryLoss.apply(hidden, aux_loss)
-
-
-def with_torch_dtype(config):
-    """The config, its `dtype` a torch dtype: some families build tensors with it (Apertus' xIELU), and a config read
-    back from a composed checkpoint's JSON holds the name."""
-    if isinstance(getattr(config, "dtype", None), str) and isinstance(getattr(torch, config.dtype, None), torch.dtype):
-        config.dtype = getattr(torch, config.dtype)
-    return config
-
-
-def dense_model_class(text_config) -> type[PreTrainedModel]:
-    """transformers' class for the base: its image-text model for a multimodal wrapper (LLaVA has no causal-LM
-    class; Gemma 3's is the same class) or for an image-text model with one flat config and no causal-LM class
-    (Chameleon: its VQ image tokenizer beside the decoder), else its causal LM."""
-    image_text = type(text_config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
-    if image_text and (is_multimodal(text_config) or type(text_config) not in MODEL_FOR_CAUSAL_LM_MAPPING):
-        return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(text_config)]
-    try:
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
-    except KeyError:
-        raise UnsupportedArchitectureError(
-            f"'{text_config.model_type}' has no causal-LM or image-text-to-text class in transformers; MixtureKit "
-            "composes models that AutoModelForCausalLM or AutoModelForImageTextToText can build"
-        ) from None
-
-
-def resolve_layer_indices(requested: list[int] | None, num_blocks: int) -> list[int]:
-    """The blocks that get routers: all when `requested` is empty or None."""
-    if not requested:
-        return list(range(num_blocks))
-    out_of_range = [i for i in requested if not 0 <= i < num_blocks]
-    if out_of_range:
-        raise RecipeError(f"router_layers_index {out_of_range} out of range: the model has blocks 0..{num_blocks - 1}")
-    return sorted(requested)
-
-
-def resolve_router_layers(requested: list[str] | None, block: nn.Module, model_type: str,
-                          parallel: list[tuple[str, nn.ModuleList]] | None = None) -> list[str]:
-    """Map `router_layers` entries (full `mlp.up_proj` or a unique suffix like `up_proj`) onto the block's Linears.
-    `parallel`: the model's `parallel_layer_lists`, for the default (`ffn_linear_names`)."""
-    valid = linear_names(block)
-    if requested is None:
-        default = ffn_linear_names(block, model_type, parallel)
-        child = ffn_child(block)
-        if not default and child is not None and is_mixture_of_experts(getattr(block, child)):
-            attention = [name for name in valid if not name.startswith(child + ".")]
-            raise RecipeError(f"'{model_type}' has no dense FFN module whose Linears btx routes by default (an MoE, "
-                              "a recurrent block, or Linears outside any FFN module); its FFN is already a "
-                              f"Mixture-of-Experts ({type(getattr(block, child)).__name__}): name the Linears beside "
-                              f"it in router_layers (here: {', '.join(attention)}) and its experts are averaged")
-        if not default:
-            raise RecipeError(f"'{model_type}' has no dense FFN module whose Linears btx routes by default (an MoE, "
-                              "a recurrent block, or Linears outside any FFN module); name them in router_layers "
-                              f"(valid names: {', '.join(valid)})")
-        return default
-
-    child = ffn_child(block)
-    moe = getattr(block, child) if child is not None and is_mixture_of_experts(getattr(block, child)) else None
-
-    def refuse(entry: str, candidates: list[str]) -> RecipeError:
-        if moe is not None and not candidates:  # a family whose first blocks are dense and later ones MoE
-            return RecipeError(
-                f"router_layers entry '{entry}' is not a Linear of a block of '{model_type}' whose FFN is already a "
-                f"Mixture-of-Experts ({type(moe).__name__}), and btx routes dense FFNs' Linears; set "
-                f"router_layers_index to the dense blocks, or name Linears every routed block has "
-                f"(valid names here: {', '.join(valid)})")
-        why = "is ambiguous" if candidates else "is not a Linear of the block"
-        return RecipeError(f"router_layers entry '{entry}' {why} in '{model_type}'; valid names: {', '.join(valid)}")
-
-    return resolve_names(requested, valid, refuse)
-
-
-def blocks_holding(requested: list[str] | None, blocks: list[nn.Module], model_type: str) -> list[int] | None:
-    """The blocks btx routes when the recipe names Linears but no router_layers_index: those that hold every named
-    Linear, when some blocks hold none (a hybrid's linear-attention or Mamba blocks beside its attention blocks, when
-    attention projections are named); None when every block holds them, or none does (resolving then says why)."""
-    if not requested:
-        return None
-
-    def holds(block: nn.Module, entry: str) -> bool:
-        valid = linear_names(block)
-        return entry in valid or sum(name.endswith("." + entry) for name in valid) == 1
-
-    held = [[holds(block, entry) for entry in requested] for block in blocks]
-    partial = [index for index, marks in enumerate(held) if any(marks) and not all(marks)]
-    if partial:
-        index = partial[0]
-        missing = [entry for entry, mark in zip(requested, held[index]) if not mark]
-        raise RecipeError(
-            f"router_layers names Linears that block {index} of '{model_type}' holds only in part (it has no "
-            f"{', '.join(missing)}); name Linears that each block holds all of or none of, or set "
-            f"router_layers_index (valid names in block {index}: {', '.join(linear_names(blocks[index]))})")
-    holding = [index for index, marks in enumerate(held) if all(marks)]
-    return holding if holding and len(holding) < len(blocks) else None
-
-
-def saved_tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """The tensors `save_pretrained` writes for `model`, by name and shape: its state dict less the tied weights."""
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
-
-
-def check_checkpoint(folder: Path) -> None:
-    """Compare a composed checkpoint's tensor headers with what its config builds; raise naming the first problems."""
-    from ...sources.resolve import weight_files
-    from ...sources.safetensors_io import CheckpointReader
-
-    config = MixtureKitConfig.from_pretrained(folder)
-    files = weight_files(folder)
-    if not files:
-        return
-    with torch.device("meta"):
-        expected_model = MixtureKitForCausalLM(config)
-    reader = CheckpointReader(files)
-    reader.read_as(expected_model)  # names as transformers loads them: its save reverts renamings of the families
-    stored = reader.tensors
-    expected = saved_tensor_shapes(expected_model)
-    problems = [f"tensor '{n}' has shape {list(stored[n].shape)}, the config needs {list(shape)}"
-                for n, shape in expected.items() if n in stored and stored[n].shape != shape]
-    missing = [n for n in expected if n not in stored and not n.endswith(".inv_freq")]
-    needed_by_model = {n for n, _ in expected_model.named_parameters()}
-    problems += [f"tensor '{n}' is missing" for n in missing if n in needed_by_model]
-    if problems:
-        raise CheckpointError(
-            f"checkpoint '{folder}' does not match its config (expert_names lists {config.num_experts} experts: "
-            f"{', '.join(config.expert_names)}): {'; '.join(problems[:3])}"
-            f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}; recompose it with moekit "
-            "compose, or restore the config.json it was written with"
-        )
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
-def convert_dense_to_moe(dense: nn.Module, config: MixtureKitConfig, recorder: RouterLogitsRecorder) -> None:
-    """Swap routed modules into a freshly built dense model, in place."""
-    text_config = config.text_config
-    layers_name, layers = decoder_layers(dense, text_config)
-    indices = resolve_layer_indices(config.router_layers_index, len(layers))
-    num_experts, top_k = config.num_experts, config.num_experts_per_tok
-    if not 1 <= top_k <= num_experts:
-        raise RecipeError(f"num_experts_per_tok must be between 1 and {num_experts}, got {top_k}")
-    if config.shared_expert not in (None, "base"):
-        raise RecipeError(f"shared_expert must be 'base' or absent, got {config.shared_expert!r}")
-    shared = dict(shared_expert=config.shared_expert is not None,
-                  shared_expert_gate=config.shared_expert is not None and config.shared_expert_gate)
-    if config.method == "traditional":
-        for index in indices:
-            layout = mlp_layout(layers[index], text_config.model_type)
-            ffn = getattr(layers[index], layout.child)
-            setattr(layers[index], layout.child, SparseMoeBlock(ffn, layout, num_experts, top_k, recorder, **shared))
-    elif config.method == "btx":
-        parallel = parallel_layer_lists(dense, text_config, layers_name) if config.router_layers is None else None
-        for index in indices:
-            block = layers[index]
-            for name in resolve_router_layers(config.router_layers, block, text_config.model_type, parallel):
-                linear = block.get_submodule(name)
-                if not isinstance(linear, LINEAR_TYPES):
-                    raise RecipeError(f"router_layers entry '{name}' is a {type(linear).__name__}, not a Linear")
-                _set_submodule(block, name, RoutedLinear(linear, num_experts, top_k, recorder, **shared))
-    else:
-        raise RecipeError(f"method '{config.method}' is not routed; valid: traditional, btx (bts builds streams)")
-
-
-class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
+class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin, HubWithStreams):
     """A composed Mixture-of-Experts causal LM; loads with `AutoModelForCausalLM` after `import moekit`."""
 
     config_class = MixtureKitConfig
@@ -269,9 +48,9 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_attention_backend = True
     # A checkpoint written before loss-free balancing has no selection bias: it loads as zeros (no routing change).
     _keys_to_ignore_on_load_missing = [r"\.expert_bias$"]
-    # What training wraps around `auxiliary_loss` in every forward that computes it (`training.balance`, installed on
-    # `import moekit`): the counts over the data-parallel ranks, the weight for `num_items_in_batch`, the check that
-    # the loss kept its gradient. `wrapper(model, router_logits, attention_mask, labels, loss_kwargs)` returns the
+    # What training wraps around `auxiliary_loss` in every forward that computes it (`training.balance_loss`,
+    # installed on `import moekit`): the counts over the data-parallel ranks, the weight for `num_items_in_batch`, the
+    # check that the loss kept its gradient. `wrapper(model, router_logits, attention_mask, labels, loss_kwargs)` returns the
     # loss, the weight to add it to the LM loss with, and the slot counts. None: the pure loss, weight 1.
     auxiliary_loss_wrapper: ClassVar[Callable[..., tuple[torch.Tensor, Any, torch.Tensor]] | None] = None
 
@@ -393,7 +172,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         parameters, so the freeze is applied again."""
         source = Path(str(args[0] if args else kwargs.get("pretrained_model_name_or_path", "")))
         if (source / "config.json").is_file():
-            check_checkpoint(source)
+            check_checkpoint(source, cls)
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.zero_missing_expert_biases()
@@ -408,101 +187,6 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
             for _, router in self.routers():
                 if not getattr(router.expert_bias, "_is_hf_initialized", False):
                     router.expert_bias.zero_()
-
-    def _build_streams(self, hub: PreTrainedModel) -> None:
-        """bts: the hub (`dense`), one frozen base model per expert (`streams.<name>`), and the `stitches`."""
-        config, text_config = self.config, self.config.text_config
-        _, hub_blocks = stitch_layers(hub, text_config)
-        hub_blocks.__class__ = StitchedBlockList
-        object.__setattr__(self, "_hub_blocks", hub_blocks)
-        points = stitch_points(len(hub_blocks), None, config.stitch_layers_index)
-        out_of_range = [p for p in points if not 0 <= p < len(hub_blocks)]
-        if out_of_range:
-            raise RecipeError(
-                f"stitch_layers_index {out_of_range} out of range: the hub has blocks 0..{len(hub_blocks) - 1}"
-            )
-        streams, sizes, self._stream_blocks, self._stream_depths = {}, [], {}, {}
-        for name, stream_config in zip(config.expert_names, config.expert_config_objects()):
-            stream_config._attn_implementation = text_config._attn_implementation
-            try:
-                stream = MODEL_MAPPING[type(stream_config)](with_torch_dtype(stream_config))
-            except KeyError:
-                raise UnsupportedArchitectureError(f"'{stream_config.model_type}' has no base model class") from None
-            _, blocks = stitch_layers(stream, stream_config)
-            streams[name] = stream
-            sizes.append(stream_config.hidden_size)
-            self._stream_blocks[name] = blocks
-            self._stream_depths[name] = matching_depths(points, len(hub_blocks), len(blocks))
-        self.streams = nn.ModuleDict(streams)
-        try:
-            self.stitches = build_stitches(points, config.hidden_size, sizes, config.stitch_dropout,
-                                           getattr(config, "stitch_directions", None))
-        except ValueError as error:
-            raise RecipeError(str(error)) from None
-        self._stitch_at = {point: k for k, point in enumerate(points)}
-        self.stitch_points = points
-
-    def _stream_caches(self, cache: Any) -> dict[str, Any]:
-        """Each expert stream's own KV cache, kept on the hub's cache object so generation carries it along."""
-        caches = getattr(cache, "mixturekit_stream_caches", None)
-        if caches is None:
-            caches = {name: DynamicCache(config=c) for name, c in zip(self.streams, self.config.expert_config_objects())}
-            cache.mixturekit_stream_caches = caches
-        return caches
-
-    def _forward_with_streams(self, arguments: dict[str, Any]) -> Any:
-        """Capture every stream's block inputs, then run the hub; stitches act after the hub's stitch blocks."""
-        use_cache = arguments.get("use_cache", getattr(self.config.text_config, "use_cache", True))
-        cache = arguments.get(CACHE_ARGUMENT)
-        if use_cache and cache is None:
-            cache = arguments[CACHE_ARGUMENT] = DynamicCache(config=self.config.text_config)
-        caches = self._stream_caches(cache) if use_cache else {}
-        states = []
-        disabled = set(getattr(self.config, "disabled_experts", None) or ())
-        for name, stream in self.streams.items():
-            if name in disabled:  # opted out: it reaches no stitch, so it need not run
-                continue
-            inputs = {k: arguments[k] for k in ("attention_mask", "position_ids", "cache_position") if k in arguments}
-            if "input_ids" in arguments:
-                inputs["input_ids"] = arguments["input_ids"]
-            else:
-                embeds, hub_type = arguments["inputs_embeds"], self.config.text_config.model_type
-                if embeds.shape[-1] != stream.config.hidden_size:
-                    raise ValueError(
-                        f"inputs_embeds have width {embeds.shape[-1]}, but expert stream '{name}' has hidden size "
-                        f"{stream.config.hidden_size}; pass input_ids so each stream embeds them itself"
-                    )
-                if stream.config.model_type != hub_type:
-                    raise ValueError(
-                        f"inputs_embeds are embeddings of the hub's family ({hub_type}), but expert stream '{name}' "
-                        f"is a {stream.config.model_type} model, which embeds tokens its own way; pass input_ids so "
-                        "each stream embeds them itself"
-                    )
-                inputs["inputs_embeds"] = embeds
-            inputs.update({"use_cache": bool(use_cache), CACHE_ARGUMENT: caches.get(name)})
-            states.append((name, capture_stream(stream, self._stream_blocks[name], inputs)))
-        self._hub_blocks.after_block = lambda index, output: self._after_hub_block(states, index, output)
-        try:
-            return self._dense(**arguments, return_dict=True)
-        finally:
-            self._hub_blocks.after_block = None
-
-    def _after_hub_block(self, states: list[tuple[str, StreamState]], index: int, output: Any) -> Any:
-        k = self._stitch_at.get(index)
-        if k is None:
-            return output
-        hub = output[0] if isinstance(output, tuple) else output
-        for name, state in states:
-            state.advance_to(self._stream_depths[name][k])
-        stitch, experts = self.stitches[k], [state.hidden for _, state in states]
-        names = list(self.streams)
-        active = [names.index(name) for name, _ in states]
-        if stitch.direction == MERGE:
-            hub = stitch.merge(hub, experts, active)
-        else:
-            for (_, state), updated in zip(states, stitch.broadcast(hub, experts, active)):
-                state.hidden = updated
-        return replace_output(output, hub)
 
     @staticmethod
     def _accepted_arguments(forward) -> set[str] | None:

@@ -7,7 +7,8 @@ import copy
 import torch
 from torch import nn
 
-from ..assembly.architecture import MlpLayout, activation_module, has_parameters, linear_shape
+from ..base_model.architecture import linear_shape
+from ..base_model.ffn_layout import MlpLayout, activation_module, has_parameters
 from ..compute.experts import (
     Groups, chosen_experts_output, combine, dispatch, few_tokens_at_inference, gather_slots, grouped_linear,
 )

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..assembly.architecture import linear_shape
+from ..base_model.architecture import linear_shape
 from ..compute.experts import (
     chosen_experts_output, combine, dispatch, few_tokens_at_inference, gather_slots, grouped_linear,
 )

@@ -20,22 +20,21 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import transformers
 
-from .distribution import OTHER_DISTRIBUTION, OTHER_IMPORT_NAME, install_instruction
-from .errors import CheckpointError, SourceError, UnsupportedArchitectureError
-from .runtime.assembly.config import MixtureKitConfig
-from .runtime.assembly.loader_files import AUTO_MAP
-from .runtime.bts.stitch import BROADCAST, MERGE
-from .sources.checkpoint_folder import card_front_matter, check_output_folder, copy_tokenizer_files, staged_output, write_sharded
-from .sources.resolve import weight_files
-from .sources.safetensors_io import CheckpointReader, TensorSlot
+from ..distribution import OTHER_DISTRIBUTION, OTHER_IMPORT_NAME, install_instruction
+from ..errors import CheckpointError, SourceError, UnsupportedArchitectureError
+from ..runtime.assembly.config import MixtureKitConfig
+from ..runtime.assembly.loader_files import AUTO_MAP
+from ..sources.checkpoint_folder import card_front_matter, check_output_folder, copy_tokenizer_files, staged_output, write_sharded
+from ..sources.resolve import weight_files
+from ..sources.safetensors_io import CheckpointReader, TensorSlot
+from .source_plan import ROUTER_INIT_STD, SourcePlan
+from .stitches import original_stitch_directions, original_stitch_points, stitch_sources, stream_sources
 
 METHODS = ("traditional", "btx", "bts")
 # The fields the original adds to the base model's config; the rest is the base model's own config.
@@ -44,7 +43,6 @@ ORIGINAL_FIELDS = {
     "expert_model_ids", "expert_is_local", "num_experts_per_tok", "alpha", "router_layers", "router_layers_index",
     "stitch_freq", "stitch_layers_index", "mixturekit_legacy_rope", "_name_or_path", "transformers_version",
 }
-ROUTER_INIT_STD = 0.02  # as a recipe's default `router_init_std`
 SHARD_BYTES = 2 * 10**9  # as a recipe's default `shard_size`
 _NAME = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -62,15 +60,6 @@ class Conversion:
     method: str
     notes: list[str] = field(default_factory=list)
     same_logits: bool = True
-
-
-@dataclass(frozen=True)
-class _Output:
-    """One of our tensors: its dtype and shape, and its content as consecutive parts along the first dimension."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    parts: Callable[[], Iterator[torch.Tensor]]
 
 
 # -- their config ---------------------------------------------------------------------------------------------------
@@ -140,74 +129,10 @@ def _names(config: dict) -> list[str]:
 
 # -- where our tensors come from ------------------------------------------------------------------------------------
 
-class _Plan:
-    """Our tensors by name, each from their tensors (by name) or computed; what was read; what a user must know."""
 
-    def __init__(self, reader: CheckpointReader, expected: dict[str, tuple[int, ...]], dtype: torch.dtype):
-        self.reader, self.expected, self.dtype = reader, expected, dtype
-        self.outputs: dict[str, _Output] = {}
-        self.used: set[str] = set()
-        self.new_routers: list[str] = []
-
-    def has(self, name: str) -> bool:
-        return name in self.reader
-
-    def stacked(self, ours: str, sources: list[str], transpose: bool = False) -> None:
-        """`ours` [E, ...] from their per-expert tensors, concatenated along the first dimension in order."""
-        missing = [s for s in sources if s not in self.reader]
-        if missing:
-            raise CheckpointError(f"the original checkpoint lacks '{missing[0]}', which its config implies "
-                                  f"({len(missing)} such tensors): it is incomplete or not of release 1.1.1")
-        self.used.update(sources)
-        dtype = self.reader.info(sources[0]).dtype
-        shapes = [tuple(self.reader.info(s).shape)[::-1] if transpose else tuple(self.reader.info(s).shape)
-                  for s in sources]
-        expected = self.expected[ours]
-        fits = (shapes == [expected] if len(sources) == 1 and len(shapes[0]) == len(expected)
-                else all(s[1:] == expected[-len(s) + 1:] if len(s) > 1 else True for s in shapes)
-                and sum(torch.Size(s).numel() for s in shapes) == torch.Size(expected).numel())
-        if not fits:
-            raise CheckpointError(f"the original's '{sources[0]}' ({len(sources)} tensors, shapes {shapes[:2]}) does "
-                                  f"not fit the converted model's '{ours}' {list(expected)}: its config.json does "
-                                  "not describe its weights")
-
-        def parts() -> Iterator[torch.Tensor]:
-            for source in sources:
-                tensor = self.reader.get(source)
-                yield (tensor.t() if transpose else tensor).contiguous()
-
-        self.outputs[ours] = _Output(dtype, self.expected[ours], parts)
-
-    def copy(self, ours: str, theirs: str) -> None:
-        self.stacked(ours, [theirs])
-
-    def computed(self, ours: str, value: Callable[[], torch.Tensor]) -> None:
-        self.outputs[ours] = _Output(self.dtype, self.expected[ours], lambda: iter([value().to(self.dtype)]))
-
-    def router(self, ours: str, theirs: str) -> None:
-        if self.has(theirs):
-            self.copy(ours, theirs)
-            return
-        self.new_routers.append(ours)
-        shape = self.expected[ours]
-        seed = zlib.crc32(ours.encode())  # the same bytes at every conversion of the same checkpoint
-        self.computed(ours, lambda: torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * ROUTER_INIT_STD)
-
-    def check(self) -> None:
-        """Every tensor of ours has a source of its shape; every tensor of theirs was used."""
-        missing = sorted(set(self.expected) - set(self.outputs))
-        if missing:
-            raise CheckpointError(f"no source in the original checkpoint for {len(missing)} tensors of the converted "
-                                  f"model, e.g. '{missing[0]}': a layout this conversion does not know")
-        unused = sorted(set(self.reader.names()) - self.used)
-        if unused:
-            raise CheckpointError(f"{len(unused)} tensors of the original checkpoint have no place in the converted "
-                                  f"model, e.g. '{unused[0]}': a layout this conversion does not know")
-
-
-def _routed_sources(plan: _Plan, model: torch.nn.Module, num_experts: int) -> None:
-    from .runtime.routed.moe_block import SparseMoeBlock
-    from .runtime.routed.routed_linear import RoutedLinear
+def _routed_sources(plan: SourcePlan, model: torch.nn.Module, num_experts: int) -> None:
+    from ..runtime.routed.moe_block import SparseMoeBlock
+    from ..runtime.routed.routed_linear import RoutedLinear
 
     for path, module in model.routed_modules():
         if isinstance(module, SparseMoeBlock):  # theirs: a whole FFN copy per expert, `experts.I.<dense names>`
@@ -220,105 +145,6 @@ def _routed_sources(plan: _Plan, model: torch.nn.Module, num_experts: int) -> No
             for ours, source in module.source_map.items():
                 plan.stacked(f"{path}.{ours}", [f"{path}.experts.expert_{i}.{name}" for i in range(num_experts)
                                                 for name in source.names], source.transpose)
-
-
-def _original_stream_name(dense_name: str, slot: int) -> str | None:
-    """Where the original keeps expert `slot`'s copy of the dense tensor `dense_name` (its `_bts_key` rule): the
-    blocks under `expert_layers.<block>.<slot>`, the token embedding under `expert_embed_tokens.<slot>`; None for
-    what its experts share with the hub (final norm, rotary tables)."""
-    prefix, _, leaf = dense_name.rpartition(".")
-    if "model.layers." in prefix:
-        block, _, sub_path = prefix.split("model.layers.", 1)[1].partition(".")
-        return ".".join(p for p in (f"model.expert_layers.{block}.{slot}", sub_path, leaf) if p)
-    if prefix.split(".")[-1] == "embed_tokens":
-        return f"model.expert_embed_tokens.{slot}.{leaf}"
-    return None
-
-
-def original_stitch_points(config: dict, num_blocks: int) -> list[int]:
-    """The original's stitch blocks: `stitch_layers_index`, else every block i with i % stitch_freq == 0 (not 0),
-    and always the last block; in its order."""
-    points = list(config.get("stitch_layers_index") or []) or [
-        i for i in range(num_blocks) if i % config.get("stitch_freq", 5) == 0 and i != 0]
-    if num_blocks - 1 not in points:
-        points.append(num_blocks - 1)
-    return points
-
-
-def original_stitch_directions(points: list[int], num_blocks: int) -> list[str]:
-    """The original alternates from a broadcast (hub into experts) and forces the last block's stitch to a merge."""
-    directions, merge = [], False
-    for point in points:
-        merge = merge or point == num_blocks - 1
-        directions.append(MERGE if merge else BROADCAST)
-        merge = not merge
-    return directions
-
-
-def _is_identity(matrix: torch.Tensor) -> bool:
-    return matrix.shape[0] == matrix.shape[-1] and torch.equal(matrix, torch.eye(matrix.shape[0], dtype=matrix.dtype))
-
-
-def _stitch_sources(plan: _Plan, points: list[int], directions: list[str], experts: int,
-                    hidden: int) -> tuple[list[str], bool]:
-    """Ours at scale 1 are the paper's forms, which theirs compute: merge `softmax over [hub, experts] of w_gate_j
-    h_hub`, per dimension; broadcast `(1 - g_i) h_i + g_i P_i(h_hub)`, `g_i = sigmoid(w_gate_{i+1} h_hub)` (their
-    w_gate_0 is unused there), their one `w_proj_i` serving both ways. Returns notes for the user, and whether the
-    two models compute different functions."""
-    notes, untrained, differs = [], True, False
-    for k, (block, direction) in enumerate(zip(points, directions)):
-        theirs, ours = f"model.layers.{block}.stitches", f"stitches.{k}"
-        gates = [f"{theirs}.w_gate.{j}.weight" for j in range(experts + 1)]
-        projections = [f"{theirs}.w_proj.{i}.weight" for i in range(experts)]
-        if not all(plan.has(name) for name in gates + projections):
-            raise CheckpointError(
-                f"the original checkpoint lacks the stitch weights of block {block} ('{theirs}.*'): its release 1.1.1 "
-                f"writes them at build; bring an older checkpoint over with `{OTHER_IMPORT_NAME}.upgrade_checkpoint` "
-                "first")
-        for i, projection in enumerate(projections):
-            plan.copy(f"{ours}.projections.{i}.weight", projection)
-        identity = all(_is_identity(plan.reader.get(p)) for p in projections)
-        untrained = untrained and identity and not any(plan.reader.get(g).any() for g in gates)
-        if direction == MERGE:
-            plan.stacked(f"{ours}.gate.weight", gates)
-            plan.computed(f"{ours}.gate.bias", lambda: torch.zeros((experts + 1) * hidden))
-            plan.computed(f"{ours}.scale", lambda: torch.ones(hidden))
-            if k < len(points) - 1 and not identity:
-                differs = True
-                notes.append(
-                    f"its stitch after block {block} merges into the hub before the last one, with projections that "
-                    "are not the identity: the original then continues each expert stream from its projection into "
-                    "the hub's space (its merge returns the projected states as the experts' new states); in the BTS "
-                    "paper, and here, a merge changes only the hub and the experts continue from their own states. "
-                    "The converted model computes the paper's function, so its logits differ from the original's")
-        else:
-            plan.used.add(gates[0])  # w_gate_0: no role in a broadcast
-            for i in range(experts):
-                plan.copy(f"{ours}.gates.{i}.weight", gates[i + 1])
-                plan.computed(f"{ours}.gates.{i}.bias", lambda: torch.zeros(hidden))
-                plan.computed(f"{ours}.scales.{i}", lambda: torch.ones(hidden))
-    if untrained:
-        notes.append(
-            "its stitches are as its build writes them (zero gates, identity projections), which is not the identity: "
-            "each broadcast mixes the expert streams half and half with the hub, and the last merge averages the hub "
-            "and the experts evenly; converted as they are. A moekit composition of the same models starts at the "
-            "hub's own logits instead (`moekit compose` with the recipe written beside the weights)")
-    return notes, differs
-
-
-def _stream_sources(plan: _Plan, names: list[str], prefix: str) -> None:
-    """Our stream `streams.<name>.<rest>` is the dense model's `<prefix>.<rest>` of expert slot i in theirs; what
-    their experts share with the hub (its final norm: no stream reaches it) comes from the hub."""
-    for ours in plan.expected:
-        if not ours.startswith("streams."):
-            continue
-        name, rest = ours[len("streams."):].split(".", 1)
-        dense = f"{prefix}.{rest}"
-        theirs = _original_stream_name(dense, names.index(name))
-        if theirs is None:
-            plan.copy(ours, dense)
-        else:
-            plan.copy(ours, theirs)
 
 
 # -- conversion -----------------------------------------------------------------------------------------------------
@@ -341,8 +167,9 @@ def _routed_layers(reader: CheckpointReader, layers_prefix: str) -> tuple[list[s
 def convert_original(source: str | Path, output: str | Path, overwrite: bool = False,
                      progress: bool = True) -> Conversion:
     """Convert the original MixtureKit's checkpoint folder `source` into a moekit checkpoint at `output`."""
-    from .runtime.assembly.architecture import decoder_layers
-    from .runtime.assembly.modeling import MixtureKitForCausalLM, saved_tensor_shapes
+    from ..runtime.base_model.architecture import decoder_layers
+    from ..runtime.assembly.checkpoint_check import saved_tensor_shapes
+    from ..runtime.assembly.modeling import MixtureKitForCausalLM
 
     folder = Path(source).expanduser()
     original = read_original_config(folder)
@@ -392,14 +219,14 @@ def convert_original(source: str | Path, output: str | Path, overwrite: bool = F
     with torch.device("meta"):
         model = MixtureKitForCausalLM(config)
     expected = saved_tensor_shapes(model)
-    plan = _Plan(reader, expected, dtype)
+    plan = SourcePlan(reader, expected, dtype)
     # its build stores tied copies (an LM head tied to the embeddings) as tensors of their own; ours ties them on load
     plan.used.update(name for name in getattr(model, "all_tied_weights_keys", None) or {} if plan.has(name))
     if method == "bts":
-        stitch_notes, differs = _stitch_sources(plan, config.stitch_layers_index, config.stitch_directions,
+        stitch_notes, differs = stitch_sources(plan, config.stitch_layers_index, config.stitch_directions,
                                                 len(names) - 1, text_config.hidden_size)
         notes += stitch_notes
-        _stream_sources(plan, names[1:], getattr(dense, "base_model_prefix", "model"))
+        stream_sources(plan, names[1:], getattr(dense, "base_model_prefix", "model"))
         same_logits = same_logits and not differs
         notes.append(
             f"the original's bts model hands its expert layers the KV cache under the name `past_key_values`; from "
@@ -440,7 +267,7 @@ def convert_original(source: str | Path, output: str | Path, overwrite: bool = F
 def _write_recipe(folder: Path, original: dict, names: list[str], config: MixtureKitConfig) -> None:
     """The recipe of the same composition (sources, method, routing), which `benchmark` and `push` read: composing
     it again gives moekit's initial routers and stitches, not the trained ones converted here."""
-    from .recipe import load_recipe
+    from ..recipe import load_recipe
 
     sources = original.get("expert_model_ids") or []
     data: dict = {"method": config.method, "alpha": config.alpha,
@@ -457,7 +284,7 @@ def _write_recipe(folder: Path, original: dict, names: list[str], config: Mixtur
 
 
 def _write_card(folder: Path, source: Path, original: dict, config: MixtureKitConfig, notes: list[str]) -> None:
-    from .distribution import VERSION
+    from ..distribution import VERSION
 
     rows = "\n".join(f"| {name} | `{model_id}` |" for name, model_id in
                      zip(original.get("expert_names") or [], original.get("expert_model_ids") or []))
