@@ -486,10 +486,11 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         k = self._stitch_at.get(index)
         if k is None:
             return output
-        hub = output[0] if isinstance(output, tuple) else output
+        hub = output[0] if isinstance(output, (tuple, list)) else output
         for name, state in states:
             state.advance_to(self._stream_depths[name][k])
         stitch, experts = self.stitches[k], [state.hidden for _, state in states]
+        self._check_stitch_width(hub, stitch)
         names = list(self.streams)
         active = [names.index(name) for name, _ in states]
         if stitch.direction == MERGE:
@@ -498,6 +499,15 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
             for (_, state), updated in zip(states, stitch.broadcast(hub, experts, active)):
                 state.hidden = updated
         return replace_output(output, hub)
+
+    def _check_stitch_width(self, hub: torch.Tensor, stitch: Stitch) -> None:
+        """Stitches mix hidden states of the hub's hidden size; a family whose blocks pass on something wider
+        (Qwen4-Exp's hyper-connections: several residual streams side by side) has no such state between blocks."""
+        if hub.shape[-1] != stitch.hub_size:
+            raise UnsupportedArchitectureError(
+                f"bts cannot stitch '{self.config.text_config.model_type}': its blocks pass on a state of width "
+                f"{hub.shape[-1]}, not its hidden size {stitch.hub_size} (several residual streams side by side, as "
+                "hyper-connections keep), so there is no hidden state between blocks for stitches to mix")
 
     @staticmethod
     def _accepted_arguments(forward) -> set[str] | None:
@@ -535,6 +545,11 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         """The dense model's own preparation, given what `generate` passes under the installed release's names
         (`generate` reads `inputs_embeds` and `kwargs` from this signature)."""
         return self._dense.prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+    def _supports_default_dynamic_cache(self) -> bool:
+        """The dense model's answer: `generate` decides it by the class's name, and xLSTM (like RWKV, Reformer,
+        XLNet and the first MiniMax) keeps a cache of its own, which a `DynamicCache` given in its place breaks."""
+        return self._dense._supports_default_dynamic_cache()
 
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict[str, Any]):
         """The dense model's own: Qwen-VL and Qwen3.5 wrappers place an image's tokens in 3D (multimodal RoPE) here;
