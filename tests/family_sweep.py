@@ -160,7 +160,8 @@ FAMILY_FIELDS: dict[str, dict] = {
                          activation_sparsity_pattern=[0.95, 0.0, 0.0], laurel_rank=4),
     "gemma4_unified_text": dict(global_head_dim=16, layer_types=["sliding_attention", "full_attention"],
                                 sliding_window=4),
-    # The assistants (drafters) share every layer's KV cache with their target model's
+    # Gemma 4's assistants (speculative-decoding drafters): their configs require no per-layer inputs and every layer
+    # reading the target model's KV cache, which their forward then needs (see TRANSFORMERS_LIMITS)
     "gemma4_assistant": dict(backbone_hidden_size=32, num_centroids=8, centroid_intermediate_top_k=2,
                              text_config=dict(model_type="gemma4_text", **_GEMMA4_TEXT_SIZES, global_head_dim=16,
                                               num_hidden_layers=2,
