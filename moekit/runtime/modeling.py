@@ -54,6 +54,16 @@ class ComposedCausalLMOutput(MoeCausalLMOutputWithPast):
     """
 
     last_hidden_state: torch.FloatTensor | None = None
+    # The cache of a family that keeps its own under another name (transformers 5.17's xLSTM and Mamba
+    # `cache_params`, RWKV's `state`, XLNet's `mems`, Reformer's `past_buckets_states`): `generate` reads it from the
+    # output under that name and hands it back on the next step.
+    cache_params: Any = None
+    state: Any = None
+    mems: Any = None
+    past_buckets_states: Any = None
+
+
+OWN_CACHE_NAMES = ("cache_params", "state", "mems", "past_buckets_states")
 
 
 class TrainingRouting(NamedTuple):
@@ -668,6 +678,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
             loss=loss, aux_loss=aux_loss, logits=outputs.logits, **{CACHE_ARGUMENT: output_cache(outputs)},
             hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
             router_logits=tuple(router_logits) if output_router_logits else None, last_hidden_state=hidden,
+            **{name: outputs.get(name) for name in OWN_CACHE_NAMES if outputs.get(name) is not None},
         )
 
     def load_balancing_loss(
