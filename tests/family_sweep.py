@@ -6,7 +6,9 @@ dense models, then per method (`traditional`, `btx`, `bts`) one outcome:
            generation with the KV cache equals it without, save -> load gives the same logits;
   refused  composing raised a `MixtureKitError`, whose first sentence is recorded as the reason;
   FAILED   anything else (another exception, or an invariant off): the test fails on it.
-A family whose tiny config or model cannot be built is listed with transformers' reason.
+A family without a tiny model says whose limit that is: "not built" (the harness's gap, with transformers' error),
+"not runnable in transformers" (`TRANSFORMERS_LIMITS`), or "not runnable here" (an optional library transformers
+needs for it is not installed).
 
 Each family's outcomes are held to a checked-in table, tests/family_expectations.json: a family that starts or stops
 being refused (or whose reason changes) fails the test until that table changes in the same commit.
@@ -17,6 +19,7 @@ families and keeps both tables' other rows.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -103,13 +106,89 @@ def causal_lm_types() -> list[str]:
 _GEMMA4_TEXT = dict(global_head_dim=16, hidden_size_per_layer_input=8, vocab_size_per_layer_input=SIZES["vocab_size"],
                     num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "full_attention"],
                     num_kv_shared_layers=1, sliding_window=4)
+# Gemma 3n also feeds each layer an input embedding of its own (of its own width and vocabulary), and its last
+# layers reuse the KV cache of an earlier layer of their kind: one of each kind must come before them.
+_GEMMA_PER_LAYER_INPUT = dict(hidden_size_per_layer_input=8, vocab_size_per_layer_input=SIZES["vocab_size"],
+                              num_kv_shared_layers=1, sliding_window=4)
+_GEMMA4_TEXT_SIZES = {k: v for k, v in SIZES.items() if k in (
+    "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")}
 # Mamba-2 mixers need heads that divide their width, and hybrids that place attention by period or index need one
 # attention layer within the tiny model's layers; granitemoehybrid is swept in its dense form (no routed experts).
 _MAMBA2 = dict(mamba_n_heads=4, mamba_d_state=8, mamba_chunk_size=8)
+# Qwen4-Exp's indexed attention selects key blocks by an indexer of its own sizes (its defaults leave them unset),
+# beside Gated DeltaNet layers of their own head sizes and hyper-connections of a low rank.
+_QWEN4_EXP_TEXT = dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
+                       indexer_compress_ratio=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                       linear_num_key_heads=2, linear_num_value_heads=4, shared_expert_intermediate_size=16,
+                       hc_lowrank=8)
 # A BERT-style family's causal LM attends causally, and caches, only as a decoder (transformers warns otherwise).
 _DECODER = dict(is_decoder=True)
 FAMILY_FIELDS: dict[str, dict] = {
     "bert-generation": _DECODER, "big_bird": _DECODER, "electra": _DECODER, "roformer": _DECODER,
+    # Reformer: axial positions span max_position_embeddings (8 x 8) and fill the width (16 + 16); LSH hashing is
+    # seeded, so identical copies hash alike. Its LSH chunks stay longer than the sweep's 11 tokens: once a cached
+    # sequence reaches `lsh_attn_chunk_length`, transformers' LSHSelfAttention hashes the 5-d key vectors it split by
+    # hash round with a 4-d einsum and raises (modeling_reformer.py, `_hash_vectors` after `_split_seq_length_dim_to`)
+    "reformer": dict(_DECODER, attention_head_size=8, attn_layers=["local", "lsh"], feed_forward_size=48,
+                     axial_pos_shape=[8, 8], axial_pos_embds_dim=[16, 16], local_attn_chunk_length=4,
+                     lsh_attn_chunk_length=16, num_buckets=2, hash_seed=0),
+    "xmod": dict(_DECODER, default_language="en_XX"),  # X-MOD's adapters need the language of its inputs
+    # GPT-J and CodeGen rotate `rotary_dim` channels of each head: fewer than the tiny head's 8
+    "codegen": dict(rotary_dim=4), "gptj": dict(rotary_dim=4),
+    # Cohere Compass reads its RoPE per layer type (M-RoPE sections summing to half the head), as its checkpoints
+    # give it; the default config has none
+    "cohere_compass_text": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+                                rope_parameters={kind: dict(rope_type="default", rope_theta=10_000.0,
+                                                            mrope_section=[2, 1, 1])
+                                                 for kind in ("sliding_attention", "full_attention")}),
+    # DBRX's attention reads `rope_theta` from its attention sub-config and clamps q, k, v to `clip_qkv`, as its
+    # checkpoints give them (its defaults have neither)
+    "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10_000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2)),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=4),  # one layer of each kind
+    # HRM runs its layer stacks in cycles and counts every invocation as a layer (`num_hidden_layers` is the
+    # inflated count it derives from the stack's): the shrinking must not reset it afterwards
+    "hrm_text": dict(num_hidden_layers=2),
+    # Kolibri rounds keys and values to NVFP4 in blocks of 16; one sliding and one indexed-attention layer
+    "kolibri1_1": dict(head_dim=16, layer_types=["sliding_attention", "indexed_attention"], sliding_window=4,
+                       index_layers=[1], kv_source_layers=[0, 1], mlp_only_layers=[0], mlp_only_intermediate_size=48,
+                       shared_expert_intermediate_size=16, index_num_heads=2),
+    "prophetnet": dict(num_encoder_layers=2, num_decoder_layers=2),  # it derives num_hidden_layers from these
+    "gemma3n_text": dict(_GEMMA_PER_LAYER_INPUT, num_hidden_layers=3, intermediate_size=[48] * 3,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                         activation_sparsity_pattern=[0.95, 0.0, 0.0], laurel_rank=4),
+    "gemma4_unified_text": dict(global_head_dim=16, layer_types=["sliding_attention", "full_attention"],
+                                sliding_window=4),
+    # Gemma 4's assistants (speculative-decoding drafters): their configs require no per-layer inputs and every layer
+    # reading the target model's KV cache, which their forward then needs (see TRANSFORMERS_LIMITS)
+    "gemma4_assistant": dict(backbone_hidden_size=32, num_centroids=8, centroid_intermediate_top_k=2,
+                             text_config=dict(model_type="gemma4_text", **_GEMMA4_TEXT_SIZES, global_head_dim=16,
+                                              num_hidden_layers=2,
+                                              hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
+                                              layer_types=["sliding_attention", "full_attention"],
+                                              sliding_window=4)),
+    "gemma4_unified_assistant": dict(backbone_hidden_size=32, num_centroids=8, centroid_intermediate_top_k=2,
+                                     text_config=dict(model_type="gemma4_unified_text", **_GEMMA4_TEXT_SIZES,
+                                                      global_head_dim=16, sliding_window=4, num_hidden_layers=2,
+                                                      layer_types=["sliding_attention", "full_attention"])),
+    # Zamba's "hybrid" layers (one attention block shared by them, before their Mamba mixer) are its only attention:
+    # one Mamba layer and two hybrid ones (its weight tying looks for a second user of the shared block)
+    "zamba": dict(num_hidden_layers=3, layers_block_type=["linear_attention", "hybrid", "hybrid"], n_mamba_heads=2,
+                  mamba_d_state=8),
+    "zamba2": dict(layers_block_type=["linear_attention", "hybrid"], n_mamba_heads=4, mamba_d_state=8, chunk_size=8,
+                   adapter_rank=4),
+    # xLSTM rounds its query/key and value widths up to multiples of 64 (its state's shape), its cells do not: a
+    # width whose projections are already multiples of 64. Two heads: with four, this draw's exponential gating
+    # amplifies float32 rounding to 5e-5 of the dense logits (against the same model in float64), past the
+    # sweep's 1e-5, and identical copies mixed by a router differ from the dense model by that rounding
+    "xlstm": dict(hidden_size=64, num_heads=2, qk_dim_factor=1.0, v_dim_factor=1.0, chunk_size=8),
+    "zaya": dict(num_experts_per_tok=1, router_hidden_size=16),  # ZAYA routes each token to one expert only
+    "qwen4_exp_text": _QWEN4_EXP_TEXT,
+    "qwen4_exp": dict(text_config=dict(model_type="qwen4_exp_text", **{k: v for k, v in SIZES.items() if k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "max_position_embeddings", "moe_intermediate_size", "num_experts", "num_experts_per_tok")},
+        **_QWEN4_EXP_TEXT)),
     "gemma4_text": _GEMMA4_TEXT,
     "granitemoehybrid": dict(_MAMBA2, num_local_experts=0, shared_intermediate_size=48,
                              layer_types=["linear_attention", "full_attention"]),
@@ -136,6 +215,21 @@ def _has(config, key) -> bool:
         return hasattr(config, key)
     except RuntimeError:  # kept per layer: the config has it
         return True
+
+
+def _derived(config, key) -> bool:
+    """Whether the family derives `key` from fields of its own (Falcon's head_dim, ProphetNet's num_hidden_layers,
+    XLNet's max_position_embeddings): a property that cannot be set, left to the family's own fields."""
+    attribute = getattr(type(config), key, None)
+    if not isinstance(attribute, property):
+        return False
+    if attribute.fset is None:
+        return True
+    try:
+        attribute.fset(copy.deepcopy(config), SIZES[key])
+    except Exception:  # noqa: BLE001  (ProphetNet's setter raises NotImplementedError)
+        return True
+    return False
 
 
 def _layer_count(config) -> int | None:
@@ -166,7 +260,7 @@ def _shrink(config, defaults, given=frozenset()) -> None:
         if keep and key not in given and isinstance(value, list) and len(value) == layers:
             setattr(config, key, [value[i] for i in keep])
     for key, value in SIZES.items():
-        if key in given:
+        if key in given or _derived(config, key):
             continue
         if keep and key in ("num_hidden_layers", "n_layer", "num_layers"):
             value = len(keep)
@@ -186,9 +280,12 @@ def _shrink(config, defaults, given=frozenset()) -> None:
 def tiny_config(model_type: str):
     from transformers import AutoConfig
 
-    defaults = AutoConfig.for_model(model_type)
     family = FAMILY_FIELDS.get(model_type, {})
-    fields = {k: v for k, v in SIZES.items() if _has(defaults, k)}
+    try:
+        defaults = AutoConfig.for_model(model_type)
+    except Exception:  # noqa: BLE001  (a default config that does not validate, Gemma 4's assistant's: its own fields)
+        defaults = AutoConfig.for_model(model_type, **family)
+    fields = {k: v for k, v in SIZES.items() if _has(defaults, k) and not _derived(defaults, k)}
     layers = _layer_count(defaults)
     if layers and layers > SIZES["num_hidden_layers"]:
         keep = _kept_layers(defaults, layers)
@@ -264,6 +361,8 @@ CACHE_LIMITATIONS = {
             "gives other next-token logits than the uncached forward over the same tokens",
     "cpmant": "transformers' CpmAntForCausalLM: given a prompt's last token alone with the cache of the rest, its "
               "forward fails on a shape mismatch in its attention, and its cached generation differs from uncached",
+    "prophetnet": "transformers' ProphetNetForCausalLM: a step from its cache gives other next-token logits than the "
+                  "uncached forward over the same tokens (off by half the logits' scale)",
 }
 # On transformers 5.17 (the oldest release allowed) these families' own cached generation differs from uncached
 # (BigBird and RoFormer are built as decoders since this session); 5.24 and 5.25 agree, and there our cache is checked.
@@ -342,6 +441,44 @@ def check_method(method: str, models: list[torch.nn.Module], folders: list[Path]
             "limitation of transformers for it")
 
 
+# Families whose tiny model transformers builds but cannot run as a causal LM on token ids, each with the errors its
+# own code raises and what in that code makes it so (read in the family's source): listed as "not runnable in
+# transformers" while the build still fails with one of those errors; any other failure to build is "not built", the
+# harness's. (On 5.17 MusicGen's composite config does not even validate without its sub-configs, before that limit.)
+TRANSFORMERS_LIMITS: dict[str, tuple[tuple[str, ...], str]] = {
+    "gemma4_assistant": (
+        ("inputs_embeds and shared_kv_states cannot be None",),
+        "transformers' Gemma4AssistantForCausalLM is a speculative-decoding drafter: its forward needs the target "
+        "model's inputs_embeds and shared_kv_states, not token ids"),
+    "gemma4_unified_assistant": (
+        ("inputs_embeds and shared_kv_states cannot be None",),
+        "transformers' Gemma4UnifiedAssistantForCausalLM is a speculative-decoding drafter: its forward needs the "
+        "target model's inputs_embeds and shared_kv_states, not token ids"),
+    "musicgen": (
+        ("'MusicgenConfig' object has no attribute 'dropout'", "Validation error for field 'text_encoder'"),
+        "transformers' AutoModelForCausalLM maps 'musicgen' to MusicgenForCausalLM, which is built from the decoder's "
+        "config (musicgen_decoder), not from the MusicgenConfig it is given, and maps no musicgen_decoder config"),
+    "musicgen_melody": (
+        ("'MusicgenMelodyConfig' object has no attribute 'dropout'", "Validation error for field 'text_encoder'"),
+        "transformers' AutoModelForCausalLM maps 'musicgen_melody' to MusicgenMelodyForCausalLM, which is built from "
+        "the decoder's config (musicgen_melody_decoder), not from the MusicgenMelodyConfig it is given, and maps no "
+        "musicgen_melody_decoder config"),
+}
+NOT_BUILT, NOT_RUNNABLE_HERE, NOT_RUNNABLE = "not built: ", "not runnable here: ", "not runnable in transformers: "
+
+
+def not_built(model_type: str, error: BaseException) -> str:
+    """Why a family has no tiny model: a library transformers needs and this environment lacks, a limit of
+    transformers itself (`TRANSFORMERS_LIMITS`, while its error is still the one named), or else the harness's gap."""
+    library = re.search(r"requires the (\S+) library but it was not found", str(error))
+    if isinstance(error, ImportError) and library:
+        return NOT_RUNNABLE_HERE + f"the optional library {library.group(1)} is not installed"
+    limit = TRANSFORMERS_LIMITS.get(model_type)
+    if limit and any(message in str(error) for message in limit[0]):
+        return NOT_RUNNABLE + limit[1]
+    return NOT_BUILT + _one_line(error)
+
+
 def sweep_family(model_type: str, root: Path) -> FamilyResult:
     result = FamilyResult(model_type)
     try:
@@ -353,7 +490,7 @@ def sweep_family(model_type: str, root: Path) -> FamilyResult:
             for model, path in zip(models, folders):
                 model.save_pretrained(path)
     except Exception as error:  # noqa: BLE001  (recorded: no tiny model of this family)
-        result.built = "not built: " + _one_line(error)
+        result.built = not_built(model_type, error)
         return result
     for method in METHODS:
         try:
@@ -389,7 +526,9 @@ def sweep_table(results: list[FamilyResult]) -> str:
     lines = [
         TABLE_BEGIN,
         f"Swept with transformers {transformers.__version__}: {len(results)} causal-LM model types, "
-        f"{sum(not r.outcomes for r in results)} without a tiny model; passed: "
+        f"{sum(r.built.startswith(NOT_BUILT) for r in results)} not built by its harness, "
+        f"{sum(r.built.startswith((NOT_RUNNABLE, NOT_RUNNABLE_HERE)) for r in results)} not runnable (in transformers "
+        "or without an optional library); passed: "
         + ", ".join(f"{m} {passed[m]}" for m in METHODS) + ".",
         "",
         "| model type | class | traditional | btx | bts |",

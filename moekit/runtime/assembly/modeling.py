@@ -24,7 +24,7 @@ from .checkpoint_check import check_checkpoint
 from .config import MixtureKitConfig
 from .conversion import ROUTED_MODULE_TYPES, convert_dense_to_moe
 from ..base_model.dense_model import dense_model_class, with_torch_dtype
-from .outputs import ComposedCausalLMOutput, TrainingRouting, with_auxiliary_loss
+from .outputs import OWN_CACHE_NAMES, ComposedCausalLMOutput, TrainingRouting, with_auxiliary_loss
 from ..bts.hub_streams import HubWithStreams
 from ..bts.stitch import Stitch
 from ..routed.balance import AuxiliaryLoss, auxiliary_loss
@@ -225,6 +225,11 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin, HubWithStreams):
         (`generate` reads `inputs_embeds` and `kwargs` from this signature)."""
         return self._dense.prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
+    def _supports_default_dynamic_cache(self) -> bool:
+        """The dense model's answer: `generate` decides it by the class's name, and xLSTM (like RWKV, Reformer,
+        XLNet and the first MiniMax) keeps a cache of its own, which a `DynamicCache` given in its place breaks."""
+        return self._dense._supports_default_dynamic_cache()
+
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict[str, Any]):
         """The dense model's own: Qwen-VL and Qwen3.5 wrappers place an image's tokens in 3D (multimodal RoPE) here;
         the default's 1D positions would make `generate` compute other logits than the forward does."""
@@ -346,6 +351,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin, HubWithStreams):
             loss=loss, aux_loss=aux_loss, logits=outputs.logits, **{CACHE_ARGUMENT: output_cache(outputs)},
             hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
             router_logits=tuple(router_logits) if output_router_logits else None, last_hidden_state=hidden,
+            **{name: outputs.get(name) for name in OWN_CACHE_NAMES if outputs.get(name) is not None},
         )
 
     def auxiliary_loss(

@@ -4,7 +4,7 @@ LM head's input for trainers that build their loss from the hidden states (TRL's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
@@ -20,6 +20,16 @@ class ComposedCausalLMOutput(MoeCausalLMOutputWithPast):
     """
 
     last_hidden_state: torch.FloatTensor | None = None
+    # The cache of a family that keeps its own under another name (transformers 5.17's xLSTM and Mamba
+    # `cache_params`, RWKV's `state`, XLNet's `mems`, Reformer's `past_buckets_states`): `generate` reads it from the
+    # output under that name and hands it back on the next step.
+    cache_params: Any = None
+    state: Any = None
+    mems: Any = None
+    past_buckets_states: Any = None
+
+
+OWN_CACHE_NAMES = ("cache_params", "state", "mems", "past_buckets_states")
 
 
 class TrainingRouting(NamedTuple):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
@@ -13,7 +14,7 @@ from ...errors import RecipeError, UnsupportedArchitectureError
 from ..base_model.architecture import stitch_layers
 from ..base_model.cache_argument import CACHE_ARGUMENT
 from ..base_model.dense_model import with_torch_dtype
-from .stitch import MERGE, build_stitches, matching_depths, stitch_points
+from .stitch import MERGE, Stitch, build_stitches, matching_depths, stitch_points
 from .streams import StitchedBlockList, StreamState, capture_stream, replace_output
 
 
@@ -102,10 +103,11 @@ class HubWithStreams:
         k = self._stitch_at.get(index)
         if k is None:
             return output
-        hub = output[0] if isinstance(output, tuple) else output
+        hub = output[0] if isinstance(output, (tuple, list)) else output
         for name, state in states:
             state.advance_to(self._stream_depths[name][k])
         stitch, experts = self.stitches[k], [state.hidden for _, state in states]
+        self._check_stitch_width(hub, stitch)
         names = list(self.streams)
         active = [names.index(name) for name, _ in states]
         if stitch.direction == MERGE:
@@ -114,3 +116,12 @@ class HubWithStreams:
             for (_, state), updated in zip(states, stitch.broadcast(hub, experts, active)):
                 state.hidden = updated
         return replace_output(output, hub)
+
+    def _check_stitch_width(self, hub: torch.Tensor, stitch: Stitch) -> None:
+        """Stitches mix hidden states of the hub's hidden size; a family whose blocks pass on something wider
+        (Qwen4-Exp's hyper-connections: several residual streams side by side) has no such state between blocks."""
+        if hub.shape[-1] != stitch.hub_size:
+            raise UnsupportedArchitectureError(
+                f"bts cannot stitch '{self.config.text_config.model_type}': its blocks pass on a state of width "
+                f"{hub.shape[-1]}, not its hidden size {stitch.hub_size} (several residual streams side by side, as "
+                "hyper-connections keep), so there is no hidden state between blocks for stitches to mix")

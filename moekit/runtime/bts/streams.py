@@ -53,12 +53,14 @@ class StitchedBlockList(nn.ModuleList):
 
 
 class _BlockInputRecorder(nn.Module):
-    """Stands in for a block during the capture pass: records its call and passes the hidden state through."""
+    """Stands in for a block during the capture pass: records its call and passes the hidden state through, as a
+    1-tuple where the family's blocks return tuples (GPT-Neo's loop takes `outputs[0]`)."""
 
-    def __init__(self, block: nn.Module, calls: list):
+    def __init__(self, block: nn.Module, calls: list, as_tuple: bool = False):
         super().__init__()
         object.__setattr__(self, "block", block)
         object.__setattr__(self, "calls", calls)
+        object.__setattr__(self, "as_tuple", as_tuple)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -68,7 +70,7 @@ class _BlockInputRecorder(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.calls.append((hidden_states, args, kwargs))
-        return hidden_states
+        return (hidden_states,) if self.as_tuple else hidden_states
 
 
 @dataclass
@@ -84,25 +86,32 @@ class StreamState:
         while self.done < depth:
             args, kwargs = self.calls[self.done]
             output = self.blocks[self.done](self.hidden, *args, **kwargs)
-            self.hidden = output[0] if isinstance(output, tuple) else output
+            self.hidden = output[0] if isinstance(output, (tuple, list)) else output
             self.done += 1
 
 
 def capture_stream(stream: nn.Module, blocks: nn.ModuleList, inputs: dict[str, Any]) -> StreamState:
-    """Run the stream's own forward with recorders in place of its blocks; return its state before block 0."""
-    calls: list = []
+    """Run the stream's own forward with recorders in place of its blocks; return its state before block 0. Blocks
+    return the hidden state or a tuple starting with it, which the model's loop unpacks: recorders return the
+    hidden state, and where the forward fails so, a 1-tuple (the recorders touch no cache, so the retry is clean)."""
     originals = dict(blocks._modules)
-    blocks._modules = {key: _BlockInputRecorder(block, calls) for key, block in originals.items()}
-    try:
-        stream(**inputs)
-    except MixtureKitError:
-        raise
-    except Exception as error:  # a family whose forward does not survive recorders in place of its blocks
+    failure: Exception | None = None
+    for as_tuple in (False, True):
+        calls: list = []
+        blocks._modules = {key: _BlockInputRecorder(block, calls, as_tuple) for key, block in originals.items()}
+        try:
+            stream(**inputs)
+            break
+        except MixtureKitError:
+            raise
+        except Exception as error:  # noqa: BLE001  (a family whose forward does not survive recorders)
+            failure = failure or error
+        finally:
+            blocks._modules = originals
+    else:
         raise UnsupportedArchitectureError(
             f"bts cannot run {type(stream).__name__} as a stream: its forward failed with its blocks recorded one by "
-            f"one ({type(error).__name__}: {error})") from error
-    finally:
-        blocks._modules = originals
+            f"one ({type(failure).__name__}: {failure})") from failure
     if len(calls) != len(originals):
         raise UnsupportedArchitectureError(
             f"bts cannot run {type(stream).__name__} as a stream: its forward called {len(calls)} of its "
@@ -113,5 +122,8 @@ def capture_stream(stream: nn.Module, blocks: nn.ModuleList, inputs: dict[str, A
 
 
 def replace_output(output: Any, hidden: torch.Tensor) -> Any:
-    """A block's output with its hidden state replaced (blocks return a tensor, or a tuple starting with one)."""
+    """A block's output with its hidden state replaced (blocks return a tensor, or a tuple starting with one; the
+    original GPT's blocks a list)."""
+    if isinstance(output, list):
+        return [hidden, *output[1:]]
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
