@@ -210,3 +210,17 @@ def test_a_stream_whose_blocks_hand_on_more_than_the_hidden_state_is_refused_in_
                                  "Tensor beside the hidden state, which its forward hands on to the next block, so its "
                                  "blocks cannot be run one at a time between stitches")
     assert all(isinstance(layer, _IndexPassingBlock) for layer in model.layers)  # its blocks are put back
+
+
+def test_blocks_are_counted_by_the_stored_count_where_num_hidden_layers_is_derived():
+    """LongCat-Flash's blocks each hold two attention sublayers, and its config's num_hidden_layers is twice its
+    blocks (its model sets it so): its decoder blocks are found by num_layers, which bts stitches between."""
+    from family_sweep import tiny_config as sweep_config
+    from moekit.runtime.architecture import decoder_layers, num_layers
+
+    config = sweep_config("longcat_flash")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    name, blocks = decoder_layers(model, config)
+    assert name == "model.layers" and blocks is model.model.layers
+    assert num_layers(config) == len(model.model.layers) == config.num_layers
