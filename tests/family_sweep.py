@@ -43,7 +43,7 @@ SIZES = dict(
 # key-value compressions, and the per-head split of queries and keys into a rotary part, as wide as head_dim which
 # several families alias to it, and a position-free part), the sparse-attention indexer's (DeepSeek-V3.2), linear
 # attention's own heads, the expert groups of group-limited routing (2 groups of the 4 experts), and the dense blocks
-# before the MoE ones (one, as released DeepSeek-style checkpoints have). A family whose default is smaller keeps it,
+# before the MoE ones (one; released checkpoints have one to three). A family whose default is smaller keeps it,
 # a None stays None (MLA without a query compression: Sarvam-MLA, Kimi Linear), and one the family derives from others
 # (no argument of its config: xLSTM's v_head_dim, DeepSeek-V4's qk_rope_head_dim) is left to it.
 SHRINK_ONLY_SIZES = dict(
