@@ -20,6 +20,7 @@ families and keeps both tables' other rows.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import re
 import shutil
@@ -40,6 +41,18 @@ SIZES = dict(
     n_ctx=64, n_inner=48, d_model=32, ffn_dim=48, num_layers=2, decoder_layers=2, decoder_ffn_dim=48,
     decoder_attention_heads=4, encoder_layers=2, moe_intermediate_size=16, num_experts=4, num_local_experts=4,
     n_routed_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+# Sizes that are only ever shrunk: multi-head latent attention's (DeepSeek-V2 and its descendants: the query and
+# key-value compressions, and the per-head split of queries and keys into a rotary part, as wide as head_dim which
+# several families alias to it, and a position-free part), the sparse-attention indexer's (DeepSeek-V3.2), linear
+# attention's own heads, the expert groups of group-limited routing (2 groups of the 4 experts), and the dense blocks
+# before the MoE ones (one; released checkpoints have one to three). A family whose default is smaller keeps it,
+# a None stays None (MLA without a query compression: Sarvam-MLA, Kimi Linear), and one the family derives from others
+# (no argument of its config: xLSTM's v_head_dim, DeepSeek-V4's qk_rope_head_dim) is left to it.
+SHRINK_ONLY_SIZES = dict(
+    q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, index_n_heads=2,
+    index_head_dim=16, linear_num_heads=4, linear_head_dim=8, n_group=2, num_expert_group=2, topk_group=1,
+    first_k_dense_replace=1,
 )
 MAX_PARAMETERS = 3_000_000  # a family whose tiny config stays bigger keeps a size field this shrinking misses
 METHODS = ("traditional", "btx", "bts")
@@ -124,6 +137,26 @@ _QWEN4_EXP_TEXT = dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8
                        hc_lowrank=8)
 # A BERT-style family's causal LM attends causally, and caches, only as a decoder (transformers warns otherwise).
 _DECODER = dict(is_decoder=True)
+# Inkling 2's sliding-window layers have heads of their own (swa_*), its LM head its own width (the unpadded
+# vocabulary), and its attention residuals sum blocks of layers (n_layers_per_attn_res_block) that the looped variant's
+# loop must start and end on: the tiny model keeps one layer of each kind, and the looped one loops its middle layer.
+_INKLING2 = dict(unpadded_vocab_size=SIZES["vocab_size"], swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                 swa_head_dim=8, sliding_window_size=4, d_rel=4, n_layers_per_attn_res_block=1,
+                 layer_types=["hybrid_sliding", "hybrid"])
+_INKLING2_LOOP = dict(_INKLING2, num_hidden_layers=3, layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"],
+                      loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=4)
+# dots3 Note's text model requires one key-value head per query head, and its sliding-window layers are a per-layer
+# config given by swa_* fields (which the generic sizes cannot reach): the tiny model keeps one layer of each kind. Its
+# multimodal wrapper's vision and audio adapters must project to the text width.
+_DOTS3_NOTE_TEXT = dict(kv_lora_rank=16, qk_nope_head_dim=8, shared_experts_intermediate_size=16, sliding_window=4,
+                        layer_types=["indexed_attention", "sliding_attention"], swa_num_attention_heads=4,
+                        swa_num_key_value_heads=4, swa_q_lora_rank=16, swa_kv_lora_rank=16, swa_head_dim=16,
+                        swa_qk_nope_head_dim=8, swa_v_head_dim=8)
+_ENCODER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+# BLT's local encoder and decoder project to the global transformer's width (hidden_size_global), which the top-level
+# config derives its projections from when it is built, and it hashes byte n-grams into a table of its own size.
+_BLT_PART = dict(_ENCODER, num_key_value_heads=2, max_position_embeddings=SIZES["max_position_embeddings"])
+_BLT_LOCAL = dict(_BLT_PART, vocab_size=SIZES["vocab_size"], hidden_size_global=_BLT_PART["hidden_size"])
 FAMILY_FIELDS: dict[str, dict] = {
     "bert-generation": _DECODER, "big_bird": _DECODER, "electra": _DECODER, "roformer": _DECODER,
     # Reformer: axial positions span max_position_embeddings (8 x 8) and fill the width (16 + 16); LSH hashing is
@@ -199,6 +232,39 @@ FAMILY_FIELDS: dict[str, dict] = {
     "gemma4": dict(text_config=dict(model_type="gemma4_text", **{k: v for k, v in SIZES.items() if k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
         "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")}, **_GEMMA4_TEXT)),
+    "inkling2_text": _INKLING2, "inkling2_loop_text": _INKLING2_LOOP,
+    "dots3_note_text": _DOTS3_NOTE_TEXT,
+    "dots3_note": dict(
+        text_config=dict(model_type="dots3_note_text", **{k: v for k, v in SIZES.items() if k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "head_dim",
+            "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "max_position_embeddings",
+            "pad_token_id", "bos_token_id", "eos_token_id")}, **_DOTS3_NOTE_TEXT, num_key_value_heads=4,
+            q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8, index_n_heads=2, index_head_dim=16),
+        vision_config=dict(_ENCODER, moe_intermediate_size=16, pyramid_num_routed=[-1, 4], adapter_in_dim=32,
+                           adapter_out_dim=32),
+        audio_config=dict(_ENCODER, downsample_hidden_size=16, adapter_input_size=32, adapter_out_dim=32)),
+    "blt": dict(encoder_hash_byte_group_vocab=64, patcher_config=dict(_BLT_PART, vocab_size=SIZES["vocab_size"]),
+                encoder_config=_BLT_LOCAL, decoder_config=_BLT_LOCAL, global_config=_BLT_PART),
+    # Phi-4-multimodal's causal LM holds its audio encoder, whose convolution widths and block count are its own.
+    "phi4_multimodal": dict(audio_config=dict(num_blocks=2, ext_pw_out_channel=32, depthwise_separable_out_channel=32,
+                                              nemo_conv_channels=16)),
+    # RoCBert embeds each token's glyph shape and pronunciation too, from vocabularies of their own.
+    "roc_bert": dict(_DECODER, shape_vocab_size=16, shape_embed_dim=8, pronunciation_vocab_size=16,
+                     pronunciation_embed_dim=8),
+    # These configs' defaults are no model transformers builds (every released checkpoint sets the field): dots.llm1's
+    # n_shared_experts is None, which its MoE multiplies by; LFM2-MoE's layer_types is None, which its layers index.
+    "dots1": dict(n_shared_experts=1),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),  # a dense block, then an MoE one
+    "longcat_flash": dict(zero_expert_num=2),  # its router also scores "zero" (identity) experts, 256 by default
+    # MiniCPM3 divides the last hidden states by hidden_size / dim_model_base (10 in the released model): shrunk to 32
+    # wide with the default base of 256 it would multiply them by 8: logits of ~50, whose float32 rounding alone exceeds
+    # the sweep's 1e-5.
+    "minicpm3": dict(dim_model_base=4),
+    # transformers' YoutuPreTrainedModel._init_weights zeroes the padding row of an embedding it has just loaded (its
+    # `init.zeros_(module.weight.data[padding_idx])` skips the loaded-weights guard the base class keeps), so a random
+    # pad row would not survive save -> load in transformers itself; released checkpoints' pad rows are zero. The tiny
+    # model has no padding token instead.
+    "youtu": dict(pad_token_id=None),
 }
 
 
@@ -244,13 +310,31 @@ def _is_attention(kind: str) -> bool:
 def _kept_layers(defaults, layers: int) -> list[int]:
     """The first layers, and where they hold no attention layer (a hybrid decoder whose first layers are all linear
     attention or Mamba, whose cache transformers then cannot measure), the first of every kind a per-layer list names:
-    a shrunk Qwen3.5 keeps one layer of each kind."""
+    a shrunk Qwen3.5 keeps one layer of each kind. Likewise where the first layers hold no MoE block (DeepSeek-V3.2's
+    and GLM-5's first three FFNs are dense): the tiny model keeps the first sparse one, as the family is an MoE."""
     keep = list(range(min(layers, SIZES["num_hidden_layers"])))
-    for value in vars(defaults).values():
-        if (isinstance(value, list) and len(value) == layers and all(isinstance(v, str) for v in value)
-                and not any(_is_attention(value[i]) for i in keep) and any(map(_is_attention, value))):
-            keep += [value.index(kind) for kind in dict.fromkeys(value) if kind not in {value[i] for i in keep}]
+    for key, value in vars(defaults).items():
+        if not (isinstance(value, list) and len(value) == layers and all(isinstance(v, str) for v in value)):
+            continue
+        kept = {value[i] for i in keep}
+        if not any(map(_is_attention, kept)) and any(map(_is_attention, value)):
+            keep += [value.index(kind) for kind in dict.fromkeys(value) if kind not in kept]
+        elif key == "mlp_layer_types" and "sparse" in value and "sparse" not in kept:
+            keep.append(value.index("sparse"))
     return sorted(set(keep))
+
+
+def _shrink_only_sizes(defaults) -> dict[str, int]:
+    """The `SHRINK_ONLY_SIZES` this family's config has as its own fields, each no larger than the family's default."""
+    sizes = {}
+    for key, value in SHRINK_ONLY_SIZES.items():
+        current = _field(defaults, key)
+        if (isinstance(current, int) and not isinstance(current, bool) and current > value
+                and key in inspect.signature(type(defaults).__init__).parameters):
+            sizes[key] = value
+    if _has(defaults, "kv_lora_rank"):  # latent attention decompresses one key-value head per query head, which
+        sizes["num_key_value_heads"] = SIZES["num_attention_heads"]  # the family assumes
+    return sizes
 
 
 def _shrink(config, defaults, given=frozenset()) -> None:
@@ -259,7 +343,7 @@ def _shrink(config, defaults, given=frozenset()) -> None:
     for key, value in list(vars(defaults).items()):  # per-layer lists (layer_types, ...) keep the kept layers
         if keep and key not in given and isinstance(value, list) and len(value) == layers:
             setattr(config, key, [value[i] for i in keep])
-    for key, value in SIZES.items():
+    for key, value in (SIZES | _shrink_only_sizes(defaults)).items():
         if key in given or _derived(config, key):
             continue
         if keep and key in ("num_hidden_layers", "n_layer", "num_layers"):
@@ -286,6 +370,7 @@ def tiny_config(model_type: str):
     except Exception:  # noqa: BLE001  (a default config that does not validate, Gemma 4's assistant's: its own fields)
         defaults = AutoConfig.for_model(model_type, **family)
     fields = {k: v for k, v in SIZES.items() if _has(defaults, k) and not _derived(defaults, k)}
+    fields |= _shrink_only_sizes(defaults)
     layers = _layer_count(defaults)
     if layers and layers > SIZES["num_hidden_layers"]:
         keep = _kept_layers(defaults, layers)
@@ -446,6 +531,11 @@ def check_method(method: str, models: list[torch.nn.Module], folders: list[Path]
 # transformers" while the build still fails with one of those errors; any other failure to build is "not built", the
 # harness's. (On 5.17 MusicGen's composite config does not even validate without its sub-configs, before that limit.)
 TRANSFORMERS_LIMITS: dict[str, tuple[tuple[str, ...], str]] = {
+    "blt": (
+        ("'BltConfig' object has no attribute 'num_hidden_layers'",),
+        "transformers' BltModel: its forward with the cache (the default, and generation) builds "
+        "DynamicCache(config=BltConfig), whose composite config has no num_hidden_layers to size the cache by (its "
+        "layer counts are in its encoder, decoder and global configs); without the cache the tiny model runs"),
     "gemma4_assistant": (
         ("inputs_embeds and shared_kv_states cannot be None",),
         "transformers' Gemma4AssistantForCausalLM is a speculative-decoding drafter: its forward needs the target "

@@ -176,3 +176,51 @@ def test_bad_bts_inputs(trio, tmp_path):
     with pytest.raises(RecipeError, match="hub and at least one expert"):
         load_recipe({"method": "bts", "experts": [{"name": "a", "source": str(folders[0])}]})
     assert not (tmp_path / "o").exists()
+
+
+class _IndexPassingBlock(torch.nn.Module):
+    """A block that, like GLM-5's and HY-V4's, returns its top-k indices beside the hidden state for the next one."""
+
+    def forward(self, hidden, previous_indices=None):
+        return hidden + 1, hidden.argmax(-1)
+
+
+class _IndexPassingModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_IndexPassingBlock(), _IndexPassingBlock()])
+
+    def forward(self, hidden):
+        indices = None
+        for layer in self.layers:
+            hidden, indices = layer(hidden, previous_indices=indices)
+        return hidden
+
+
+def test_a_stream_whose_blocks_hand_on_more_than_the_hidden_state_is_refused_in_words():
+    """Such blocks cannot run one at a time from recorded calls (what they hand on depends on the stitched state):
+    the refusal names the block and what it returns, not only the forward's own unpacking error."""
+    from moekit import UnsupportedArchitectureError
+    from moekit.runtime.bts.streams import capture_stream
+
+    model = _IndexPassingModel()
+    with pytest.raises(UnsupportedArchitectureError) as raised:
+        capture_stream(model, model.layers, {"hidden": torch.zeros(1, 3, 4)})
+    assert str(raised.value) == ("bts cannot run _IndexPassingModel as a stream: its blocks (_IndexPassingBlock) return "
+                                 "Tensor beside the hidden state, which its forward hands on to the next block, so its "
+                                 "blocks cannot be run one at a time between stitches")
+    assert all(isinstance(layer, _IndexPassingBlock) for layer in model.layers)  # its blocks are put back
+
+
+def test_blocks_are_counted_by_the_stored_count_where_num_hidden_layers_is_derived():
+    """LongCat-Flash's blocks each hold two attention sublayers, and its config's num_hidden_layers is twice its
+    blocks (its model sets it so): its decoder blocks are found by num_layers, which bts stitches between."""
+    from family_sweep import tiny_config as sweep_config
+    from moekit.runtime.architecture import decoder_layers, num_layers
+
+    config = sweep_config("longcat_flash")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    name, blocks = decoder_layers(model, config)
+    assert name == "model.layers" and blocks is model.model.layers
+    assert num_layers(config) == len(model.model.layers) == config.num_layers

@@ -11,8 +11,8 @@ import torch
 import transformers
 
 from family_sweep import (
-    CACHE_LIMITATIONS, METHODS, causal_lm_types, read_expectations, sweep, sweep_section, sweep_table,
-    unexpected_outcomes,
+    CACHE_LIMITATIONS, METHODS, NOT_RUNNABLE, TRANSFORMERS_LIMITS, causal_lm_types, read_expectations, sweep,
+    sweep_section, sweep_table, unexpected_outcomes,
 )
 
 TABLE_PAGE = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"  # the generated family table
@@ -74,6 +74,18 @@ def test_every_unchecked_cache_names_its_transformers_limitation(results):
     stale = {t for t in CACHE_LIMITATIONS if t in swept and t not in unchecked
              and any(o.startswith("passed") for r in results if r.model_type == t for o in r.outcomes.values())}
     assert not stale, f"these families' dense caches agree now: remove them from CACHE_LIMITATIONS: {stale}"
+
+
+@pytest.mark.slow
+def test_every_family_not_run_for_a_transformers_bug_still_meets_it(results):
+    """A family recorded as not runnable for a limit of transformers (TRANSFORMERS_LIMITS) is still stopped by it:
+    once a release fixes it, the family is swept like the others."""
+    swept = {r.model_type: r for r in results}
+    for model_type, (_, limitation) in TRANSFORMERS_LIMITS.items():
+        if model_type in swept:
+            result = swept[model_type]
+            assert not result.outcomes and result.built == NOT_RUNNABLE + limitation, (
+                f"{model_type} is no longer stopped by the limit recorded for it: {result.cells()}")
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""bts steps each expert stream block by block from what its own forward passes its blocks (moekit.runtime.streams):
+"""bts steps each expert stream block by block from what its own forward passes its blocks (moekit.runtime.bts.streams):
 whatever a family's blocks return (a tensor, a tuple, GPT-Neo's and the original GPT's lists the loop unpacks), the
 stream stepped block by block ends where the family's own forward ends."""
 

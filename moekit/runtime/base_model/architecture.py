@@ -37,10 +37,16 @@ def is_multimodal(config: PretrainedConfig) -> bool:
     return language_config(config) is not config
 
 
+# Families whose config counts their decoder blocks under another key than num_hidden_layers: LongCat-Flash's blocks
+# each hold two attention sublayers, and its num_hidden_layers counts those (twice its blocks).
+BLOCK_COUNT_KEYS = {"longcat_flash": "num_layers"}
+
+
 def num_layers(config: PretrainedConfig) -> int:
     """The number of decoder blocks: the language model's, in a multimodal wrapper."""
     for candidate in (language_config(config), config):
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        own = BLOCK_COUNT_KEYS.get(getattr(candidate, "model_type", ""))
+        for key in ((own,) if own else ()) + ("num_hidden_layers", "n_layer", "num_layers"):
             value = getattr(candidate, key, None)
             if isinstance(value, int):
                 return value

@@ -109,9 +109,7 @@ def capture_stream(stream: nn.Module, blocks: nn.ModuleList, inputs: dict[str, A
         finally:
             blocks._modules = originals
     else:
-        raise UnsupportedArchitectureError(
-            f"bts cannot run {type(stream).__name__} as a stream: its forward failed with its blocks recorded one by "
-            f"one ({type(failure).__name__}: {failure})") from failure
+        raise UnsupportedArchitectureError(_capture_failure(stream, blocks, calls, failure)) from failure
     if len(calls) != len(originals):
         raise UnsupportedArchitectureError(
             f"bts cannot run {type(stream).__name__} as a stream: its forward called {len(calls)} of its "
@@ -119,6 +117,27 @@ def capture_stream(stream: nn.Module, blocks: nn.ModuleList, inputs: dict[str, A
             "block)")
     initial = calls[0][0]
     return StreamState(hidden=initial, blocks=blocks, calls=[(args, kwargs) for _, args, kwargs in calls])
+
+
+def _capture_failure(stream: nn.Module, blocks: nn.ModuleList, calls: list, error: Exception) -> str:
+    """Why a stream's forward failed with recorders in place of its blocks: in words where its first block, run on
+    what it was called with, returns more than the hidden state (GLM-5 and HY-V4 hand each block's sparse-attention
+    top-k indices to the next one), which no recorded call can stand in for once a stitch changes the hidden state."""
+    name = type(stream).__name__
+    if calls:
+        hidden, args, kwargs = calls[0]
+        try:
+            with torch.no_grad():
+                output = blocks[0](hidden, *args, **kwargs)
+        except Exception:  # noqa: BLE001  (the message below names the forward's own error)
+            output = None
+        extras = [type(item).__name__ for item in output[1:] if item is not None] if isinstance(output, tuple) else []
+        if extras:
+            return (f"bts cannot run {name} as a stream: its blocks ({type(blocks[0]).__name__}) return "
+                    f"{', '.join(extras)} beside the hidden state, which its forward hands on to the next block, so "
+                    "its blocks cannot be run one at a time between stitches")
+    return (f"bts cannot run {name} as a stream: its forward failed with its blocks recorded one by one "
+            f"({type(error).__name__}: {error})")
 
 
 def replace_output(output: Any, hidden: torch.Tensor) -> Any:
