@@ -213,6 +213,19 @@ PROJECTOR_SIZES = dict(projection_dim=None, projector_hidden_size=48, alignment_
 # codes), widths into the decoder at the text width (`None`).
 VQ_SIZES = dict(num_embeddings=8, embed_dim=8, latent_channels=32, base_channels=32, num_res_blocks=1, resolution=32,
                 num_patches=4, projection_dim=None, image_token_embed_dim=None, num_hidden_layers=1)
+# Text-side sizes `family_sweep`'s SIZES leaves (multi-head latent attention's ranks and head parts, DeepSeek sparse
+# attention's indexer, linear-attention heads, shared experts): a decoder of text width 32, heads of 8.
+# The rotary part of a latent-attention head is the config's `head_dim` (8), as their configs derive it.
+TEXT_EXTRA_SIZES = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                        qk_head_dim=16, index_head_dim=8, index_n_heads=2, index_topk=64, linear_head_dim=8,
+                        linear_num_heads=4, shared_experts_intermediate_size=16, moe_intermediate_size=16,
+                        moe_hidden_size=16, swa_head_dim=8, unpadded_vocab_size=VOCAB - 32)
+# The other towers' sizes (audio encoders, SAM-style high-resolution encoders, towers nested in the vision config):
+# one layer or stage, widths of 32 (`None`: the text width, which their output feeds).
+TOWER_SIZES = dict(output_channels=32, mlp_dim=48, num_pos_feats=16, downsample_hidden_size=32, output_dim=None,
+                   d_model=32, encoder_ffn_dim=48, encoder_layers=1, encoder_attention_heads=4, num_mel_bins=16,
+                   projection_hidden_dim=48, projection_intermediate_size=48, projection_hidden_size=48,
+                   adapter_in_dim=32, adapter_out_dim=None, adapter_input_size=32, conv_output_size=None)
 OMNI_THINKERS = ("qwen2_5_omni_thinker", "qwen3_omni_moe_thinker")
 IMAGE_TOKEN_FIELDS = ("image_token_id", "image_token_index", "image_token")
 
@@ -295,6 +308,39 @@ def _image_token(config) -> int | None:
     return None
 
 
+def _shrink_text_extras(text) -> None:
+    """The text decoder's sizes `family_sweep` does not know (`TEXT_EXTRA_SIZES`), where the config has them."""
+    from family_sweep import _field
+
+    for key, value in TEXT_EXTRA_SIZES.items():
+        current = _field(text, key)
+        if isinstance(current, int) and not isinstance(current, bool):
+            setattr(text, key, value)
+    if isinstance(_field(text, "kv_lora_rank"), int) and isinstance(_field(text, "num_key_value_heads"), int):
+        text.num_key_value_heads = text.num_attention_heads  # latent attention expands its one latent to every head
+
+
+def _towers(config, skip=("text_config",)):
+    """Every sub-config below the wrapper but the text decoder's, nested ones too (a SAM encoder in the vision
+    config), as (name, config)."""
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, key, None)
+        if key not in skip and hasattr(sub, "to_dict"):
+            yield key, sub
+            yield from _towers(sub, skip)
+
+
+def _shrink_tower(tower, width: int) -> None:
+    """An audio or high-resolution tower: `TOWER_SIZES` and `VISION_SIZES` where it has them, one stage of each
+    per-stage list, global attention in its one layer."""
+    for key, value in {**VISION_SIZES, **TOWER_SIZES}.items():
+        current = getattr(tower, key, None)
+        if isinstance(current, int) and not isinstance(current, bool):
+            setattr(tower, key, width if value is None else value)
+    if isinstance(getattr(tower, "global_attn_indexes", None), list):  # SAM: which layers attend globally
+        tower.global_attn_indexes = [0]
+
+
 def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[PretrainedConfig], ImageInputs]]:
     """A tiny config of any image-text family and its image inputs, or raise saying why the harness has none."""
     from family_sweep import tiny_config
@@ -304,6 +350,14 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
     for key in ("vision_config", "vision_tower_config", "visual_config", "adapter_config"):  # Molmo 2's adapter
         if hasattr(getattr(config, key, None), "to_dict"):  # pools the vision tower's states into text width
             _shrink_vision(config, getattr(config, key), width)
+    vision_keys = ("vision_config", "vision_tower_config", "visual_config", "adapter_config", "vq_config")
+    for key, tower in _towers(config):
+        if key in vision_keys and any(tower is getattr(config, k, None) for k in vision_keys):
+            continue  # the main vision tower, shrunk above (its nested towers are not)
+        if "vision" in key or "sam" in key or "image" in key:  # a second or nested vision tower
+            _shrink_vision(config, tower, width)
+        _shrink_tower(tower, width)
+    _shrink_text_extras(getattr(config, "text_config", None) or config)
     for part in (config, getattr(config, "text_config", None)):
         for key, value in PROJECTOR_SIZES.items():
             if isinstance(getattr(part, key, None), int) and not isinstance(getattr(part, key), bool):
