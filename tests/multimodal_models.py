@@ -202,12 +202,12 @@ FEATURE_COUNT = re.compile(r"tokens:? (\d+),? (?:image )?features:? (\d+)")
 GENERIC_IMAGE_TOKENS: dict[str, int] = {}  # per family, as `find_image_token_count` found it
 GENERIC_IMAGE, GENERIC_PATCH = 32, 8
 # Vision-side sizes the text shrinking leaves (`None`: the text decoder's width, which the vision output feeds).
-VISION_SIZES = dict(embed_dim=32, depth=1, num_hidden_layers=1, out_hidden_size=None, projector_input_dim=None,
+VISION_SIZES = dict(adapter_in_dim=32, adapter_out_dim=None, embed_dim=32, depth=1, num_hidden_layers=1, out_hidden_size=None, projector_input_dim=None,
                     projector_output_dim=None, vision_output_dim=32, num_position_embeddings=16,
                     intermediate_size=48, num_heads=4, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
                     text_hidden_size=None)
 # Projector and text widths the shrinking leaves, on the wrapper and its text config (`None`: the text width).
-PROJECTOR_SIZES = dict(projection_dim=None, projector_hidden_size=48, alignment_intermediate_size=48,
+PROJECTOR_SIZES = dict(projection_dim=None, projection_hidden_size=VISION_SIZES["embed_dim"], projector_hidden_size=48, alignment_intermediate_size=48,
                        intermediate_size_mlp=48, mm_tokens_per_image=4)
 # A VQ image tokenizer's sizes (Chameleon, Janus): an 8-code book, 32 channels (its group norms' groups), 8x downsampling (a 32x32 image is 16
 # codes), widths into the decoder at the text width (`None`).
@@ -275,6 +275,9 @@ def _shrink_vision(config, vision, width: int) -> None:
         vision.patch_size = GENERIC_PATCH
     elif isinstance(patch, (list, tuple)) and len(patch) == 2:
         vision.patch_size = type(patch)([GENERIC_PATCH, GENERIC_PATCH])
+    if isinstance(getattr(config, "projector_patch_to_query_dict", None), dict):  # Aria: its projector's queries
+        config.projector_patch_to_query_dict = {(GENERIC_IMAGE // GENERIC_PATCH) ** 2: 4}  # per patch count
+        config.max_value_projector_patch_to_query_dict = 4
     if isinstance(getattr(config, "image_grid_pinpoints", None), list):  # LLaVA-NeXT: one tile grid, the image size
         config.image_grid_pinpoints = [[GENERIC_IMAGE, GENERIC_IMAGE]]
 
@@ -308,14 +311,32 @@ def _image_token(config) -> int | None:
     return None
 
 
+def _drop_dropped_layers_overrides(part) -> None:
+    """A heterogeneous config (per-layer overrides in `per_layer_config`) keeps only the overrides of the layers the
+    tiny model keeps, and the sizes `family_sweep` skipped while they were per layer (read only per layer then)."""
+    from family_sweep import SIZES, _field
+
+    if not getattr(part, "is_heterogeneous", False):
+        return
+    layers = _field(part, "num_hidden_layers") or 0
+    overrides = {k: v for k, v in (part.to_dict().get("per_layer_config") or {}).items() if int(k) < layers}
+    part.per_layer_config = overrides or None
+    for key, value in SIZES.items():
+        current = _field(part, key)
+        if isinstance(current, int) and not isinstance(current, bool) and key not in ("num_hidden_layers",):
+            setattr(part, key, value)
+
+
 def _shrink_text_extras(text) -> None:
     """The text decoder's sizes `family_sweep` does not know (`TEXT_EXTRA_SIZES`), where the config has them."""
     from family_sweep import _field
 
     for key, value in TEXT_EXTRA_SIZES.items():
         current = _field(text, key)
-        if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(current, int) and not isinstance(current, bool) and current:  # 0: none (GLM-5's NoPE)
             setattr(text, key, value)
+    if isinstance(_field(text, "qk_head_dim"), int):  # a latent-attention head: its unrotated and rotary parts
+        text.qk_head_dim = text.qk_nope_head_dim + (_field(text, "qk_rope_head_dim") or 0)
     if isinstance(_field(text, "kv_lora_rank"), int) and isinstance(_field(text, "num_key_value_heads"), int):
         text.num_key_value_heads = text.num_attention_heads  # latent attention expands its one latent to every head
 
@@ -350,6 +371,8 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
     for key in ("vision_config", "vision_tower_config", "visual_config", "adapter_config"):  # Molmo 2's adapter
         if hasattr(getattr(config, key, None), "to_dict"):  # pools the vision tower's states into text width
             _shrink_vision(config, getattr(config, key), width)
+    for part in [getattr(config, "text_config", None) or config] + [tower for _, tower in _towers(config)]:
+        _drop_dropped_layers_overrides(part)
     vision_keys = ("vision_config", "vision_tower_config", "visual_config", "adapter_config", "vq_config")
     for key, tower in _towers(config):
         if key in vision_keys and any(tower is getattr(config, k, None) for k in vision_keys):
@@ -404,7 +427,20 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
         vision = config
     if vision is None:
         raise HarnessGap("the generic harness finds no vision_config")
-    return config, lambda c: _generic_inputs(model_type, c, image_token, vision)
+    return config, lambda c: _fit_inputs(model_type, _generic_inputs(model_type, c, image_token, vision), vision)
+
+
+# Families whose processor hands the flattened patches of a Qwen-style grid as small images, [patches, channels,
+# patch, patch]: their patch embedding is a Conv2d over each patch (Kimi K2.5).
+PATCHES_AS_IMAGES = ("kimi_k25",)
+
+
+def _fit_inputs(model_type: str, inputs: ImageInputs, vision) -> ImageInputs:
+    """The generic inputs in the layout a family's own processor gives (`PATCHES_AS_IMAGES`)."""
+    if model_type in PATCHES_AS_IMAGES and inputs.get("pixel_values") is not None:
+        patch = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
+        inputs["pixel_values"] = inputs["pixel_values"].reshape(-1, 3, patch, patch)
+    return inputs
 
 
 def _generic_inputs(model_type: str, config, image_token: int, vision) -> ImageInputs:
