@@ -226,6 +226,17 @@ TOWER_SIZES = dict(output_channels=32, mlp_dim=48, num_pos_feats=16, downsample_
                    d_model=32, encoder_ffn_dim=48, encoder_layers=1, encoder_attention_heads=4, num_mel_bins=16,
                    projection_hidden_dim=48, projection_intermediate_size=48, projection_hidden_size=48,
                    adapter_in_dim=32, adapter_out_dim=None, adapter_input_size=32, conv_output_size=None)
+# Fields a family's config class leaves `None` although its model reads them (its checkpoints' configs write them):
+# tiny values, on the text config. DeepSeek-OCR 2: which layers are MoE (DeepSeek's first dense, then sparse);
+# DiffusionGemma: its routed experts; HunYuan-VL: `head_dim`; Qwen4-Exp: its QSA indexer (one kv head, a budget of
+# whole compressed blocks).
+UNSET_TEXT_FIELDS: dict[str, dict] = {
+    "deepseek_ocr2": dict(mlp_layer_types=["dense", "sparse"]),
+    "diffusion_gemma": dict(num_experts=4, top_k_experts=2, moe_intermediate_size=16),
+    "hunyuan_vl": dict(head_dim=8),
+    "qwen4_exp": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=16,
+                      indexer_compress_ratio=4),
+}
 OMNI_THINKERS = ("qwen2_5_omni_thinker", "qwen3_omni_moe_thinker")
 IMAGE_TOKEN_FIELDS = ("image_token_id", "image_token_index", "image_token")
 
@@ -301,6 +312,20 @@ def _fit_rope_sections(text) -> None:
     half = int(head * rope.get("partial_rotary_factor", 1.0)) // 2
     sections = [half - 2 * (half // 4), half // 4, half // 4]
     text.rope_parameters = {**rope, "mrope_section": sections[:len(rope.get("mrope_section", sections))]}
+
+
+def _rope_per_layer_kind(text) -> None:
+    """A text config whose class leaves `rope_parameters` empty while its model reads them per layer kind (Cohere
+    Compass: its checkpoints write one entry per kind) gets default RoPE for each kind, its multimodal sections fitted
+    to the tiny head."""
+    kinds = getattr(text, "layer_types", None)
+    if getattr(text, "rope_parameters", None) != {} or not isinstance(kinds, list):
+        return
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    half = head // 2
+    rope = {"rope_type": "default", "rope_theta": 10000.0,
+            "mrope_section": [half - 2 * (half // 4), half // 4, half // 4]}
+    text.rope_parameters = {kind: dict(rope) for kind in dict.fromkeys(kinds)}
 
 
 def _image_token(config) -> int | None:
@@ -380,7 +405,10 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
         if "vision" in key or "sam" in key or "image" in key:  # a second or nested vision tower
             _shrink_vision(config, tower, width)
         _shrink_tower(tower, width)
+    for key, value in UNSET_TEXT_FIELDS.get(model_type, {}).items():
+        setattr(getattr(config, "text_config", None) or config, key, value)
     _shrink_text_extras(getattr(config, "text_config", None) or config)
+    _rope_per_layer_kind(getattr(config, "text_config", None) or config)
     for part in (config, getattr(config, "text_config", None)):
         for key, value in PROJECTOR_SIZES.items():
             if isinstance(getattr(part, key, None), int) and not isinstance(getattr(part, key), bool):
