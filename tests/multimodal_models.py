@@ -228,10 +228,10 @@ TOWER_SIZES = dict(output_channels=32, mlp_dim=48, num_pos_feats=16, downsample_
                    adapter_in_dim=32, adapter_out_dim=None, adapter_input_size=32, conv_output_size=None)
 # Fields a family's config class leaves `None` although its model reads them (its checkpoints' configs write them):
 # tiny values, on the text config. DeepSeek-OCR 2: which layers are MoE (DeepSeek's first dense, then sparse);
-# DiffusionGemma: its routed experts; HunYuan-VL: `head_dim`; Qwen4-Exp: its QSA indexer (one kv head, a budget of
+# DiffusionGemma: its routed experts (DeepSeek-OCR 2 the routing too); HunYuan-VL: `head_dim`; Qwen4-Exp: its QSA indexer (one kv head, a budget of
 # whole compressed blocks).
 UNSET_TEXT_FIELDS: dict[str, dict] = {
-    "deepseek_ocr2": dict(mlp_layer_types=["dense", "sparse"]),
+    "deepseek_ocr2": dict(mlp_layer_types=["dense", "sparse"], num_experts_per_tok=2, n_group=1, topk_group=1),
     "diffusion_gemma": dict(num_experts=4, top_k_experts=2, moe_intermediate_size=16),
     "hunyuan_vl": dict(head_dim=8),
     "qwen4_exp": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=16,
@@ -383,8 +383,10 @@ def _shrink_tower(tower, width: int) -> None:
         current = getattr(tower, key, None)
         if isinstance(current, int) and not isinstance(current, bool):
             setattr(tower, key, width if value is None else value)
-    if isinstance(getattr(tower, "global_attn_indexes", None), list):  # SAM: which layers attend globally
+    if isinstance(getattr(tower, "global_attn_indexes", None), (list, tuple)):  # SAM: which layers attend globally
         tower.global_attn_indexes = [0]
+    if isinstance(getattr(tower, "downsample_channels", None), (list, tuple)):  # SAM's neck into the next encoder
+        tower.downsample_channels = [32] * len(tower.downsample_channels)  # (of width 32)
 
 
 def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[PretrainedConfig], ImageInputs]]:
