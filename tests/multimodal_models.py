@@ -205,7 +205,7 @@ GENERIC_IMAGE, GENERIC_PATCH = 32, 8
 VISION_SIZES = dict(adapter_in_dim=32, adapter_out_dim=None, embed_dim=32, depth=1, num_hidden_layers=1, out_hidden_size=None, projector_input_dim=None,
                     projector_output_dim=None, vision_output_dim=32, num_position_embeddings=16,
                     intermediate_size=48, num_heads=4, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
-                    text_hidden_size=None)
+                    text_hidden_size=None, position_embedding_size=64)
 # Projector and text widths the shrinking leaves, on the wrapper and its text config (`None`: the text width).
 PROJECTOR_SIZES = dict(projection_dim=None, projection_hidden_size=VISION_SIZES["embed_dim"], projector_hidden_size=48, alignment_intermediate_size=48,
                        intermediate_size_mlp=48, mm_tokens_per_image=4)
@@ -466,7 +466,13 @@ PATCHES_AS_IMAGES = ("kimi_k25",)
 
 
 def _fit_inputs(model_type: str, inputs: ImageInputs, vision) -> ImageInputs:
-    """The generic inputs in the layout a family's own processor gives (`PATCHES_AS_IMAGES`)."""
+    """The generic inputs in the layout a family's own processor gives (`PATCHES_AS_IMAGES`; Gemma 4's vision tower
+    elsewhere, as in DiffusionGemma: a 6x6 grid of flattened patches and their positions, pooled 3x3)."""
+    if getattr(vision, "model_type", None) == "gemma4_vision":
+        grid = 2 * vision.pooling_kernel_size
+        positions = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="xy"), -1)
+        inputs.update(pixel_values=torch.rand(1, grid * grid, 3 * vision.patch_size ** 2),
+                      image_position_ids=positions.reshape(1, grid * grid, 2))
     if model_type in PATCHES_AS_IMAGES and inputs.get("pixel_values") is not None:
         patch = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
         inputs["pixel_values"] = inputs["pixel_values"].reshape(-1, 3, patch, patch)
