@@ -457,7 +457,7 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
         vision = config
     if vision is None:
         raise HarnessGap("the generic harness finds no vision_config")
-    return config, lambda c: _fit_inputs(model_type, _generic_inputs(model_type, c, image_token, vision), vision)
+    return config, lambda c: _fit_inputs(model_type, c, _generic_inputs(model_type, c, image_token, vision), vision)
 
 
 # Families whose processor hands the flattened patches of a Qwen-style grid as small images, [patches, channels,
@@ -465,7 +465,7 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
 PATCHES_AS_IMAGES = ("kimi_k25",)
 
 
-def _fit_inputs(model_type: str, inputs: ImageInputs, vision) -> ImageInputs:
+def _fit_inputs(model_type: str, config, inputs: ImageInputs, vision) -> ImageInputs:
     """The generic inputs in the layout a family's own processor gives (`PATCHES_AS_IMAGES`; Gemma 4's vision tower
     elsewhere, as in DiffusionGemma: a 6x6 grid of flattened patches and their positions, pooled 3x3)."""
     if getattr(vision, "model_type", None) == "gemma4_vision":
@@ -473,6 +473,9 @@ def _fit_inputs(model_type: str, inputs: ImageInputs, vision) -> ImageInputs:
         positions = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="xy"), -1)
         inputs.update(pixel_values=torch.rand(1, grid * grid, 3 * vision.patch_size ** 2),
                       image_position_ids=positions.reshape(1, grid * grid, 2))
+    high_res = getattr(getattr(config, "high_res_vision_config", None), "image_size", None)
+    if high_res and inputs.get("pixel_values") is not None:  # DeepSeek-VL hybrid: the image again, for its
+        inputs["high_res_pixel_values"] = torch.randn(1, 3, high_res, high_res)  # high-resolution (SAM) tower
     if model_type in PATCHES_AS_IMAGES and inputs.get("pixel_values") is not None:
         patch = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
         inputs["pixel_values"] = inputs["pixel_values"].reshape(-1, 3, patch, patch)
