@@ -229,11 +229,12 @@ TOWER_SIZES = dict(output_channels=32, mlp_dim=48, num_pos_feats=16, downsample_
 # Fields a family's config class leaves `None` although its model reads them (its checkpoints' configs write them):
 # tiny values, on the text config. DeepSeek-OCR 2: which layers are MoE (DeepSeek's first dense, then sparse);
 # DiffusionGemma: its routed experts (DeepSeek-OCR 2 the routing too); HunYuan-VL: `head_dim`; Qwen4-Exp: its QSA indexer (one kv head, a budget of
-# whole compressed blocks).
+# whole compressed blocks); Step 3.7: its window (its model builds the sliding-window mask whatever its layers are).
 UNSET_TEXT_FIELDS: dict[str, dict] = {
     "deepseek_ocr2": dict(mlp_layer_types=["dense", "sparse"], num_experts_per_tok=2, n_group=1, topk_group=1),
     "diffusion_gemma": dict(num_experts=4, top_k_experts=2, moe_intermediate_size=16),
     "hunyuan_vl": dict(head_dim=8),
+    "step3p7": dict(sliding_window=4),
     "qwen4_exp": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=16,
                       indexer_compress_ratio=4),
 }
@@ -286,6 +287,9 @@ def _shrink_vision(config, vision, width: int) -> None:
         vision.patch_size = GENERIC_PATCH
     elif isinstance(patch, (list, tuple)) and len(patch) == 2:
         vision.patch_size = type(patch)([GENERIC_PATCH, GENERIC_PATCH])
+    merge = getattr(vision, "merge_size", None)
+    if isinstance(getattr(config, "out_hidden_size", None), int) and isinstance(merge, int):  # Muse: the merged
+        config.out_hidden_size = vision.hidden_size * merge ** 2  # patches' width, into the projector
     if isinstance(getattr(config, "projector_patch_to_query_dict", None), dict):  # Aria: its projector's queries
         config.projector_patch_to_query_dict = {(GENERIC_IMAGE // GENERIC_PATCH) ** 2: 4}  # per patch count
         config.max_value_projector_patch_to_query_dict = 4
@@ -338,13 +342,16 @@ def _image_token(config) -> int | None:
 
 def _drop_dropped_layers_overrides(part) -> None:
     """A heterogeneous config (per-layer overrides in `per_layer_config`) keeps only the overrides of the layers the
-    tiny model keeps, and the sizes `family_sweep` skipped while they were per layer (read only per layer then)."""
+    tiny model keeps, shrunk, and the sizes `family_sweep` skipped while they were per layer (read only per layer
+    then)."""
     from family_sweep import SIZES, _field
 
     if not getattr(part, "is_heterogeneous", False):
         return
     layers = _field(part, "num_hidden_layers") or 0
-    overrides = {k: v for k, v in (part.to_dict().get("per_layer_config") or {}).items() if int(k) < layers}
+    sizes = {**SIZES, **TEXT_EXTRA_SIZES}
+    overrides = {k: {f: sizes[f] if f in sizes and isinstance(v, int) and v else v for f, v in layer.items()}
+                 for k, layer in (part.to_dict().get("per_layer_config") or {}).items() if int(k) < layers}
     part.per_layer_config = overrides or None
     for key, value in SIZES.items():
         current = _field(part, key)
@@ -383,6 +390,9 @@ def _shrink_tower(tower, width: int) -> None:
         current = getattr(tower, key, None)
         if isinstance(current, int) and not isinstance(current, bool):
             setattr(tower, key, width if value is None else value)
+    layers = getattr(tower, "num_hidden_layers", None)
+    if isinstance(layers, int) and isinstance(getattr(tower, "layer_types", None), list):  # one kind per layer
+        tower.layer_types = tower.layer_types[:layers]
     if isinstance(getattr(tower, "global_attn_indexes", None), (list, tuple)):  # SAM: which layers attend globally
         tower.global_attn_indexes = [0]
     if isinstance(getattr(tower, "downsample_channels", None), (list, tuple)):  # SAM's neck into the next encoder
@@ -460,9 +470,18 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
     return config, lambda c: _fit_inputs(model_type, c, _generic_inputs(model_type, c, image_token, vision), vision)
 
 
-# Families whose processor hands the flattened patches of a Qwen-style grid as small images, [patches, channels,
-# patch, patch]: their patch embedding is a Conv2d over each patch (Kimi K2.5).
-PATCHES_AS_IMAGES = ("kimi_k25",)
+# Families whose processor hands the flattened patches of a Qwen-style grid as small images: their patch embedding
+# is a Conv2d over each patch, [patches, channels, patch, patch] (Kimi K2.5, PaddleOCR-VL).
+PATCHES_AS_IMAGES = {"kimi_k25": (-1,), "paddleocr_vl": (-1,)}
+
+
+def _forward_parameters(model_type: str) -> set[str]:
+    import inspect
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return set(inspect.signature(getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]).forward)
+               .parameters)
 
 
 def _fit_inputs(model_type: str, config, inputs: ImageInputs, vision) -> ImageInputs:
@@ -476,9 +495,15 @@ def _fit_inputs(model_type: str, config, inputs: ImageInputs, vision) -> ImageIn
     high_res = getattr(getattr(config, "high_res_vision_config", None), "image_size", None)
     if high_res and inputs.get("pixel_values") is not None:  # DeepSeek-VL hybrid: the image again, for its
         inputs["high_res_pixel_values"] = torch.randn(1, 3, high_res, high_res)  # high-resolution (SAM) tower
+    patch = getattr(vision, "patch_size", None)
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    temporal = getattr(vision, "patch_temporal", None)  # Muse: the Qwen grid's temporal patch, named its own way
+    if isinstance(temporal, int) and "image_grid_thw" in inputs:
+        inputs["pixel_values"] = torch.randn(inputs["pixel_values"].shape[0], 3 * temporal * patch * patch)
     if model_type in PATCHES_AS_IMAGES and inputs.get("pixel_values") is not None:
-        patch = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
-        inputs["pixel_values"] = inputs["pixel_values"].reshape(-1, 3, patch, patch)
+        inputs["pixel_values"] = inputs["pixel_values"].reshape(*PATCHES_AS_IMAGES[model_type], 3, patch, patch)
+    if "image_merge_sizes" in _forward_parameters(model_type) and "image_grid_thw" in inputs:  # VideoLLaMA 3:
+        inputs["image_merge_sizes"] = torch.tensor([getattr(vision, "spatial_merge_size", 2) or 2])  # per image
     return inputs
 
 

@@ -109,6 +109,12 @@ def capture_stream(stream: nn.Module, blocks: nn.ModuleList, inputs: dict[str, A
             f"{len(originals)} blocks once each (a family that skips or repeats blocks cannot be stitched block by "
             "block)")
     initial = calls[0][0]
+    width = getattr(getattr(stream, "config", None), "hidden_size", None)
+    if isinstance(width, int) and initial.shape[-1] != width:
+        raise UnsupportedArchitectureError(
+            f"bts cannot stitch {type(stream).__name__}: its blocks pass a residual stream {initial.shape[-1]} wide, "
+            f"not its hidden size {width} (several parallel residual streams, as hyper-connections keep), and the "
+            "stitches map hidden states of the hidden size")
     return StreamState(hidden=initial, blocks=blocks, calls=[(args, kwargs) for _, args, kwargs in calls])
 
 
