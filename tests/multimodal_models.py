@@ -225,7 +225,8 @@ TEXT_EXTRA_SIZES = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_
 TOWER_SIZES = dict(output_channels=32, mlp_dim=48, num_pos_feats=16, downsample_hidden_size=32, output_dim=None,
                    d_model=32, encoder_ffn_dim=48, encoder_layers=1, encoder_attention_heads=4, num_mel_bins=16,
                    projection_hidden_dim=48, projection_intermediate_size=48, projection_hidden_size=48,
-                   adapter_in_dim=32, adapter_out_dim=None, adapter_input_size=32, conv_output_size=None)
+                   adapter_in_dim=32, adapter_out_dim=None, adapter_input_size=32, conv_output_size=None,
+                   encoder_hidden_size=32)  # a Q-Former's: the vision tower's width
 # Fields a family's config class leaves `None` although its model reads them (its checkpoints' configs write them):
 # tiny values, on the text config. DeepSeek-OCR 2: which layers are MoE (DeepSeek's first dense, then sparse);
 # DiffusionGemma: its routed experts (DeepSeek-OCR 2 the routing too); HunYuan-VL: `head_dim`; Qwen4-Exp: its QSA indexer (one kv head, a budget of
@@ -237,6 +238,11 @@ UNSET_TEXT_FIELDS: dict[str, dict] = {
     "step3p7": dict(sliding_window=4),
     "qwen4_exp": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=16,
                       indexer_compress_ratio=4),
+}
+# The same on the wrapper. Granite 4 Vision: which vision layers feed which decoder layers (a deepstack pair, and the
+# four spatial offset groups into the two tiny layers), and its Q-Former's window downsampling.
+UNSET_WRAPPER_FIELDS: dict[str, dict] = {
+    "granite4_vision": dict(deepstack_layer_map=[[0, 0]], spatial_target_layers=[0, 1, 0, 1], downsample_rate="1/2"),
 }
 OMNI_THINKERS = ("qwen2_5_omni_thinker", "qwen3_omni_moe_thinker")
 IMAGE_TOKEN_FIELDS = ("image_token_id", "image_token_index", "image_token")
@@ -417,6 +423,8 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
         if "vision" in key or "sam" in key or "image" in key:  # a second or nested vision tower
             _shrink_vision(config, tower, width)
         _shrink_tower(tower, width)
+    for key, value in UNSET_WRAPPER_FIELDS.get(model_type, {}).items():
+        setattr(config, key, value)
     for key, value in UNSET_TEXT_FIELDS.get(model_type, {}).items():
         setattr(getattr(config, "text_config", None) or config, key, value)
     _shrink_text_extras(getattr(config, "text_config", None) or config)
@@ -427,7 +435,8 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
                 setattr(part, key, width if value is None else value)
     text_rope = getattr(getattr(config, "text_config", None) or config, "rope_parameters", None)
     if (isinstance(getattr(getattr(config, "vision_config", None), "temporal_patch_size", None), int)
-            or "mrope_section" in (text_rope or {})):  # Qwen/GLM-style: multimodal RoPE
+            or "mrope_section" in (text_rope or {})  # Qwen/GLM-style: multimodal RoPE (PaddleOCR-VL: its sections
+            or model_type == "paddleocr_vl"):  # only in its model's default, for a head of 128)
         _fit_rope_sections(getattr(config, "text_config", None) or config)
     text = getattr(config, "text_config", None)
     if isinstance(getattr(text, "cross_attention_layers", None), list):  # Mllama: one self-, one cross-attention
