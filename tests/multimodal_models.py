@@ -392,6 +392,10 @@ def _towers(config, skip=("text_config",)):
 def _shrink_tower(tower, width: int) -> None:
     """An audio or high-resolution tower: `TOWER_SIZES` and `VISION_SIZES` where it has them, one stage of each
     per-stage list, global attention in its one layer."""
+    layers = getattr(tower, "num_hidden_layers", None)
+    for key in ("patch_sizes", "hidden_sizes", "depths"):  # one entry per stage (Muse Spark's audio tower): one
+        if isinstance(layers, int) and isinstance(getattr(tower, key, None), (list, tuple)):  # stage, 1 layer, 32 wide
+            setattr(tower, key, [{"hidden_sizes": 32, "depths": 1}.get(key, getattr(tower, key)[0])])
     for key, value in {**VISION_SIZES, **TOWER_SIZES}.items():
         current = getattr(tower, key, None)
         if isinstance(current, int) and not isinstance(current, bool):
@@ -435,8 +439,9 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
                 setattr(part, key, width if value is None else value)
     text_rope = getattr(getattr(config, "text_config", None) or config, "rope_parameters", None)
     if (isinstance(getattr(getattr(config, "vision_config", None), "temporal_patch_size", None), int)
-            or "mrope_section" in (text_rope or {})  # Qwen/GLM-style: multimodal RoPE (PaddleOCR-VL: its sections
-            or model_type == "paddleocr_vl"):  # only in its model's default, for a head of 128)
+            or "mrope_section" in (text_rope or {})  # Qwen/GLM-style: multimodal RoPE (PaddleOCR-VL, ERNIE 4.5
+            or model_type in ("paddleocr_vl", "ernie4_5_vl_moe")):  # VL: their sections only in their models'
+        # defaults, for heads of 128)
         _fit_rope_sections(getattr(config, "text_config", None) or config)
     text = getattr(config, "text_config", None)
     if isinstance(getattr(text, "cross_attention_layers", None), list):  # Mllama: one self-, one cross-attention
@@ -476,6 +481,7 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
         vision = config
     if vision is None:
         raise HarnessGap("the generic harness finds no vision_config")
+    config = type(config).from_dict(config.to_dict())  # what its saved form rebuilds (classes deriving sizes)
     return config, lambda c: _fit_inputs(model_type, c, _generic_inputs(model_type, c, image_token, vision), vision)
 
 
