@@ -443,6 +443,10 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
             or model_type in ("paddleocr_vl", "ernie4_5_vl_moe")):  # VL: their sections only in their models'
         # defaults, for heads of 128)
         _fit_rope_sections(getattr(config, "text_config", None) or config)
+    if model_type == "ernie4_5_vl_moe":  # its sections are (height, width, time), the first two interleaved: equal
+        rope = config.text_config.rope_parameters
+        half = sum(rope["mrope_section"])
+        config.text_config.rope_parameters = {**rope, "mrope_section": [half // 4, half // 4, half - 2 * (half // 4)]}
     text = getattr(config, "text_config", None)
     if isinstance(getattr(text, "cross_attention_layers", None), list):  # Mllama: one self-, one cross-attention
         text.cross_attention_layers = [text.num_hidden_layers - 1]
