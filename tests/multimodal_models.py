@@ -492,6 +492,9 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
 # Families whose processor hands the flattened patches of a Qwen-style grid as small images: their patch embedding
 # is a Conv2d over each patch, [patches, channels, patch, patch] (Kimi K2.5, PaddleOCR-VL).
 PATCHES_AS_IMAGES = {"kimi_k25": (-1,), "paddleocr_vl": (-1,)}
+# Families whose processor hands one merge window of patches per image token, channels last, [image tokens,
+# patch x merge, patch x merge, channels], with the grid counted in image tokens (Inkling 2).
+PIXEL_ROWS = ("inkling2", "inkling2_loop")
 
 
 def _forward_parameters(model_type: str) -> set[str]:
@@ -521,6 +524,10 @@ def _fit_inputs(model_type: str, config, inputs: ImageInputs, vision) -> ImageIn
         inputs["pixel_values"] = torch.randn(inputs["pixel_values"].shape[0], 3 * temporal * patch * patch)
     if model_type in PATCHES_AS_IMAGES and inputs.get("pixel_values") is not None:
         inputs["pixel_values"] = inputs["pixel_values"].reshape(*PATCHES_AS_IMAGES[model_type], 3, patch, patch)
+    if model_type in PIXEL_ROWS and "image_grid_thw" in inputs:
+        merge = vision.spatial_merge_size
+        grid = inputs["image_grid_thw"] // torch.tensor([1, merge, merge])
+        inputs.update(image_grid_thw=grid, pixel_values=torch.rand(int(grid.prod()), patch * merge, patch * merge, 3))
     if "image_merge_sizes" in _forward_parameters(model_type) and "image_grid_thw" in inputs:  # VideoLLaMA 3:
         inputs["image_merge_sizes"] = torch.tensor([getattr(vision, "spatial_merge_size", 2) or 2])  # per image
     return inputs
