@@ -495,6 +495,9 @@ PATCHES_AS_IMAGES = {"kimi_k25": (-1,), "paddleocr_vl": (-1,)}
 # Families whose processor hands one merge window of patches per image token, channels last, [image tokens,
 # patch x merge, patch x merge, channels], with the grid counted in image tokens (Inkling 2).
 PIXEL_ROWS = ("inkling2", "inkling2_loop")
+# Families whose vision tower folds each patch, [time, patch, patch, channels] channels last, into one image token
+# (Inkling): one patch per image token.
+PATCH_VOLUMES = ("inkling_mm_model",)
 
 
 def _forward_parameters(model_type: str) -> set[str]:
@@ -524,6 +527,9 @@ def _fit_inputs(model_type: str, config, inputs: ImageInputs, vision) -> ImageIn
         inputs["pixel_values"] = torch.randn(inputs["pixel_values"].shape[0], 3 * temporal * patch * patch)
     if model_type in PATCHES_AS_IMAGES and inputs.get("pixel_values") is not None:
         inputs["pixel_values"] = inputs["pixel_values"].reshape(*PATCHES_AS_IMAGES[model_type], 3, patch, patch)
+    if model_type in PATCH_VOLUMES:
+        inputs["pixel_values"] = torch.rand(GENERIC_IMAGE_TOKENS.get(model_type, 1), vision.temporal_patch_size,
+                                            patch, patch, 3)
     if model_type in PIXEL_ROWS and "image_grid_thw" in inputs:
         merge = vision.spatial_merge_size
         grid = inputs["image_grid_thw"] // torch.tensor([1, merge, merge])
