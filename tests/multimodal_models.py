@@ -296,11 +296,23 @@ def _shrink_vision(config, vision, width: int) -> None:
     merge = getattr(vision, "merge_size", None)
     if isinstance(getattr(config, "out_hidden_size", None), int) and isinstance(merge, int):  # Muse: the merged
         config.out_hidden_size = vision.hidden_size * merge ** 2  # patches' width, into the projector
+    _shrink_stages(vision)
     if isinstance(getattr(config, "projector_patch_to_query_dict", None), dict):  # Aria: its projector's queries
         config.projector_patch_to_query_dict = {(GENERIC_IMAGE // GENERIC_PATCH) ** 2: 4}  # per patch count
         config.max_value_projector_patch_to_query_dict = 4
     if isinstance(getattr(config, "image_grid_pinpoints", None), list):  # LLaVA-NeXT: one tile grid, the image size
         config.image_grid_pinpoints = [[GENERIC_IMAGE, GENERIC_IMAGE]]
+
+
+# Per-stage lists of a multi-stage vision tower (Florence 2's DaViT): every stage one block of width 32, 4 heads.
+STAGE_SIZES = dict(depths=1, embed_dim=32, num_heads=4, num_groups=4)
+
+
+def _shrink_stages(vision) -> None:
+    for key, value in STAGE_SIZES.items():
+        stages = getattr(vision, key, None)
+        if isinstance(stages, (list, tuple)) and stages and all(isinstance(v, int) for v in stages):
+            setattr(vision, key, [value] * len(stages))
 
 
 def _chameleon_vocabulary(codes: int) -> dict[str, int]:
