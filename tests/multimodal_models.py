@@ -324,6 +324,13 @@ def _chameleon_vocabulary(codes: int) -> dict[str, int]:
     return {"<image>": GENERIC_TOKEN_BASE, **names}
 
 
+def _emu3_vocabulary(codes: int) -> dict[str, int]:
+    """Emu3's map from image-code token names to ids: `<image>`, the end-of-row token `<|extra_200|>` and one
+    `<|visual tokenNNNNNN|>` per VQ code, above the text tokens the harness draws."""
+    names = {f"<|visual token{code:06d}|>": GENERIC_TOKEN_BASE + 2 + code for code in range(codes)}
+    return {"<image>": GENERIC_TOKEN_BASE, "<|extra_200|>": GENERIC_TOKEN_BASE + 1, **names}
+
+
 def _fit_rope_sections(text) -> None:
     """Multimodal RoPE splits each head's rotary half into (time, height, width) sections: rescaled to the tiny
     head."""
@@ -474,7 +481,14 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
         vq.channel_multiplier = [1, 1, 1, 1]
         if isinstance(getattr(vq, "attn_resolutions", None), list):
             vq.attn_resolutions = []
-    if "vocabulary_map" in vars(config) and hasattr(vq, "to_dict"):  # Chameleon: the VQ codes' tokens, named
+    if isinstance(getattr(vq, "codebook_size", None), int):  # Emu3: its VQ-VAE's book, one frame (no temporal
+        vq.codebook_size, vq.temporal_downsample_factor = 8, 1  # downsampling), attention width of its channels
+        vq.hidden_size = vq.base_channels
+        vq.attn_resolutions = list(vq.attn_resolutions or [])[:0]
+    if "vocabulary_map" in vars(config) and isinstance(getattr(vq, "codebook_size", None), int):
+        config.vocabulary_map = _emu3_vocabulary(vq.codebook_size)  # Emu3: <|visual token000000|>...
+        config.image_token_id = config.vocabulary_map["<image>"]
+    elif "vocabulary_map" in vars(config) and hasattr(vq, "to_dict"):  # Chameleon: the VQ codes' tokens, named
         config.vocabulary_map = _chameleon_vocabulary(vq.num_embeddings)  # IMGIMG<code in letters>Z
         config.image_token_id = config.vocabulary_map["<image>"]
     if config.model_type in OMNI_THINKERS and not hasattr(config, "vision_start_token_id"):
