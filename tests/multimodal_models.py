@@ -244,6 +244,8 @@ UNSET_TEXT_FIELDS: dict[str, dict] = {
 UNSET_WRAPPER_FIELDS: dict[str, dict] = {
     "granite4_vision": dict(deepstack_layer_map=[[0, 0]], spatial_target_layers=[0, 1, 0, 1], downsample_rate="1/2"),
 }
+# And on the vision config: Granite 4 Vision's config derives its Q-Former's heads as the vision width / 64.
+VISION_FIELDS: dict[str, dict] = {"granite4_vision": dict(hidden_size=64)}
 OMNI_THINKERS = ("qwen2_5_omni_thinker", "qwen3_omni_moe_thinker")
 IMAGE_TOKEN_FIELDS = ("image_token_id", "image_token_index", "image_token")
 
@@ -422,6 +424,10 @@ def _shrink_tower(tower, width: int) -> None:
     layers = getattr(tower, "num_hidden_layers", None)
     if isinstance(layers, int) and isinstance(getattr(tower, "layer_types", None), list):  # one kind per layer
         tower.layer_types = tower.layer_types[:layers]
+    if isinstance(getattr(tower, "codebook_dim", None), int):  # WavTokenizer: no projection around its quantizer
+        tower.hidden_size = tower.codebook_dim = 32  # its encoder's width: num_filters doubled per downsampling
+        tower.num_filters = 32 // 2 ** len(tower.upsampling_ratios)
+        tower.codebook_size = 8
     if isinstance(getattr(tower, "global_attn_indexes", None), (list, tuple)):  # SAM: which layers attend globally
         tower.global_attn_indexes = [0]
     if isinstance(getattr(tower, "downsample_channels", None), (list, tuple)):  # SAM's neck into the next encoder
@@ -446,6 +452,8 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
         if "vision" in key or "sam" in key or "image" in key:  # a second or nested vision tower
             _shrink_vision(config, tower, width)
         _shrink_tower(tower, width)
+    for key, value in VISION_FIELDS.get(model_type, {}).items():
+        setattr(config.vision_config, key, value)
     for key, value in UNSET_WRAPPER_FIELDS.get(model_type, {}).items():
         setattr(config, key, value)
     for key, value in UNSET_TEXT_FIELDS.get(model_type, {}).items():
@@ -481,6 +489,16 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
         vq.channel_multiplier = [1, 1, 1, 1]
         if isinstance(getattr(vq, "attn_resolutions", None), list):
             vq.attn_resolutions = []
+    image_tokenizer = getattr(config, "vision_config", None)
+    if isinstance(getattr(image_tokenizer, "spatial_scale_factor", None), int):  # Apertus 1.5: a VQ image tokenizer
+        for key, value in VQ_SIZES.items():  # as its vision config, downsampling 32x32 pixels 16x into 2x2 codes
+            if isinstance(getattr(image_tokenizer, key, None), int):
+                setattr(image_tokenizer, key, width if value is None else value)
+        image_tokenizer.codebook_size, image_tokenizer.spatial_scale_factor = 8, 16
+        image_tokenizer.channel_multiplier = [1] * len(image_tokenizer.channel_multiplier)
+        image_tokenizer.attn_resolutions = []
+        if isinstance(getattr(config, "audio_token_offset", None), int):  # its codes' ids: the image's, then the
+            config.image_token_offset, config.audio_token_offset = 64, 72  # audio's, below the special tokens
     if isinstance(getattr(vq, "codebook_size", None), int):  # Emu3: its VQ-VAE's book, one frame (no temporal
         vq.codebook_size, vq.temporal_downsample_factor = 8, 1  # downsampling), attention width of its channels
         vq.hidden_size = vq.base_channels
