@@ -16,7 +16,7 @@ here" (a library transformers needs for it is not installed).
 
 `python tests/multimodal_sweep.py` prints the markdown table (`markdown_table`) and writes it into
 docs/architectures.md, between its `<!-- multimodal sweep` markers; `python tests/multimodal_sweep.py MODEL_TYPE...`
-sweeps only those families and prints their rows.
+sweeps only those families, prints their rows and replaces them in the docs' table (keeping the other rows).
 """
 
 from __future__ import annotations
@@ -239,12 +239,36 @@ def with_table(page: str, table: str) -> str:
     return section.sub(lambda _: f"{TABLE_BEGIN}\n{table}\n{TABLE_END}", page)
 
 
+def table_results(page: str) -> list[MultimodalResult]:
+    """The results the page's generated table shows, one per row (to keep the rows a partial sweep did not redo)."""
+    section = page.split(TABLE_BEGIN, 1)[1].split(TABLE_END, 1)[0]
+    results = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or len(cells) != 5 or cells[0] in ("model type", "---"):
+            continue
+        if cells[1] == "—":
+            results.append(MultimodalResult(cells[0], built=cells[2]))
+        else:
+            results.append(MultimodalResult(cells[0], built=cells[1], outcomes=dict(zip(METHODS, cells[2:]))))
+    return results
+
+
+def merged(old: list[MultimodalResult], new: list[MultimodalResult]) -> list[MultimodalResult]:
+    """The table's results with the re-swept families' rows replaced (and any new family added), sorted by type."""
+    by_type = {result.model_type: result for result in old}
+    by_type.update({result.model_type: result for result in new})
+    return [by_type[model_type] for model_type in sorted(by_type)]
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as root:
-        table = markdown_table(sweep(Path(root), sys.argv[1:] or None))
-    print(table)
-    if not sys.argv[1:]:  # a full sweep: the docs' table is this one
-        TABLE_PAGE.write_text(with_table(TABLE_PAGE.read_text(encoding="utf-8"), table), encoding="utf-8")
+        results = sweep(Path(root), sys.argv[1:] or None)
+    print(markdown_table(results))
+    page = TABLE_PAGE.read_text(encoding="utf-8")
+    # a full sweep is the docs' table; a partial one replaces its families' rows and keeps the others
+    table = markdown_table(results if not sys.argv[1:] else merged(table_results(page), results))
+    TABLE_PAGE.write_text(with_table(page, table), encoding="utf-8")
 
 
 if __name__ == "__main__":
