@@ -188,6 +188,24 @@ def test_the_sweep_rewrites_only_the_table_between_its_markers_in_the_docs():
     assert with_table(page, "1 of 1 ...") == f"{before}{TABLE_BEGIN}\n1 of 1 ...\n{TABLE_END}{after}"
 
 
+def test_a_partial_sweep_replaces_its_rows_and_keeps_the_others():
+    """`python tests/multimodal_sweep.py TYPE...` reads the docs' table back, replaces those families' rows and
+    regenerates the rest unchanged (the counts line recomputed from the rows)."""
+    from multimodal_sweep import TABLE_BEGIN, TABLE_END, TABLE_PAGE, MultimodalResult, merged, table_results
+
+    page = TABLE_PAGE.read_text(encoding="utf-8")
+    table = page[page.index(TABLE_BEGIN) + len(TABLE_BEGIN) + 1:page.index(TABLE_END) - 1]
+    old = table_results(page)
+    assert markdown_table(old) == table  # the rows read back regenerate the table exactly
+    redone = MultimodalResult("llava", "LlavaForConditionalGeneration",
+                              {"traditional": "passed", "btx": "refused: why", "bts": "passed"})
+    lines = markdown_table(merged(old, [redone])).splitlines()
+    assert [line for line in lines if line.startswith("| llava |")] == [
+        "| llava | LlavaForConditionalGeneration | passed | refused: why | passed |"]
+    assert [line for line in lines[4:] if not line.startswith("| llava |")] == [
+        line for line in table.splitlines()[4:] if not line.startswith("| llava |")]
+
+
 PIPELINE = """
     import sys, json, torch
     from PIL import Image
