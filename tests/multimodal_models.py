@@ -202,17 +202,50 @@ FEATURE_COUNT = re.compile(r"tokens:? (\d+),? (?:image )?features:? (\d+)")
 GENERIC_IMAGE_TOKENS: dict[str, int] = {}  # per family, as `find_image_token_count` found it
 GENERIC_IMAGE, GENERIC_PATCH = 32, 8
 # Vision-side sizes the text shrinking leaves (`None`: the text decoder's width, which the vision output feeds).
-VISION_SIZES = dict(embed_dim=32, depth=1, num_hidden_layers=1, out_hidden_size=None, projector_input_dim=None,
+VISION_SIZES = dict(adapter_in_dim=32, adapter_out_dim=None, embed_dim=32, depth=1, num_hidden_layers=1, out_hidden_size=None, projector_input_dim=None,
                     projector_output_dim=None, vision_output_dim=32, num_position_embeddings=16,
                     intermediate_size=48, num_heads=4, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
-                    text_hidden_size=None)
+                    text_hidden_size=None, position_embedding_size=64)
 # Projector and text widths the shrinking leaves, on the wrapper and its text config (`None`: the text width).
-PROJECTOR_SIZES = dict(projection_dim=None, projector_hidden_size=48, alignment_intermediate_size=48,
+PROJECTOR_SIZES = dict(projection_dim=None, projection_hidden_size=VISION_SIZES["embed_dim"], projector_hidden_size=48, alignment_intermediate_size=48,
                        intermediate_size_mlp=48, mm_tokens_per_image=4)
 # A VQ image tokenizer's sizes (Chameleon, Janus): an 8-code book, 32 channels (its group norms' groups), 8x downsampling (a 32x32 image is 16
 # codes), widths into the decoder at the text width (`None`).
 VQ_SIZES = dict(num_embeddings=8, embed_dim=8, latent_channels=32, base_channels=32, num_res_blocks=1, resolution=32,
                 num_patches=4, projection_dim=None, image_token_embed_dim=None, num_hidden_layers=1)
+# Text-side sizes `family_sweep`'s SIZES leaves (multi-head latent attention's ranks and head parts, DeepSeek sparse
+# attention's indexer, linear-attention heads, shared experts): a decoder of text width 32, heads of 8.
+# The rotary part of a latent-attention head is the config's `head_dim` (8), as their configs derive it.
+TEXT_EXTRA_SIZES = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                        qk_head_dim=16, index_head_dim=8, index_n_heads=2, index_topk=64, linear_head_dim=8,
+                        linear_num_heads=4, shared_experts_intermediate_size=16, moe_intermediate_size=16,
+                        moe_hidden_size=16, swa_head_dim=8, unpadded_vocab_size=VOCAB - 32)
+# The other towers' sizes (audio encoders, SAM-style high-resolution encoders, towers nested in the vision config):
+# one layer or stage, widths of 32 (`None`: the text width, which their output feeds).
+TOWER_SIZES = dict(output_channels=32, mlp_dim=48, num_pos_feats=16, downsample_hidden_size=32, output_dim=None,
+                   d_model=32, encoder_ffn_dim=48, encoder_layers=1, encoder_attention_heads=4, num_mel_bins=16,
+                   projection_hidden_dim=48, projection_intermediate_size=48, projection_hidden_size=48,
+                   adapter_in_dim=32, adapter_out_dim=None, adapter_input_size=32, conv_output_size=None,
+                   encoder_hidden_size=32)  # a Q-Former's: the vision tower's width
+# Fields a family's config class leaves `None` although its model reads them (its checkpoints' configs write them):
+# tiny values, on the text config. DeepSeek-OCR 2: which layers are MoE (DeepSeek's first dense, then sparse);
+# DiffusionGemma: its routed experts (DeepSeek-OCR 2 the routing too); HunYuan-VL: `head_dim`; Qwen4-Exp: its QSA indexer (one kv head, a budget of
+# whole compressed blocks); Step 3.7: its window (its model builds the sliding-window mask whatever its layers are).
+UNSET_TEXT_FIELDS: dict[str, dict] = {
+    "deepseek_ocr2": dict(mlp_layer_types=["dense", "sparse"], num_experts_per_tok=2, n_group=1, topk_group=1),
+    "diffusion_gemma": dict(num_experts=4, top_k_experts=2, moe_intermediate_size=16),
+    "hunyuan_vl": dict(head_dim=8),
+    "step3p7": dict(sliding_window=4),
+    "qwen4_exp": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=16,
+                      indexer_compress_ratio=4),
+}
+# The same on the wrapper. Granite 4 Vision: which vision layers feed which decoder layers (a deepstack pair, and the
+# four spatial offset groups into the two tiny layers), and its Q-Former's window downsampling.
+UNSET_WRAPPER_FIELDS: dict[str, dict] = {
+    "granite4_vision": dict(deepstack_layer_map=[[0, 0]], spatial_target_layers=[0, 1, 0, 1], downsample_rate="1/2"),
+}
+# And on the vision config: Granite 4 Vision's config derives its Q-Former's heads as the vision width / 64.
+VISION_FIELDS: dict[str, dict] = {"granite4_vision": dict(hidden_size=64)}
 OMNI_THINKERS = ("qwen2_5_omni_thinker", "qwen3_omni_moe_thinker")
 IMAGE_TOKEN_FIELDS = ("image_token_id", "image_token_index", "image_token")
 
@@ -262,8 +295,26 @@ def _shrink_vision(config, vision, width: int) -> None:
         vision.patch_size = GENERIC_PATCH
     elif isinstance(patch, (list, tuple)) and len(patch) == 2:
         vision.patch_size = type(patch)([GENERIC_PATCH, GENERIC_PATCH])
+    merge = getattr(vision, "merge_size", None)
+    if isinstance(getattr(config, "out_hidden_size", None), int) and isinstance(merge, int):  # Muse: the merged
+        config.out_hidden_size = vision.hidden_size * merge ** 2  # patches' width, into the projector
+    _shrink_stages(vision)
+    if isinstance(getattr(config, "projector_patch_to_query_dict", None), dict):  # Aria: its projector's queries
+        config.projector_patch_to_query_dict = {(GENERIC_IMAGE // GENERIC_PATCH) ** 2: 4}  # per patch count
+        config.max_value_projector_patch_to_query_dict = 4
     if isinstance(getattr(config, "image_grid_pinpoints", None), list):  # LLaVA-NeXT: one tile grid, the image size
         config.image_grid_pinpoints = [[GENERIC_IMAGE, GENERIC_IMAGE]]
+
+
+# Per-stage lists of a multi-stage vision tower (Florence 2's DaViT): every stage one block of width 32, 4 heads.
+STAGE_SIZES = dict(depths=1, embed_dim=32, num_heads=4, num_groups=4)
+
+
+def _shrink_stages(vision) -> None:
+    for key, value in STAGE_SIZES.items():
+        stages = getattr(vision, key, None)
+        if isinstance(stages, (list, tuple)) and stages and all(isinstance(v, int) for v in stages):
+            setattr(vision, key, [value] * len(stages))
 
 
 def _chameleon_vocabulary(codes: int) -> dict[str, int]:
@@ -273,6 +324,13 @@ def _chameleon_vocabulary(codes: int) -> dict[str, int]:
     names = {"IMGIMG" + "".join(letters[c] for c in str(code)) + "Z": GENERIC_TOKEN_BASE + 1 + code
              for code in range(codes)}
     return {"<image>": GENERIC_TOKEN_BASE, **names}
+
+
+def _emu3_vocabulary(codes: int) -> dict[str, int]:
+    """Emu3's map from image-code token names to ids: `<image>`, the end-of-row token `<|extra_200|>` and one
+    `<|visual tokenNNNNNN|>` per VQ code, above the text tokens the harness draws."""
+    names = {f"<|visual token{code:06d}|>": GENERIC_TOKEN_BASE + 2 + code for code in range(codes)}
+    return {"<image>": GENERIC_TOKEN_BASE, "<|extra_200|>": GENERIC_TOKEN_BASE + 1, **names}
 
 
 def _fit_rope_sections(text) -> None:
@@ -287,12 +345,93 @@ def _fit_rope_sections(text) -> None:
     text.rope_parameters = {**rope, "mrope_section": sections[:len(rope.get("mrope_section", sections))]}
 
 
+def _rope_per_layer_kind(text) -> None:
+    """A text config whose class leaves `rope_parameters` empty while its model reads them per layer kind (Cohere
+    Compass: its checkpoints write one entry per kind) gets default RoPE for each kind, its multimodal sections fitted
+    to the tiny head."""
+    kinds = getattr(text, "layer_types", None)
+    if getattr(text, "rope_parameters", None) != {} or not isinstance(kinds, list):
+        return
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    half = head // 2
+    rope = {"rope_type": "default", "rope_theta": 10000.0,
+            "mrope_section": [half - 2 * (half // 4), half // 4, half // 4]}
+    text.rope_parameters = {kind: dict(rope) for kind in dict.fromkeys(kinds)}
+
+
 def _image_token(config) -> int | None:
     for key in IMAGE_TOKEN_FIELDS:
         value = getattr(config, key, None)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
+
+
+def _drop_dropped_layers_overrides(part) -> None:
+    """A heterogeneous config (per-layer overrides in `per_layer_config`) keeps only the overrides of the layers the
+    tiny model keeps, shrunk, and the sizes `family_sweep` skipped while they were per layer (read only per layer
+    then)."""
+    from family_sweep import SIZES, _field
+
+    if not getattr(part, "is_heterogeneous", False):
+        return
+    layers = _field(part, "num_hidden_layers") or 0
+    sizes = {**SIZES, **TEXT_EXTRA_SIZES}
+    overrides = {k: {f: sizes[f] if f in sizes and isinstance(v, int) and v else v for f, v in layer.items()}
+                 for k, layer in (part.to_dict().get("per_layer_config") or {}).items() if int(k) < layers}
+    part.per_layer_config = overrides or None
+    for key, value in SIZES.items():
+        current = _field(part, key)
+        if isinstance(current, int) and not isinstance(current, bool) and key not in ("num_hidden_layers",):
+            setattr(part, key, value)
+
+
+def _shrink_text_extras(text) -> None:
+    """The text decoder's sizes `family_sweep` does not know (`TEXT_EXTRA_SIZES`), where the config has them."""
+    from family_sweep import _field
+
+    for key, value in TEXT_EXTRA_SIZES.items():
+        current = _field(text, key)
+        if isinstance(current, int) and not isinstance(current, bool) and current:  # 0: none (GLM-5's NoPE)
+            setattr(text, key, value)
+    if isinstance(_field(text, "qk_head_dim"), int):  # a latent-attention head: its unrotated and rotary parts
+        text.qk_head_dim = text.qk_nope_head_dim + (_field(text, "qk_rope_head_dim") or 0)
+    if isinstance(_field(text, "kv_lora_rank"), int) and isinstance(_field(text, "num_key_value_heads"), int):
+        text.num_key_value_heads = text.num_attention_heads  # latent attention expands its one latent to every head
+
+
+def _towers(config, skip=("text_config",)):
+    """Every sub-config below the wrapper but the text decoder's, nested ones too (a SAM encoder in the vision
+    config), as (name, config)."""
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, key, None)
+        if key not in skip and hasattr(sub, "to_dict"):
+            yield key, sub
+            yield from _towers(sub, skip)
+
+
+def _shrink_tower(tower, width: int) -> None:
+    """An audio or high-resolution tower: `TOWER_SIZES` and `VISION_SIZES` where it has them, one stage of each
+    per-stage list, global attention in its one layer."""
+    layers = getattr(tower, "num_hidden_layers", None)
+    for key in ("patch_sizes", "hidden_sizes", "depths"):  # one entry per stage (Muse Spark's audio tower): one
+        if isinstance(layers, int) and isinstance(getattr(tower, key, None), (list, tuple)):  # stage, 1 layer, 32 wide
+            setattr(tower, key, [{"hidden_sizes": 32, "depths": 1}.get(key, getattr(tower, key)[0])])
+    for key, value in {**VISION_SIZES, **TOWER_SIZES}.items():
+        current = getattr(tower, key, None)
+        if isinstance(current, int) and not isinstance(current, bool):
+            setattr(tower, key, width if value is None else value)
+    layers = getattr(tower, "num_hidden_layers", None)
+    if isinstance(layers, int) and isinstance(getattr(tower, "layer_types", None), list):  # one kind per layer
+        tower.layer_types = tower.layer_types[:layers]
+    if isinstance(getattr(tower, "codebook_dim", None), int):  # WavTokenizer: no projection around its quantizer
+        tower.hidden_size = tower.codebook_dim = 32  # its encoder's width: num_filters doubled per downsampling
+        tower.num_filters = 32 // 2 ** len(tower.upsampling_ratios)
+        tower.codebook_size = 8
+    if isinstance(getattr(tower, "global_attn_indexes", None), (list, tuple)):  # SAM: which layers attend globally
+        tower.global_attn_indexes = [0]
+    if isinstance(getattr(tower, "downsample_channels", None), (list, tuple)):  # SAM's neck into the next encoder
+        tower.downsample_channels = [32] * len(tower.downsample_channels)  # (of width 32)
 
 
 def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[PretrainedConfig], ImageInputs]]:
@@ -304,14 +443,37 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
     for key in ("vision_config", "vision_tower_config", "visual_config", "adapter_config"):  # Molmo 2's adapter
         if hasattr(getattr(config, key, None), "to_dict"):  # pools the vision tower's states into text width
             _shrink_vision(config, getattr(config, key), width)
+    for part in [getattr(config, "text_config", None) or config] + [tower for _, tower in _towers(config)]:
+        _drop_dropped_layers_overrides(part)
+    vision_keys = ("vision_config", "vision_tower_config", "visual_config", "adapter_config", "vq_config")
+    for key, tower in _towers(config):
+        if key in vision_keys and any(tower is getattr(config, k, None) for k in vision_keys):
+            continue  # the main vision tower, shrunk above (its nested towers are not)
+        if "vision" in key or "sam" in key or "image" in key:  # a second or nested vision tower
+            _shrink_vision(config, tower, width)
+        _shrink_tower(tower, width)
+    for key, value in VISION_FIELDS.get(model_type, {}).items():
+        setattr(config.vision_config, key, value)
+    for key, value in UNSET_WRAPPER_FIELDS.get(model_type, {}).items():
+        setattr(config, key, value)
+    for key, value in UNSET_TEXT_FIELDS.get(model_type, {}).items():
+        setattr(getattr(config, "text_config", None) or config, key, value)
+    _shrink_text_extras(getattr(config, "text_config", None) or config)
+    _rope_per_layer_kind(getattr(config, "text_config", None) or config)
     for part in (config, getattr(config, "text_config", None)):
         for key, value in PROJECTOR_SIZES.items():
             if isinstance(getattr(part, key, None), int) and not isinstance(getattr(part, key), bool):
                 setattr(part, key, width if value is None else value)
     text_rope = getattr(getattr(config, "text_config", None) or config, "rope_parameters", None)
     if (isinstance(getattr(getattr(config, "vision_config", None), "temporal_patch_size", None), int)
-            or "mrope_section" in (text_rope or {})):  # Qwen/GLM-style: multimodal RoPE
+            or "mrope_section" in (text_rope or {})  # Qwen/GLM-style: multimodal RoPE (PaddleOCR-VL, ERNIE 4.5
+            or model_type in ("paddleocr_vl", "ernie4_5_vl_moe")):  # VL: their sections only in their models'
+        # defaults, for heads of 128)
         _fit_rope_sections(getattr(config, "text_config", None) or config)
+    if model_type == "ernie4_5_vl_moe":  # its sections are (height, width, time), the first two interleaved: equal
+        rope = config.text_config.rope_parameters
+        half = sum(rope["mrope_section"])
+        config.text_config.rope_parameters = {**rope, "mrope_section": [half // 4, half // 4, half - 2 * (half // 4)]}
     text = getattr(config, "text_config", None)
     if isinstance(getattr(text, "cross_attention_layers", None), list):  # Mllama: one self-, one cross-attention
         text.cross_attention_layers = [text.num_hidden_layers - 1]
@@ -327,7 +489,24 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
         vq.channel_multiplier = [1, 1, 1, 1]
         if isinstance(getattr(vq, "attn_resolutions", None), list):
             vq.attn_resolutions = []
-    if "vocabulary_map" in vars(config) and hasattr(vq, "to_dict"):  # Chameleon: the VQ codes' tokens, named
+    image_tokenizer = getattr(config, "vision_config", None)
+    if isinstance(getattr(image_tokenizer, "spatial_scale_factor", None), int):  # Apertus 1.5: a VQ image tokenizer
+        for key, value in VQ_SIZES.items():  # as its vision config, downsampling 32x32 pixels 16x into 2x2 codes
+            if isinstance(getattr(image_tokenizer, key, None), int):
+                setattr(image_tokenizer, key, width if value is None else value)
+        image_tokenizer.codebook_size, image_tokenizer.spatial_scale_factor = 8, 16
+        image_tokenizer.channel_multiplier = [1] * len(image_tokenizer.channel_multiplier)
+        image_tokenizer.attn_resolutions = []
+        if isinstance(getattr(config, "audio_token_offset", None), int):  # its codes' ids: the image's, then the
+            config.image_token_offset, config.audio_token_offset = 64, 72  # audio's, below the special tokens
+    if isinstance(getattr(vq, "codebook_size", None), int):  # Emu3: its VQ-VAE's book, one frame (no temporal
+        vq.codebook_size, vq.temporal_downsample_factor = 8, 1  # downsampling), attention width of its channels
+        vq.hidden_size = vq.base_channels
+        vq.attn_resolutions = list(vq.attn_resolutions or [])[:0]
+    if "vocabulary_map" in vars(config) and isinstance(getattr(vq, "codebook_size", None), int):
+        config.vocabulary_map = _emu3_vocabulary(vq.codebook_size)  # Emu3: <|visual token000000|>...
+        config.image_token_id = config.vocabulary_map["<image>"]
+    elif "vocabulary_map" in vars(config) and hasattr(vq, "to_dict"):  # Chameleon: the VQ codes' tokens, named
         config.vocabulary_map = _chameleon_vocabulary(vq.num_embeddings)  # IMGIMG<code in letters>Z
         config.image_token_id = config.vocabulary_map["<image>"]
     if config.model_type in OMNI_THINKERS and not hasattr(config, "vision_start_token_id"):
@@ -350,7 +529,58 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
         vision = config
     if vision is None:
         raise HarnessGap("the generic harness finds no vision_config")
-    return config, lambda c: _generic_inputs(model_type, c, image_token, vision)
+    config = type(config).from_dict(config.to_dict())  # what its saved form rebuilds (classes deriving sizes)
+    return config, lambda c: _fit_inputs(model_type, c, _generic_inputs(model_type, c, image_token, vision), vision)
+
+
+# Families whose processor hands the flattened patches of a Qwen-style grid as small images: their patch embedding
+# is a Conv2d over each patch, [patches, channels, patch, patch] (Kimi K2.5, PaddleOCR-VL).
+PATCHES_AS_IMAGES = {"kimi_k25": (-1,), "paddleocr_vl": (-1,)}
+# Families whose processor hands one merge window of patches per image token, channels last, [image tokens,
+# patch x merge, patch x merge, channels], with the grid counted in image tokens (Inkling 2).
+PIXEL_ROWS = ("inkling2", "inkling2_loop")
+# Families whose vision tower folds each patch, [time, patch, patch, channels] channels last, into one image token
+# (Inkling): one patch per image token.
+PATCH_VOLUMES = ("inkling_mm_model",)
+
+
+def _forward_parameters(model_type: str) -> set[str]:
+    import inspect
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return set(inspect.signature(getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]).forward)
+               .parameters)
+
+
+def _fit_inputs(model_type: str, config, inputs: ImageInputs, vision) -> ImageInputs:
+    """The generic inputs in the layout a family's own processor gives (`PATCHES_AS_IMAGES`; Gemma 4's vision tower
+    elsewhere, as in DiffusionGemma: a 6x6 grid of flattened patches and their positions, pooled 3x3)."""
+    if getattr(vision, "model_type", None) == "gemma4_vision":
+        grid = 2 * vision.pooling_kernel_size
+        positions = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="xy"), -1)
+        inputs.update(pixel_values=torch.rand(1, grid * grid, 3 * vision.patch_size ** 2),
+                      image_position_ids=positions.reshape(1, grid * grid, 2))
+    high_res = getattr(getattr(config, "high_res_vision_config", None), "image_size", None)
+    if high_res and inputs.get("pixel_values") is not None:  # DeepSeek-VL hybrid: the image again, for its
+        inputs["high_res_pixel_values"] = torch.randn(1, 3, high_res, high_res)  # high-resolution (SAM) tower
+    patch = getattr(vision, "patch_size", None)
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    temporal = getattr(vision, "patch_temporal", None)  # Muse: the Qwen grid's temporal patch, named its own way
+    if isinstance(temporal, int) and "image_grid_thw" in inputs:
+        inputs["pixel_values"] = torch.randn(inputs["pixel_values"].shape[0], 3 * temporal * patch * patch)
+    if model_type in PATCHES_AS_IMAGES and inputs.get("pixel_values") is not None:
+        inputs["pixel_values"] = inputs["pixel_values"].reshape(*PATCHES_AS_IMAGES[model_type], 3, patch, patch)
+    if model_type in PATCH_VOLUMES:
+        inputs["pixel_values"] = torch.rand(GENERIC_IMAGE_TOKENS.get(model_type, 1), vision.temporal_patch_size,
+                                            patch, patch, 3)
+    if model_type in PIXEL_ROWS and "image_grid_thw" in inputs:
+        merge = vision.spatial_merge_size
+        grid = inputs["image_grid_thw"] // torch.tensor([1, merge, merge])
+        inputs.update(image_grid_thw=grid, pixel_values=torch.rand(int(grid.prod()), patch * merge, patch * merge, 3))
+    if "image_merge_sizes" in _forward_parameters(model_type) and "image_grid_thw" in inputs:  # VideoLLaMA 3:
+        inputs["image_merge_sizes"] = torch.tensor([getattr(vision, "spatial_merge_size", 2) or 2])  # per image
+    return inputs
 
 
 def _generic_inputs(model_type: str, config, image_token: int, vision) -> ImageInputs:

@@ -164,6 +164,37 @@ def test_the_sweep_rewrites_only_the_table_between_its_markers_in_the_docs():
     assert with_table(page, "1 of 1 ...") == f"{before}{TABLE_BEGIN}\n1 of 1 ...\n{TABLE_END}{after}"
 
 
+def test_the_docs_table_is_the_expected_outcomes():
+    """The docs' image-text table is what tests/image_text_expectations.json records (both are written by the sweep)."""
+    from multimodal_sweep import TABLE_BEGIN, TABLE_END, TABLE_PAGE, read_expectations
+
+    page = TABLE_PAGE.read_text(encoding="utf-8")
+    table = page[page.index(TABLE_BEGIN) + len(TABLE_BEGIN) + 1:page.index(TABLE_END) - 1]
+    assert table == markdown_table(read_expectations()[1])
+
+
+def test_a_partial_sweep_replaces_its_rows_and_keeps_the_others(monkeypatch, tmp_path):
+    """`python tests/multimodal_sweep.py TYPE...` replaces those families' expected outcomes and keeps the others, in
+    the sweep's order; on another release than the file's it refuses (outcomes differ by release)."""
+    import multimodal_sweep
+    from multimodal_sweep import MultimodalResult, read_expectations, with_resweep, write_expectations
+
+    swept_with, old = read_expectations()
+    monkeypatch.setattr(multimodal_sweep, "EXPECTATIONS", tmp_path / "expectations.json")
+    write_expectations(old)
+    redone = MultimodalResult("llava", "LlavaForConditionalGeneration",
+                              {"traditional": "passed", "btx": "refused: why", "bts": "passed"})
+    results = with_resweep([redone])
+    assert [r.model_type for r in results] == [r.model_type for r in old]
+    assert [r for r in results if r.model_type == "llava"] == [redone]
+    assert [r for r in results if r.model_type != "llava"] == [r for r in old if r.model_type != "llava"]
+    text = (tmp_path / "expectations.json").read_text().replace(f'"transformers": "{swept_with}"',
+                                                                 '"transformers": "0.0.1"')
+    (tmp_path / "expectations.json").write_text(text)
+    with pytest.raises(SystemExit, match="sweep every family"):
+        with_resweep([redone])
+
+
 PIPELINE = """
     import sys, json, torch
     from PIL import Image
