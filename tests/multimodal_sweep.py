@@ -103,7 +103,6 @@ def check_method(method: str, model_type: str, models: list[torch.nn.Module], fo
     from moekit import MixtureKitError, compose
 
     inputs = image_inputs(model_type, models[0].config)
-    text = {"input_ids": inputs["input_ids"][:, :3]}  # the text before the image
     try:
         reference_sources = folders if method == "bts" else [folders[0]] * len(folders)
         reference = compose(recipe(method, reference_sources), root / f"{method}-reference", progress=False)
@@ -119,6 +118,7 @@ def check_method(method: str, model_type: str, models: list[torch.nn.Module], fo
             composed = AutoModelForImageTextToText.from_pretrained(reference).eval()
             if not _close(logits(composed, inputs), logits(models[0], inputs), atol=ATOL):
                 return f"FAILED: {what} differ from the dense logits with an image"
+            text = {"input_ids": inputs["input_ids"][:, :3]}  # the text before the image
             as_text_model = AutoModelForCausalLM.from_pretrained(reference).eval()
             if not _close(logits(as_text_model, text), logits(models[0], text), atol=ATOL):
                 return f"FAILED: {what}, loaded with AutoModelForCausalLM, differ from the dense logits on text"
