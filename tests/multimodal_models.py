@@ -198,7 +198,8 @@ def tiny_llava_processor():
 # `image_sizes` and grid pinpoints, Qwen-style flattened patches with `image_grid_thw`), and as many image tokens as
 # its own mismatch error asks for.
 GENERIC_TOKEN_BASE = 80  # image/special token ids are moved into the shrunk vocabulary (96), from here up
-FEATURE_COUNT = re.compile(r"tokens:? (\d+),? (?:image )?features:? (\d+)")
+FEATURE_COUNT = re.compile(r"tokens:? (?P<tokens>\d+),? (?:image )?features:? (?P<features>\d+)"
+                           r"|Got (?P<features2>\d+) feature vectors for (?P<tokens2>\d+) placeholder tokens")  # Nemotron
 GENERIC_IMAGE_TOKENS: dict[str, int] = {}  # per family, as `find_image_token_count` found it
 GENERIC_IMAGE, GENERIC_PATCH = 32, 8
 # Vision-side sizes the text shrinking leaves (`None`: the text decoder's width, which the vision output feeds).
@@ -215,6 +216,35 @@ VQ_SIZES = dict(num_embeddings=8, embed_dim=8, latent_channels=32, base_channels
                 num_patches=4, projection_dim=None, image_token_embed_dim=None, num_hidden_layers=1)
 OMNI_THINKERS = ("qwen2_5_omni_thinker", "qwen3_omni_moe_thinker")
 IMAGE_TOKEN_FIELDS = ("image_token_id", "image_token_index", "image_token")
+
+
+# Image-text families whose auto class is a text-only causal LM, with the fields their tiny config needs. Mistral 4's
+# multi-head latent attention derives `head_dim` from its query/key widths (nope + rope) and the shrinking sets
+# `head_dim` alone: its latent widths at the tiny head (4 + 4 = 8) and ranks.
+TEXT_ONLY_FIELDS: dict[str, dict] = {
+    "mistral4": dict(qk_rope_head_dim=4, qk_nope_head_dim=4, qk_head_dim=8, v_head_dim=8, kv_lora_rank=16,
+                     q_lora_rank=16),
+}
+
+
+def _keep_per_layer_config(model_type: str, config) -> None:
+    """Gemma 4 Unified's text config keeps per-layer overrides by layer index (`per_layer_config`, the full-attention
+    layers' head_dim) and refuses indices past its layer count: the kept layers' entries, renumbered as the shrinking
+    keeps layers (`family_sweep._kept_layers`)."""
+    from family_sweep import _kept_layers, _layer_count
+
+    text = getattr(config, "text_config", None)
+    overrides = text.to_dict().get("per_layer_config") if hasattr(text, "to_dict") else None
+    if not isinstance(overrides, dict) or not overrides:
+        return
+    defaults = AutoConfig.for_model(model_type).text_config
+    keep = _kept_layers(defaults, _layer_count(defaults))
+    kept = {keep.index(int(k)): v for k, v in overrides.items() if int(k) in keep}
+    if not kept:  # no full-attention layer kept, which its config makes the last layer on reload: one, as Gemma 4's
+        text.layer_types = text.layer_types[:-1] + ["full_attention"]  # tiny model has, at a tiny head width
+        kept = {len(text.layer_types) - 1: {"head_dim": 16}}
+    text.per_layer_config = kept  # the setter checks the indices against the (shrunk) layer count
+    text.head_dim = 8
 
 
 class HarnessGap(LookupError):
@@ -344,6 +374,8 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
     from family_sweep import tiny_config
 
     config = tiny_config(model_type)
+    config.update(TEXT_ONLY_FIELDS.get(model_type, {}))
+    _keep_per_layer_config(model_type, config)
     width = _text_width(config)
     for key in ("vision_config", "vision_tower_config", "visual_config", "adapter_config"):  # Molmo 2's adapter
         if hasattr(getattr(config, key, None), "to_dict"):  # pools the vision tower's states into text width
@@ -394,6 +426,12 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
             # would be, the projector sizes on its holder too
             if isinstance(getattr(holder, key, None), int) and not isinstance(getattr(holder, key), bool):
                 setattr(holder, key, width if value is None else value)
+    if vision is not None and isinstance(getattr(config, "vision_hidden_size", None), int):  # Nemotron Omni: the
+        config.vision_hidden_size = vision.hidden_size  # wrapper repeats its tower's width for the projector
+    if isinstance(getattr(vision, "max_img_size", None), int):  # RADIO: a position table for the largest image,
+        vision.max_img_size = GENERIC_IMAGE  # and patch widths derived from the patch size when built
+        vision.patch_dim = vision.num_channels * vision.patch_size ** 2
+        vision.video_patch_dim = vision.patch_dim * vision.video_temporal_patch_size
     for part in (getattr(config, "text_config", None), *_nested_parts(config)):  # BLIP-2's Q-Former, BLIP's text
         if vision is not None and isinstance(getattr(part, "encoder_hidden_size", None), int):  # decoder cross-attend
             part.encoder_hidden_size = vision.hidden_size  # to the (shrunk) vision tower's states
@@ -469,6 +507,9 @@ def _image_token_count(model_type: str, config, takes: set[str]) -> int:
     if model_type in GENERIC_IMAGE_TOKENS:
         return GENERIC_IMAGE_TOKENS[model_type]
     queries = next((getattr(config, k) for k in QUERY_COUNT_FIELDS if isinstance(getattr(config, k, None), int)), None)
+    if queries is None and "timestep" in takes:  # PI0: one token per patch of its (PaliGemma) vision tower, unchecked
+        vision = _vision_part(config)
+        queries = (vision.image_size // vision.patch_size) ** 2
     return queries or (4 if "image_patches" in takes else 1)
 
 
@@ -534,6 +575,13 @@ def _generic_inputs(model_type: str, config, image_token: int | None, vision, vi
     elif "image_attention_mask" in takes:  # Idefics: [batch, images, channels, H, W]; which text sees which image
         inputs.update(pixel_values=torch.randn(1, 1, channels, GENERIC_IMAGE, GENERIC_IMAGE),
                       image_attention_mask=torch.ones(1, ids.shape[1], 1, dtype=torch.long))
+    elif "timestep" in takes:  # PI0, PI0.5 (vision-language-action): [batch, cameras, channels, H, W], which cameras
+        # are real, and the flow-matching step's noisy actions at a fixed time (drawn at random when not given)
+        inputs.update(pixel_values=torch.randn(1, 1, channels, GENERIC_IMAGE, GENERIC_IMAGE),
+                      pixel_attention_mask=torch.ones(1, 1, dtype=torch.bool),
+                      noise=torch.randn(1, config.chunk_size, config.max_action_dim), timestep=torch.tensor([0.5]))
+        if "state" in takes:
+            inputs["state"] = torch.randn(1, config.max_state_dim)
     elif "image_patches" in takes:  # Fuyu: [batch, patches, patch x patch x channels] (`pixel_values` since 5.24)
         patches = torch.randn(1, count, channels * vision.patch_size ** 2)
         inputs["pixel_values" if "pixel_values" in takes else "image_patches"] = patches
@@ -606,7 +654,8 @@ def find_image_token_count(model_type: str, model: torch.nn.Module) -> None:
             match = FEATURE_COUNT.search(str(error))
             if match is None:
                 raise
-            tokens, features = int(match.group(1)), int(match.group(2))
+            tokens = int(match.group("tokens") or match.group("tokens2"))
+            features = int(match.group("features") or match.group("features2"))
             if tokens == features:
                 if features % width:
                     raise

@@ -95,7 +95,9 @@ def num_layers(config: PretrainedConfig) -> int:
             value = getattr(candidate, key, None)
             if isinstance(value, int):
                 return value
-    raise UnsupportedArchitectureError(f"{config.model_type}: the config gives no number of layers")
+    raise UnsupportedArchitectureError(
+        f"'{config.model_type}' has no language model config with a number of layers (get_text_config() finds no text "
+        "decoder in it, as in vision-language-action models whose output is not next-token logits)")
 
 
 def _has_linear(module: nn.Module) -> bool:

@@ -106,7 +106,13 @@ def dense_model_class(text_config) -> type[PreTrainedModel]:
     (Chameleon: its VQ image tokenizer beside the decoder), else its causal LM."""
     image_text = type(text_config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
     if image_text and (is_multimodal(text_config) or type(text_config) not in MODEL_FOR_CAUSAL_LM_MAPPING):
-        return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(text_config)]
+        model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(text_config)]
+        if getattr(text_config, "is_encoder_decoder", False):
+            raise UnsupportedArchitectureError(
+                f"'{text_config.model_type}' is an encoder-decoder model ({model_class.__name__}: its decoder "
+                "cross-attends to what its encoder makes of the image), and MixtureKit composes decoder-only language "
+                "models, with or without a vision tower")
+        return model_class
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
     except KeyError:
@@ -280,6 +286,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
             convert_dense_to_moe(dense, config, self.router_recorder)
         for name, child in dense.named_children():
             self.add_module(name, child)
+        self._share_own_tensors(dense)
         # The dense model shares its children with us; kept out of the module tree so tensors are not named twice.
         object.__setattr__(self, "_dense", dense)
         self._tied_weights_keys = dict(getattr(dense, "_tied_weights_keys", None) or {})
@@ -297,6 +304,18 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         # The LM head's input of the running forward, for `last_hidden_state` (a plain attribute, not state).
         object.__setattr__(self, "_lm_head_input", None)
         self.get_output_embeddings().register_forward_pre_hook(self._keep_lm_head_input)
+
+    def _share_own_tensors(self, dense: nn.Module) -> None:
+        """The dense model's own parameters and buffers, outside any child (BLIP-2's `query_tokens`), become ours under
+        the same names, and the dense model reads them from our tables: loading replaces a parameter where it is
+        registered, so a copy of the table would leave the dense forward reading the unloaded one."""
+        for name, parameter in dense._parameters.items():
+            self.register_parameter(name, parameter)
+        for name, buffer in dense._buffers.items():
+            self.register_buffer(name, buffer, persistent=name not in dense._non_persistent_buffers_set)
+        object.__setattr__(dense, "_parameters", self._parameters)
+        object.__setattr__(dense, "_buffers", self._buffers)
+        object.__setattr__(dense, "_non_persistent_buffers_set", self._non_persistent_buffers_set)
 
     def _keep_lm_head_input(self, module: nn.Module, args: tuple) -> None:
         if not torch.compiler.is_compiling():
@@ -524,7 +543,11 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         self._dense.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Module | None:
-        return self._dense.get_output_embeddings()
+        head = self._dense.get_output_embeddings()
+        language = getattr(self._dense, "language_model", None)
+        if head is None and isinstance(language, PreTrainedModel):  # a wrapper holding a whole causal LM that does
+            head = language.get_output_embeddings()  # not name its head (Nemotron Omni's `language_model`)
+        return head
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self._dense.set_output_embeddings(value)
