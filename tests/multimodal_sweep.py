@@ -98,11 +98,11 @@ def logits(model, inputs: dict) -> torch.Tensor:
 
 def text_input(dense, inputs: dict) -> dict:
     """The text before the image, for the AutoModelForCausalLM check; the whole input with its image where the family's
-    own dense model reads no text without an image (Idefics, Kosmos-2 raise for a missing image)."""
+    own dense model reads no text without an image (Idefics, Kosmos-2, BLIP-2 raise for a missing image)."""
     text = {"input_ids": inputs["input_ids"][:, :3]}
     try:
         logits(dense, text)
-    except ValueError:
+    except (ValueError, TypeError):  # BLIP-2: `pixel_values` is a required argument
         return inputs
     return text
 
