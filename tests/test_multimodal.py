@@ -163,7 +163,7 @@ def test_a_wrappers_own_parameter_is_averaged_and_loaded(families, tmp_path):
     assert torch.allclose(loaded.query_tokens.detach().double(), mean, atol=1e-6)
 
 
-@pytest.mark.parametrize("model_type", ["vision-encoder-decoder", "pix2struct"])
+@pytest.mark.parametrize("model_type", ["pix2struct", "udop"])
 def test_encoder_decoder_image_text_models_are_refused_in_one_sentence(families, tmp_path, model_type):
     _, get = families
     _, folders = get(model_type)

@@ -672,11 +672,15 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
         loss = outputs.loss
         if loss is not None and aux_loss is not None and (self.current_alpha > 0 or self.config.router_z_loss_coef):
             loss = loss + loss_weight * aux_loss.to(loss.device)
-        return ComposedCausalLMOutput(
+        composed = ComposedCausalLMOutput(
             loss=loss, aux_loss=aux_loss, logits=outputs.logits, **{CACHE_ARGUMENT: output_cache(outputs)},
             hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
             router_logits=tuple(router_logits) if output_router_logits else None, last_hidden_state=hidden,
         )
+        for key, value in outputs.items():  # the family's own fields, which its generation reads back (Idefics'
+            if key not in composed and value is not None:  # `image_outputs`: the image's features, computed once)
+                composed[key] = value
+        return composed
 
     def load_balancing_loss(
         self, router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None = None
