@@ -552,6 +552,15 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self._dense.set_output_embeddings(value)
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """A family whose class generates through its own `generate` (BLIP-2, InstructBLIP, Kosmos-2: the image's
+        features computed once, then its language model's `generate`; its forward reads the image at every step)
+        generates through it when the experts are routed inside the dense model (traditional, btx); bts steps its
+        streams in this model's forward, which only the generic `generate` calls."""
+        if "generate" in vars(type(self._dense)) and self.config.method != "bts":
+            return type(self._dense).generate(self._dense, *args, **kwargs)
+        return super().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(
         self, input_ids: torch.LongTensor, inputs_embeds: torch.FloatTensor | None = None, **kwargs: Any
     ) -> dict[str, Any]:
