@@ -35,7 +35,7 @@ def _text_around(image_tokens: list[int], batch: int = 1, seed: int = 0, high: i
     generator = torch.Generator().manual_seed(seed)
     before = torch.randint(3, high, (batch, 3), generator=generator)
     after = torch.randint(3, high, (batch, 4), generator=generator)
-    return torch.cat([before, torch.tensor([image_tokens] * batch), after], dim=1)
+    return torch.cat([before, torch.tensor([image_tokens] * batch, dtype=torch.long), after], dim=1)
 
 
 def _gemma3() -> tuple[PretrainedConfig, Callable[[PretrainedConfig], ImageInputs]]:
@@ -198,7 +198,8 @@ def tiny_llava_processor():
 # `image_sizes` and grid pinpoints, Qwen-style flattened patches with `image_grid_thw`), and as many image tokens as
 # its own mismatch error asks for.
 GENERIC_TOKEN_BASE = 80  # image/special token ids are moved into the shrunk vocabulary (96), from here up
-FEATURE_COUNT = re.compile(r"tokens:? (\d+),? (?:image )?features:? (\d+)")
+FEATURE_COUNT = re.compile(r"tokens:? (?P<tokens>\d+),? (?:image )?features:? (?P<features>\d+)"
+                           r"|Got (?P<features2>\d+) feature vectors for (?P<tokens2>\d+) placeholder tokens")  # Nemotron
 GENERIC_IMAGE_TOKENS: dict[str, int] = {}  # per family, as `find_image_token_count` found it
 GENERIC_IMAGE, GENERIC_PATCH = 32, 8
 # Vision-side sizes the text shrinking leaves (`None`: the text decoder's width, which the vision output feeds).
@@ -248,6 +249,35 @@ UNSET_WRAPPER_FIELDS: dict[str, dict] = {
 VISION_FIELDS: dict[str, dict] = {"granite4_vision": dict(hidden_size=64)}
 OMNI_THINKERS = ("qwen2_5_omni_thinker", "qwen3_omni_moe_thinker")
 IMAGE_TOKEN_FIELDS = ("image_token_id", "image_token_index", "image_token")
+
+
+# Image-text families whose auto class is a text-only causal LM, with the fields their tiny config needs. Mistral 4's
+# multi-head latent attention derives `head_dim` from its query/key widths (nope + rope) and the shrinking sets
+# `head_dim` alone: its latent widths at the tiny head (4 + 4 = 8) and ranks.
+TEXT_ONLY_FIELDS: dict[str, dict] = {
+    "mistral4": dict(qk_rope_head_dim=4, qk_nope_head_dim=4, qk_head_dim=8, v_head_dim=8, kv_lora_rank=16,
+                     q_lora_rank=16),
+}
+
+
+def _keep_per_layer_config(model_type: str, config) -> None:
+    """Gemma 4 Unified's text config keeps per-layer overrides by layer index (`per_layer_config`, the full-attention
+    layers' head_dim) and refuses indices past its layer count: the kept layers' entries, renumbered as the shrinking
+    keeps layers (`family_sweep._kept_layers`)."""
+    from family_sweep import _kept_layers, _layer_count
+
+    text = getattr(config, "text_config", None)
+    overrides = text.to_dict().get("per_layer_config") if hasattr(text, "to_dict") else None
+    if not isinstance(overrides, dict) or not overrides:
+        return
+    defaults = AutoConfig.for_model(model_type).text_config
+    keep = _kept_layers(defaults, _layer_count(defaults))
+    kept = {keep.index(int(k)): v for k, v in overrides.items() if int(k) in keep}
+    if not kept:  # no full-attention layer kept, which its config makes the last layer on reload: one, as Gemma 4's
+        text.layer_types = text.layer_types[:-1] + ["full_attention"]  # tiny model has, at a tiny head width
+        kept = {len(text.layer_types) - 1: {"head_dim": 16}}
+    text.per_layer_config = kept  # the setter checks the indices against the (shrunk) layer count
+    text.head_dim = 8
 
 
 class HarnessGap(LookupError):
@@ -360,10 +390,11 @@ def _rope_per_layer_kind(text) -> None:
 
 
 def _image_token(config) -> int | None:
-    for key in IMAGE_TOKEN_FIELDS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    for part in (config, *_nested_parts(config)):
+        for key in IMAGE_TOKEN_FIELDS:
+            value = getattr(part, key, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
     return None
 
 
@@ -434,11 +465,56 @@ def _shrink_tower(tower, width: int) -> None:
         tower.downsample_channels = [32] * len(tower.downsample_channels)  # (of width 32)
 
 
+# Special-token fields that a class leaves None by default, for its processor's tokenizer to fill (BLIP-2's and
+# InstructBLIP's `image_token_index`: without it their query outputs are prepended the legacy way; MiniCPM-V's, Nemotron
+# Omni's `image_token_id`): the tiny config gives them ids in its vocabulary, as a real checkpoint's config holds them.
+MODALITY_WORDS = ("image", "video", "audio", "vision", "boi", "eoi", "boa", "eoa", "slice", "newline")
+
+
+def _nested_parts(config) -> list:
+    """The sub-configs a wrapper nests its parts in (T5Gemma 2's `encoder`, PI0's `vlm_config`), one level down."""
+    return [value for key, value in vars(config).items() if hasattr(value, "to_dict") and key != "text_config"]
+
+
+def _token_fields(config) -> list[tuple[object, str]]:
+    """The config's (and its nested parts') special-token id fields other than pad/bos/eos: the ones set to an id, and
+    the modality ones a class leaves None (`MODALITY_WORDS`)."""
+    fields = []
+    for part in (config, *_nested_parts(config)):
+        for key, value in sorted(part.to_dict().items()):
+            if key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id") or isinstance(
+                    value, bool):
+                continue
+            token_name = key.endswith(("_token_id", "_token_index", "image_patch_id"))
+            unset_modality = value is None and key.startswith(MODALITY_WORDS) and (
+                token_name or key.endswith(("_start_id", "_end_id")) or key == "newline_id")
+            if (isinstance(value, int) and token_name) or unset_modality:
+                fields.append((part, key))
+    return fields
+
+
+VISION_KEYS = ("vision_config", "vision_tower_config", "visual_config", "vq_config",
+               "protein_encoder_config")  # Evolla: a protein encoder where others have a vision tower
+
+
+def _vision_part(config):
+    """The vision tower's config: on the wrapper, or one level down (T5Gemma 2's encoder, PI0's PaliGemma), or the
+    encoder itself where that is an image encoder (VisionEncoderDecoder's ViT: it has an image size)."""
+    for part in (config, *_nested_parts(config)):
+        found = next((getattr(part, k) for k in VISION_KEYS if hasattr(getattr(part, k, None), "to_dict")), None)
+        if found is not None:
+            return found
+    encoder = getattr(config, "encoder", None)
+    return encoder if hasattr(encoder, "to_dict") and hasattr(encoder, "image_size") else None
+
+
 def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[PretrainedConfig], ImageInputs]]:
     """A tiny config of any image-text family and its image inputs, or raise saying why the harness has none."""
     from family_sweep import tiny_config
 
     config = tiny_config(model_type)
+    config.update(TEXT_ONLY_FIELDS.get(model_type, {}))
+    _keep_per_layer_config(model_type, config)
     width = _text_width(config)
     for key in ("vision_config", "vision_tower_config", "visual_config", "adapter_config"):  # Molmo 2's adapter
         if hasattr(getattr(config, key, None), "to_dict"):  # pools the vision tower's states into text width
@@ -512,25 +588,46 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
     if config.model_type in OMNI_THINKERS and not hasattr(config, "vision_start_token_id"):
         config.vision_start_token_id = 0  # their 3D positions read it; real checkpoints' configs hold it, the class has
         # no default (moved into the vocabulary below like every other token id)
-    token_fields = sorted(k for k, v in config.to_dict().items()
-                          if isinstance(v, int) and not isinstance(v, bool)
-                          and k.endswith(("_token_id", "_token_index", "image_patch_id"))
-                          and k not in ("pad_token_id", "bos_token_id", "eos_token_id"))
-    for offset, key in enumerate(token_fields):
-        setattr(config, key, GENERIC_TOKEN_BASE + offset)
+    token_ids: dict[str, int] = {}  # one id per field name: a nested part's copy (T5Gemma 2's encoder's) is the same
+    for part, key in _token_fields(config):
+        setattr(part, key, token_ids.setdefault(key, GENERIC_TOKEN_BASE + len(token_ids)))
     image_token = _image_token(config)
-    vision = next((getattr(config, k) for k in ("vision_config", "vision_tower_config", "visual_config", "vq_config")
-                   if hasattr(getattr(config, k, None), "to_dict")), None)  # Chameleon: its VQ tokenizer reads pixels
-    if image_token is None:
-        raise HarnessGap("the generic harness finds no image token id in the config (image_token_id, "
-                         "image_token_index)")
-    if isinstance(getattr(config, "patch_size", None), int) and vision is None:  # Fuyu: patches straight into the
-        config.patch_size = GENERIC_PATCH  # decoder, no vision tower
+    video_only = image_token is None and _video_token(config) is not None  # InstructBLIP-Video: a video of one frame
+    image_token = image_token if image_token is not None else _video_token(config)
+    _add_optional_vision(config, width)
+    vision = _vision_part(config)  # Chameleon: its VQ tokenizer reads pixels
+    holder = next((part for part in (config, *_nested_parts(config))
+                   if any(vision is getattr(part, k, None) for k in (*VISION_KEYS, "encoder"))), config)
+    shrunk = [getattr(config, k, None) for k in ("vision_config", "vision_tower_config", "visual_config", "vq_config")]
+    if vision is not None and not any(vision is part for part in shrunk):  # nested one level down (T5Gemma 2's
+        _shrink_vision(holder, vision, width)  # encoder, PI0's PaliGemma), the encoder itself (VisionEncoderDecoder's
+        for key, value in PROJECTOR_SIZES.items():  # ViT), Evolla's protein encoder: shrunk as the wrapper's own
+            # would be, the projector sizes on its holder too
+            if isinstance(getattr(holder, key, None), int) and not isinstance(getattr(holder, key), bool):
+                setattr(holder, key, width if value is None else value)
+    if vision is not None and isinstance(getattr(config, "vision_hidden_size", None), int):  # Nemotron Omni: the
+        config.vision_hidden_size = vision.hidden_size  # wrapper repeats its tower's width for the projector
+    if isinstance(getattr(vision, "max_img_size", None), int):  # RADIO: a position table for the largest image,
+        vision.max_img_size = GENERIC_IMAGE  # and patch widths derived from the patch size when built
+        vision.patch_dim = vision.num_channels * vision.patch_size ** 2
+        vision.video_patch_dim = vision.patch_dim * vision.video_temporal_patch_size
+    for part in (getattr(config, "text_config", None), *_nested_parts(config)):  # BLIP-2's Q-Former, BLIP's text
+        if vision is not None and isinstance(getattr(part, "encoder_hidden_size", None), int):  # decoder cross-attend
+            part.encoder_hidden_size = vision.hidden_size  # to the (shrunk) vision tower's states
+        _fit_derived_widths(part)
+    text_only = vision is None and not _takes_an_image(model_type)
+    if isinstance(getattr(config, "patch_size", None), int) and vision is None:  # Fuyu, UDOP: patches straight into
+        config.patch_size = GENERIC_PATCH  # the decoder (or encoder), no vision tower
+        if isinstance(getattr(config, "image_size", None), int):
+            config.image_size = GENERIC_IMAGE
         vision = config
+    if text_only:  # Mistral 4: the image-text auto class gives its causal LM, which reads no image
+        return config, lambda c: ImageInputs(input_ids=_text_around([], high=GENERIC_TOKEN_BASE))
     if vision is None:
         raise HarnessGap("the generic harness finds no vision_config")
     config = type(config).from_dict(config.to_dict())  # what its saved form rebuilds (classes deriving sizes)
-    return config, lambda c: _fit_inputs(model_type, c, _generic_inputs(model_type, c, image_token, vision), vision)
+    return config, lambda c: _fit_inputs(
+        model_type, c, _generic_inputs(model_type, c, image_token, vision, video_only), vision)
 
 
 # Families whose processor hands the flattened patches of a Qwen-style grid as small images: their patch embedding
@@ -583,7 +680,74 @@ def _fit_inputs(model_type: str, config, inputs: ImageInputs, vision) -> ImageIn
     return inputs
 
 
-def _generic_inputs(model_type: str, config, image_token: int, vision) -> ImageInputs:
+def _video_token(config) -> int | None:
+    value = getattr(config, "video_token_index", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _fit_derived_widths(part) -> None:
+    """Widths a nested config derives from its hidden width when built, left at their defaults by the shrinking:
+    OPT's embedding width (BLIP-2's language model), T5-style per-head widths (Pix2Struct's `d_kv`)."""
+    hidden, heads = getattr(part, "hidden_size", None), getattr(part, "num_attention_heads", None) or getattr(
+        part, "num_heads", None)
+    if isinstance(getattr(part, "word_embed_proj_dim", None), int) and isinstance(hidden, int):
+        part.word_embed_proj_dim = hidden
+    if isinstance(getattr(part, "d_kv", None), int) and isinstance(hidden, int) and isinstance(heads, int):
+        part.d_kv = hidden // heads
+
+
+IMAGE_ARGUMENTS = ("pixel_values", "flattened_patches", "image_patches", "pixel_values_images", "protein_input_ids")
+
+
+def _takes_an_image(model_type: str) -> bool:
+    """Whether the family's image-text class reads an image (or Evolla's protein) at all."""
+    import inspect
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    model = getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type])
+    return bool(set(inspect.signature(model.forward).parameters) & set(IMAGE_ARGUMENTS))
+
+
+# A vision tower the config class leaves out by default (`vision_config` optional, None: Gemma 4 Unified), which real
+# checkpoints hold: the class's own vision config, at these tiny sizes (its patch embedding reads patch x pooling
+# kernel pixels a side; `None`: the text width).
+OPTIONAL_VISION_SIZES = dict(patch_size=4, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=16,
+                             output_proj_dims=None)
+
+
+def _add_optional_vision(config, width: int) -> None:
+    spec = (getattr(type(config), "sub_configs_defaults", None) or {}).get("vision_config")
+    if getattr(config, "vision_config", False) is not None or spec is None:
+        return
+    vision = getattr(spec, "config_class", spec)()
+    for key, value in OPTIONAL_VISION_SIZES.items():
+        if isinstance(getattr(vision, key, None), int):
+            setattr(vision, key, width if value is None else value)
+    config.vision_config = vision
+
+
+# Families that read a fixed number of query outputs into the text (BLIP-2's Q-Former, Kosmos-2's latent queries):
+# that many image tokens, which their forward does not check.
+QUERY_COUNT_FIELDS = ("num_query_tokens", "latent_query_num")
+
+
+def _image_token_count(model_type: str, config, takes: set[str]) -> int:
+    """How many image tokens the text holds: as `find_image_token_count` found it, else the config's query count,
+    else one (four for Fuyu's patches)."""
+    if model_type in GENERIC_IMAGE_TOKENS:
+        return GENERIC_IMAGE_TOKENS[model_type]
+    queries = next((getattr(config, k) for k in QUERY_COUNT_FIELDS if isinstance(getattr(config, k, None), int)), None)
+    if queries is None and "timestep" in takes:  # PI0: one token per patch of its (PaliGemma) vision tower, unchecked
+        vision = _vision_part(config)
+        queries = (vision.image_size // vision.patch_size) ** 2
+    return queries or (4 if "image_patches" in takes else 1)
+
+
+def _generic_inputs(model_type: str, config, image_token: int | None, vision, video_only: bool = False) -> ImageInputs:
+    """The image inputs of a generic family. `image_token` None: the family has no image token, the image goes beside
+    the text (Git prepends its embeddings, Idefics and BLIP cross-attend to them, encoder-decoders encode it), or the
+    text marks the image's positions in a mask of its own (Kosmos-2's `image_embeds_position_mask`)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     import inspect
     import transformers
@@ -591,15 +755,65 @@ def _generic_inputs(model_type: str, config, image_token: int, vision) -> ImageI
     forward = inspect.signature(getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]).forward)
     takes = set(forward.parameters)
     channels = getattr(vision, "num_channels", None) or getattr(vision, "in_channels", None) or 3
-    count = GENERIC_IMAGE_TOKENS.get(model_type, 4 if "image_patches" in takes else 1)
+    count = _image_token_count(model_type, config, takes)
+    position_mask = "image_embeds_position_mask" in takes
+    if image_token is None:
+        image_token = GENERIC_TOKEN_BASE if position_mask else None  # Kosmos-2: any id; the mask says where
     start = next((getattr(config, k) for k in ("vision_start_token_id", "image_start_token_id", "boi_token_id",
                                                  "boi_token_index") if isinstance(getattr(config, k, None), int)), None)
     end = next((getattr(config, k) for k in ("vision_end_token_id", "image_end_token_id", "eoi_token_id",
                                                "eoi_token_index") if isinstance(getattr(config, k, None), int)), None)
     image = ([start] if start is not None else []) + [image_token] * count + ([end] if end is not None else [])
-    ids = _text_around(image, high=GENERIC_TOKEN_BASE)
+    ids = _text_around(image if image_token is not None else [], high=GENERIC_TOKEN_BASE)
     inputs = ImageInputs(input_ids=ids)
-    if "image_patches" in takes:  # Fuyu: [batch, patches, patch x patch x channels] (`pixel_values` since 5.24)
+    if position_mask:
+        inputs["image_embeds_position_mask"] = (ids == image_token).long()
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in takes:  # the text is the decoder's
+        inputs["decoder_input_ids"] = _text_around([], seed=1, high=GENERIC_TOKEN_BASE)  # (an encoder-decoder's)
+    if "input_ids" not in takes:  # Pix2Struct, VisionEncoderDecoder: the encoder reads the image alone
+        del inputs["input_ids"]
+    if "qformer_input_ids" in takes:  # InstructBLIP: the instruction, also read by the Q-Former
+        inputs.update(qformer_input_ids=_text_around([], seed=2, high=GENERIC_TOKEN_BASE),
+                      qformer_attention_mask=torch.ones(1, 7, dtype=torch.long))
+    if "flattened_patches" in takes:  # Pix2Struct, Kosmos-2.5: [batch, patches, (row, column) + patch pixels]
+        grid = GENERIC_IMAGE // GENERIC_PATCH
+        width = getattr(vision, "patch_embed_hidden_size", None) or channels * GENERIC_PATCH ** 2
+        rows, columns = torch.meshgrid(torch.arange(1, grid + 1), torch.arange(1, grid + 1), indexing="ij")
+        positions = torch.stack([rows.flatten(), columns.flatten()], -1).float()
+        inputs["flattened_patches"] = torch.cat([positions, torch.randn(grid * grid, width)], -1)[None]
+        if "input_ids" not in takes:  # Pix2Struct: `attention_mask` is the encoder's, over the patches
+            inputs["attention_mask"] = torch.ones(1, grid * grid)
+        if "width" in takes:  # Kosmos-2.5: the image's size before resizing
+            inputs.update(width=torch.tensor([GENERIC_IMAGE]), height=torch.tensor([GENERIC_IMAGE]))
+    elif video_only:  # InstructBLIP-Video: [batch, frames, channels, H, W], one frame
+        inputs["pixel_values"] = torch.randn(1, 1, channels, GENERIC_IMAGE, GENERIC_IMAGE)
+    elif "protein_input_ids" in takes:  # Evolla: its other modality is a protein sequence (amino-acid tokens)
+        size = getattr(vision, "vocab_size", 32)
+        inputs.update(protein_input_ids=torch.randint(4, size, (1, 8)),
+                      protein_attention_mask=torch.ones(1, 8, dtype=torch.long))
+    elif "image_position_ids" in takes:  # Gemma 4 Unified: flattened patches and their (x, y) positions, 2x2
+        patch = getattr(vision, "model_patch_size", None) or vision.patch_size
+        positions = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(2), indexing="xy"), -1).reshape(1, 4, 2)
+        inputs.update(pixel_values=torch.rand(1, 4, channels * patch * patch), image_position_ids=positions)
+    elif "target_sizes" in takes:  # MiniCPM-V: patches laid side by side, [batch, channels, patch, patches x patch]
+        grid = GENERIC_IMAGE // vision.patch_size
+        inputs.update(pixel_values=torch.randn(1, channels, vision.patch_size, grid * grid * vision.patch_size),
+                      target_sizes=torch.tensor([[grid, grid]], dtype=torch.int32))
+    elif "image_grid_hw" in takes:  # Nemotron Omni: flattened patches and their (height, width) grid
+        grid = GENERIC_IMAGE // vision.patch_size
+        inputs.update(pixel_values=torch.randn(grid * grid, channels * vision.patch_size ** 2),
+                      image_grid_hw=torch.tensor([[grid, grid]]))
+    elif "image_attention_mask" in takes:  # Idefics: [batch, images, channels, H, W]; which text sees which image
+        inputs.update(pixel_values=torch.randn(1, 1, channels, GENERIC_IMAGE, GENERIC_IMAGE),
+                      image_attention_mask=torch.ones(1, ids.shape[1], 1, dtype=torch.long))
+    elif "timestep" in takes:  # PI0, PI0.5 (vision-language-action): [batch, cameras, channels, H, W], which cameras
+        # are real, and the flow-matching step's noisy actions at a fixed time (drawn at random when not given)
+        inputs.update(pixel_values=torch.randn(1, 1, channels, GENERIC_IMAGE, GENERIC_IMAGE),
+                      pixel_attention_mask=torch.ones(1, 1, dtype=torch.bool),
+                      noise=torch.randn(1, config.chunk_size, config.max_action_dim), timestep=torch.tensor([0.5]))
+        if "state" in takes:
+            inputs["state"] = torch.randn(1, config.max_state_dim)
+    elif "image_patches" in takes:  # Fuyu: [batch, patches, patch x patch x channels] (`pixel_values` since 5.24)
         patches = torch.randn(1, count, channels * vision.patch_size ** 2)
         inputs["pixel_values" if "pixel_values" in takes else "image_patches"] = patches
     elif "image_grid_thw" in takes:  # Qwen-style: the image's patches flattened, a grid of 4x4 patches
@@ -636,6 +850,8 @@ def _generic_inputs(model_type: str, config, image_token: int, vision) -> ImageI
         inputs[name] = torch.randn(1, channels, GENERIC_IMAGE, GENERIC_IMAGE)
     if "image_sizes" in takes:
         inputs["image_sizes"] = torch.tensor([[GENERIC_IMAGE, GENERIC_IMAGE]])
+    if "bbox" in takes:  # UDOP: each text token's box on the page (all at the page's origin)
+        inputs["bbox"] = torch.zeros(1, ids.shape[1], 4, dtype=torch.long)
     if "mm_token_type_ids" in takes:
         inputs["mm_token_type_ids"] = (ids == image_token).long()
     if "token_type_ids" in takes:
@@ -669,7 +885,8 @@ def find_image_token_count(model_type: str, model: torch.nn.Module) -> None:
             match = FEATURE_COUNT.search(str(error))
             if match is None:
                 raise
-            tokens, features = int(match.group(1)), int(match.group(2))
+            tokens = int(match.group("tokens") or match.group("tokens2"))
+            features = int(match.group("features") or match.group("features2"))
             if tokens == features:
                 if features % width:
                     raise

@@ -119,6 +119,42 @@ def test_vision_drop_without_a_text_model_class_is_refused(families, tmp_path, m
     assert "qwen3_vl_text" in message and "vision: keep" in message
 
 
+def test_a_wrappers_own_parameter_is_averaged_and_loaded(families, tmp_path):
+    """BLIP-2 keeps its Q-Former's `query_tokens` on the wrapper itself, outside any child module: btx writes the
+    experts' float32 mean of it, and the loaded composition holds that value (not an unloaded one)."""
+    from transformers import AutoModelForImageTextToText
+
+    _, get = families
+    models, folders = get("blip-2")
+    out = compose(recipe("btx", folders[:2]), tmp_path / "out", progress=False)
+    with safe_open(next(out.glob("*.safetensors")), "pt") as f:
+        stored = f.get_tensor("query_tokens") if "query_tokens" in f.keys() else None
+    mean = torch.stack([m.query_tokens.detach().double() for m in models[:2]]).mean(0)
+    assert stored is not None and torch.allclose(stored.double(), mean, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = AutoModelForImageTextToText.from_pretrained(out)
+    assert torch.allclose(loaded.query_tokens.detach().double(), mean, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["pix2struct", "udop"])
+def test_encoder_decoder_image_text_models_are_refused_in_one_sentence(families, tmp_path, model_type):
+    _, get = families
+    _, folders = get(model_type)
+    for method in METHODS:
+        with pytest.raises(MixtureKitError, match=f"'{model_type}' is an encoder-decoder model") as raised:
+            compose(recipe(method, folders), tmp_path / method, progress=False)
+        assert "; " not in str(raised.value) and "decoder-only" in str(raised.value)
+
+
+def test_bts_refuses_an_image_outside_image_tokens(families, tmp_path):
+    """Git prepends its image's embeddings to the text: the hub's sequence is longer than its streams'."""
+    _, get = families
+    _, folders = get("git")
+    with pytest.raises(MixtureKitError, match="bts cannot stitch 'git': its config names no image token"):
+        compose(recipe("bts", folders), tmp_path / "out", progress=False)
+
+
 def test_vision_must_be_keep_or_drop(families, tmp_path):
     _, get = families
     _, folders = get("llava")

@@ -34,6 +34,7 @@ from ..runtime.routed.stacking import StackSource
 from ..runtime.bts.stitch import stitch_points
 from ..sources import LocalModel, resolve_source
 from ..sources.lora_adapter import AdaptedReader
+from ..runtime.base_model.dense_model import dense_model_class
 from .compatibility import check_compatible, check_dense_tensors, meta_dense_model
 
 logger = logging.getLogger(__name__)
@@ -294,6 +295,22 @@ def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
     return next(name for name, candidate in model.named_modules() if candidate is module)
 
 
+def _check_image_at_tokens(config) -> None:
+    """bts steps each expert stream, its text alone, beside the hub block by block: an image-text model whose image
+    does not sit at image tokens of the text (a flat config naming no image token: Git prepends the image's
+    embeddings, Idefics cross-attends to them) has no stream positions that match the hub's."""
+    import inspect
+
+    model_class = dense_model_class(config)
+    reads_pixels = "pixel_values" in inspect.signature(model_class.forward).parameters
+    names_token = any("image_token" in key for key in config.to_dict())
+    if reads_pixels and not is_multimodal(config) and not names_token:
+        raise UnsupportedArchitectureError(
+            f"bts cannot stitch '{config.model_type}': its config names no image token, so its image reaches the "
+            f"decoder other than at image tokens of the text ({model_class.__name__}), where the expert streams, "
+            "which read the text alone, have no matching positions")
+
+
 def _plan_streams(recipe: Recipe, models: list[LocalModel], by_name: dict[str, int]) -> CompositionPlan:
     """bts: the hub's tensors and each expert stream's base-model tensors are copied; stitches are new."""
     hub = by_name[recipe.hub_name]
@@ -304,6 +321,7 @@ def _plan_streams(recipe: Recipe, models: list[LocalModel], by_name: dict[str, i
     configs, prefixes, denses, expected, hub_source = [], {}, {}, {}, _same_name
     for index, model in enumerate(models):
         config = _with_dtype(model.config, dtype_name)
+        _check_image_at_tokens(config)
         denses[index], expected[index] = check_dense_tensors([model], config)
         prefixes[index] = denses[index].base_model_prefix
         # A multimodal expert is a stream of its language model alone (the image path is the hub's); a multimodal

@@ -24,7 +24,7 @@ from .checkpoint_check import check_checkpoint
 from .config import MixtureKitConfig
 from .conversion import ROUTED_MODULE_TYPES, convert_dense_to_moe
 from ..base_model.dense_model import dense_model_class, with_torch_dtype
-from .outputs import OWN_CACHE_NAMES, ComposedCausalLMOutput, TrainingRouting, with_auxiliary_loss
+from .outputs import ComposedCausalLMOutput, TrainingRouting, with_auxiliary_loss
 from ..bts.hub_streams import HubWithStreams
 from ..bts.stitch import Stitch
 from ..routed.balance import AuxiliaryLoss, auxiliary_loss
@@ -64,6 +64,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin, HubWithStreams):
             convert_dense_to_moe(dense, config, self.router_recorder)
         for name, child in dense.named_children():
             self.add_module(name, child)
+        self._share_own_tensors(dense)
         # The dense model shares its children with us; kept out of the module tree so tensors are not named twice.
         object.__setattr__(self, "_dense", dense)
         self._tied_weights_keys = dict(getattr(dense, "_tied_weights_keys", None) or {})
@@ -81,6 +82,18 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin, HubWithStreams):
         # The LM head's input of the running forward, for `last_hidden_state` (a plain attribute, not state).
         object.__setattr__(self, "_lm_head_input", None)
         self.get_output_embeddings().register_forward_pre_hook(self._keep_lm_head_input)
+
+    def _share_own_tensors(self, dense: nn.Module) -> None:
+        """The dense model's own parameters and buffers, outside any child (BLIP-2's `query_tokens`), become ours under
+        the same names, and the dense model reads them from our tables: loading replaces a parameter where it is
+        registered, so a copy of the table would leave the dense forward reading the unloaded one."""
+        for name, parameter in dense._parameters.items():
+            self.register_parameter(name, parameter)
+        for name, buffer in dense._buffers.items():
+            self.register_buffer(name, buffer, persistent=name not in dense._non_persistent_buffers_set)
+        object.__setattr__(dense, "_parameters", self._parameters)
+        object.__setattr__(dense, "_buffers", self._buffers)
+        object.__setattr__(dense, "_non_persistent_buffers_set", self._non_persistent_buffers_set)
 
     def _keep_lm_head_input(self, module: nn.Module, args: tuple) -> None:
         if not torch.compiler.is_compiling():
@@ -213,10 +226,23 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin, HubWithStreams):
         self._dense.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Module | None:
-        return self._dense.get_output_embeddings()
+        head = self._dense.get_output_embeddings()
+        language = getattr(self._dense, "language_model", None)
+        if head is None and isinstance(language, PreTrainedModel):  # a wrapper holding a whole causal LM that does
+            head = language.get_output_embeddings()  # not name its head (Nemotron Omni's `language_model`)
+        return head
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self._dense.set_output_embeddings(value)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """A family whose class generates through its own `generate` (BLIP-2, InstructBLIP, Kosmos-2: the image's
+        features computed once, then its language model's `generate`; its forward reads the image at every step)
+        generates through it when the experts are routed inside the dense model (traditional, btx); bts steps its
+        streams in this model's forward, which only the generic `generate` calls."""
+        if "generate" in vars(type(self._dense)) and self.config.method != "bts":
+            return type(self._dense).generate(self._dense, *args, **kwargs)
+        return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(
         self, input_ids: torch.LongTensor, inputs_embeds: torch.FloatTensor | None = None, **kwargs: Any
@@ -347,12 +373,15 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin, HubWithStreams):
         loss = outputs.loss
         if loss is not None and aux_loss is not None and (self.current_alpha > 0 or self.config.router_z_loss_coef):
             loss = loss + loss_weight * aux_loss.to(loss.device)
-        return ComposedCausalLMOutput(
+        composed = ComposedCausalLMOutput(
             loss=loss, aux_loss=aux_loss, logits=outputs.logits, **{CACHE_ARGUMENT: output_cache(outputs)},
             hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
             router_logits=tuple(router_logits) if output_router_logits else None, last_hidden_state=hidden,
-            **{name: outputs.get(name) for name in OWN_CACHE_NAMES if outputs.get(name) is not None},
         )
+        for key, value in outputs.items():  # the family's own fields, which its generation reads back: a cache kept
+            if key not in composed and value is not None:  # under its own name (xLSTM's `cache_params`), Idefics'
+                composed[key] = value  # `image_outputs` (the image's features, computed once)
+        return composed
 
     def auxiliary_loss(
         self, router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None = None,

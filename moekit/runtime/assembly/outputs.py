@@ -29,8 +29,6 @@ class ComposedCausalLMOutput(MoeCausalLMOutputWithPast):
     past_buckets_states: Any = None
 
 
-OWN_CACHE_NAMES = ("cache_params", "state", "mems", "past_buckets_states")
-
 
 class TrainingRouting(NamedTuple):
     """What a training forward tells its routing hooks (`register_routing_hook`): the routers' names, their slot counts

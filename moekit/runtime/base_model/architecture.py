@@ -50,7 +50,9 @@ def num_layers(config: PretrainedConfig) -> int:
             value = getattr(candidate, key, None)
             if isinstance(value, int):
                 return value
-    raise UnsupportedArchitectureError(f"{config.model_type}: the config gives no number of layers")
+    raise UnsupportedArchitectureError(
+        f"'{config.model_type}' has no language model config with a number of layers (get_text_config() finds no text "
+        "decoder in it, as in vision-language-action models whose output is not next-token logits)")
 
 
 def _has_linear(module: nn.Module) -> bool:
@@ -131,11 +133,6 @@ def decoder_layers(model: nn.Module, config: PretrainedConfig) -> tuple[str, nn.
     """The qualified name and the list of the model's decoder blocks: the first list of one entry per layer whose
     entries hold Linear layers, outside any vision or audio tower (`_tower_names`; Git's image encoder has as many
     layers as its text decoder), and under the decoder transformers names (`get_decoder()`) where it holds one."""
-    text_config = getattr(config, "text_config", None)
-    if getattr(text_config, "is_encoder_decoder", False):  # Florence 2: a BART inside the image-text wrapper
-        raise UnsupportedArchitectureError(
-            f"'{config.model_type}' has an encoder-decoder language model ('{text_config.model_type}'), and "
-            "MixtureKit composes decoder-only language models")
     count = num_layers(config)
     candidates = [(name, module) for name, module in model.named_modules() if _is_layer_list(module, count)]
     towers = _tower_names(model, config)

@@ -23,7 +23,13 @@ def dense_model_class(text_config) -> type[PreTrainedModel]:
     (Chameleon: its VQ image tokenizer beside the decoder), else its causal LM."""
     image_text = type(text_config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
     if image_text and (is_multimodal(text_config) or type(text_config) not in MODEL_FOR_CAUSAL_LM_MAPPING):
-        return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(text_config)]
+        model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(text_config)]
+        if getattr(text_config, "is_encoder_decoder", False):
+            raise UnsupportedArchitectureError(
+                f"'{text_config.model_type}' is an encoder-decoder model ({model_class.__name__}: its decoder "
+                "cross-attends to what its encoder makes of the image), and MixtureKit composes decoder-only language "
+                "models, with or without a vision tower")
+        return model_class
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
     except KeyError:
