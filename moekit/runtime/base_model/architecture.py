@@ -81,8 +81,8 @@ def _is_tower_config(sub: object, config: PretrainedConfig) -> bool:
         text = config.get_text_config(decoder=True)
     except ValueError:
         text = config
-    if sub is text:
-        return False
+    if sub is text or type(sub) is type(text):
+        return False  # the text config, or the language model's own copy of it (Granite 4 Vision's, after loading)
     parts = [getattr(config, key, None) for key in getattr(config, "sub_configs", None) or {}]
     return any(sub is part for part in parts) or _names_a_tower(type(sub).__name__) or _names_a_tower(
         str(getattr(sub, "model_type", "")))
