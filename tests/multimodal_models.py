@@ -167,7 +167,14 @@ def make_image_text_model(config: PretrainedConfig, seed: int) -> torch.nn.Modul
 def image_inputs(model_type: str, config: PretrainedConfig, seed: int = 0) -> ImageInputs:
     torch.manual_seed(seed)
     build = FAMILIES.get(model_type) or (lambda: generic_family(model_type))
-    return build()[1](config)
+    inputs = build()[1](config)
+    canvas = getattr(config, "canvas_length", None)
+    if isinstance(canvas, int) and "decoder_input_ids" in _forward_parameters(model_type):
+        # A block-diffusion model (DiffusionGemma) samples its decoder's canvas at random when none is given: a
+        # fixed one makes its logits a function of the inputs, comparable between models.
+        text = getattr(config, "text_config", None) or config
+        inputs["decoder_input_ids"] = torch.randint(0, min(text.vocab_size, 90), (inputs["input_ids"].shape[0], canvas))
+    return inputs
 
 
 def tiny_llava_processor():
