@@ -167,7 +167,14 @@ def make_image_text_model(config: PretrainedConfig, seed: int) -> torch.nn.Modul
 def image_inputs(model_type: str, config: PretrainedConfig, seed: int = 0) -> ImageInputs:
     torch.manual_seed(seed)
     build = FAMILIES.get(model_type) or (lambda: generic_family(model_type))
-    return build()[1](config)
+    inputs = build()[1](config)
+    canvas = getattr(config, "canvas_length", None)
+    if isinstance(canvas, int) and "decoder_input_ids" in _forward_parameters(model_type):
+        # A block-diffusion model (DiffusionGemma) samples its decoder's canvas at random when none is given: a
+        # fixed one makes its logits a function of the inputs, comparable between models.
+        text = getattr(config, "text_config", None) or config
+        inputs["decoder_input_ids"] = torch.randint(0, min(text.vocab_size, 90), (inputs["input_ids"].shape[0], canvas))
+    return inputs
 
 
 def tiny_llava_processor():
@@ -402,12 +409,14 @@ def _drop_dropped_layers_overrides(part) -> None:
     """A heterogeneous config (per-layer overrides in `per_layer_config`) keeps only the overrides of the layers the
     tiny model keeps, shrunk, and the sizes `family_sweep` skipped while they were per layer (read only per layer
     then)."""
-    from family_sweep import SIZES, _field
+    from family_sweep import FAMILY_FIELDS, SIZES, _field
 
     if not getattr(part, "is_heterogeneous", False):
         return
     layers = _field(part, "num_hidden_layers") or 0
-    sizes = {**SIZES, **TEXT_EXTRA_SIZES}
+    # a family `family_sweep` sizes by its own fields keeps its per-layer sizes (dots3 Note's sliding layers' head
+    # size must stay their nope + rope sizes)
+    sizes = {} if getattr(part, "model_type", "") in FAMILY_FIELDS else {**SIZES, **TEXT_EXTRA_SIZES}
     overrides = {k: {f: sizes[f] if f in sizes and isinstance(v, int) and v else v for f, v in layer.items()}
                  for k, layer in (part.to_dict().get("per_layer_config") or {}).items() if int(k) < layers}
     part.per_layer_config = overrides or None

@@ -263,6 +263,55 @@ def test_decoder_layers_skip_towers_by_config_or_name():
         decoder_layers(model, config)
 
 
+def test_decoder_layers_under_a_copy_of_the_text_config_named_for_vision():
+    """Granite 4 Vision: its text config's class names "vision", and after loading its language model holds a copy
+    of the text config (not the wrapper's object): that copy is the text model's, not a tower's."""
+    import copy
+
+    from torch import nn
+    from transformers import PretrainedConfig
+
+    from moekit.runtime.base_model.architecture import decoder_layers
+
+    class ToyVisionTextConfig(PretrainedConfig):
+        model_type = "toy_vision_text"
+
+    class ToyVisionConfig(PretrainedConfig):
+        model_type = "toy_vision"
+        sub_configs = {"text_config": ToyVisionTextConfig}
+
+    config = ToyVisionConfig(text_config=ToyVisionTextConfig(num_hidden_layers=2).to_dict())
+    config.text_config = ToyVisionTextConfig(num_hidden_layers=2)
+    language_model = nn.Module()
+    language_model.config = copy.deepcopy(config.text_config)
+    language_model.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+    model = nn.Module()
+    model.language_model = language_model
+    assert decoder_layers(model, config)[0] == "language_model.layers"
+
+
+def test_decoder_blocks_tied_to_another_list_are_refused():
+    """DiffusionGemma's encoder reuses its decoder's blocks (tied weights): composing would replace the decoder's
+    modules and leave the encoder's dense, so the model is refused, naming both lists."""
+    from torch import nn
+    from transformers import PretrainedConfig
+
+    from moekit.runtime.base_model.architecture import decoder_layers
+
+    config = PretrainedConfig(num_hidden_layers=2)
+    model = nn.Module()
+    model.decoder = nn.Module()
+    model.decoder.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+    model.encoder = nn.Module()
+    model.encoder.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+    model.get_decoder = lambda: model.decoder
+    assert decoder_layers(model, config)[0] == "decoder.layers"  # separate weights: composable
+    model.encoder.layers[1].weight = model.decoder.layers[1].weight
+    with pytest.raises(UnsupportedArchitectureError, match=r"ties its decoder blocks' weights \(decoder.layers\) "
+                       r"to another list of blocks \(encoder.layers\)"):
+        decoder_layers(model, config)
+
+
 def test_output_exists_is_kept_unless_overwrite(llamas, tmp_path):
     output = tmp_path / "out"
     output.mkdir()

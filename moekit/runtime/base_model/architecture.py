@@ -83,8 +83,8 @@ def _is_tower_config(sub: object, config: PretrainedConfig) -> bool:
         text = config.get_text_config(decoder=True)
     except ValueError:
         text = config
-    if sub is text:
-        return False
+    if sub is text or type(sub) is type(text):
+        return False  # the text config, or the language model's own copy of it (Granite 4 Vision's, after loading)
     parts = [getattr(config, key, None) for key in getattr(config, "sub_configs", None) or {}]
     return any(sub is part for part in parts) or _names_a_tower(type(sub).__name__) or _names_a_tower(
         str(getattr(sub, "model_type", "")))
@@ -140,12 +140,26 @@ def decoder_layers(model: nn.Module, config: PretrainedConfig) -> tuple[str, nn.
     decoder = _decoder_name(model)
     under_decoder = [(name, module) for name, module in text if decoder is not None and _within(name, decoder)]
     if under_decoder or text:
-        return (under_decoder or text)[0]
+        name, layers = (under_decoder or text)[0]
+        _refuse_blocks_shared_elsewhere(model, config, name, layers, candidates)
+        return name, layers
     in_towers = f" outside its vision/audio towers ({', '.join(name for name, _ in candidates)})" if candidates else ""
     raise UnsupportedArchitectureError(
         f"{type(model).__name__} ({config.model_type}): found no list of {count} decoder blocks{in_towers}; "
         "MixtureKit composes decoder-only models whose blocks are listed once per layer"
     )
+
+
+def _refuse_blocks_shared_elsewhere(model: nn.Module, config: PretrainedConfig, name: str, layers: nn.ModuleList,
+                                    candidates: list[tuple[str, nn.ModuleList]]) -> None:
+    """Refuse a model whose decoder blocks' weights are tied to another list of blocks (DiffusionGemma's encoder
+    reuses its decoder's blocks): composing replaces the decoder's modules, which the other list would lose."""
+    own = {id(p) for p in layers.parameters()}
+    for other, module in candidates:
+        if other != name and not _within(other, name) and any(id(p) in own for p in module.parameters()):
+            raise UnsupportedArchitectureError(
+                f"'{config.model_type}' ties its decoder blocks' weights ({name}) to another list of blocks "
+                f"({other}), which composing would leave with the dense blocks while the decoder's are replaced")
 
 
 def parallel_layer_lists(model: nn.Module, config: PretrainedConfig,
