@@ -253,7 +253,14 @@ UNSET_WRAPPER_FIELDS: dict[str, dict] = {
     "granite4_vision": dict(deepstack_layer_map=[[0, 0]], spatial_target_layers=[0, 1, 0, 1], downsample_rate="1/2"),
 }
 # And on the vision config: Granite 4 Vision's config derives its Q-Former's heads as the vision width / 64.
-VISION_FIELDS: dict[str, dict] = {"granite4_vision": dict(hidden_size=64)}
+# Vision-side sizes the generic shrinking does not know, per family: PP-FormulaNet's SAM-style encoder names its MLP
+# width, global-attention layers, the convolutions of its neck and projector and the width it hands its decoder in
+# fields of its own.
+VISION_FIELDS: dict[str, dict] = {
+    "granite4_vision": dict(hidden_size=64),
+    "pp_formulanet": dict(mlp_dim=48, output_channels=32, post_conv_in_channels=32, post_conv_mid_channels=32,
+                          post_conv_out_channels=32, global_attn_indexes=[0], window_size=4, decoder_hidden_size=32),
+}
 OMNI_THINKERS = ("qwen2_5_omni_thinker", "qwen3_omni_moe_thinker")
 IMAGE_TOKEN_FIELDS = ("image_token_id", "image_token_index", "image_token")
 
@@ -884,7 +891,10 @@ def find_image_token_count(model_type: str, model: torch.nn.Module) -> None:
     """Record how many image tokens the model's vision path produces, read from its own error for a wrong count
     ("Image features and image tokens do not match, tokens: 1, features: 16"); some families count the flattened
     features' elements there (tokens times width), which the second try divides out."""
-    width = model.get_input_embeddings().weight.shape[-1]
+    try:
+        width = model.get_input_embeddings().weight.shape[-1]
+    except NotImplementedError:  # a class that names no input embeddings (PP-FormulaNet's encoder-decoder)
+        width = _text_width(model.config)
     for _ in range(3):
         try:
             with torch.no_grad():
