@@ -23,7 +23,7 @@ from ..base_model.cache_argument import CACHE_ARGUMENT, output_cache, pop_cache
 from .checkpoint_check import check_checkpoint
 from .config import MixtureKitConfig
 from .conversion import ROUTED_MODULE_TYPES, convert_dense_to_moe
-from ..base_model.dense_model import dense_model_class, with_torch_dtype
+from ..base_model.dense_model import dense_model_class, share_own_tensors, with_torch_dtype
 from .outputs import ComposedCausalLMOutput, TrainingRouting, with_auxiliary_loss
 from ..bts.hub_streams import HubWithStreams
 from ..bts.stitch import Stitch
@@ -64,7 +64,7 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin, HubWithStreams):
             convert_dense_to_moe(dense, config, self.router_recorder)
         for name, child in dense.named_children():
             self.add_module(name, child)
-        self._share_own_tensors(dense)
+        share_own_tensors(self, dense)
         # The dense model shares its children with us; kept out of the module tree so tensors are not named twice.
         object.__setattr__(self, "_dense", dense)
         self._tied_weights_keys = dict(getattr(dense, "_tied_weights_keys", None) or {})
@@ -82,18 +82,6 @@ class MixtureKitForCausalLM(PreTrainedModel, GenerationMixin, HubWithStreams):
         # The LM head's input of the running forward, for `last_hidden_state` (a plain attribute, not state).
         object.__setattr__(self, "_lm_head_input", None)
         self.get_output_embeddings().register_forward_pre_hook(self._keep_lm_head_input)
-
-    def _share_own_tensors(self, dense: nn.Module) -> None:
-        """The dense model's own parameters and buffers, outside any child (BLIP-2's `query_tokens`), become ours under
-        the same names, and the dense model reads them from our tables: loading replaces a parameter where it is
-        registered, so a copy of the table would leave the dense forward reading the unloaded one."""
-        for name, parameter in dense._parameters.items():
-            self.register_parameter(name, parameter)
-        for name, buffer in dense._buffers.items():
-            self.register_buffer(name, buffer, persistent=name not in dense._non_persistent_buffers_set)
-        object.__setattr__(dense, "_parameters", self._parameters)
-        object.__setattr__(dense, "_buffers", self._buffers)
-        object.__setattr__(dense, "_non_persistent_buffers_set", self._non_persistent_buffers_set)
 
     def _keep_lm_head_input(self, module: nn.Module, args: tuple) -> None:
         if not torch.compiler.is_compiling():

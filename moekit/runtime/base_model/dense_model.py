@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
@@ -37,3 +38,16 @@ def dense_model_class(text_config) -> type[PreTrainedModel]:
             f"'{text_config.model_type}' has no causal-LM or image-text-to-text class in transformers; MixtureKit "
             "composes models that AutoModelForCausalLM or AutoModelForImageTextToText can build"
         ) from None
+
+
+def share_own_tensors(owner: nn.Module, dense: nn.Module) -> None:
+    """The dense model's own parameters and buffers, outside any child (BLIP-2's `query_tokens`), become `owner`'s
+    (the composed model's) under the same names, and the dense model reads them from its tables: loading replaces a
+    parameter where it is registered, so a copy of the table would leave the dense forward reading the unloaded one."""
+    for name, parameter in dense._parameters.items():
+        owner.register_parameter(name, parameter)
+    for name, buffer in dense._buffers.items():
+        owner.register_buffer(name, buffer, persistent=name not in dense._non_persistent_buffers_set)
+    object.__setattr__(dense, "_parameters", owner._parameters)
+    object.__setattr__(dense, "_buffers", owner._buffers)
+    object.__setattr__(dense, "_non_persistent_buffers_set", owner._non_persistent_buffers_set)
