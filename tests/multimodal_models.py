@@ -262,15 +262,16 @@ VISION_FIELDS: dict[str, dict] = {
                           post_conv_out_channels=32, global_attn_indexes=[0], window_size=4, decoder_hidden_size=32),
 }
 OMNI_THINKERS = ("qwen2_5_omni_thinker", "qwen3_omni_moe_thinker")
+ACTION_EXPERTS = {"pi0": ("dit_config",), "pi05": ("dit_config",)}  # a second decoder beside the VLM's
 IMAGE_TOKEN_FIELDS = ("image_token_id", "image_token_index", "image_token")
 
 
 # Image-text families whose auto class is a text-only causal LM, with the fields their tiny config needs. Mistral 4's
-# multi-head latent attention derives `head_dim` from its query/key widths (nope + rope) and the shrinking sets
-# `head_dim` alone: its latent widths at the tiny head (4 + 4 = 8) and ranks.
+# multi-head latent attention: its latent widths as the generic shrinking gives them (nope 8 + rope 8), and a head_dim
+# of 16, which its partial rotary factor (0.5) turns into the 8 rotated channels its rope part has.
 TEXT_ONLY_FIELDS: dict[str, dict] = {
-    "mistral4": dict(qk_rope_head_dim=4, qk_nope_head_dim=4, qk_head_dim=8, v_head_dim=8, kv_lora_rank=16,
-                     q_lora_rank=16),
+    "mistral4": dict(qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=8, kv_lora_rank=16,
+                     q_lora_rank=16, head_dim=16),
 }
 
 
@@ -641,6 +642,10 @@ def generic_family(model_type: str) -> tuple[PretrainedConfig, Callable[[Pretrai
         return config, lambda c: ImageInputs(input_ids=_text_around([], high=GENERIC_TOKEN_BASE))
     if vision is None:
         raise HarnessGap("the generic harness finds no vision_config")
+    for key in ACTION_EXPERTS.get(model_type, ()):  # PI0: its action expert attends over the VLM's KV cache, layer
+        expert, vlm = getattr(config, key), config.vlm_config.text_config  # by layer: the same layers and KV heads
+        expert.num_hidden_layers, expert.num_key_value_heads = vlm.num_hidden_layers, vlm.num_key_value_heads
+        expert.head_dim = vlm.head_dim
     config = type(config).from_dict(config.to_dict())  # what its saved form rebuilds (classes deriving sizes)
     return config, lambda c: _fit_inputs(
         model_type, c, _generic_inputs(model_type, c, image_token, vision, video_only), vision)
