@@ -216,7 +216,7 @@ def test_blocks_are_counted_by_the_stored_count_where_num_hidden_layers_is_deriv
     """LongCat-Flash's blocks each hold two attention sublayers, and its config's num_hidden_layers is twice its
     blocks (its model sets it so): its decoder blocks are found by num_layers, which bts stitches between."""
     from family_sweep import tiny_config as sweep_config
-    from moekit.runtime.architecture import decoder_layers, num_layers
+    from moekit.runtime.base_model.architecture import decoder_layers, num_layers
 
     config = sweep_config("longcat_flash")
     with torch.device("meta"):
