@@ -13,26 +13,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moekit.demo.domains import build_domains
-from moekit.demo.tiny_experts import train_tokenizer
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "btx_smollm2"
+from tiny_study import EXAMPLE, tiny_seed_and_data
 
 
 @pytest.mark.skipif(not Path("/usr/share/games/fortunes/de").is_dir(), reason="needs Debian's fortunes-de")
 def test_the_pipeline_runs_and_reports_every_model(tmp_path):
-    domains = build_domains(chars_per_domain=20_000)
-    tokenizer = train_tokenizer([t for d in domains.values() for t in d.train] + ["Äpfel Öl über"], 300)
-    seed = tmp_path / "seed"
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(seed)
-    tokenizer.save_pretrained(seed)
-    data = tmp_path / "data"
-    run = [sys.executable, str(EXAMPLE / "prepare.py"), "--out", str(data), "--tokenizer", str(seed),
-           "--max-chars", "40000"]
-    subprocess.run(run, check=True, capture_output=True, text=True)
+    seed, data = tiny_seed_and_data(tmp_path)
     out, work = tmp_path / "out", tmp_path / "work"
     common = [sys.executable, str(EXAMPLE / "pipeline.py"), "--data", str(data), "--model", str(seed), "--workdir",
               str(work), "--out", str(out), "--expert-tokens", "2048", "--moe-tokens", "2048", "--seq-len", "32",
