@@ -77,19 +77,15 @@ def recipe(method: str, sources: list[Path], **extra) -> dict:
             "num_experts_per_tok": 2, "seed": 7, **extra}
 
 
-def greedy(model, inputs: dict, use_cache: bool) -> torch.Tensor:
-    """Four greedy tokens, never a special one (an image token generated would be an image without pixels)."""
+def greedy(model, inputs: dict, use_cache: bool, scores: bool = False):
+    """Four greedy tokens, never a special one (an image token generated would be an image without pixels); with
+    `scores`, generate's output with each step's scores beside the tokens."""
     return model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=use_cache,
-                          pad_token_id=0, suppress_tokens=SPECIAL_TOKENS)
+                          pad_token_id=0, suppress_tokens=SPECIAL_TOKENS, output_scores=scores,
+                          return_dict_in_generate=scores)
 
 
 _DENSE_CACHE_AGREES: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
-def _greedy_scores(model, inputs: dict, use_cache: bool):
-    return model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=use_cache,
-                          pad_token_id=0, suppress_tokens=SPECIAL_TOKENS, output_scores=True,
-                          return_dict_in_generate=True)
 
 
 def dense_cache_agrees(model, inputs: dict) -> bool:
@@ -98,7 +94,7 @@ def dense_cache_agrees(model, inputs: dict) -> bool:
     cached and uncached paths give other logits (PaliGemma on 5.17: 0.5 apart), a composed model's tokens then differ
     by chance, the ties falling elsewhere."""
     if model not in _DENSE_CACHE_AGREES:
-        cached, uncached = _greedy_scores(model, inputs, True), _greedy_scores(model, inputs, False)
+        cached, uncached = greedy(model, inputs, True, scores=True), greedy(model, inputs, False, scores=True)
         _DENSE_CACHE_AGREES[model] = torch.equal(cached.sequences, uncached.sequences) and all(
             torch.equal(torch.isfinite(a), torch.isfinite(b)) and _close(a[torch.isfinite(a)], b[torch.isfinite(b)],
                                                                            atol=ATOL)
