@@ -11,10 +11,15 @@ otherwise they are trained first (the seed on each domain for --expert-tokens, a
 is most of the run's time). Then, with no MoE-stage training:
 - "traditional, data router, top-1" and "top-2": the four experts composed with routers fitted from
   --router-sequences windows of --router-length tokens of each domain's training stream;
+- "traditional, oracle routing": the top-1 composition with every expert but the domain's opted out for each
+  domain (no mixed reading): the gap to the experts that the averaged attention and embeddings leave, routing aside;
+- "btx over attention and FFN, data router, top-1": every Linear of a block routed, nothing averaged but the
+  embeddings, norms and head;
 - "traditional + seed, random router": the study's "as composed" row (5 experts, top-2), for comparison;
 - "traditional + seed, data router": 5 experts (the seed's sample: the four domains' windows mixed), top-2,
   then pruned by routed-slot share over a mixed sample of training windows to 4 and to 3 experts (`moekit edit
   --prune`).
+--rows picks groups (data: the two data-router rows; oracle; btx-attention; seed: the seed rows and pruning).
 Every model's held-out perplexity per domain and mixed (the study's `perplexities`), the share of each domain's
 routed slots that reach its own expert, and the time each step took go to --out/results.json and results.md, with
 each domain's ratio to its own expert and the issue's goal (every domain within 1.1x of its expert, mixed below
@@ -43,6 +48,7 @@ from moekit.editing.router_fit import fit_routers_from_data  # noqa: E402
 from pipeline import Study, load, log, perplexities, release, routing_by_domain, stage_experts  # noqa: E402
 
 GOAL_RATIO = 1.1
+ROWS = ("data", "oracle", "btx-attention", "seed")
 
 
 def windows(stream: torch.Tensor, count: int, length: int, seed: int) -> torch.Tensor:
@@ -81,6 +87,8 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="take experts the workdir's ledger already holds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+                        help="which groups of rows to build (default: all)")
     args = parser.parse_args()
     # what the pipeline's Study and training read beside these
     args.moe_tokens, args.router_lr, args.compile, args.pause_at = 0, 1e-3, False, None
@@ -120,10 +128,13 @@ def main() -> None:
         del model
         release(device)
 
-    def composed(label: str, experts_list: list[dict], k: int, router_init: str) -> Path:
+    def composed(label: str, experts_list: list[dict], k: int, router_init: str, method: str = "traditional",
+                 router_layers: list[str] | None = None, keep: bool = True) -> Path:
         begin = time.perf_counter()
-        recipe = {"method": "traditional", "experts": experts_list, "num_experts_per_tok": k, "dtype": "float32",
+        recipe = {"method": method, "experts": experts_list, "num_experts_per_tok": k, "dtype": "float32",
                   "seed": args.seed, "router_init": "random" if router_init == "data" else router_init}
+        if router_layers:
+            recipe["router_layers"] = router_layers
         folder = compose(recipe, output=work / label.replace(" ", "-").replace(",", ""), progress=False)
         if router_init == "data":  # compose's router_init: data, with the samples as token ids on the device
             names = [e["name"] for e in experts_list]
@@ -131,15 +142,39 @@ def main() -> None:
                                            record=False, limit=args.router_sequences, device=str(device))
             shutil.rmtree(folder)
             folder = fitted
-        measure(label, folder, time.perf_counter() - begin)
+        if keep:
+            measure(label, folder, time.perf_counter() - begin)
         return folder
 
-    composed("traditional, data router, top-1", members, 1, "data")
-    composed("traditional, data router, top-2", members, 2, "data")
-    composed("traditional + seed, random router", members + seed_member, 2, "random")
-    five = composed("traditional + seed, data router", members + seed_member, 2, "data")
-    current, count = five, len(members) + 1
-    for remaining in (count - 1, count - 2):  # 5 -> 4 -> 3 with the study's four domains
+    def oracle(label: str, folder: Path) -> None:
+        """Each domain read with every other expert opted out: its tokens all reach its own expert, so what is left
+        of the gap to the expert is the averaged shared weights, not the routing."""
+        model = load(folder, device)
+        ppl: dict[str, float | None] = {"mixed": None}
+        for domain in domains:
+            model.disable_experts([n for n in model.config.expert_names if n != domain])
+            ppl[domain] = perplexities(model, study.data, args.batch_size)[domain]
+            model.enable_experts(list(model.config.expert_names))
+        results[label] = {"perplexity": ppl, "experts": list(model.config.expert_names), "seconds_to_build": 0.0,
+                          "own_expert_share": {d: 1.0 for d in domains}, "edits": []}
+        log(f"{label}: " + ", ".join(f"{d} {ppl[d]:.2f}" for d in domains))
+        del model
+        release(device)
+
+    if "data" in args.rows or "oracle" in args.rows:
+        top1 = composed("traditional, data router, top-1", members, 1, "data", keep="data" in args.rows)
+        if "oracle" in args.rows:
+            oracle("traditional, oracle routing (others opted out), top-1", top1)
+    if "data" in args.rows:
+        composed("traditional, data router, top-2", members, 2, "data")
+    if "btx-attention" in args.rows:  # every Linear of a block routed: no averaged attention left
+        composed("btx over attention and FFN, data router, top-1", members, 1, "data", method="btx",
+                 router_layers=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    if "seed" in args.rows:
+        composed("traditional + seed, random router", members + seed_member, 2, "random")
+        five = composed("traditional + seed, data router", members + seed_member, 2, "data")
+    current, count = (five, len(members) + 1) if "seed" in args.rows else (None, 0)
+    for remaining in (count - 1, count - 2) if "seed" in args.rows else ():  # 5 -> 4 -> 3 with four domains
         begin = time.perf_counter()
         current, usage = prune_experts(current, 1, prune_data, work / f"pruned-{remaining}", device=str(device))
         label = f"traditional + seed, data router, pruned to {remaining}"
@@ -157,9 +192,10 @@ def main() -> None:
         ppl, share = row["perplexity"], row["own_expert_share"]
         ratios = " | ".join(f"{ppl[d]:.2f} ({ppl[d] / expert_ppl[d][d]:.2f}x)" for d in domains)
         mean_share = f"{sum(share.values()) / len(share):.2f}" if share else ""
-        lines.append(f"| {label} | {ratios} | {ppl['mixed']:.2f} | {mean_share} |")
+        mixed = "—" if ppl["mixed"] is None else f"{ppl['mixed']:.2f}"  # the oracle row has no mixed reading
+        lines.append(f"| {label} | {ratios} | {mixed} | {mean_share} |")
         row["goal_every_domain_within_1.1x"] = all(ppl[d] <= GOAL_RATIO * expert_ppl[d][d] for d in domains)
-        row["goal_mixed_below_every_expert"] = ppl["mixed"] < best_single
+        row["goal_mixed_below_every_expert"] = ppl["mixed"] is not None and ppl["mixed"] < best_single
     lines += ["", "Goals (issue #39): " + "; ".join(
         f"{label}: within 1.1x {'yes' if row['goal_every_domain_within_1.1x'] else 'no'}, mixed below every expert "
         f"{'yes' if row['goal_mixed_below_every_expert'] else 'no'}" for label, row in results.items())]
