@@ -25,10 +25,6 @@ KNOWN_GAPS: set[str] = set()
 # Swept only on the release the docs' table was swept with: on transformers 5.17 FalconH1's tiny model took over
 # 12 minutes and ~18 GB in the sweep (its reference Mamba-2 path), in seconds on 5.24.
 SLOW_ON_OTHER_RELEASES = {"falcon_h1"}
-# Not swept on other releases either, for a gap of ours found there and not fixed yet: on transformers 5.17 DBRX's
-# nested attention and FFN configs take only their own fields, and a bts composition's expert config (written with
-# to_dict(), which puts the generic fields into them) is refused when composed and when loaded ("Found unknown kwargs").
-OTHER_RELEASE_GAPS = {"dbrx"}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +33,7 @@ def results(tmp_path_factory):
     if _table_release() != transformers.__version__:
         # on another release (make test-oldest) a known gap is not re-run
         types = [t for t in types if not any(gap.split()[0] == t for gap in KNOWN_GAPS)
-                 and t not in SLOW_ON_OTHER_RELEASES | OTHER_RELEASE_GAPS]
+                 and t not in SLOW_ON_OTHER_RELEASES]
     return sweep(tmp_path_factory.mktemp("families"), types, progress=False)
 
 

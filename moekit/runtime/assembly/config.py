@@ -68,7 +68,10 @@ class MixtureKitConfig(PretrainedConfig):
         self.output_router_logits = output_router_logits
         # bts: each expert stream's own config (they may differ from the hub's in width and depth), and the hub
         # blocks after which a stitch sits.
-        self.expert_configs = [c.to_dict() if isinstance(c, PretrainedConfig) else dict(c) for c in expert_configs or []]
+        # Written as transformers writes config.json (the fields that differ from the class's defaults): a full
+        # to_dict() puts generic fields into nested sub-configs that some releases refuse (DBRX's on 5.17).
+        self.expert_configs = [_config_fields(c) if isinstance(c, PretrainedConfig) else dict(c)
+                               for c in expert_configs or []]
         self.stitch_layers_index = list(stitch_layers_index) if stitch_layers_index is not None else None
         # bts: each stitch's direction (merge/broadcast), where it is not the default alternation back from the last
         # merge (`stitch.stitch_directions`): set by `convert-original` for the original MixtureKit's order.
@@ -112,6 +115,14 @@ class MixtureKitConfig(PretrainedConfig):
             data = dict(data)
             objects.append(AutoConfig.for_model(data.pop("model_type"), **data))
         return objects
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """What config.json holds: the base's config as its own save_pretrained writes it (transformers' nested diff
+        keeps generic fields in sub-sub-configs, which DBRX's on 5.17 refuses when loaded)."""
+        written = super().to_diff_dict()
+        if "text_config" in written:
+            written["text_config"] = _config_fields(self.text_config)
+        return written
 
     @property
     def num_experts(self) -> int:
@@ -185,3 +196,8 @@ def require_composed(checkpoint: str | Path, why: str = "", error: type[MixtureK
         raise error(f"'{checkpoint}' is {found}, not a composed one (not a MixtureKit checkpoint): "
                     f"{why + ', so ' if why else ''}give a folder written by `moekit compose` "
                     f"(model_type {MixtureKitConfig.model_type})")
+
+
+def _config_fields(config: PretrainedConfig) -> dict[str, Any]:
+    """`config` as the dict transformers rebuilds it from: its diff against its class's defaults, with its type."""
+    return {"model_type": config.model_type, **config.to_diff_dict()}
