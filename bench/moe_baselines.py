@@ -14,13 +14,13 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from moekit.runtime.base_model.architecture import MLP_LAYOUTS
+from moekit.runtime.base_model.ffn_layout import MlpLayout
 from moekit.runtime.compute.experts import combine, dispatch
 from moekit.runtime.routed.moe_block import SparseMoeBlock
 from moekit.runtime.routed.routed_linear import RoutedLinear
 from moekit.runtime.routed.routing import route
 
-GATED_LAYOUT = MLP_LAYOUTS[0]  # Llama's gate_proj / up_proj / down_proj
+GATED_LAYOUT = MlpLayout("gated", ("gate_proj", "up_proj"), "down_proj", "act_fn")  # Llama's FFN
 
 
 def dense_ffn(d: int, f: int) -> LlamaMLP:
