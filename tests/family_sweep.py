@@ -380,7 +380,21 @@ def tiny_config(model_type: str):
                            if isinstance(v, list) and len(v) == layers})  # is derived from the kept ones
     config = AutoConfig.for_model(model_type, **{**fields, **family})
     _shrink(config, defaults, frozenset(family))
+    _renumber_per_layer_overrides(model_type, config)
     return config
+
+
+def _renumber_per_layer_overrides(model_type: str, config) -> None:
+    """A wrapper whose text config keeps per-layer overrides by layer index (Gemma 4 Unified's `per_layer_config`)
+    keeps them for the full-size layer numbers after the shrinking, which its config refuses when read back: the
+    kept layers' entries, renumbered, as the image-text harness does."""
+    text = getattr(config, "text_config", None)
+    overrides = text.to_dict().get("per_layer_config") if hasattr(text, "to_dict") else None
+    layers = _field(text, "num_hidden_layers") if text is not None else None
+    if isinstance(overrides, dict) and layers and any(int(k) >= layers for k in overrides):
+        from multimodal_models import _keep_per_layer_config
+
+        _keep_per_layer_config(model_type, config)
 
 
 def _reason(error: BaseException) -> str:
