@@ -101,15 +101,16 @@ def gate(models: dict, spec: dict, device: torch.device, dtype: torch.dtype) -> 
             result["float32_error_grouped_mm"] = relative_error(native32(input_ids=ids32).logits, reference)
             if hasattr(native32, "set_experts_implementation"):  # the weights' meaning: the plain per-expert loop
                 native32.set_experts_implementation("eager")
-            result["float32_error"] = median_token_error(native32(input_ids=ids32).logits, reference)
-            result["float32_error_all_tokens"] = relative_error(native32(input_ids=ids32).logits, reference)
+            native_logits = native32(input_ids=ids32).logits
+            result["float32_error"] = median_token_error(native_logits, reference)
+            result["float32_error_all_tokens"] = relative_error(native_logits, reference)
             dense32 = copy.deepcopy(models["dense"]).to(cpu, torch.float32)
             result["dense_rounding"] = relative_error(models["dense"](input_ids=ids).logits.to(cpu),
                                                       dense32(input_ids=ids32).logits)
             result["timed_dtype_error"] = median_token_error(native(input_ids=ids).logits.to(cpu), reference)
             result["composed_timed_dtype_error"] = median_token_error(traditional(input_ids=ids).logits.to(cpu),
                                                                       reference)
-            del composed32, native32, dense32, reference
+            del composed32, native32, dense32, reference, native_logits
         else:  # too large for float32 copies beside the timed models: the timed dtype against each other
             result["timed_dtype_error"] = median_token_error(native(input_ids=ids).logits,
                                                              traditional(input_ids=ids).logits)

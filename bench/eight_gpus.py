@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compose_memory import folder_bytes, make_source, run_in_subprocess  # noqa: E402
 from launching import launch_train, log, steady_tokens_per_second, training_flops_per_token  # noqa: E402
+from several_scaling import stdlib_text  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
@@ -57,28 +58,13 @@ def composed_folder(workdir: Path, method: str) -> Path:
     return workdir / f"composed-{method}"
 
 
-def training_text(path: Path, characters: int) -> Path:
-    """Python standard library source as `text` rows (PSF licence): what the runs train on."""
-    import sysconfig
-
-    rows, total = [], 0
-    for source in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        text = source.read_text(errors="ignore")
-        rows.append(json.dumps({"text": text}))
-        total += len(text)
-        if total >= characters:
-            break
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
 def stdlib_tokenizer(folder: Path, vocab_size: int) -> Path:
     """A byte-level BPE trained on the standard library's source (offline; the weights are random anyway): what
     `moekit train` tokenizes the training text with."""
     from moekit.demo.tiny_experts import train_tokenizer
 
     if not (folder / "tokenizer.json").is_file():
-        text = training_text(folder.parent / "tokenizer-text.jsonl", 2_000_000)
+        text = stdlib_text(folder.parent / "tokenizer-text.jsonl", 2_000_000)
         rows = [json.loads(line)["text"] for line in text.read_text().splitlines()]
         train_tokenizer(rows, vocab_size, max_length=1 << 16).save_pretrained(folder)
     return folder
@@ -120,7 +106,7 @@ def train_step(args: argparse.Namespace) -> dict:
         raise SystemExit(f"no composition at {composed}: run `compose --method {args.method}` first on this machine")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = matmul_peak_tflops(device, torch.bfloat16, size=8192 if device.type == "cuda" else 256)
-    data = training_text(args.workdir / "stdlib.jsonl", characters=200_000 if args.tiny else 20_000_000)
+    data = stdlib_text(args.workdir / "stdlib.jsonl", characters=200_000 if args.tiny else 20_000_000)
     config = {"model": str(composed), "data": str(data), "stage": "router", "policy": args.policy,
               "block_size": args.block, "batch_size": args.batch, "max_steps": args.steps, "learning_rate": 1e-4,
               "gradient_checkpointing": True, "seed": 0}

@@ -54,8 +54,7 @@ class MixtureKitConfig(PretrainedConfig):
         **kwargs: Any,
     ):
         if isinstance(text_config, dict):
-            text_config = dict(text_config)
-            text_config = AutoConfig.for_model(text_config.pop("model_type"), **text_config)
+            text_config = _config_from_fields(text_config)
         elif text_config is None:
             text_config = AutoConfig.for_model("llama")
         self.text_config = text_config
@@ -110,11 +109,7 @@ class MixtureKitConfig(PretrainedConfig):
 
     def expert_config_objects(self) -> list[PretrainedConfig]:
         """The bts expert streams' configs as config objects."""
-        objects = []
-        for data in self.expert_configs:
-            data = dict(data)
-            objects.append(AutoConfig.for_model(data.pop("model_type"), **data))
-        return objects
+        return [_config_from_fields(data) for data in self.expert_configs]
 
     def to_diff_dict(self) -> dict[str, Any]:
         """What config.json holds: the base's config as its own save_pretrained writes it (transformers' nested diff
@@ -201,3 +196,9 @@ def require_composed(checkpoint: str | Path, why: str = "", error: type[MixtureK
 def _config_fields(config: PretrainedConfig) -> dict[str, Any]:
     """`config` as the dict transformers rebuilds it from: its diff against its class's defaults, with its type."""
     return {"model_type": config.model_type, **config.to_diff_dict()}
+
+
+def _config_from_fields(fields: dict[str, Any]) -> PretrainedConfig:
+    """The config `_config_fields` wrote (or any config dict with its `model_type`), rebuilt by its own class."""
+    fields = dict(fields)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
